@@ -1,6 +1,50 @@
-//! nodetunnel (work in progress)
+//! nodetunnel: SSH tunnels from the Kubernetes control plane to every node.
+//!
+//! kube-apiserver sends its `cluster` egress (kubelet logs/exec/port-forward,
+//! proxy to nodes, pods and services) to nodetunnel's front door over HTTP
+//! CONNECT or SOCKS5. The router picks a node for each destination, and the
+//! connection travels as a direct-tcpip channel over an SSH session that the
+//! tunnel manager keeps open to that node's sshd. Nothing runs on the nodes
+//! but sshd.
+//!
+//! ```text
+//! kube-apiserver --CONNECT--> proxy --> router --> manager --> tunnel(node) ==SSH==> sshd --> kubelet/pod/service
+//! ```
+//!
+//! # Layout
+//!
+//! - [`config`]: the TOML file, defaults and validation.
+//! - [`keys`]: the client identity (load, generate); [`known_hosts`]: host
+//!   key trust (OpenSSH known_hosts, hashed names, wildcards, CAs, revocation).
+//! - [`session`]: connecting one SSH session (timeouts, host key check, auth).
+//! - [`keepalive`]: session liveness; [`backoff`]: reconnect delays.
+//! - [`tunnel`]: one node's sessions and their state machine.
+//! - [`manager`]: all tunnels, runtime changes, and the [`dial::Dialer`]
+//!   the front door uses.
+//! - [`stream`]: a multiplexed stream with head-of-line isolation;
+//!   [`splice`]: the copy loop with half-close.
+//! - [`router`]: destination to node, and the destination policy.
+//! - [`proxy`]: the front door (HTTP CONNECT over UDS or TCP+mTLS, SOCKS5).
+//! - [`metrics`], [`logging`], [`shutdown`]: process plumbing.
+//! - [`cli`] and [`serve`]: the binary's commands.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod backoff;
+pub mod cli;
+pub mod config;
 pub mod dial;
+pub mod keepalive;
+pub mod keys;
+pub mod known_hosts;
+pub mod logging;
+pub mod manager;
 pub mod metrics;
+pub mod proxy;
+pub mod router;
+pub mod serve;
+pub mod session;
 pub mod shutdown;
 pub mod splice;
+pub mod stream;
+pub mod tunnel;

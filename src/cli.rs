@@ -1,0 +1,162 @@
+//! The command line: argument definitions and one function per subcommand.
+//! `main.rs` only parses arguments and calls [`run`].
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+use crate::logging::LogFormat;
+use crate::manager::TunnelManager;
+use crate::metrics::Metrics;
+use crate::serve;
+
+/// nodetunnel: SSH tunnels from the Kubernetes control plane to every node.
+#[derive(Debug, Parser)]
+#[command(name = "nodetunnel", version, about, long_about = None)]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    /// Log filter (tracing EnvFilter syntax); RUST_LOG overrides it.
+    #[arg(long, default_value = "info", global = true)]
+    pub log_level: String,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Keep tunnels to every node and serve the front door until SIGTERM/SIGINT.
+    Serve {
+        /// Configuration file (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Pipe stdin/stdout through one direct-tcpip channel of NODE's session
+    /// (like `ssh -W HOST:PORT`).
+    Dial {
+        /// Configuration file (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Node name from the configuration.
+        node: String,
+        /// Destination as seen from the node.
+        target: String,
+    },
+    /// Manage the client key.
+    Keys {
+        /// What to do with keys.
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+/// `keys` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Generate an ed25519 key pair (private key mode 0600); print the
+    /// authorized_keys line and fingerprint. Never overwrites a key.
+    Generate {
+        /// Directory for the key files.
+        #[arg(long, default_value = "keys")]
+        dir: PathBuf,
+        /// File name of the private key (`.pub` is added for the public key).
+        #[arg(long, default_value = "id_ed25519")]
+        name: String,
+        /// Comment stored in the key.
+        #[arg(long, default_value = "nodetunnel")]
+        comment: String,
+    },
+}
+
+/// Run a parsed command line; the exit code says how it went.
+pub async fn run(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Serve { config } => serve::run(&config).await,
+        Command::Dial {
+            config,
+            node,
+            target,
+        } => dial(&config, &node, &target).await,
+        Command::Keys {
+            command:
+                KeysCommand::Generate {
+                    dir,
+                    name,
+                    comment,
+                },
+        } => keys_generate(&dir, &name, &comment),
+    }
+}
+
+fn keys_generate(dir: &std::path::Path, name: &str, comment: &str) -> ExitCode {
+    match crate::keys::generate(dir, name, comment) {
+        Ok(key) => {
+            println!("{}", key.authorized_keys_line);
+            eprintln!("private key: {}", key.private_path.display());
+            eprintln!("public key:  {}", key.public_path.display());
+            eprintln!("fingerprint: {}", key.fingerprint);
+            eprintln!("add the line above to ~/.ssh/authorized_keys of ssh.user on every node");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("nodetunnel keys generate: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dial(config_path: &std::path::Path, node: &str, target: &str) -> ExitCode {
+    let fail = |message: String| {
+        eprintln!("nodetunnel dial: {message}");
+        ExitCode::FAILURE
+    };
+    let config = match Config::load(config_path) {
+        Ok(c) => c,
+        Err(e) => return fail(e.to_string()),
+    };
+    let dest = match crate::proxy::parse_connect_target(target) {
+        Ok(d) => d,
+        Err(e) => return fail(format!("{target:?}: {e}")),
+    };
+    let Some(spec) = config.nodes.iter().find(|n| n.name == node).cloned() else {
+        let known: Vec<&str> = config.nodes.iter().map(|n| n.name.as_str()).collect();
+        return fail(format!(
+            "no node named {node:?} in {} (nodes: {})",
+            config_path.display(),
+            known.join(", ")
+        ));
+    };
+    let manager = match TunnelManager::new(&config, config.routing.clone(), Arc::new(Metrics::new())) {
+        Ok(m) => m,
+        Err(e) => return fail(e.to_string()),
+    };
+    manager.apply(vec![spec]);
+    let ssh = &config.ssh;
+    let budget = ssh.connect_timeout + ssh.handshake_timeout + ssh.auth_timeout + Duration::from_secs(1);
+    if let Err(e) = manager.wait_ready(node, budget).await {
+        manager.shutdown(Duration::ZERO).await;
+        return fail(format!("node {node}: {e}"));
+    }
+    let mut stream = match manager.dial_node(node, &dest.host, dest.port).await {
+        Ok(s) => s,
+        Err(e) => {
+            manager.shutdown(Duration::ZERO).await;
+            return fail(e.to_string());
+        }
+    };
+    let mut stdio = tokio::io::join(tokio::io::stdin(), tokio::io::stdout());
+    let result = crate::splice::splice(&mut stdio, &mut stream).await;
+    drop(stream);
+    manager.shutdown(Duration::from_secs(1)).await;
+    match result {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => fail(e.to_string()),
+    }
+}

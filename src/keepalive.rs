@@ -1,0 +1,171 @@
+//! Liveness of a session: SSH keepalives on a fixed interval.
+//!
+//! A keepalive is sent every `interval` while none is outstanding. Each tick
+//! that finds the previous one still unanswered counts a miss; `max` misses
+//! in a row declare the session dead. A peer that goes silent is therefore
+//! detected within `interval x (max + 1)` of its last answer, the same
+//! budget as OpenSSH's `ServerAliveInterval`/`ServerAliveCountMax`.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// Sends one keepalive and resolves when the peer answered.
+pub trait Probe: Send + Sync {
+    /// Send a keepalive; `Err` means the session is gone.
+    fn probe(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'static>>;
+}
+
+/// Why [`run`] returned.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// `max` keepalives in a row went unanswered.
+    Silent {
+        /// Misses counted.
+        misses: u32,
+    },
+    /// The probe reported the session gone.
+    Gone(String),
+}
+
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Verdict::Silent { misses } => write!(f, "no keepalive reply in {misses} intervals"),
+            Verdict::Gone(why) => write!(f, "{why}"),
+        }
+    }
+}
+
+/// Probe every `interval` until the peer is declared dead; `on_rtt` gets the
+/// round trip of every answered keepalive. Runs until it returns a verdict:
+/// the caller races it against its own stop conditions.
+pub async fn run<P: Probe>(
+    probe: &P,
+    interval: Duration,
+    max: u32,
+    mut on_rtt: impl FnMut(Duration),
+) -> Verdict {
+    let mut ticker = tokio::time::interval_at(Instant::now() + interval, interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    type Pending = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+    let mut pending: Option<(Instant, Pending)> = None;
+    let mut misses = 0u32;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {
+                if pending.is_some() {
+                    misses += 1;
+                    if misses >= max {
+                        return Verdict::Silent { misses };
+                    }
+                } else {
+                    pending = Some((Instant::now(), probe.probe()));
+                }
+            }
+            answer = async {
+                match pending.as_mut() {
+                    Some((_, p)) => p.await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let sent = pending.take().map(|(at, _)| at).unwrap_or_else(Instant::now);
+                if let Err(why) = answer {
+                    return Verdict::Gone(why);
+                }
+                misses = 0;
+                on_rtt(sent.elapsed());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
+
+    struct Silent;
+    impl Probe for Silent {
+        fn probe(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'static>> {
+            Box::pin(std::future::pending())
+        }
+    }
+
+    struct Answers {
+        delay: Duration,
+        sent: Arc<AtomicU32>,
+    }
+    impl Probe for Answers {
+        fn probe(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'static>> {
+            self.sent.fetch_add(1, Ordering::SeqCst);
+            let delay = self.delay;
+            Box::pin(async move {
+                tokio::time::sleep(delay).await;
+                Ok(())
+            })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_peer_is_declared_dead_within_interval_times_max_plus_one() {
+        let interval = Duration::from_secs(15);
+        let start = Instant::now();
+        let verdict = run(&Silent, interval, 3, |_| {}).await;
+        assert_eq!(verdict, Verdict::Silent { misses: 3 });
+        let took = start.elapsed();
+        // Virtual time: deterministic. The last answer was at `start`.
+        assert!(took <= interval * 4, "{took:?}");
+        assert!(took >= interval * 3, "declared dead too early: {took:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answering_peer_reports_rtts_and_stays_alive() {
+        let sent = Arc::new(AtomicU32::new(0));
+        let probe = Answers {
+            delay: Duration::from_millis(40),
+            sent: sent.clone(),
+        };
+        let mut rtts = Vec::new();
+        let outcome = tokio::time::timeout(
+            Duration::from_secs(100),
+            run(&probe, Duration::from_secs(10), 3, |rtt| rtts.push(rtt)),
+        )
+        .await;
+        assert!(outcome.is_err(), "an answering peer must never be declared dead");
+        assert_eq!(sent.load(Ordering::SeqCst), 9, "one keepalive per interval");
+        assert_eq!(rtts.len(), 9);
+        assert!(rtts.iter().all(|r| *r == Duration::from_millis(40)), "{rtts:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_answer_counts_misses_but_resets_them() {
+        // Answers take 1.5 intervals: one miss each time, never `max`.
+        let sent = Arc::new(AtomicU32::new(0));
+        let probe = Answers {
+            delay: Duration::from_secs(15),
+            sent,
+        };
+        let outcome = tokio::time::timeout(
+            Duration::from_secs(200),
+            run(&probe, Duration::from_secs(10), 2, |_| {}),
+        )
+        .await;
+        assert!(outcome.is_err(), "one miss at a time must not kill the session");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_gone_session_ends_at_once() {
+        struct Gone;
+        impl Probe for Gone {
+            fn probe(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'static>> {
+                Box::pin(async { Err("session closed".to_string()) })
+            }
+        }
+        let verdict = run(&Gone, Duration::from_secs(1), 3, |_| {}).await;
+        assert_eq!(verdict, Verdict::Gone("session closed".into()));
+    }
+}

@@ -1,0 +1,400 @@
+//! The tunnel manager: every node's [`Tunnel`], kept in a `DashMap` by node
+//! name, changed at run time with [`TunnelManager::apply`], and the
+//! [`Dialer`] the front door uses.
+//!
+//! The manager owns what tunnels share: session settings (identity and
+//! known_hosts, both reloadable), the global limit on handshakes in flight,
+//! stream buffer bounds and the metrics registry.
+
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use rand::RngExt;
+use tokio::sync::Semaphore;
+
+use crate::config::{Config, HostKeyPolicy, NodeConfig};
+use crate::dial::{DialError, Dialer, Destination};
+use crate::keys::Identity;
+use crate::known_hosts::KnownHosts;
+use crate::metrics::Metrics;
+use crate::router::{Route, RouteError, RouteNode, Router, RoutingConfig};
+use crate::session::{self, SessionSettings};
+use crate::stream::{StreamLimits, TunnelStream};
+use crate::tunnel::{Tunnel, TunnelContext, TunnelState, TunnelStatus};
+
+/// Bytes all streams together may hold for slow consumers.
+const TOTAL_STREAM_BUFFER: usize = 512 * 1024 * 1024;
+
+/// Why the manager could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError {
+    /// The config was loaded without its identity.
+    #[error("no identity loaded (use Config::load)")]
+    NoIdentity,
+    /// known_hosts could not be read.
+    #[error("known_hosts: {0}")]
+    KnownHosts(String),
+}
+
+/// What [`TunnelManager::apply`] changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApplySummary {
+    /// Nodes that got a new tunnel.
+    pub added: Vec<String>,
+    /// Nodes whose address or SSH settings changed: reconnected.
+    pub changed: Vec<String>,
+    /// Nodes removed: draining.
+    pub removed: Vec<String>,
+    /// Nodes left untouched.
+    pub unchanged: usize,
+}
+
+/// All tunnels. See the module docs.
+pub struct TunnelManager {
+    ctx: Arc<TunnelContext>,
+    tunnels: DashMap<Arc<str>, Arc<Tunnel>>,
+    /// Every tunnel, for random sampling (rebuilt by apply).
+    sample: RwLock<Arc<Vec<Arc<Tunnel>>>>,
+    router: RwLock<Arc<Router>>,
+    routing: RoutingConfig,
+    drain_timeout: Duration,
+    dial_timeout: Duration,
+}
+
+impl TunnelManager {
+    /// A manager with no tunnels yet: call [`apply`](Self::apply).
+    pub fn new(
+        config: &Config,
+        routing: RoutingConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<TunnelManager>, ManagerError> {
+        let ssh = &config.ssh;
+        let identity: Arc<Identity> = config.identity.clone().ok_or(ManagerError::NoIdentity)?;
+        let known_hosts = KnownHosts::load(&ssh.known_hosts)
+            .map_err(|e| ManagerError::KnownHosts(e.to_string()))?;
+        for warning in known_hosts.warnings() {
+            tracing::warn!(path = %ssh.known_hosts.display(), line = warning.line, "known_hosts line skipped: {}", warning.reason);
+        }
+        if ssh.host_key_policy == HostKeyPolicy::Insecure {
+            tracing::warn!("ssh.host_key_policy = insecure: node host keys are NOT verified; anyone on the path can impersonate a node");
+        }
+        let settings = Arc::new(SessionSettings {
+            russh: Arc::new(session::russh_config(
+                ssh.window_size,
+                known_hosts.has_cert_authorities(),
+            )),
+            identity: RwLock::new(identity),
+            known_hosts: RwLock::new(known_hosts),
+            known_hosts_path: ssh.known_hosts.clone(),
+            host_key_policy: ssh.host_key_policy,
+            connect_timeout: ssh.connect_timeout,
+            handshake_timeout: ssh.handshake_timeout,
+            auth_timeout: ssh.auth_timeout,
+        });
+        let ctx = Arc::new(TunnelContext {
+            session: settings,
+            handshakes: Arc::new(Semaphore::new(ssh.max_handshakes_in_flight)),
+            limits: Arc::new(StreamLimits::new(
+                ssh.stream_buffer,
+                TOTAL_STREAM_BUFFER.max(ssh.stream_buffer),
+                ssh.window_size as usize,
+            )),
+            metrics,
+            default_user: ssh.user.clone(),
+            default_port: ssh.port,
+            sessions_per_node: ssh.sessions_per_node,
+            max_streams_per_node: ssh.max_streams_per_node,
+            keepalive_interval: ssh.keepalive_interval,
+            keepalive_max: ssh.keepalive_max,
+            backoff_base: ssh.backoff_base,
+            backoff_max: ssh.backoff_max,
+            backoff_reset_after: ssh.backoff_reset_after,
+        });
+        let router = Router::new(&[], &routing);
+        Ok(Arc::new(TunnelManager {
+            ctx,
+            tunnels: DashMap::new(),
+            sample: RwLock::new(Arc::new(Vec::new())),
+            router: RwLock::new(Arc::new(router)),
+            routing,
+            drain_timeout: ssh.drain_timeout,
+            dial_timeout: config
+                .proxy
+                .as_ref()
+                .map(|p| p.dial_timeout)
+                .unwrap_or(ssh.channel_open_timeout),
+        }))
+    }
+
+    /// The metrics registry.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.ctx.metrics
+    }
+
+    /// Make the set of tunnels match `nodes`: new nodes get a tunnel,
+    /// unchanged nodes keep their sessions and streams, nodes whose SSH
+    /// endpoint changed reconnect, removed nodes drain (no new streams,
+    /// `ssh.drain_timeout` for open ones) in the background.
+    pub fn apply(&self, nodes: Vec<NodeConfig>) -> ApplySummary {
+        let mut summary = ApplySummary::default();
+        let wanted: std::collections::HashSet<&str> =
+            nodes.iter().map(|n| n.name.as_str()).collect();
+        let removed: Vec<Arc<Tunnel>> = self
+            .tunnels
+            .iter()
+            .filter(|e| !wanted.contains(e.key().as_ref()))
+            .map(|e| e.value().clone())
+            .collect();
+        for tunnel in removed {
+            self.tunnels.remove(tunnel.name());
+            summary.removed.push(tunnel.name().to_string());
+            self.retire(tunnel);
+        }
+        for node in nodes {
+            let existing = self.tunnels.get(node.name.as_str()).map(|t| t.clone());
+            match existing {
+                Some(tunnel) if tunnel.node() == node => summary.unchanged += 1,
+                Some(tunnel) if same_endpoint(&tunnel.node(), &node) => {
+                    // Only routing data (other addresses, pod CIDRs) changed:
+                    // keep the sessions and streams, update the description.
+                    tunnel.set_node(node.clone());
+                    summary.changed.push(node.name.clone());
+                }
+                Some(tunnel) => {
+                    let fresh = Tunnel::new(node.clone(), self.ctx.clone());
+                    fresh.start();
+                    self.tunnels.insert(fresh.name().clone(), fresh);
+                    summary.changed.push(node.name.clone());
+                    self.retire(tunnel);
+                }
+                None => {
+                    let fresh = Tunnel::new(node.clone(), self.ctx.clone());
+                    fresh.start();
+                    self.tunnels.insert(fresh.name().clone(), fresh);
+                    summary.added.push(node.name.clone());
+                }
+            }
+        }
+        self.rebuild_indexes();
+        tracing::info!(
+            added = summary.added.len(),
+            changed = summary.changed.len(),
+            removed = summary.removed.len(),
+            unchanged = summary.unchanged,
+            "inventory applied"
+        );
+        summary
+    }
+
+    fn retire(&self, tunnel: Arc<Tunnel>) {
+        let grace = self.drain_timeout;
+        tokio::spawn(async move { tunnel.drain(grace).await });
+    }
+
+    fn rebuild_indexes(&self) {
+        let mut all: Vec<Arc<Tunnel>> = self.tunnels.iter().map(|e| e.value().clone()).collect();
+        all.sort_by(|a, b| a.name().cmp(b.name()));
+        let route_nodes: Vec<RouteNode> = all
+            .iter()
+            .map(|t| {
+                let n = t.node();
+                RouteNode {
+                    name: n.name.clone(),
+                    addresses: n.addresses.clone(),
+                    pod_cidrs: n.pod_cidrs.clone(),
+                    ssh_port: n.ssh_port.unwrap_or(self.ctx.default_port),
+                }
+            })
+            .collect();
+        let router = Router::new(&route_nodes, &self.routing);
+        for conflict in router.conflicts() {
+            tracing::warn!("routing conflict: {conflict}");
+        }
+        if let Ok(mut slot) = self.router.write() {
+            *slot = Arc::new(router);
+        }
+        if let Ok(mut slot) = self.sample.write() {
+            *slot = Arc::new(all);
+        }
+    }
+
+    /// The current router (rebuilt on every apply).
+    pub fn router(&self) -> Arc<Router> {
+        self.router
+            .read()
+            .map(|r| r.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// The tunnel of `node`.
+    pub fn tunnel(&self, node: &str) -> Option<Arc<Tunnel>> {
+        self.tunnels.get(node).map(|t| t.clone())
+    }
+
+    /// A status snapshot of every tunnel, sorted by node name.
+    pub fn status(&self) -> Vec<TunnelStatus> {
+        let mut all: Vec<TunnelStatus> = self.tunnels.iter().map(|t| t.status()).collect();
+        all.sort_by(|a, b| a.node.cmp(&b.node));
+        all
+    }
+
+    /// Tunnels by state.
+    pub fn count_ready(&self) -> (usize, usize) {
+        let total = self.tunnels.len();
+        let ready = self.tunnels.iter().filter(|t| t.is_ready()).count();
+        (ready, total)
+    }
+
+    /// Open a stream to `host:port` through `node` (no routing, no policy:
+    /// the caller chose the node, as `nodetunnel dial` does).
+    pub async fn dial_node(
+        &self,
+        node: &str,
+        host: &str,
+        port: u16,
+    ) -> Result<TunnelStream, DialError> {
+        let tunnel = self
+            .tunnel(node)
+            .ok_or_else(|| DialError::NoRoute(format!("no node named {node:?}")))?;
+        tunnel.open_stream(host, port, self.dial_timeout).await
+    }
+
+    /// Wait until `node` is Ready, or its first handshake failed (returning
+    /// that error), or `timeout` passed.
+    pub async fn wait_ready(&self, node: &str, timeout: Duration) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let Some(tunnel) = self.tunnel(node) else {
+                return Err(format!("no node named {node:?}"));
+            };
+            let changed = tunnel.changed().notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let status = tunnel.status();
+            match status.state {
+                TunnelState::Ready => return Ok(()),
+                TunnelState::Backoff => {
+                    return Err(status
+                        .last_error
+                        .unwrap_or_else(|| "connection failed".into()))
+                }
+                _ => {}
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return Err(format!(
+                    "not ready after {}",
+                    humantime::format_duration(timeout)
+                ));
+            }
+        }
+    }
+
+    /// Re-read the identity key (key rotation): new sessions use it, open
+    /// sessions and their streams are untouched.
+    pub fn reload_identity(&self, path: &Path, passphrase_file: Option<&Path>) -> Result<(), String> {
+        let identity = crate::keys::load_identity(path, passphrase_file).map_err(|e| e.to_string())?;
+        tracing::info!(fingerprint = %identity.fingerprint(), "identity reloaded");
+        if let Ok(mut slot) = self.ctx.session.identity.write() {
+            *slot = Arc::new(identity);
+        }
+        Ok(())
+    }
+
+    /// Re-read known_hosts.
+    pub fn reload_known_hosts(&self) -> Result<(), String> {
+        let path = &self.ctx.session.known_hosts_path;
+        let fresh = KnownHosts::load(path).map_err(|e| e.to_string())?;
+        if let Ok(mut slot) = self.ctx.session.known_hosts.write() {
+            *slot = fresh;
+        }
+        Ok(())
+    }
+
+    /// Stop taking streams everywhere, let open ones finish up to `grace`,
+    /// then close every session.
+    pub async fn shutdown(&self, grace: Duration) {
+        let all: Vec<Arc<Tunnel>> = self.tunnels.iter().map(|t| t.value().clone()).collect();
+        let drains = all.iter().map(|t| t.drain(grace));
+        futures::future::join_all(drains).await;
+    }
+
+    /// Pick a Ready node by the power of two choices on open streams,
+    /// excluding `except`.
+    fn pick_any_node(&self, except: Option<&str>) -> Option<Arc<Tunnel>> {
+        let all = self.sample.read().ok()?.clone();
+        let usable = |t: &Arc<Tunnel>| t.is_ready() && Some(t.name().as_ref()) != except;
+        let mut rng = rand::rng();
+        let mut picks: Vec<Arc<Tunnel>> = Vec::with_capacity(2);
+        if !all.is_empty() {
+            for _ in 0..16 {
+                let t = &all[rng.random_range(0..all.len())];
+                if usable(t) && !picks.iter().any(|p| Arc::ptr_eq(p, t)) {
+                    picks.push(t.clone());
+                    if picks.len() == 2 {
+                        break;
+                    }
+                }
+            }
+        }
+        if picks.is_empty() {
+            // Few Ready nodes among many: scan.
+            let ready: Vec<&Arc<Tunnel>> = all.iter().filter(|t| usable(t)).collect();
+            if ready.is_empty() {
+                return None;
+            }
+            picks.push(ready[rng.random_range(0..ready.len())].clone());
+            if ready.len() > 1 {
+                let other = ready[rng.random_range(0..ready.len())];
+                if !Arc::ptr_eq(other, &picks[0]) {
+                    picks.push(other.clone());
+                }
+            }
+        }
+        picks.into_iter().min_by_key(|t| t.open_streams())
+    }
+}
+
+fn same_endpoint(a: &NodeConfig, b: &NodeConfig) -> bool {
+    a.ssh_address() == b.ssh_address() && a.ssh_port == b.ssh_port && a.ssh_user == b.ssh_user
+}
+
+impl Dialer for TunnelManager {
+    type Stream = TunnelStream;
+
+    async fn dial(&self, dest: &Destination) -> Result<TunnelStream, DialError> {
+        let router = self.router();
+        let route = router.route(&dest.host, dest.port).map_err(|e| match e {
+            RouteError::Denied { .. } => DialError::Denied(e.to_string()),
+            RouteError::NoRoute { .. } => DialError::NoRoute(e.to_string()),
+        })?;
+        match route {
+            Route::Node { node, rule } => {
+                let tunnel = self.tunnel(&node).ok_or_else(|| {
+                    DialError::NodeDown(format!("node {node} ({rule}) has no tunnel"))
+                })?;
+                tracing::debug!(dest = %dest, node = %node, rule = %rule, "route");
+                tunnel.open_stream(&dest.host, dest.port, self.dial_timeout).await
+            }
+            Route::AnyNode { rule } => {
+                let first = self.pick_any_node(None).ok_or_else(|| {
+                    DialError::NodeDown(format!("{dest} ({rule}) needs a Ready node and none is"))
+                })?;
+                tracing::debug!(dest = %dest, node = %first.name(), rule = %rule, "route");
+                match first.open_stream(&dest.host, dest.port, self.dial_timeout).await {
+                    Ok(stream) => Ok(stream),
+                    Err(e @ (DialError::Denied(_) | DialError::NoRoute(_) | DialError::ShuttingDown)) => Err(e),
+                    Err(e) => {
+                        // Nothing flowed yet: one other node gets a chance.
+                        let Some(second) = self.pick_any_node(Some(first.name())) else {
+                            return Err(e);
+                        };
+                        tracing::info!(dest = %dest, node = %first.name(), retry = %second.name(), error = %e, "dial failed; trying another node");
+                        second.open_stream(&dest.host, dest.port, self.dial_timeout).await
+                    }
+                }
+            }
+        }
+    }
+}

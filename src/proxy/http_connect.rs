@@ -1,0 +1,410 @@
+//! HTTP `CONNECT`, as kube-apiserver's `HTTPConnect` egress speaks it.
+//!
+//! The apiserver opens a fresh connection per dial, writes
+//! `CONNECT <host:port> HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n`, and requires
+//! status 200 with nothing buffered after the response head. hyper serves
+//! each connection (one request, no keep-alive, headers bounded to
+//! [`MAX_HEADER_BYTES`] and `header_read_timeout`); the answer is
+//! `HTTP/1.1 200 Connection Established` with no other header, sent only
+//! once the dial succeeded, after which the upgraded connection is spliced
+//! with the tunnel.
+//!
+//! Answers: 405 (with `Allow: CONNECT`) to other methods, 400 to targets
+//! that are not `host:port` ([`parse_connect_target`]), the dial error's
+//! status ([`DialError::http_status`]) with its message as a one-line
+//! `text/plain` body, 431 (by hyper) for oversized headers, and 503 "too
+//! many connections" beyond `max_connections`.
+
+use std::convert::Infallible;
+use std::net::Ipv6Addr;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::ext::ReasonPhrase;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::{error_node, normalize_host, Context, HostError, Listener};
+use crate::dial::{DialError, Destination, Dialer};
+use crate::metrics::Metrics;
+use crate::splice::splice;
+
+/// Largest request head accepted (hyper's read buffer); beyond it hyper
+/// answers 431.
+pub const MAX_HEADER_BYTES: usize = 8192;
+
+/// Why a `CONNECT` request-target is not a usable `host:port`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TargetError {
+    /// Not in authority form (`host:port`): a path, a scheme, or nothing.
+    #[error("target is not in authority form host:port")]
+    NotAuthorityForm,
+    /// No `:port`.
+    #[error("target has no port")]
+    MissingPort,
+    /// The port is not a number in 1..=65535.
+    #[error("target port is not a number in 1..=65535")]
+    InvalidPort,
+    /// An IPv6 address without brackets.
+    #[error("IPv6 addresses must be in brackets: [addr]:port")]
+    UnbracketedIpv6,
+    /// Brackets around something that is not an IPv6 address.
+    #[error("invalid IPv6 address in brackets")]
+    InvalidIpv6,
+    /// The host part is refused.
+    #[error(transparent)]
+    Host(#[from] HostError),
+}
+
+/// Parse a `CONNECT` request-target in authority form: `host:port` or
+/// `[ipv6]:port`, port 1..=65535. Names come back in lower case, IP
+/// literals in canonical form, IPv6 without brackets. No user info, no
+/// zone ids.
+pub fn parse_connect_target(target: &str) -> Result<Destination, TargetError> {
+    if target.is_empty() {
+        return Err(TargetError::NotAuthorityForm);
+    }
+    let (host, port) = if let Some(rest) = target.strip_prefix('[') {
+        let (inside, after) = rest.split_once(']').ok_or(TargetError::InvalidIpv6)?;
+        let ip: Ipv6Addr = inside.parse().map_err(|_| TargetError::InvalidIpv6)?;
+        let port = match after.strip_prefix(':') {
+            Some(port) => port,
+            None if after.is_empty() => return Err(TargetError::MissingPort),
+            None => return Err(TargetError::NotAuthorityForm),
+        };
+        (ip.to_string(), port)
+    } else {
+        let Some((host, port)) = target.rsplit_once(':') else {
+            return Err(TargetError::MissingPort);
+        };
+        if host.contains(':') {
+            return Err(TargetError::UnbracketedIpv6);
+        }
+        (normalize_host(host)?, port)
+    };
+    Ok(Destination {
+        host,
+        port: parse_port(port)?,
+    })
+}
+
+fn parse_port(port: &str) -> Result<u16, TargetError> {
+    if port.is_empty() {
+        return Err(TargetError::MissingPort);
+    }
+    if port.len() > 5 || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(TargetError::InvalidPort);
+    }
+    match port.parse::<u16>() {
+        Ok(0) | Err(_) => Err(TargetError::InvalidPort),
+        Ok(port) => Ok(port),
+    }
+}
+
+/// The destination of a `CONNECT` request's URI, which hyper parsed from the
+/// request-target.
+fn connect_destination(uri: &Uri) -> Result<Destination, TargetError> {
+    match (uri.scheme(), uri.authority(), uri.path_and_query()) {
+        (None, Some(authority), None) => parse_connect_target(authority.as_str()),
+        _ => Err(TargetError::NotAuthorityForm),
+    }
+}
+
+/// A dial that succeeded; the connection task splices it once hyper handed
+/// over the upgraded connection.
+struct Established<S> {
+    on_upgrade: OnUpgrade,
+    tunnel: S,
+    dest: Destination,
+}
+
+type Slot<S> = Arc<Mutex<Option<Established<S>>>>;
+
+fn builder(header_read_timeout: std::time::Duration) -> http1::Builder {
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout)
+        .max_buf_size(MAX_HEADER_BYTES)
+        .keep_alive(false)
+        .auto_date_header(false);
+    builder
+}
+
+/// Serve one HTTP connection: one request, then (on success) the tunnel.
+/// `admitted` false means over the connection limit: answer 503.
+pub(crate) async fn serve<I, D>(
+    io: I,
+    ctx: &Arc<Context<D>>,
+    listener: Listener,
+    client: &str,
+    admitted: bool,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    D: Dialer,
+{
+    let builder = builder(ctx.header_read_timeout);
+    if !admitted {
+        return serve_overflow(&builder, io, ctx, listener, client).await;
+    }
+    let slot: Slot<D::Stream> = Arc::new(Mutex::new(None));
+    let service = {
+        let ctx = ctx.clone();
+        let slot = slot.clone();
+        let client: Arc<str> = client.into();
+        service_fn(move |req| {
+            let ctx = ctx.clone();
+            let slot = slot.clone();
+            let client = client.clone();
+            async move { Ok::<_, Infallible>(answer(req, &ctx, listener, &client, &slot).await) }
+        })
+    };
+    let conn = builder
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    let mut conn = std::pin::pin!(conn);
+    let served = tokio::select! {
+        served = conn.as_mut() => served,
+        () = ctx.shutdown.wait() => {
+            // Closes an idle connection; lets a request in flight finish.
+            conn.as_mut().graceful_shutdown();
+            conn.as_mut().await
+        }
+    };
+    if let Err(error) = served {
+        log_connection_error(&ctx.metrics, listener, client, &error);
+    }
+    let established = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
+    let Some(Established {
+        on_upgrade,
+        mut tunnel,
+        dest,
+    }) = established
+    else {
+        return;
+    };
+    // The connection future resolved, so the upgrade is ready or failed:
+    // the bound only guards against surprises.
+    let upgraded = match tokio::time::timeout(ctx.header_read_timeout, on_upgrade).await {
+        Ok(Ok(upgraded)) => upgraded,
+        Ok(Err(error)) => {
+            tracing::debug!(listener = listener.as_str(), client, dest = %dest, error = %error,
+                "connection not upgraded after 200");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(listener = listener.as_str(), client, dest = %dest,
+                "upgrade did not complete");
+            return;
+        }
+    };
+    let mut upgraded = TokioIo::new(upgraded);
+    match splice(&mut upgraded, &mut tunnel).await {
+        Ok(moved) => tracing::debug!(
+            listener = listener.as_str(),
+            client,
+            dest = %dest,
+            client_to_tunnel = moved.client_to_tunnel,
+            tunnel_to_client = moved.tunnel_to_client,
+            "tunnel closed"
+        ),
+        Err(error) => tracing::debug!(
+            listener = listener.as_str(),
+            client,
+            dest = %dest,
+            error = %error,
+            "tunnel ended with an error"
+        ),
+    }
+}
+
+fn log_connection_error(metrics: &Metrics, listener: Listener, client: &str, error: &hyper::Error) {
+    if error.is_parse_too_large() {
+        metrics.proxy_request(listener.as_str(), "431");
+        tracing::info!(listener = listener.as_str(), client, "request head too large: 431");
+    } else if error.is_timeout() {
+        tracing::debug!(listener = listener.as_str(), client, "request head read timed out");
+    } else {
+        tracing::debug!(listener = listener.as_str(), client, error = %error, "HTTP connection error");
+    }
+}
+
+/// Answer one request. On a successful dial, leaves the tunnel in `slot`
+/// and answers 200.
+async fn answer<D: Dialer>(
+    mut req: Request<Incoming>,
+    ctx: &Context<D>,
+    listener: Listener,
+    client: &str,
+    slot: &Slot<D::Stream>,
+) -> Response<Full<Bytes>> {
+    let label = listener.as_str();
+    if req.method() != Method::CONNECT {
+        ctx.metrics.proxy_request(label, "405");
+        tracing::info!(listener = label, client, method = %req.method(), "not CONNECT: 405");
+        let mut response = text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "only CONNECT is supported",
+        );
+        response
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("CONNECT"));
+        return response;
+    }
+    let dest = match connect_destination(req.uri()) {
+        Ok(dest) => dest,
+        Err(error) => {
+            ctx.metrics.proxy_request(label, "400");
+            tracing::info!(listener = label, client, dest = ?req.uri().to_string(),
+                error = %error, "malformed CONNECT target: 400");
+            return text(StatusCode::BAD_REQUEST, &error.to_string());
+        }
+    };
+    match ctx.dial(&dest).await {
+        Ok(tunnel) => {
+            let on_upgrade = hyper::upgrade::on(&mut req);
+            *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(Established {
+                on_upgrade,
+                tunnel,
+                dest: dest.clone(),
+            });
+            ctx.metrics.proxy_request(label, "200");
+            tracing::debug!(listener = label, client, dest = %dest, "tunnel open");
+            let mut response = Response::new(Full::new(Bytes::new()));
+            response
+                .extensions_mut()
+                .insert(ReasonPhrase::from_static(b"Connection Established"));
+            response
+        }
+        Err(error) => {
+            let status =
+                StatusCode::from_u16(error.http_status()).unwrap_or(StatusCode::BAD_GATEWAY);
+            ctx.count_refusal(listener, status.as_str(), &error);
+            tracing::info!(listener = label, client, dest = %dest, node = error_node(&error),
+                error = %error, status = status.as_u16(), "CONNECT refused");
+            text(status, &error.to_string())
+        }
+    }
+}
+
+/// `message` as one line of text: control characters (line breaks
+/// included) become spaces, and a final `\n` is added.
+pub(crate) fn one_line(message: &str) -> String {
+    let mut line: String = message
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    line.push('\n');
+    line
+}
+
+/// A `text/plain` response whose body is `message` on one line.
+fn text(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(one_line(message))));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// Answer whatever request arrives with 503 "too many connections".
+async fn serve_overflow<I, D>(
+    builder: &http1::Builder,
+    io: I,
+    ctx: &Context<D>,
+    listener: Listener,
+    client: &str,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    D: Dialer,
+{
+    let metrics = ctx.metrics.clone();
+    let client_field: Arc<str> = client.into();
+    let service = service_fn(move |_req: Request<Incoming>| {
+        metrics.proxy_request(listener.as_str(), "503");
+        tracing::warn!(
+            listener = listener.as_str(),
+            client = %client_field,
+            "max_connections reached: 503"
+        );
+        async { Ok::<_, Infallible>(text(StatusCode::SERVICE_UNAVAILABLE, "too many connections")) }
+    });
+    if let Err(error) = builder.serve_connection(TokioIo::new(io), service).await {
+        log_connection_error(&ctx.metrics, listener, client, &error);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dest(host: &str, port: u16) -> Destination {
+        Destination {
+            host: host.to_string(),
+            port,
+        }
+    }
+
+    #[test]
+    fn parses_names_ipv4_and_bracketed_ipv6() {
+        assert_eq!(parse_connect_target("10.0.0.1:10250"), Ok(dest("10.0.0.1", 10250)));
+        assert_eq!(parse_connect_target("Node-1.Example.com:443"), Ok(dest("node-1.example.com", 443)));
+        assert_eq!(parse_connect_target("[::1]:80"), Ok(dest("::1", 80)));
+        assert_eq!(parse_connect_target("[2001:DB8:0:0::1]:65535"), Ok(dest("2001:db8::1", 65535)));
+        assert_eq!(parse_connect_target("svc_name.ns:1"), Ok(dest("svc_name.ns", 1)));
+    }
+
+    #[test]
+    fn refuses_malformed_targets() {
+        use TargetError::*;
+        let cases: &[(&str, TargetError)] = &[
+            ("", NotAuthorityForm),
+            ("example.com", MissingPort),
+            ("example.com:", MissingPort),
+            (":80", Host(HostError::Empty)),
+            ("example.com:0", InvalidPort),
+            ("example.com:65536", InvalidPort),
+            ("example.com:+80", InvalidPort),
+            ("example.com:080080", InvalidPort),
+            ("::1:80", UnbracketedIpv6),
+            ("[::1]", MissingPort),
+            ("[::1]x:80", NotAuthorityForm),
+            ("[1.2.3.4]:80", InvalidIpv6),
+            ("[fe80::1%eth0]:80", InvalidIpv6),
+            ("[::1:80", InvalidIpv6),
+            ("user@host:80", Host(HostError::InvalidCharacter)),
+            ("host/path:80", Host(HostError::InvalidCharacter)),
+            ("127.1:80", Host(HostError::AmbiguousNumeric)),
+            ("2130706433:80", Host(HostError::AmbiguousNumeric)),
+            ("0x7f000001:80", Host(HostError::AmbiguousNumeric)),
+        ];
+        for (target, want) in cases {
+            assert_eq!(parse_connect_target(target), Err(*want), "{target:?}");
+        }
+        let long = format!("{}:80", "a".repeat(256));
+        assert_eq!(parse_connect_target(&long), Err(Host(HostError::TooLong)));
+    }
+
+    #[test]
+    fn uri_forms_other_than_authority_are_refused() {
+        for uri in ["http://example.com:80/", "/path", "*"] {
+            let uri: Uri = uri.parse().expect("valid uri");
+            assert_eq!(connect_destination(&uri), Err(TargetError::NotAuthorityForm), "{uri}");
+        }
+        let uri: Uri = "example.com:80".parse().expect("valid uri");
+        assert_eq!(connect_destination(&uri), Ok(dest("example.com", 80)));
+    }
+
+    #[test]
+    fn bodies_are_one_line() {
+        assert_eq!(one_line("a\r\nb\tc"), "a  b c\n");
+    }
+}

@@ -1,0 +1,705 @@
+//! The front door: the listeners kube-apiserver (or any client) dials to get
+//! a tunnelled connection.
+//!
+//! This module owns the `[proxy]` configuration ([`ProxyConfig`]), binding
+//! the listeners ([`FrontDoor::bind`]), the accept loops, the connection limit
+//! and the graceful drain ([`FrontDoor::serve`]). The protocols live in one
+//! file each:
+//!
+//! - [`http_connect`]: HTTP `CONNECT` as the apiserver's `HTTPConnect`
+//!   egress speaks it, served by hyper, over the Unix socket and over TCP.
+//! - [`socks5`]: RFC 1928 SOCKS5 `CONNECT`, no authentication.
+//! - `tls`: the mTLS material of the TCP listener.
+//! - `uds`: the Unix socket file (permissions, stale files, removal).
+//!
+//! Every accepted connection is one task; it ends when its client or tunnel
+//! ends. Each dial goes through the [`Dialer`]; its errors become an HTTP
+//! status or a SOCKS5 reply code ([`DialError::http_status`],
+//! [`DialError::socks5_reply`]).
+//!
+//! Connections beyond `max_connections` are still accepted, up to
+//! [`OVERFLOW_CONNECTIONS`] more, and answered at once: HTTP with `503 too
+//! many connections`, SOCKS5 with reply `0x01` (general failure) after a
+//! normal negotiation. Beyond that they are closed right after accept.
+
+pub mod http_connect;
+pub mod socks5;
+mod tls;
+mod uds;
+
+#[cfg(test)]
+mod tests;
+
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+
+use crate::dial::{DialError, Destination, Dialer};
+use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
+
+pub use http_connect::{parse_connect_target, TargetError};
+pub use socks5::{parse_greeting, parse_request, ConnectRequest, Greeting, Parsed, Socks5Error};
+
+/// Extra time given to [`Dialer::dial`] beyond `dial_timeout` before the
+/// front door gives up on it itself (the dialer is expected to time out
+/// first, with a better error).
+pub const DIAL_TIMEOUT_MARGIN: Duration = Duration::from_secs(1);
+
+/// How many connections beyond `max_connections` are accepted just to be
+/// answered "too many connections"; more than that are closed at once.
+pub const OVERFLOW_CONNECTIONS: usize = 256;
+
+/// Pause after a failed `accept` (for example `EMFILE`), so a persistent
+/// failure does not spin a core.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+
+/// The `[proxy]` section: which listeners to open and their limits.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// HTTP CONNECT over a Unix socket (mode 0660, parent directory created
+    /// with mode 0750 if missing, a stale socket file replaced).
+    pub uds: Option<PathBuf>,
+    /// HTTP CONNECT over TCP; TLS with required client certificates when
+    /// [`tls`](Self::tls) is set.
+    pub tcp: Option<SocketAddr>,
+    /// SOCKS5 (RFC 1928) `CONNECT`, no authentication.
+    pub socks5: Option<SocketAddr>,
+    /// How long a dial may take (the dialer's own bound; the front door
+    /// gives up [`DIAL_TIMEOUT_MARGIN`] later).
+    #[serde(with = "humantime_serde")]
+    pub dial_timeout: Duration,
+    /// Client connections open at once over all listeners.
+    pub max_connections: usize,
+    /// Bound on receiving a request's headers, the TLS handshake and the
+    /// SOCKS5 negotiation (slowloris protection).
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// mTLS for the `tcp` listener.
+    pub tls: Option<TlsConfig>,
+    /// Allow the `tcp` (without TLS) and `socks5` listeners on non-loopback
+    /// addresses. Off by default: they have no authentication.
+    pub allow_non_loopback: bool,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            uds: None,
+            tcp: None,
+            socks5: None,
+            dial_timeout: Duration::from_secs(10),
+            max_connections: 10_000,
+            header_read_timeout: Duration::from_secs(10),
+            tls: None,
+            allow_non_loopback: false,
+        }
+    }
+}
+
+/// The `[proxy.tls]` section: PEM files of the TCP listener's mTLS. Relative
+/// paths are resolved by the config loader.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Server certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// Server private key: PKCS#8, PKCS#1 (RSA) or SEC1 (EC).
+    pub key: PathBuf,
+    /// CA bundle client certificates must chain to.
+    pub client_ca: PathBuf,
+}
+
+/// Longest Unix socket path `bind(2)` takes (`sun_path` minus the NUL).
+const MAX_UDS_PATH: usize = 107;
+
+impl ProxyConfig {
+    /// Check the section. On error, returns the offending key (like
+    /// `proxy.tcp`) and why.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let err = |key: &str, reason: String| Err((key.to_string(), reason));
+        if self.uds.is_none() && self.tcp.is_none() && self.socks5.is_none() {
+            return err(
+                "proxy",
+                "no listener configured: set at least one of uds, tcp, socks5".into(),
+            );
+        }
+        if let Some(path) = &self.uds {
+            let len = path.as_os_str().len();
+            if len == 0 {
+                return err("proxy.uds", "empty path".into());
+            }
+            if len > MAX_UDS_PATH {
+                return err(
+                    "proxy.uds",
+                    format!("path is {len} bytes, Unix sockets take at most {MAX_UDS_PATH}"),
+                );
+            }
+        }
+        if self.max_connections == 0 {
+            return err("proxy.max_connections", "must be greater than 0".into());
+        }
+        if self.dial_timeout.is_zero() {
+            return err("proxy.dial_timeout", "must be greater than 0".into());
+        }
+        if self.header_read_timeout.is_zero() {
+            return err("proxy.header_read_timeout", "must be greater than 0".into());
+        }
+        if let Some(tls) = &self.tls {
+            if self.tcp.is_none() {
+                return err(
+                    "proxy.tls",
+                    "set but proxy.tcp is not: TLS applies to the tcp listener only".into(),
+                );
+            }
+            for (key, path) in [
+                ("proxy.tls.cert", &tls.cert),
+                ("proxy.tls.key", &tls.key),
+                ("proxy.tls.client_ca", &tls.client_ca),
+            ] {
+                if path.as_os_str().is_empty() {
+                    return err(key, "empty path".into());
+                }
+            }
+        }
+        if !self.allow_non_loopback {
+            if let Some(addr) = self.tcp {
+                if self.tls.is_none() && !is_loopback(addr) {
+                    return err(
+                        "proxy.tcp",
+                        format!(
+                            "{addr} is not a loopback address and [proxy.tls] is not set: anyone \
+                             who reaches it could tunnel into every node; use a loopback address, \
+                             configure mTLS, or set proxy.allow_non_loopback = true"
+                        ),
+                    );
+                }
+            }
+            if let Some(addr) = self.socks5 {
+                if !is_loopback(addr) {
+                    return err(
+                        "proxy.socks5",
+                        format!(
+                            "{addr} is not a loopback address and SOCKS5 has no authentication: \
+                             anyone who reaches it could tunnel into every node; use a loopback \
+                             address or set proxy.allow_non_loopback = true"
+                        ),
+                    );
+                }
+            }
+        }
+        if let (Some(tcp), Some(socks5)) = (self.tcp, self.socks5) {
+            if tcp == socks5 && tcp.port() != 0 {
+                return err("proxy.socks5", format!("{socks5} is also proxy.tcp"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Listeners that are reachable from other hosts without client
+    /// authentication (allowed only with `allow_non_loopback`).
+    fn exposed_listeners(&self) -> Vec<(&'static str, SocketAddr)> {
+        let mut exposed = Vec::new();
+        if let Some(addr) = self.tcp {
+            if self.tls.is_none() && !is_loopback(addr) {
+                exposed.push(("tcp", addr));
+            }
+        }
+        if let Some(addr) = self.socks5 {
+            if !is_loopback(addr) {
+                exposed.push(("socks5", addr));
+            }
+        }
+        exposed
+    }
+}
+
+fn is_loopback(addr: SocketAddr) -> bool {
+    addr.ip().to_canonical().is_loopback()
+}
+
+/// Why the front door could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum FrontDoorError {
+    /// The `[proxy]` section is invalid.
+    #[error("invalid configuration: {key}: {reason}")]
+    Config {
+        /// The offending key, like `proxy.tcp`.
+        key: String,
+        /// Why it is refused.
+        reason: String,
+    },
+    /// A listener could not be bound.
+    #[error("cannot bind the {listener} listener on {address}: {error}")]
+    Bind {
+        /// `uds`, `tcp` or `socks5`.
+        listener: &'static str,
+        /// The address or socket path.
+        address: String,
+        /// The system error.
+        error: io::Error,
+    },
+    /// The Unix socket path is taken by something we must not remove.
+    #[error("unix socket {}: {reason}", path.display())]
+    SocketPath {
+        /// The configured socket path.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// TLS material could not be loaded.
+    #[error("TLS file {}: {reason}", file.display())]
+    Tls {
+        /// The certificate, key or CA file at fault.
+        file: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// Which listener a connection came in on; the `listener` label and log
+/// field.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Listener {
+    Uds,
+    Tcp,
+    Socks5,
+}
+
+impl Listener {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Listener::Uds => "uds",
+            Listener::Tcp => "tcp",
+            Listener::Socks5 => "socks5",
+        }
+    }
+}
+
+/// Everything a connection task needs, shared by all of them.
+pub(crate) struct Context<D> {
+    pub(crate) dialer: Arc<D>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) dial_timeout: Duration,
+    pub(crate) header_read_timeout: Duration,
+    pub(crate) shutdown: Shutdown,
+}
+
+impl<D: Dialer> Context<D> {
+    /// Dial through the dialer, bounded by `dial_timeout` plus
+    /// [`DIAL_TIMEOUT_MARGIN`] in case the dialer does not bound itself.
+    pub(crate) async fn dial(&self, dest: &Destination) -> Result<D::Stream, DialError> {
+        let limit = self.dial_timeout + DIAL_TIMEOUT_MARGIN;
+        match tokio::time::timeout(limit, self.dialer.dial(dest)).await {
+            Ok(result) => result,
+            Err(_) => Err(DialError::Timeout {
+                node: "unknown".to_string(),
+                after: limit,
+            }),
+        }
+    }
+
+    /// Count a refused dial: the answer code, and a policy denial for
+    /// refusals by policy (HTTP 403, SOCKS5 0x02).
+    pub(crate) fn count_refusal(&self, listener: Listener, code: &str, err: &DialError) {
+        self.metrics.proxy_request(listener.as_str(), code);
+        if err.http_status() == 403 {
+            self.metrics.policy_denial(err.reason());
+        }
+    }
+}
+
+/// The node a dial error names, for the `node` log field.
+pub(crate) fn error_node(err: &DialError) -> Option<&str> {
+    match err {
+        DialError::Refused { node, .. }
+        | DialError::Timeout { node, .. }
+        | DialError::Session { node, .. } => Some(node),
+        _ => None,
+    }
+}
+
+/// Why a destination host was refused before any dial.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum HostError {
+    /// The host is empty.
+    #[error("empty host")]
+    Empty,
+    /// Longer than 255 bytes.
+    #[error("host longer than 255 bytes")]
+    TooLong,
+    /// A character outside letters, digits, `-`, `.` and `_`.
+    #[error("invalid character in host")]
+    InvalidCharacter,
+    /// Numeric but not a dotted-quad IPv4 address (`127.1`, `0x7f000001`,
+    /// `2130706433`): resolvers read these as addresses, policies might not.
+    #[error("numeric host that is not a dotted-quad IPv4 address")]
+    AmbiguousNumeric,
+}
+
+/// Check and normalize a destination host given without brackets: IP
+/// literals are written in canonical form, names in lower case.
+pub(crate) fn normalize_host(host: &str) -> Result<String, HostError> {
+    if host.is_empty() {
+        return Err(HostError::Empty);
+    }
+    if host.len() > 255 {
+        return Err(HostError::TooLong);
+    }
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(ip.to_string());
+    }
+    if !host
+        .chars()
+        .all(|c| c.is_alphanumeric() || matches!(c, '-' | '.' | '_'))
+    {
+        return Err(HostError::InvalidCharacter);
+    }
+    let last_label = host
+        .strip_suffix('.')
+        .unwrap_or(host)
+        .rsplit('.')
+        .next()
+        .unwrap_or_default();
+    if last_label.starts_with(|c: char| c.is_ascii_digit()) && host.parse::<Ipv4Addr>().is_err() {
+        return Err(HostError::AmbiguousNumeric);
+    }
+    Ok(host.to_lowercase())
+}
+
+/// A client connection of any listener.
+trait Accept: Send + 'static {
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// The next connection and a description of its client for logs.
+    fn next_conn(&self) -> impl Future<Output = io::Result<(Self::Io, String)>> + Send;
+}
+
+impl Accept for TcpListener {
+    type Io = tokio::net::TcpStream;
+    async fn next_conn(&self) -> io::Result<(Self::Io, String)> {
+        let (stream, peer) = self.accept().await?;
+        // Latency matters more than packet count for proxied requests.
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(client = %peer, error = %error, "cannot set TCP_NODELAY");
+        }
+        Ok((stream, peer.to_string()))
+    }
+}
+
+/// What a listener speaks.
+#[derive(Clone)]
+enum Protocol {
+    Http,
+    Https(TlsAcceptor),
+    Socks5,
+}
+
+/// A connection's slot: within `max_connections` (`admitted`), or one of
+/// the overflow connections that only get a refusal. Held for the
+/// connection's life.
+struct Admission {
+    admitted: bool,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// Keeps `proxy_connections_open` up to date.
+struct OpenConnection(Arc<Metrics>);
+
+impl OpenConnection {
+    fn new(metrics: &Arc<Metrics>) -> Self {
+        metrics.proxy_connections_open.inc();
+        OpenConnection(metrics.clone())
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.proxy_connections_open.dec();
+    }
+}
+
+/// The bound listeners, ready to [`serve`](FrontDoor::serve).
+pub struct FrontDoor {
+    uds: Option<uds::UdsListener>,
+    tcp: Option<(TcpListener, SocketAddr, Option<TlsAcceptor>)>,
+    socks5: Option<(TcpListener, SocketAddr)>,
+    metrics: Arc<Metrics>,
+    dial_timeout: Duration,
+    header_read_timeout: Duration,
+    max_connections: usize,
+}
+
+impl std::fmt::Debug for FrontDoor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrontDoor")
+            .field("uds", &self.uds_path())
+            .field("tcp", &self.tcp_addr())
+            .field("tls", &self.tcp.as_ref().is_some_and(|t| t.2.is_some()))
+            .field("socks5", &self.socks5_addr())
+            .field("max_connections", &self.max_connections)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FrontDoor {
+    /// Bind every configured listener (errors name the listener and
+    /// address/path) and load TLS material (errors name the file).
+    pub async fn bind(
+        config: &ProxyConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<FrontDoor, FrontDoorError> {
+        config
+            .validate()
+            .map_err(|(key, reason)| FrontDoorError::Config { key, reason })?;
+        for (listener, addr) in config.exposed_listeners() {
+            tracing::warn!(
+                listener,
+                address = %addr,
+                "listening on a non-loopback address without client authentication \
+                 (proxy.allow_non_loopback = true)"
+            );
+        }
+        // TLS first: a broken file must not leave a socket file behind.
+        let acceptor = match &config.tls {
+            Some(tls) => Some(tls::acceptor(tls).await?),
+            None => None,
+        };
+        let tcp = match config.tcp {
+            Some(addr) => {
+                let (listener, local) = bind_tcp(Listener::Tcp, addr).await?;
+                Some((listener, local, acceptor))
+            }
+            None => None,
+        };
+        let socks5 = match config.socks5 {
+            Some(addr) => Some(bind_tcp(Listener::Socks5, addr).await?),
+            None => None,
+        };
+        let uds = match &config.uds {
+            Some(path) => Some(uds::UdsListener::bind(path).await?),
+            None => None,
+        };
+        Ok(FrontDoor {
+            uds,
+            tcp,
+            socks5,
+            metrics,
+            dial_timeout: config.dial_timeout,
+            header_read_timeout: config.header_read_timeout,
+            max_connections: config.max_connections,
+        })
+    }
+
+    /// The bound address of the HTTP CONNECT TCP listener.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp.as_ref().map(|(_, addr, _)| *addr)
+    }
+
+    /// The bound address of the SOCKS5 listener.
+    pub fn socks5_addr(&self) -> Option<SocketAddr> {
+        self.socks5.as_ref().map(|(_, addr)| *addr)
+    }
+
+    /// The path of the HTTP CONNECT Unix socket.
+    pub fn uds_path(&self) -> Option<&Path> {
+        self.uds.as_ref().map(|u| u.path())
+    }
+
+    /// Serve until `shutdown` fires; then stop accepting (the socket file is
+    /// removed), let in-flight connections finish for up to `drain` and
+    /// abort the rest.
+    pub async fn serve<D: Dialer>(self, dialer: Arc<D>, shutdown: Shutdown, drain: Duration) {
+        let ctx = Arc::new(Context {
+            dialer,
+            metrics: self.metrics.clone(),
+            dial_timeout: self.dial_timeout,
+            header_read_timeout: self.header_read_timeout,
+            shutdown,
+        });
+        let limits = Limits {
+            admitted: Arc::new(Semaphore::new(self.max_connections)),
+            overflow: Arc::new(Semaphore::new(OVERFLOW_CONNECTIONS)),
+        };
+        let uds = async {
+            if let Some(listener) = self.uds {
+                run_listener(listener, Listener::Uds, Protocol::Http, &ctx, &limits, drain).await;
+            }
+        };
+        let tcp = async {
+            if let Some((listener, _, tls)) = self.tcp {
+                let protocol = match tls {
+                    Some(acceptor) => Protocol::Https(acceptor),
+                    None => Protocol::Http,
+                };
+                run_listener(listener, Listener::Tcp, protocol, &ctx, &limits, drain).await;
+            }
+        };
+        let socks5 = async {
+            if let Some((listener, _)) = self.socks5 {
+                let protocol = Protocol::Socks5;
+                run_listener(listener, Listener::Socks5, protocol, &ctx, &limits, drain).await;
+            }
+        };
+        tokio::join!(uds, tcp, socks5);
+        tracing::info!("front door stopped");
+    }
+}
+
+async fn bind_tcp(
+    listener: Listener,
+    addr: SocketAddr,
+) -> Result<(TcpListener, SocketAddr), FrontDoorError> {
+    let bind_error = |error| FrontDoorError::Bind {
+        listener: listener.as_str(),
+        address: addr.to_string(),
+        error,
+    };
+    let bound = TcpListener::bind(addr).await.map_err(bind_error)?;
+    let local = bound.local_addr().map_err(bind_error)?;
+    tracing::info!(listener = listener.as_str(), address = %local, "listening");
+    Ok((bound, local))
+}
+
+/// The connection limit shared by every listener.
+struct Limits {
+    admitted: Arc<Semaphore>,
+    overflow: Arc<Semaphore>,
+}
+
+impl Limits {
+    fn admit(&self) -> Option<Admission> {
+        if let Ok(permit) = self.admitted.clone().try_acquire_owned() {
+            Some(Admission {
+                admitted: true,
+                _permit: permit,
+            })
+        } else if let Ok(permit) = self.overflow.clone().try_acquire_owned() {
+            Some(Admission {
+                admitted: false,
+                _permit: permit,
+            })
+        } else {
+            None
+        }
+    }
+}
+
+/// Accept on one listener until shutdown, then drain its connections.
+async fn run_listener<L: Accept, D: Dialer>(
+    listener: L,
+    kind: Listener,
+    protocol: Protocol,
+    ctx: &Arc<Context<D>>,
+    limits: &Limits,
+    drain: Duration,
+) {
+    let mut tasks = JoinSet::new();
+    loop {
+        tokio::select! {
+            biased;
+            () = ctx.shutdown.wait() => break,
+            Some(joined) = tasks.join_next(), if !tasks.is_empty() => log_join(kind, joined),
+            accepted = listener.next_conn() => match accepted {
+                Ok((io, client)) => {
+                    let Some(admission) = limits.admit() else {
+                        tracing::warn!(
+                            listener = kind.as_str(),
+                            client = %client,
+                            "connection limit and overflow allowance exhausted: closing at once"
+                        );
+                        continue;
+                    };
+                    let task = handle(io, client, kind, protocol.clone(), ctx.clone(), admission);
+                    tasks.spawn(task);
+                }
+                Err(error) => {
+                    tracing::warn!(listener = kind.as_str(), error = %error, "accept failed");
+                    tokio::select! {
+                        () = ctx.shutdown.wait() => break,
+                        () = tokio::time::sleep(ACCEPT_ERROR_BACKOFF) => {}
+                    }
+                }
+            },
+        }
+    }
+    // Stop accepting: closes the socket (and removes the socket file).
+    drop(listener);
+    let open = tasks.len();
+    if open > 0 {
+        tracing::info!(listener = kind.as_str(), open, drain = ?drain, "draining connections");
+    }
+    let deadline = tokio::time::Instant::now() + drain;
+    while !tasks.is_empty() {
+        match tokio::time::timeout_at(deadline, tasks.join_next()).await {
+            Ok(Some(joined)) => log_join(kind, joined),
+            Ok(None) => break,
+            Err(_) => {
+                tracing::warn!(
+                    listener = kind.as_str(),
+                    aborted = tasks.len(),
+                    "drain deadline reached: aborting the remaining connections"
+                );
+                tasks.abort_all();
+                while tasks.join_next().await.is_some() {}
+                break;
+            }
+        }
+    }
+}
+
+fn log_join(kind: Listener, joined: Result<(), tokio::task::JoinError>) {
+    if let Err(error) = joined {
+        if error.is_panic() {
+            tracing::error!(listener = kind.as_str(), error = %error, "connection task panicked");
+        }
+    }
+}
+
+/// One client connection, from accept to close.
+async fn handle<I, D>(
+    io: I,
+    client: String,
+    listener: Listener,
+    protocol: Protocol,
+    ctx: Arc<Context<D>>,
+    admission: Admission,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    D: Dialer,
+{
+    let _open = OpenConnection::new(&ctx.metrics);
+    // `admission` (and its permit) lives until this function returns.
+    let admitted = admission.admitted;
+    match protocol {
+        Protocol::Http => http_connect::serve(io, &ctx, listener, &client, admitted).await,
+        Protocol::Https(acceptor) => {
+            let handshake = acceptor.accept(io);
+            match tokio::time::timeout(ctx.header_read_timeout, handshake).await {
+                Ok(Ok(tls)) => http_connect::serve(tls, &ctx, listener, &client, admitted).await,
+                Ok(Err(error)) => tracing::info!(
+                    listener = listener.as_str(),
+                    client = %client,
+                    error = %error,
+                    "TLS handshake failed"
+                ),
+                Err(_) => tracing::info!(
+                    listener = listener.as_str(),
+                    client = %client,
+                    "TLS handshake timed out"
+                ),
+            }
+        }
+        Protocol::Socks5 => socks5::serve(io, &ctx, &client, admitted).await,
+    }
+}

@@ -1,0 +1,103 @@
+//! `nodetunnel serve`: the long-running sidecar. Wires the tunnel manager
+//! and the front door together, reloads on SIGHUP and drains on
+//! SIGTERM/SIGINT.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::config::Config;
+use crate::manager::TunnelManager;
+use crate::metrics::Metrics;
+use crate::proxy::FrontDoor;
+use crate::shutdown::Shutdown;
+
+/// Run until SIGTERM or SIGINT; exit 0 after draining.
+pub async fn run(config_path: &Path) -> ExitCode {
+    match serve(config_path).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("nodetunnel serve: {message}");
+            tracing::error!(error = %message, "nodetunnel serve failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config_path: &Path) -> Result<(), String> {
+    let config = Config::load(config_path).map_err(|e| e.to_string())?;
+    let metrics = Arc::new(Metrics::new());
+    let manager = TunnelManager::new(&config, config.routing.clone(), metrics.clone())
+        .map_err(|e| e.to_string())?;
+    let mut terminate = signal(SignalKind::terminate()).map_err(|e| format!("SIGTERM handler: {e}"))?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(|e| format!("SIGINT handler: {e}"))?;
+    let mut hangup = signal(SignalKind::hangup()).map_err(|e| format!("SIGHUP handler: {e}"))?;
+
+    let shutdown = Shutdown::new();
+    let drain = config.ssh.drain_timeout;
+    let front_door = match &config.proxy {
+        Some(proxy) => {
+            let door = FrontDoor::bind(proxy, metrics.clone())
+                .await
+                .map_err(|e| e.to_string())?;
+            let listeners = [
+                door.uds_path().map(|p| format!("uds={}", p.display())),
+                door.tcp_addr().map(|a| format!("tcp={a}")),
+                door.socks5_addr().map(|a| format!("socks5={a}")),
+            ]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join(" ");
+            let task = tokio::spawn(door.serve(manager.clone(), shutdown.clone(), drain));
+            tracing::info!(listeners = %listeners, "front door listening");
+            Some(task)
+        }
+        None => {
+            tracing::warn!("no [proxy] table: tunnels are kept but nothing accepts connections");
+            None
+        }
+    };
+    manager.apply(config.nodes.clone());
+    tracing::info!(nodes = config.nodes.len(), config = %config_path.display(), "nodetunnel serving");
+
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => { tracing::info!("SIGTERM: draining"); break; }
+            _ = interrupt.recv() => { tracing::info!("SIGINT: draining"); break; }
+            _ = hangup.recv() => reload(config_path, &config, &manager),
+        }
+    }
+    shutdown.trigger();
+    if let Some(task) = front_door {
+        let _ = task.await;
+    }
+    manager.shutdown(drain).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// SIGHUP: re-read the file; apply its nodes, identity and known_hosts. A
+/// broken file keeps everything as it was.
+fn reload(path: &Path, running: &Config, manager: &TunnelManager) {
+    let fresh = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "SIGHUP: configuration not reloaded; keeping the running one");
+            return;
+        }
+    };
+    if let Err(e) = manager.reload_identity(&fresh.ssh.identity, fresh.ssh.passphrase_file.as_deref()) {
+        tracing::error!(error = %e, "SIGHUP: identity not reloaded");
+    }
+    if let Err(e) = manager.reload_known_hosts() {
+        tracing::error!(error = %e, "SIGHUP: known_hosts not reloaded");
+    }
+    let summary = manager.apply(fresh.nodes.clone());
+    tracing::info!(?summary, "SIGHUP: reloaded");
+    if fresh.proxy.is_some() != running.proxy.is_some() || fresh.routing != running.routing {
+        tracing::warn!("SIGHUP: [proxy] and [routing] changes take effect at the next restart");
+    }
+}

@@ -1,0 +1,530 @@
+//! One SSH session to one node: connecting it (TCP, key exchange, host-key
+//! verification, public-key authentication, each bounded by a timeout) and
+//! the russh client handler that watches it.
+//!
+//! [`connect`] either returns a [`Session`] ready for direct-tcpip channels
+//! or a [`ConnectError`] whose [`reason`](ConnectError::reason) is one of the
+//! stable labels `timeout`, `refused`, `auth`, `host_key`, `protocol`.
+
+use std::borrow::Cow;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use russh::client::{self, AuthResult, Handle};
+use russh::keys::{PrivateKeyWithHashAlg, PublicKeyOrCertificate};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+
+use futures::task::AtomicWaker;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+
+use crate::config::HostKeyPolicy;
+use crate::keys::{fingerprint, Identity};
+use crate::known_hosts::{HostKeyStatus, KnownHosts};
+
+/// Bytes read from the socket per syscall. russh reads a packet header and
+/// body separately; a buffer halves the syscalls per packet.
+const SOCKET_READ_BUFFER: usize = 32 * 1024;
+
+/// Everything a session needs that is shared by all nodes.
+pub struct SessionSettings {
+    /// The key to authenticate with (replaced on SIGHUP for key rotation).
+    pub identity: RwLock<Arc<Identity>>,
+    /// Trusted host keys (updated in memory when accept-new learns a key).
+    pub known_hosts: RwLock<KnownHosts>,
+    /// Where known_hosts lives (accept-new appends to it).
+    pub known_hosts_path: std::path::PathBuf,
+    /// strict | accept-new | insecure.
+    pub host_key_policy: HostKeyPolicy,
+    /// TCP connect bound.
+    pub connect_timeout: Duration,
+    /// Key exchange bound.
+    pub handshake_timeout: Duration,
+    /// Authentication bound.
+    pub auth_timeout: Duration,
+    /// russh client configuration shared by every session.
+    pub russh: Arc<client::Config>,
+}
+
+/// Where and as whom to connect.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// Node name, for messages.
+    pub node: String,
+    /// Address (IP or DNS name) of the node's sshd.
+    pub host: String,
+    /// Port of the node's sshd.
+    pub port: u16,
+    /// Remote user.
+    pub user: String,
+}
+
+/// Why a session could not be established.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// A stage did not finish within its timeout.
+    #[error("{stage} timed out after {}", humantime::format_duration(*.after))]
+    Timeout {
+        /// `tcp connect`, `ssh handshake` or `authentication`.
+        stage: &'static str,
+        /// The bound that expired.
+        after: Duration,
+    },
+    /// The TCP connection could not be made (refused, unreachable, or the
+    /// address did not resolve).
+    #[error("tcp connect to {addr} failed: {reason}")]
+    Refused {
+        /// host:port.
+        addr: String,
+        /// The OS error.
+        reason: String,
+    },
+    /// The node's host key is not trusted.
+    #[error("{0}")]
+    HostKey(String),
+    /// The node refused our key.
+    #[error("authentication as {user} with key {fingerprint} was refused{methods}")]
+    Auth {
+        /// Remote user.
+        user: String,
+        /// Our key's fingerprint.
+        fingerprint: String,
+        /// What the server would accept instead, if it said.
+        methods: String,
+    },
+    /// Anything else in the SSH protocol: no common algorithm, a
+    /// disconnect during the handshake, a bad signature.
+    #[error("ssh protocol error: {0}")]
+    Protocol(String),
+}
+
+impl ConnectError {
+    /// Stable label for metrics and the tunnel table.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ConnectError::Timeout { .. } => "timeout",
+            ConnectError::Refused { .. } => "refused",
+            ConnectError::HostKey(_) => "host_key",
+            ConnectError::Auth { .. } => "auth",
+            ConnectError::Protocol(_) => "protocol",
+        }
+    }
+}
+
+/// An established, authenticated session.
+pub struct Session {
+    /// The russh handle: opens channels, sends keepalives.
+    pub handle: Handle<ClientHandler>,
+    /// Fires when the session ended (disconnect or I/O error).
+    pub ended: Arc<SessionEnd>,
+    /// Cuts the transport: ends the session and all its channels at once.
+    pub cut: Arc<Severance>,
+}
+
+/// How a session ended, filled in by the handler.
+#[derive(Default)]
+pub struct SessionEnd {
+    notify: Notify,
+    reason: Mutex<Option<String>>,
+}
+
+impl SessionEnd {
+    /// Resolves once the session has ended.
+    pub async fn wait(&self) {
+        loop {
+            let notified = self.notify.notified();
+            if self.reason().is_some() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Why the session ended, once it has.
+    pub fn reason(&self) -> Option<String> {
+        self.reason.lock().map(|r| r.clone()).unwrap_or(None)
+    }
+
+    fn set(&self, reason: String) {
+        if let Ok(mut slot) = self.reason.lock() {
+            if slot.is_none() {
+                *slot = Some(reason);
+            }
+        }
+        self.notify.notify_waiters();
+    }
+}
+
+/// The russh client handler of one session: verifies the host key and
+/// records how the session ends.
+pub struct ClientHandler {
+    settings: Arc<SessionSettings>,
+    target: Target,
+    rejection: Arc<Mutex<Option<String>>>,
+    ended: Arc<SessionEnd>,
+}
+
+impl ClientHandler {
+    fn verify(&self, key: &PublicKeyOrCertificate) -> Result<(), String> {
+        let t = &self.target;
+        let status = match self.settings.known_hosts.read() {
+            Ok(kh) => kh.check(&t.host, t.port, key),
+            Err(_) => return Err("known_hosts lock poisoned".into()),
+        };
+        let presented = match key {
+            PublicKeyOrCertificate::PublicKey { key, .. } => fingerprint(key),
+            PublicKeyOrCertificate::Certificate(cert) => {
+                format!(
+                    "certificate of {}",
+                    cert.public_key().fingerprint(russh::keys::HashAlg::Sha256)
+                )
+            }
+        };
+        let policy = self.settings.host_key_policy;
+        match status {
+            HostKeyStatus::Trusted => Ok(()),
+            _ if policy == HostKeyPolicy::Insecure => {
+                tracing::warn!(node = %t.node, key = %presented, "host key not verified (host_key_policy = insecure)");
+                Ok(())
+            }
+            HostKeyStatus::Revoked { line } => Err(format!(
+                "host key of node {} ({}:{}) {presented} is revoked in {} line {line}",
+                t.node,
+                t.host,
+                t.port,
+                self.settings.known_hosts_path.display()
+            )),
+            HostKeyStatus::Changed { expected } => {
+                let known = expected
+                    .iter()
+                    .map(|k| format!("{} ({}:{}: {})", k.fingerprint, k.path.display(), k.line, k.raw_line))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                Err(format!(
+                    "HOST KEY CHANGED for node {} ({}:{}): presented {presented}, known_hosts has {known}; if the node was reinstalled, replace its line",
+                    t.node, t.host, t.port
+                ))
+            }
+            HostKeyStatus::Unknown => match (policy, key) {
+                (HostKeyPolicy::AcceptNew, PublicKeyOrCertificate::PublicKey { key, .. }) => {
+                    let mut kh = self
+                        .settings
+                        .known_hosts
+                        .write()
+                        .map_err(|_| "known_hosts lock poisoned".to_string())?;
+                    // Another session may have learned it meanwhile.
+                    if !kh.check_key(&t.host, t.port, key).is_trusted() {
+                        kh.learn(&t.host, t.port, key).map_err(|e| {
+                            format!("accept-new could not record the host key of node {}: {e}", t.node)
+                        })?;
+                    }
+                    drop(kh);
+                    tracing::info!(node = %t.node, key = %presented, path = %self.settings.known_hosts_path.display(), "learned new host key (accept-new)");
+                    Ok(())
+                }
+                _ => Err(format!(
+                    "host key of node {} ({}:{}) {presented} is not in {} (host_key_policy = {policy}); add it, e.g. with ssh-keyscan, after checking the fingerprint",
+                    t.node,
+                    t.host,
+                    t.port,
+                    self.settings.known_hosts_path.display()
+                )),
+            },
+        }
+    }
+}
+
+impl client::Handler for ClientHandler {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        server_public_key: &PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        match self.verify(server_public_key) {
+            Ok(()) => Ok(true),
+            Err(reason) => {
+                if let Ok(mut slot) = self.rejection.lock() {
+                    *slot = Some(reason);
+                }
+                Ok(false)
+            }
+        }
+    }
+
+    async fn disconnected(
+        &mut self,
+        reason: client::DisconnectReason<Self::Error>,
+    ) -> Result<(), Self::Error> {
+        let text = match reason {
+            client::DisconnectReason::ReceivedDisconnect(info) => {
+                format!("node sent disconnect: {info:?}")
+            }
+            client::DisconnectReason::Error(e) => format!("session error: {e}"),
+        };
+        self.ended.set(text);
+        Ok(())
+    }
+}
+
+/// The russh client configuration nodetunnel uses: TCP_NODELAY, our own
+/// keepalives (russh's are off), AES-256-GCM first where the CPU has AES-NI.
+pub fn russh_config(window_size: u32, host_key_certificates: bool) -> client::Config {
+    let aes_first = cpu_has_aes();
+    let cipher: &'static [russh::cipher::Name] = if aes_first {
+        &[
+            russh::cipher::AES_256_GCM,
+            russh::cipher::CHACHA20_POLY1305,
+            russh::cipher::AES_256_CTR,
+            russh::cipher::AES_128_CTR,
+        ]
+    } else {
+        &[
+            russh::cipher::CHACHA20_POLY1305,
+            russh::cipher::AES_256_GCM,
+            russh::cipher::AES_256_CTR,
+            russh::cipher::AES_128_CTR,
+        ]
+    };
+    let mut preferred = russh::Preferred {
+        cipher: Cow::Borrowed(cipher),
+        ..russh::Preferred::default()
+    };
+    if host_key_certificates {
+        preferred.host_key_certificates = preferred.key.clone();
+    }
+    client::Config {
+        window_size,
+        maximum_packet_size: 32768,
+        nodelay: true,
+        keepalive_interval: None,
+        inactivity_timeout: None,
+        preferred,
+        ..client::Config::default()
+    }
+}
+
+fn cpu_has_aes() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("aes") && std::arch::is_x86_feature_detected!("pclmulqdq")
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        std::arch::is_aarch64_feature_detected!("aes")
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        false
+    }
+}
+
+/// Connect, verify and authenticate one session to `target`.
+pub async fn connect(settings: Arc<SessionSettings>, target: Target) -> Result<Session, ConnectError> {
+    let addr = format!("{}:{}", bracket(&target.host), target.port);
+    let tcp = tokio::time::timeout(settings.connect_timeout, tcp_connect(&target.host, target.port))
+        .await
+        .map_err(|_| ConnectError::Timeout {
+            stage: "tcp connect",
+            after: settings.connect_timeout,
+        })?
+        .map_err(|e| ConnectError::Refused {
+            addr: addr.clone(),
+            reason: e.to_string(),
+        })?;
+    let _ = tcp.set_nodelay(true);
+    let (stream, cut) = Severable::new(tokio::io::BufReader::with_capacity(SOCKET_READ_BUFFER, tcp));
+    let result = establish(settings, target, stream, cut.clone()).await;
+    if result.is_err() {
+        // Whatever russh started for this transport ends now.
+        cut.sever();
+    }
+    result
+}
+
+async fn establish(
+    settings: Arc<SessionSettings>,
+    target: Target,
+    stream: Severable<tokio::io::BufReader<TcpStream>>,
+    cut: Arc<Severance>,
+) -> Result<Session, ConnectError> {
+    let rejection = Arc::new(Mutex::new(None));
+    let ended = Arc::new(SessionEnd::default());
+    let handler = ClientHandler {
+        settings: settings.clone(),
+        target: target.clone(),
+        rejection: rejection.clone(),
+        ended: ended.clone(),
+    };
+    let handshake = client::connect_stream(settings.russh.clone(), stream, handler);
+    let mut handle = match tokio::time::timeout(settings.handshake_timeout, handshake).await {
+        Err(_) => {
+            return Err(ConnectError::Timeout {
+                stage: "ssh handshake",
+                after: settings.handshake_timeout,
+            })
+        }
+        Ok(Err(e)) => {
+            if let Some(reason) = rejection.lock().ok().and_then(|mut r| r.take()) {
+                return Err(ConnectError::HostKey(reason));
+            }
+            return Err(ConnectError::Protocol(e.to_string()));
+        }
+        Ok(Ok(handle)) => handle,
+    };
+
+    let identity = settings
+        .identity
+        .read()
+        .map(|i| i.clone())
+        .map_err(|_| ConnectError::Protocol("identity lock poisoned".into()))?;
+    let auth = async {
+        let hash = if identity.key.algorithm().is_rsa() {
+            handle.best_supported_rsa_hash().await?.flatten()
+        } else {
+            None
+        };
+        handle
+            .authenticate_publickey(
+                target.user.clone(),
+                PrivateKeyWithHashAlg::new(identity.key.clone(), hash),
+            )
+            .await
+    };
+    match tokio::time::timeout(settings.auth_timeout, auth).await {
+        Err(_) => Err(ConnectError::Timeout {
+            stage: "authentication",
+            after: settings.auth_timeout,
+        }),
+        Ok(Err(e)) => Err(ConnectError::Protocol(format!("during authentication: {e}"))),
+        Ok(Ok(AuthResult::Success)) => Ok(Session { handle, ended, cut }),
+        Ok(Ok(AuthResult::Failure {
+            remaining_methods, ..
+        })) => {
+            let methods: Vec<String> = remaining_methods
+                .iter()
+                .map(|m| String::from(<&str>::from(m)))
+                .collect();
+            Err(ConnectError::Auth {
+                user: target.user.clone(),
+                fingerprint: identity.fingerprint(),
+                methods: if methods.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (server accepts: {})", methods.join(", "))
+                },
+            })
+        }
+    }
+}
+
+async fn tcp_connect(host: &str, port: u16) -> std::io::Result<TcpStream> {
+    let mut last = None;
+    for addr in tokio::net::lookup_host((host, port)).await? {
+        match TcpStream::connect(addr).await {
+            Ok(stream) => return Ok(stream),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::NotFound, format!("{host} resolved to no address"))
+    }))
+}
+
+/// `host` with brackets if it is an IPv6 literal.
+pub fn bracket(host: &str) -> Cow<'_, str> {
+    if host.contains(':') {
+        Cow::Owned(format!("[{host}]"))
+    } else {
+        Cow::Borrowed(host)
+    }
+}
+
+/// A transport wrapper that can be cut from outside: once severed, every
+/// read and write fails at once, which ends the russh session task (and so
+/// every channel on it) even when the peer stopped answering.
+pub struct Severable<S> {
+    inner: S,
+    cut: Arc<Severance>,
+}
+
+/// The switch of a [`Severable`] transport.
+#[derive(Default)]
+pub struct Severance {
+    severed: AtomicBool,
+    read: AtomicWaker,
+    write: AtomicWaker,
+}
+
+impl Severance {
+    /// Cut the transport.
+    pub fn sever(&self) {
+        self.severed.store(true, Ordering::Release);
+        self.read.wake();
+        self.write.wake();
+    }
+
+    fn check(&self, waker: &AtomicWaker, cx: &Context<'_>) -> Option<std::io::Error> {
+        waker.register(cx.waker());
+        self.severed.load(Ordering::Acquire).then(|| {
+            std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "session severed")
+        })
+    }
+}
+
+impl<S> Severable<S> {
+    /// Wrap `inner`; keep the returned switch.
+    pub fn new(inner: S) -> (Self, Arc<Severance>) {
+        let cut = Arc::new(Severance::default());
+        (
+            Severable {
+                inner,
+                cut: cut.clone(),
+            },
+            cut,
+        )
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Severable<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if let Some(e) = self.cut.check(&self.cut.read, cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Severable<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        if let Some(e) = self.cut.check(&self.cut.write, cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if let Some(e) = self.cut.check(&self.cut.write, cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,465 @@
+//! A stream multiplexed over a node's SSH session: one direct-tcpip channel
+//! seen as `AsyncRead + AsyncWrite`, isolated from its siblings.
+//!
+//! # Head-of-line isolation
+//!
+//! russh runs one task per session. On CHANNEL_DATA it re-opens the SSH
+//! window at once and then awaits room in that channel's bounded queue, so a
+//! channel nobody reads would stall every channel of the session. Here each
+//! channel gets a small pump task that takes every message off russh's queue
+//! as soon as it arrives and parks the bytes in the stream's own buffer,
+//! so the session task never waits on a slow consumer.
+//!
+//! Because russh has already granted the window, the node may keep sending
+//! while our consumer does not read. The stream's buffer is therefore
+//! bounded ([`StreamLimits::stream_buffer`]) and so is the sum over all
+//! streams ([`StreamLimits::total_buffer`]): a stream whose consumer lets its
+//! buffer overflow is reset with [`StreamResetReason::SlowConsumer`] and
+//! counted, and its siblings carry on. Writing towards the node respects the
+//! node's per-channel window, which only blocks the writing stream.
+
+use std::collections::VecDeque;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+
+use bytes::{Buf, Bytes};
+use russh::client::Msg;
+use russh::{ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
+
+use crate::metrics::Metrics;
+
+static NEXT_STREAM_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Buffering bounds of streams.
+#[derive(Debug)]
+pub struct StreamLimits {
+    /// Bytes one stream may hold for its consumer before it is reset.
+    pub stream_buffer: usize,
+    /// Bytes all streams together may hold; past it, streams holding more
+    /// than `fair_share` are reset first.
+    pub total_buffer: usize,
+    /// What a stream that keeps up normally holds at most (the SSH window).
+    pub fair_share: usize,
+    /// Bytes held right now by all streams.
+    pub in_use: AtomicUsize,
+}
+
+impl StreamLimits {
+    /// Limits with nothing in use.
+    pub fn new(stream_buffer: usize, total_buffer: usize, fair_share: usize) -> Self {
+        StreamLimits {
+            stream_buffer,
+            total_buffer,
+            fair_share,
+            in_use: AtomicUsize::new(0),
+        }
+    }
+}
+
+/// Why nodetunnel cut a stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamResetReason {
+    /// The consumer did not read and the stream's buffer overflowed.
+    SlowConsumer,
+    /// The SSH session carrying the stream ended.
+    SessionLost,
+}
+
+impl StreamResetReason {
+    /// Stable label for `nodetunnel_stream_resets_total{reason}`.
+    pub fn label(self) -> &'static str {
+        match self {
+            StreamResetReason::SlowConsumer => "slow_consumer",
+            StreamResetReason::SessionLost => "session_lost",
+        }
+    }
+}
+
+/// Per-node byte and stream counters, shared by the node's streams.
+#[derive(Debug, Default)]
+pub struct StreamCounters {
+    /// Streams open now.
+    pub open: AtomicUsize,
+    /// Streams opened since start.
+    pub opened: AtomicU64,
+    /// Bytes written towards the node.
+    pub bytes_to_node: AtomicU64,
+    /// Bytes read from the node.
+    pub bytes_from_node: AtomicU64,
+    /// Streams reset by nodetunnel.
+    pub resets: AtomicU64,
+    /// Notified whenever the last open stream closes.
+    pub drained: Notify,
+}
+
+struct Inbound {
+    queue: VecDeque<Bytes>,
+    buffered: usize,
+    eof: bool,
+    reset: Option<(StreamResetReason, String)>,
+    waker: Option<Waker>,
+}
+
+struct Shared {
+    inbound: Mutex<Inbound>,
+    consumer_gone: AtomicBool,
+    consumer_dropped: Notify,
+}
+
+impl Shared {
+    fn wake(inbound: &mut Inbound) {
+        if let Some(w) = inbound.waker.take() {
+            w.wake();
+        }
+    }
+}
+
+/// Decrements counters when the stream goes away, however it goes.
+struct OpenGuard {
+    node_counters: Arc<StreamCounters>,
+    session_streams: Arc<AtomicUsize>,
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        if self.node_counters.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.node_counters.drained.notify_waiters();
+        }
+        self.session_streams.fetch_sub(1, Ordering::AcqRel);
+        self.metrics.streams_open.dec();
+    }
+}
+
+/// Reserves a stream slot on a node and a session before the channel opens;
+/// dropping it (failed open) releases both.
+pub struct StreamSlot {
+    guard: OpenGuard,
+}
+
+impl StreamSlot {
+    /// Take a slot unless the node already has `max` streams open.
+    pub fn try_take(
+        node_counters: Arc<StreamCounters>,
+        max: usize,
+        session_streams: Arc<AtomicUsize>,
+        metrics: Arc<Metrics>,
+    ) -> Option<StreamSlot> {
+        if node_counters.open.fetch_add(1, Ordering::AcqRel) >= max {
+            if node_counters.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+                node_counters.drained.notify_waiters();
+            }
+            return None;
+        }
+        session_streams.fetch_add(1, Ordering::AcqRel);
+        metrics.streams_open.inc();
+        Some(StreamSlot {
+            guard: OpenGuard {
+                node_counters,
+                session_streams,
+                metrics,
+            },
+        })
+    }
+}
+
+/// One tunnelled TCP stream. Reading gives the bytes the node's destination
+/// sent; writing sends towards it; `shutdown` sends EOF (a half-close);
+/// dropping closes the channel.
+pub struct TunnelStream {
+    id: u64,
+    node: Arc<str>,
+    shared: Arc<Shared>,
+    tx: Pin<Box<dyn AsyncWrite + Send + Sync>>,
+    limits: Arc<StreamLimits>,
+    _guard: OpenGuard,
+}
+
+impl std::fmt::Debug for TunnelStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TunnelStream")
+            .field("id", &self.id)
+            .field("node", &self.node)
+            .finish()
+    }
+}
+
+impl TunnelStream {
+    /// Wrap an open channel; spawns its pump task.
+    pub fn new(
+        node: Arc<str>,
+        channel: russh::Channel<Msg>,
+        slot: StreamSlot,
+        limits: Arc<StreamLimits>,
+    ) -> TunnelStream {
+        let id = NEXT_STREAM_ID.fetch_add(1, Ordering::Relaxed);
+        let guard = slot.guard;
+        guard.node_counters.opened.fetch_add(1, Ordering::Relaxed);
+        let (read, write) = channel.split();
+        let tx = Box::pin(write.make_writer());
+        let shared = Arc::new(Shared {
+            inbound: Mutex::new(Inbound {
+                queue: VecDeque::new(),
+                buffered: 0,
+                eof: false,
+                reset: None,
+                waker: None,
+            }),
+            consumer_gone: AtomicBool::new(false),
+            consumer_dropped: Notify::new(),
+        });
+        let pump = Pump {
+            id,
+            node: node.clone(),
+            shared: shared.clone(),
+            limits: limits.clone(),
+            counters: guard.node_counters.clone(),
+            metrics: guard.metrics.clone(),
+        };
+        tokio::spawn(pump.run(read, write));
+        TunnelStream {
+            id,
+            node,
+            shared,
+            tx,
+            limits,
+            _guard: guard,
+        }
+    }
+
+    /// Process-unique stream id (the `stream` field of log lines).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The node carrying the stream.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+}
+
+impl AsyncRead for TunnelStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let Ok(mut inbound) = this.shared.inbound.lock() else {
+            return Poll::Ready(Err(io::Error::other("stream state poisoned")));
+        };
+        let mut taken = 0;
+        while buf.remaining() > 0 {
+            let Some(front) = inbound.queue.front_mut() else {
+                break;
+            };
+            let n = front.len().min(buf.remaining());
+            buf.put_slice(&front[..n]);
+            front.advance(n);
+            if front.is_empty() {
+                inbound.queue.pop_front();
+            }
+            taken += n;
+        }
+        if taken > 0 {
+            inbound.buffered -= taken;
+            this.limits.in_use.fetch_sub(taken, Ordering::AcqRel);
+            this._guard
+                .node_counters
+                .bytes_from_node
+                .fetch_add(taken as u64, Ordering::Relaxed);
+            this._guard
+                .metrics
+                .bytes
+                .get_or_create(&crate::metrics::DirectionLabel {
+                    direction: "from_node".into(),
+                })
+                .inc_by(taken as u64);
+            return Poll::Ready(Ok(()));
+        }
+        if let Some((reason, message)) = &inbound.reset {
+            let kind = match reason {
+                StreamResetReason::SlowConsumer => io::ErrorKind::ConnectionReset,
+                StreamResetReason::SessionLost => io::ErrorKind::ConnectionAborted,
+            };
+            return Poll::Ready(Err(io::Error::new(kind, message.clone())));
+        }
+        if inbound.eof {
+            return Poll::Ready(Ok(()));
+        }
+        inbound.waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+impl AsyncWrite for TunnelStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if let Ok(inbound) = this.shared.inbound.lock() {
+            if let Some((_, message)) = &inbound.reset {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::BrokenPipe,
+                    message.clone(),
+                )));
+            }
+        }
+        let result = this.tx.as_mut().poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &result {
+            this._guard
+                .node_counters
+                .bytes_to_node
+                .fetch_add(*n as u64, Ordering::Relaxed);
+            this._guard
+                .metrics
+                .bytes
+                .get_or_create(&crate::metrics::DirectionLabel {
+                    direction: "to_node".into(),
+                })
+                .inc_by(*n as u64);
+        }
+        result
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().tx.as_mut().poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().tx.as_mut().poll_shutdown(cx)
+    }
+}
+
+impl Drop for TunnelStream {
+    fn drop(&mut self) {
+        self.shared.consumer_gone.store(true, Ordering::Release);
+        // notify_one keeps a permit if the pump is not waiting right now.
+        self.shared.consumer_dropped.notify_one();
+    }
+}
+
+/// Moves a channel's messages from russh's queue into the stream's buffer.
+struct Pump {
+    id: u64,
+    node: Arc<str>,
+    shared: Arc<Shared>,
+    limits: Arc<StreamLimits>,
+    counters: Arc<StreamCounters>,
+    metrics: Arc<Metrics>,
+}
+
+impl Pump {
+    async fn run(self, mut read: ChannelReadHalf, write: ChannelWriteHalf<Msg>) {
+        let mut close_sent = false;
+        loop {
+            tokio::select! {
+                msg = read.wait() => match msg {
+                    Some(ChannelMsg::Data { data }) => {
+                        if let Some(reason) = self.accept(data) {
+                            self.reset(reason);
+                            if !close_sent {
+                                close_sent = true;
+                                let _ = write.close().await;
+                            }
+                        }
+                    }
+                    Some(ChannelMsg::Eof) | Some(ChannelMsg::Close) => self.finish(),
+                    Some(_) => {}
+                    None => {
+                        self.lost();
+                        break;
+                    }
+                },
+                _ = self.shared.consumer_dropped.notified(), if !close_sent => {
+                    close_sent = true;
+                    self.discard();
+                    let _ = write.close().await;
+                }
+            }
+        }
+        self.discard();
+        tracing::trace!(node = %self.node, stream = self.id, "stream pump ended");
+    }
+
+    /// Queue `data`; on overflow return why the stream must be reset.
+    fn accept(&self, data: Bytes) -> Option<StreamResetReason> {
+        let len = data.len();
+        let Ok(mut inbound) = self.shared.inbound.lock() else {
+            return None;
+        };
+        if self.shared.consumer_gone.load(Ordering::Acquire) || inbound.reset.is_some() {
+            return None; // nobody will read it: drop on the floor
+        }
+        let total = self.limits.in_use.load(Ordering::Acquire) + len;
+        let mine = inbound.buffered + len;
+        if mine > self.limits.stream_buffer
+            || (total > self.limits.total_buffer && mine > self.limits.fair_share)
+        {
+            return Some(StreamResetReason::SlowConsumer);
+        }
+        inbound.buffered = mine;
+        self.limits.in_use.fetch_add(len, Ordering::AcqRel);
+        inbound.queue.push_back(data);
+        Shared::wake(&mut inbound);
+        None
+    }
+
+    fn reset(&self, reason: StreamResetReason) {
+        let message = match reason {
+            StreamResetReason::SlowConsumer => format!(
+                "stream reset: the client stopped reading and more than {} bytes from node {} were waiting",
+                self.limits.stream_buffer, self.node
+            ),
+            StreamResetReason::SessionLost => {
+                format!("stream reset: the SSH session to node {} was lost", self.node)
+            }
+        };
+        tracing::warn!(node = %self.node, stream = self.id, reason = reason.label(), "{message}");
+        self.counters.resets.fetch_add(1, Ordering::Relaxed);
+        self.metrics.stream_reset(reason.label());
+        if let Ok(mut inbound) = self.shared.inbound.lock() {
+            let held = inbound.buffered;
+            inbound.queue.clear();
+            inbound.buffered = 0;
+            self.limits.in_use.fetch_sub(held, Ordering::AcqRel);
+            inbound.reset = Some((reason, message));
+            Shared::wake(&mut inbound);
+        }
+    }
+
+    fn finish(&self) {
+        if let Ok(mut inbound) = self.shared.inbound.lock() {
+            inbound.eof = true;
+            Shared::wake(&mut inbound);
+        }
+    }
+
+    fn lost(&self) {
+        let lost = self
+            .shared
+            .inbound
+            .lock()
+            .map(|i| !i.eof && i.reset.is_none())
+            .unwrap_or(false);
+        if lost && !self.shared.consumer_gone.load(Ordering::Acquire) {
+            self.reset(StreamResetReason::SessionLost);
+        }
+    }
+
+    fn discard(&self) {
+        if let Ok(mut inbound) = self.shared.inbound.lock() {
+            let held = inbound.buffered;
+            inbound.queue.clear();
+            inbound.buffered = 0;
+            self.limits.in_use.fetch_sub(held, Ordering::AcqRel);
+        }
+    }
+}

@@ -1,0 +1,671 @@
+//! One node's tunnel: its SSH session(s), their lifecycle as an explicit
+//! state machine, keepalives, reconnects with backoff, and stream opens.
+//!
+//! ```text
+//!            +------------+  handshake ok   +-------+
+//!  start --> | Connecting | --------------> | Ready |
+//!            +------------+                 +-------+
+//!               ^     | failure                 | keepalive misses, disconnect,
+//!               |     v                         | reconnect request
+//!            +---------+ <----------------------+
+//!            | Backoff |  (full-jitter delay)
+//!            +---------+
+//!  removed from the inventory or shutdown: Draining (no new streams, open
+//!  ones get a grace period) --> Closed
+//! ```
+//!
+//! With `sessions_per_node > 1` every session runs this machine on its own;
+//! the node's state is Ready when any session is Ready.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::{Notify, Semaphore};
+
+use crate::backoff::Backoff;
+use crate::config::NodeConfig;
+use crate::keepalive;
+use crate::dial::DialError;
+use crate::metrics::{Metrics, StateLabel};
+use crate::session::{self, ConnectError, SessionSettings, Target};
+use crate::shutdown::Shutdown;
+use crate::stream::{StreamCounters, StreamLimits, StreamSlot, TunnelStream};
+
+/// Where a node's tunnel is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TunnelState {
+    /// A handshake is under way (or waiting for a handshake slot).
+    Connecting,
+    /// At least one session is up and takes streams.
+    Ready,
+    /// The last attempt failed or the session died; waiting to retry.
+    Backoff,
+    /// Removed or shutting down: no new streams, open ones finish.
+    Draining,
+    /// Gone.
+    Closed,
+}
+
+impl TunnelState {
+    /// Lower-case name, as in metrics and the tunnel table.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TunnelState::Connecting => "connecting",
+            TunnelState::Ready => "ready",
+            TunnelState::Backoff => "backoff",
+            TunnelState::Draining => "draining",
+            TunnelState::Closed => "closed",
+        }
+    }
+}
+
+impl std::fmt::Display for TunnelState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What every tunnel shares: settings, limits, the handshake budget.
+pub struct TunnelContext {
+    /// Session settings (identity, known_hosts, timeouts, russh config).
+    pub session: Arc<SessionSettings>,
+    /// Handshakes in flight over all nodes.
+    pub handshakes: Arc<Semaphore>,
+    /// Metrics registry.
+    pub metrics: Arc<Metrics>,
+    /// Stream buffering bounds.
+    pub limits: Arc<StreamLimits>,
+    /// Default SSH user and port.
+    pub default_user: String,
+    /// Default SSH port.
+    pub default_port: u16,
+    /// Sessions per node.
+    pub sessions_per_node: usize,
+    /// Streams per node.
+    pub max_streams_per_node: usize,
+    /// Keepalive interval.
+    pub keepalive_interval: Duration,
+    /// Unanswered keepalives that end a session.
+    pub keepalive_max: u32,
+    /// Backoff base.
+    pub backoff_base: Duration,
+    /// Backoff cap.
+    pub backoff_max: Duration,
+    /// Ready this long resets the backoff.
+    pub backoff_reset_after: Duration,
+}
+
+/// A point-in-time view of one tunnel, for status output.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct TunnelStatus {
+    /// Node name.
+    pub node: String,
+    /// Node addresses (the first is the SSH address).
+    pub addresses: Vec<String>,
+    /// SSH endpoint dialled.
+    pub ssh_endpoint: String,
+    /// Current state.
+    pub state: TunnelState,
+    /// When the state was entered.
+    #[serde(with = "humantime_serde")]
+    pub since: SystemTime,
+    /// The last failure, if any.
+    pub last_error: Option<String>,
+    /// Round trip of the last answered keepalive.
+    #[serde(with = "humantime_serde")]
+    pub rtt: Option<Duration>,
+    /// Sessions Ready / configured.
+    pub sessions_ready: usize,
+    /// Sessions configured.
+    pub sessions: usize,
+    /// Open streams.
+    pub streams: usize,
+    /// Streams opened since start.
+    pub streams_total: u64,
+    /// Bytes sent to the node.
+    pub bytes_to_node: u64,
+    /// Bytes received from the node.
+    pub bytes_from_node: u64,
+    /// Streams reset by nodetunnel.
+    pub stream_resets: u64,
+    /// Successful handshakes.
+    pub handshakes: u64,
+    /// Failed handshakes by reason (timeout, refused, auth, host_key, protocol).
+    pub failures: BTreeMap<&'static str, u64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SlotPhase {
+    Connecting,
+    Ready,
+    Backoff,
+    Stopped,
+}
+
+struct LiveSession {
+    session: session::Session,
+    streams: Arc<AtomicUsize>,
+}
+
+struct Status {
+    state: TunnelState,
+    since: SystemTime,
+    last_error: Option<String>,
+    rtt: Option<Duration>,
+    handshakes: u64,
+    failures: BTreeMap<&'static str, u64>,
+    phases: Vec<SlotPhase>,
+    sessions: Vec<Option<Arc<LiveSession>>>,
+}
+
+/// One node's tunnel. Created and owned by the
+/// [`TunnelManager`](crate::manager::TunnelManager).
+pub struct Tunnel {
+    node: RwLock<NodeConfig>,
+    name: Arc<str>,
+    target: Target,
+    ctx: Arc<TunnelContext>,
+    status: Mutex<Status>,
+    counters: Arc<StreamCounters>,
+    draining: AtomicBool,
+    stop: Shutdown,
+    reconnect: Notify,
+    stopped: Notify,
+    changed: Notify,
+}
+
+enum SessionEnd {
+    Stopped,
+    Reconnect,
+    Dead(String),
+}
+
+impl Tunnel {
+    /// A tunnel for `node`, not yet started.
+    pub fn new(node: NodeConfig, ctx: Arc<TunnelContext>) -> Arc<Tunnel> {
+        let target = Target {
+            node: node.name.clone(),
+            host: node.ssh_address().to_string(),
+            port: node.ssh_port.unwrap_or(ctx.default_port),
+            user: node.ssh_user.clone().unwrap_or_else(|| ctx.default_user.clone()),
+        };
+        let sessions = ctx.sessions_per_node;
+        ctx.metrics
+            .tunnels
+            .get_or_create(&StateLabel {
+                state: TunnelState::Connecting.as_str().into(),
+            })
+            .inc();
+        Arc::new(Tunnel {
+            name: Arc::from(node.name.as_str()),
+            node: RwLock::new(node),
+            target,
+            ctx,
+            status: Mutex::new(Status {
+                state: TunnelState::Connecting,
+                since: SystemTime::now(),
+                last_error: None,
+                rtt: None,
+                handshakes: 0,
+                failures: BTreeMap::new(),
+                phases: vec![SlotPhase::Connecting; sessions],
+                sessions: vec![None; sessions],
+            }),
+            counters: Arc::new(StreamCounters::default()),
+            draining: AtomicBool::new(false),
+            stop: Shutdown::new(),
+            reconnect: Notify::new(),
+            stopped: Notify::new(),
+            changed: Notify::new(),
+        })
+    }
+
+    /// Spawn one supervisor task per session.
+    pub fn start(self: &Arc<Self>) {
+        for slot in 0..self.ctx.sessions_per_node {
+            let tunnel = self.clone();
+            tokio::spawn(async move { tunnel.supervise(slot).await });
+        }
+    }
+
+    /// The node this tunnel serves.
+    pub fn node(&self) -> NodeConfig {
+        self.node
+            .read()
+            .map(|n| n.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// Update the node's routing data (addresses after the first, pod
+    /// CIDRs). The SSH endpoint must be unchanged: sessions are kept.
+    pub fn set_node(&self, node: NodeConfig) {
+        if let Ok(mut slot) = self.node.write() {
+            *slot = node;
+        }
+    }
+
+    /// Notified at every state change.
+    pub fn changed(&self) -> &Notify {
+        &self.changed
+    }
+
+    /// The node's name.
+    pub fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    /// Current state.
+    pub fn state(&self) -> TunnelState {
+        self.status
+            .lock()
+            .map(|s| s.state)
+            .unwrap_or(TunnelState::Closed)
+    }
+
+    /// Open streams.
+    pub fn open_streams(&self) -> usize {
+        self.counters.open.load(Ordering::Acquire)
+    }
+
+    /// Whether new streams can be opened now.
+    pub fn is_ready(&self) -> bool {
+        self.state() == TunnelState::Ready
+    }
+
+    /// Drop the current sessions and reconnect at once (skipping backoff).
+    pub fn reconnect_now(&self) {
+        self.reconnect.notify_waiters();
+    }
+
+    /// A snapshot for status output.
+    pub fn status(&self) -> TunnelStatus {
+        let guard = self.status.lock();
+        let (state, since, last_error, rtt, handshakes, failures, ready) = match &guard {
+            Ok(s) => (
+                s.state,
+                s.since,
+                s.last_error.clone(),
+                s.rtt,
+                s.handshakes,
+                s.failures.clone(),
+                s.phases.iter().filter(|p| **p == SlotPhase::Ready).count(),
+            ),
+            Err(_) => (
+                TunnelState::Closed,
+                SystemTime::now(),
+                Some("status lock poisoned".into()),
+                None,
+                0,
+                BTreeMap::new(),
+                0,
+            ),
+        };
+        drop(guard);
+        let c = &self.counters;
+        TunnelStatus {
+            node: self.name.to_string(),
+            addresses: self.node().addresses,
+            ssh_endpoint: format!("{}:{}", session::bracket(&self.target.host), self.target.port),
+            state,
+            since,
+            last_error,
+            rtt,
+            sessions_ready: ready,
+            sessions: self.ctx.sessions_per_node,
+            streams: c.open.load(Ordering::Acquire),
+            streams_total: c.opened.load(Ordering::Relaxed),
+            bytes_to_node: c.bytes_to_node.load(Ordering::Relaxed),
+            bytes_from_node: c.bytes_from_node.load(Ordering::Relaxed),
+            stream_resets: c.resets.load(Ordering::Relaxed),
+            handshakes,
+            failures,
+        }
+    }
+
+    /// Open a direct-tcpip channel to `host:port` as seen from the node,
+    /// on the session with the fewest open streams, waiting at most
+    /// `timeout` for the node to confirm it.
+    pub async fn open_stream(
+        &self,
+        host: &str,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<TunnelStream, DialError> {
+        if self.draining.load(Ordering::Acquire) {
+            return Err(DialError::NodeDown(format!(
+                "node {} is draining (removed or shutting down)",
+                self.name
+            )));
+        }
+        let live = self.least_loaded_session().ok_or_else(|| self.not_ready_error())?;
+        let metrics = &self.ctx.metrics;
+        let slot = StreamSlot::try_take(
+            self.counters.clone(),
+            self.ctx.max_streams_per_node,
+            live.streams.clone(),
+            metrics.clone(),
+        )
+        .ok_or_else(|| {
+            DialError::Limit(format!(
+                "node {} has {} streams open (ssh.max_streams_per_node)",
+                self.name, self.ctx.max_streams_per_node
+            ))
+        })?;
+        let started = Instant::now();
+        let open = live
+            .session
+            .handle
+            .channel_open_direct_tcpip(host, u32::from(port), "127.0.0.1", 0);
+        let result = match tokio::time::timeout(timeout, open).await {
+            Err(_) => Err(DialError::Timeout {
+                node: self.name.to_string(),
+                after: timeout,
+            }),
+            Ok(Err(russh::Error::ChannelOpenFailure(reason))) => Err(DialError::Refused {
+                node: self.name.to_string(),
+                reason: describe_open_failure(&reason),
+            }),
+            Ok(Err(e)) => Err(DialError::Session {
+                node: self.name.to_string(),
+                reason: e.to_string(),
+            }),
+            Ok(Ok(channel)) => Ok(channel),
+        };
+        metrics
+            .stream_open_duration
+            .observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(channel) => {
+                metrics.stream_open("ok");
+                Ok(TunnelStream::new(
+                    self.name.clone(),
+                    channel,
+                    slot,
+                    self.ctx.limits.clone(),
+                ))
+            }
+            Err(e) => {
+                metrics.stream_open(e.reason());
+                Err(e)
+            }
+        }
+    }
+
+    fn least_loaded_session(&self) -> Option<Arc<LiveSession>> {
+        let status = self.status.lock().ok()?;
+        status
+            .sessions
+            .iter()
+            .flatten()
+            .filter(|s| !s.session.handle.is_closed())
+            .min_by_key(|s| s.streams.load(Ordering::Acquire))
+            .cloned()
+    }
+
+    fn not_ready_error(&self) -> DialError {
+        let status = self.status();
+        let since = status
+            .since
+            .elapsed()
+            .map(|d| humantime::format_duration(Duration::from_secs(d.as_secs())).to_string())
+            .unwrap_or_default();
+        let last = status
+            .last_error
+            .map(|e| format!("; last error: {e}"))
+            .unwrap_or_default();
+        DialError::NodeDown(format!(
+            "node {} has no ready SSH session ({} for {since}{last})",
+            self.name, status.state
+        ))
+    }
+
+    /// Stop taking streams, give open ones up to `grace`, then close the
+    /// sessions. Resolves when every supervisor has stopped.
+    pub async fn drain(&self, grace: Duration) {
+        self.draining.store(true, Ordering::Release);
+        self.update(|_| {});
+        let deadline = tokio::time::Instant::now() + grace;
+        loop {
+            let drained = self.counters.drained.notified();
+            if self.open_streams() == 0 {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, drained).await.is_err() {
+                tracing::warn!(node = %self.name, streams = self.open_streams(), "drain deadline reached; closing open streams");
+                break;
+            }
+        }
+        self.close().await;
+    }
+
+    /// Close every session now and wait for the supervisors to stop.
+    pub async fn close(&self) {
+        self.draining.store(true, Ordering::Release);
+        self.stop.trigger();
+        loop {
+            let stopped = self.stopped.notified();
+            let all_stopped = self
+                .status
+                .lock()
+                .map(|s| s.phases.iter().all(|p| *p == SlotPhase::Stopped))
+                .unwrap_or(true);
+            if all_stopped {
+                break;
+            }
+            stopped.await;
+        }
+        self.update(|_| {});
+    }
+
+    async fn supervise(self: Arc<Self>, slot: usize) {
+        let ctx = self.ctx.clone();
+        let mut backoff = Backoff::new(ctx.backoff_base, ctx.backoff_max);
+        loop {
+            self.set_phase(slot, SlotPhase::Connecting);
+            let permit = tokio::select! {
+                p = ctx.handshakes.clone().acquire_owned() => p,
+                _ = self.stop.wait() => break,
+            };
+            let attempt = tokio::select! {
+                r = session::connect(ctx.session.clone(), self.target.clone()) => r,
+                _ = self.stop.wait() => break,
+            };
+            drop(permit);
+            let failure = match attempt {
+                Err(e) => {
+                    self.record_failure(&e);
+                    Some(e.to_string())
+                }
+                Ok(session) => {
+                    ctx.metrics.handshake("ok");
+                    let live = Arc::new(LiveSession {
+                        session,
+                        streams: Arc::new(AtomicUsize::new(0)),
+                    });
+                    self.update(|s| {
+                        s.handshakes += 1;
+                        s.sessions[slot] = Some(live.clone());
+                        s.phases[slot] = SlotPhase::Ready;
+                    });
+                    tracing::info!(node = %self.name, session = slot, endpoint = %format!("{}:{}", self.target.host, self.target.port), "tunnel ready");
+                    let ready_at = Instant::now();
+                    let end = self.watch(&live).await;
+                    self.update(|s| s.sessions[slot] = None);
+                    if ready_at.elapsed() >= ctx.backoff_reset_after {
+                        backoff.reset();
+                    }
+                    match end {
+                        SessionEnd::Stopped => {
+                            close_session(&live).await;
+                            break;
+                        }
+                        SessionEnd::Reconnect => {
+                            tracing::info!(node = %self.name, session = slot, "reconnecting on request");
+                            close_session(&live).await;
+                            backoff.reset();
+                            continue;
+                        }
+                        SessionEnd::Dead(reason) => {
+                            // Sever the transport so that every stream on the
+                            // session ends now, even if the peer is a blackhole.
+                            live.session.cut.sever();
+                            tracing::warn!(node = %self.name, session = slot, error = %reason, "session lost");
+                            self.update(|s| s.last_error = Some(reason.clone()));
+                            Some(reason)
+                        }
+                    }
+                }
+            };
+            if failure.is_some() {
+                let delay = backoff.next_delay();
+                self.set_phase(slot, SlotPhase::Backoff);
+                tracing::debug!(node = %self.name, session = slot, delay = ?delay, "backing off");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = self.reconnect.notified() => backoff.reset(),
+                    _ = self.stop.wait() => break,
+                }
+            }
+        }
+        self.set_phase(slot, SlotPhase::Stopped);
+        self.stopped.notify_waiters();
+    }
+
+    /// Keep one Ready session alive with keepalives until it dies, a
+    /// reconnect is requested, or the tunnel stops.
+    async fn watch(&self, live: &Arc<LiveSession>) -> SessionEnd {
+        let probe = SessionProbe(live.clone());
+        let keepalive = keepalive::run(
+            &probe,
+            self.ctx.keepalive_interval,
+            self.ctx.keepalive_max,
+            |rtt| {
+                self.ctx.metrics.keepalive_rtt.observe(rtt.as_secs_f64());
+                self.update(|s| s.rtt = Some(rtt));
+            },
+        );
+        tokio::select! {
+            _ = self.stop.wait() => SessionEnd::Stopped,
+            _ = self.reconnect.notified() => SessionEnd::Reconnect,
+            _ = live.session.ended.wait() => SessionEnd::Dead(
+                live.session.ended.reason().unwrap_or_else(|| "session ended".into()),
+            ),
+            verdict = keepalive => SessionEnd::Dead(match verdict {
+                keepalive::Verdict::Silent { misses } => format!(
+                    "no keepalive reply for {misses} x {} (ssh.keepalive_interval x ssh.keepalive_max)",
+                    humantime::format_duration(self.ctx.keepalive_interval)
+                ),
+                keepalive::Verdict::Gone(why) => why,
+            }),
+        }
+    }
+
+    fn record_failure(&self, e: &ConnectError) {
+        self.ctx.metrics.handshake(e.reason());
+        tracing::warn!(node = %self.name, reason = e.reason(), error = %e, "ssh connect failed");
+        self.update(|s| {
+            *s.failures.entry(e.reason()).or_insert(0) += 1;
+            s.last_error = Some(e.to_string());
+        });
+    }
+
+    fn set_phase(&self, slot: usize, phase: SlotPhase) {
+        self.update(|s| {
+            if let Some(p) = s.phases.get_mut(slot) {
+                *p = phase;
+            }
+        });
+    }
+
+    /// Apply `change` and recompute the node state from the slot phases.
+    fn update(&self, change: impl FnOnce(&mut Status)) {
+        let Ok(mut s) = self.status.lock() else {
+            return;
+        };
+        change(&mut s);
+        let phases = &s.phases;
+        let next = if phases.iter().all(|p| *p == SlotPhase::Stopped) && self.stop.is_triggered() {
+            TunnelState::Closed
+        } else if self.draining.load(Ordering::Acquire) {
+            TunnelState::Draining
+        } else if phases.contains(&SlotPhase::Ready) {
+            TunnelState::Ready
+        } else if phases.contains(&SlotPhase::Connecting) {
+            TunnelState::Connecting
+        } else {
+            TunnelState::Backoff
+        };
+        if next != s.state {
+            let gauge = &self.ctx.metrics.tunnels;
+            gauge
+                .get_or_create(&StateLabel {
+                    state: s.state.as_str().into(),
+                })
+                .dec();
+            if next != TunnelState::Closed {
+                gauge
+                    .get_or_create(&StateLabel {
+                        state: next.as_str().into(),
+                    })
+                    .inc();
+            }
+            tracing::debug!(node = %self.name, from = %s.state, to = %next, "tunnel state");
+            s.state = next;
+            s.since = SystemTime::now();
+            self.changed.notify_waiters();
+        }
+    }
+}
+
+/// Keepalives over a russh session.
+struct SessionProbe(Arc<LiveSession>);
+
+impl keepalive::Probe for SessionProbe {
+    fn probe(
+        &self,
+    ) -> Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + 'static>> {
+        let live = self.0.clone();
+        Box::pin(async move {
+            if live.session.handle.is_closed() {
+                return Err("session closed".into());
+            }
+            live.session
+                .handle
+                .send_ping()
+                .await
+                .map_err(|e| format!("keepalive failed: {e}"))?;
+            if live.session.handle.is_closed() {
+                return Err("session closed while waiting for a keepalive reply".into());
+            }
+            Ok(())
+        })
+    }
+}
+
+async fn close_session(live: &LiveSession) {
+    let bye = live
+        .session
+        .handle
+        .disconnect(russh::Disconnect::ByApplication, "nodetunnel closing", "en");
+    let _ = tokio::time::timeout(Duration::from_secs(1), bye).await;
+    live.session.cut.sever();
+}
+
+fn describe_open_failure(reason: &russh::ChannelOpenFailure) -> String {
+    match reason {
+        russh::ChannelOpenFailure::AdministrativelyProhibited => {
+            "administratively prohibited (sshd forbids forwarding: AllowTcpForwarding, PermitOpen)".into()
+        }
+        russh::ChannelOpenFailure::ConnectFailed => {
+            "connect failed (nothing listens at the destination, or it is unreachable from the node)".into()
+        }
+        russh::ChannelOpenFailure::UnknownChannelType => "unknown channel type".into(),
+        russh::ChannelOpenFailure::ResourceShortage => "resource shortage (sshd MaxSessions?)".into(),
+        other => format!("{other:?}"),
+    }
+}
+

@@ -1,0 +1,45 @@
+#![allow(dead_code)]
+//! Test support for nodetunnel's end-to-end tests: a real OpenSSH sshd on
+//! loopback ([`sshd`]), a multi-node cluster in network namespaces
+//! ([`testbed`], driven by `tests/testbed/testbed.sh`), test servers
+//! ([`servers`]) and small clients ([`clients`]).
+//!
+//! Include it from an integration test with `mod support;`.
+//!
+//! Everything that starts a process or a namespace cleans up on `Drop`,
+//! including when a test panics. Nothing here sleeps to synchronise: readiness
+//! is polled with bounded deadlines.
+
+pub mod clients;
+pub mod netns;
+pub mod procs;
+pub mod servers;
+pub mod sshd;
+pub mod testbed;
+
+pub use clients::{http_get, tls_connector, HttpResponse};
+pub use netns::{
+    run_in_ns, run_in_ns_blocking, tcp_connect_in_ns, tcp_connect_in_ns_std, tcp_listener_in_ns,
+};
+pub use servers::{
+    parse_sink_reply, pattern_bytes, pattern_sha256_hex, spawn_local, spawn_server, sha256_hex,
+    PatternGen, ServerHandle, ServerKind,
+};
+pub use sshd::{free_loopback_port, ClientKey, Sshd, SshdOptions, SSHD_PATH};
+pub use testbed::{spawn_in_ns, Node, Testbed};
+
+use std::time::Duration;
+
+/// Default deadline for anything that waits for readiness.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The error for a missing sshd binary (used by [`Sshd`] and [`Testbed`]).
+pub(crate) fn require_sshd(path: &std::path::Path) -> anyhow::Result<()> {
+    if !path.exists() {
+        anyhow::bail!(
+            "OpenSSH sshd not found at {}: apt-get install openssh-server (bash .ci/run does this)",
+            path.display()
+        );
+    }
+    Ok(())
+}
