@@ -84,6 +84,9 @@ mod tests {
             let mut b = Backoff::new(Duration::from_secs(10), Duration::from_secs(10));
             seen.insert(b.next_delay().as_millis());
         }
-        assert!(seen.len() > 10, "full jitter should spread delays: {seen:?}");
+        assert!(
+            seen.len() > 10,
+            "full jitter should spread delays: {seen:?}"
+        );
     }
 }

@@ -85,12 +85,7 @@ pub async fn run(cli: Cli) -> ExitCode {
             target,
         } => dial(&config, &node, &target).await,
         Command::Keys {
-            command:
-                KeysCommand::Generate {
-                    dir,
-                    name,
-                    comment,
-                },
+            command: KeysCommand::Generate { dir, name, comment },
         } => keys_generate(&dir, &name, &comment),
     }
 }
@@ -133,13 +128,15 @@ async fn dial(config_path: &std::path::Path, node: &str, target: &str) -> ExitCo
             known.join(", ")
         ));
     };
-    let manager = match TunnelManager::new(&config, config.routing.clone(), Arc::new(Metrics::new())) {
-        Ok(m) => m,
-        Err(e) => return fail(e.to_string()),
-    };
+    let manager =
+        match TunnelManager::new(&config, config.routing.clone(), Arc::new(Metrics::new())) {
+            Ok(m) => m,
+            Err(e) => return fail(e.to_string()),
+        };
     manager.apply(vec![spec]);
     let ssh = &config.ssh;
-    let budget = ssh.connect_timeout + ssh.handshake_timeout + ssh.auth_timeout + Duration::from_secs(1);
+    let budget =
+        ssh.connect_timeout + ssh.handshake_timeout + ssh.auth_timeout + Duration::from_secs(1);
     if let Err(e) = manager.wait_ready(node, budget).await {
         manager.shutdown(Duration::ZERO).await;
         return fail(format!("node {node}: {e}"));

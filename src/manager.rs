@@ -15,7 +15,7 @@ use rand::RngExt;
 use tokio::sync::Semaphore;
 
 use crate::config::{Config, HostKeyPolicy, NodeConfig};
-use crate::dial::{DialError, Dialer, Destination};
+use crate::dial::{Destination, DialError, Dialer};
 use crate::keys::Identity;
 use crate::known_hosts::KnownHosts;
 use crate::metrics::Metrics;
@@ -293,8 +293,13 @@ impl TunnelManager {
 
     /// Re-read the identity key (key rotation): new sessions use it, open
     /// sessions and their streams are untouched.
-    pub fn reload_identity(&self, path: &Path, passphrase_file: Option<&Path>) -> Result<(), String> {
-        let identity = crate::keys::load_identity(path, passphrase_file).map_err(|e| e.to_string())?;
+    pub fn reload_identity(
+        &self,
+        path: &Path,
+        passphrase_file: Option<&Path>,
+    ) -> Result<(), String> {
+        let identity =
+            crate::keys::load_identity(path, passphrase_file).map_err(|e| e.to_string())?;
         tracing::info!(fingerprint = %identity.fingerprint(), "identity reloaded");
         if let Ok(mut slot) = self.ctx.session.identity.write() {
             *slot = Arc::new(identity);
@@ -366,7 +371,12 @@ impl Dialer for TunnelManager {
     async fn dial(&self, dest: &Destination) -> Result<TunnelStream, DialError> {
         let router = self.router();
         let route = router.route(&dest.host, dest.port).map_err(|e| match e {
-            RouteError::Denied { .. } => DialError::Denied(e.to_string()),
+            RouteError::Denied { .. } => {
+                if let Some(reason) = e.deny_reason() {
+                    self.ctx.metrics.policy_denial(reason.label());
+                }
+                DialError::Denied(e.to_string())
+            }
             RouteError::NoRoute { .. } => DialError::NoRoute(e.to_string()),
         })?;
         match route {
@@ -375,23 +385,33 @@ impl Dialer for TunnelManager {
                     DialError::NodeDown(format!("node {node} ({rule}) has no tunnel"))
                 })?;
                 tracing::debug!(dest = %dest, node = %node, rule = %rule, "route");
-                tunnel.open_stream(&dest.host, dest.port, self.dial_timeout).await
+                tunnel
+                    .open_stream(&dest.host, dest.port, self.dial_timeout)
+                    .await
             }
             Route::AnyNode { rule } => {
                 let first = self.pick_any_node(None).ok_or_else(|| {
                     DialError::NodeDown(format!("{dest} ({rule}) needs a Ready node and none is"))
                 })?;
                 tracing::debug!(dest = %dest, node = %first.name(), rule = %rule, "route");
-                match first.open_stream(&dest.host, dest.port, self.dial_timeout).await {
+                match first
+                    .open_stream(&dest.host, dest.port, self.dial_timeout)
+                    .await
+                {
                     Ok(stream) => Ok(stream),
-                    Err(e @ (DialError::Denied(_) | DialError::NoRoute(_) | DialError::ShuttingDown)) => Err(e),
+                    Err(
+                        e
+                        @ (DialError::Denied(_) | DialError::NoRoute(_) | DialError::ShuttingDown),
+                    ) => Err(e),
                     Err(e) => {
                         // Nothing flowed yet: one other node gets a chance.
                         let Some(second) = self.pick_any_node(Some(first.name())) else {
                             return Err(e);
                         };
                         tracing::info!(dest = %dest, node = %first.name(), retry = %second.name(), error = %e, "dial failed; trying another node");
-                        second.open_stream(&dest.host, dest.port, self.dial_timeout).await
+                        second
+                            .open_stream(&dest.host, dest.port, self.dial_timeout)
+                            .await
                     }
                 }
             }

@@ -103,7 +103,11 @@ impl Metrics {
             keepalive_rtt.clone(),
         );
         let streams_open = Gauge::default();
-        registry.register("streams_open", "Open tunnelled streams", streams_open.clone());
+        registry.register(
+            "streams_open",
+            "Open tunnelled streams",
+            streams_open.clone(),
+        );
         let stream_opens = Family::<ResultLabel, Counter>::default();
         registry.register(
             "stream_opens",

@@ -20,15 +20,21 @@
 //!    when that list is non-empty; a node's own SSH port on that node is
 //!    denied.
 //! 1. The host is one of a node's addresses or its name: that node.
-//! 2. / 3. The host is an IP in a node's pod CIDR (that node) or in a service
-//!    CIDR (any Ready node); the longest prefix across both wins.
+//! 2. The host is an IP in a node's pod CIDR: that node.
+//! 3. The host is an IP in a service CIDR: any Ready node. The longest prefix
+//!    across pod and service CIDRs decides between rules 2 and 3; identical
+//!    pod CIDRs of several nodes go to the first node by name.
 //! 4. Otherwise `routing.default`: deny, or any Ready node (DNS names are
 //!    passed to the node unresolved).
 //!
 //! IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`) are treated as their IPv4
 //! address everywhere, and DNS-looking hosts that the node's resolver would
 //! read as legacy IPv4 numbers (`127.1`, `0x7f000001`, `017700000001`) are
-//! treated as those addresses, so neither form bypasses the policy.
+//! treated as those addresses, so neither form bypasses the policy. The IP
+//! policy sees IP literals only: a DNS name that the node resolves to a denied
+//! address is not caught here (only the well-known localhost and metadata
+//! names are), so deployments that must rule that out keep
+//! `routing.default = "deny"`.
 //!
 //! Lookups cost one hash probe per distinct prefix length present in a table
 //! (at most 33 for IPv4, 129 for IPv6), independent of the number of nodes and

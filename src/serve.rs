@@ -31,8 +31,10 @@ async fn serve(config_path: &Path) -> Result<(), String> {
     let metrics = Arc::new(Metrics::new());
     let manager = TunnelManager::new(&config, config.routing.clone(), metrics.clone())
         .map_err(|e| e.to_string())?;
-    let mut terminate = signal(SignalKind::terminate()).map_err(|e| format!("SIGTERM handler: {e}"))?;
-    let mut interrupt = signal(SignalKind::interrupt()).map_err(|e| format!("SIGINT handler: {e}"))?;
+    let mut terminate =
+        signal(SignalKind::terminate()).map_err(|e| format!("SIGTERM handler: {e}"))?;
+    let mut interrupt =
+        signal(SignalKind::interrupt()).map_err(|e| format!("SIGINT handler: {e}"))?;
     let mut hangup = signal(SignalKind::hangup()).map_err(|e| format!("SIGHUP handler: {e}"))?;
 
     let shutdown = Shutdown::new();
@@ -89,7 +91,9 @@ fn reload(path: &Path, running: &Config, manager: &TunnelManager) {
             return;
         }
     };
-    if let Err(e) = manager.reload_identity(&fresh.ssh.identity, fresh.ssh.passphrase_file.as_deref()) {
+    if let Err(e) =
+        manager.reload_identity(&fresh.ssh.identity, fresh.ssh.passphrase_file.as_deref())
+    {
         tracing::error!(error = %e, "SIGHUP: identity not reloaded");
     }
     if let Err(e) = manager.reload_known_hosts() {

@@ -310,7 +310,8 @@ pub fn russh_config(window_size: u32, host_key_certificates: bool) -> client::Co
 fn cpu_has_aes() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("aes") && std::arch::is_x86_feature_detected!("pclmulqdq")
+        std::arch::is_x86_feature_detected!("aes")
+            && std::arch::is_x86_feature_detected!("pclmulqdq")
     }
     #[cfg(target_arch = "aarch64")]
     {
@@ -323,20 +324,27 @@ fn cpu_has_aes() -> bool {
 }
 
 /// Connect, verify and authenticate one session to `target`.
-pub async fn connect(settings: Arc<SessionSettings>, target: Target) -> Result<Session, ConnectError> {
+pub async fn connect(
+    settings: Arc<SessionSettings>,
+    target: Target,
+) -> Result<Session, ConnectError> {
     let addr = format!("{}:{}", bracket(&target.host), target.port);
-    let tcp = tokio::time::timeout(settings.connect_timeout, tcp_connect(&target.host, target.port))
-        .await
-        .map_err(|_| ConnectError::Timeout {
-            stage: "tcp connect",
-            after: settings.connect_timeout,
-        })?
-        .map_err(|e| ConnectError::Refused {
-            addr: addr.clone(),
-            reason: e.to_string(),
-        })?;
+    let tcp = tokio::time::timeout(
+        settings.connect_timeout,
+        tcp_connect(&target.host, target.port),
+    )
+    .await
+    .map_err(|_| ConnectError::Timeout {
+        stage: "tcp connect",
+        after: settings.connect_timeout,
+    })?
+    .map_err(|e| ConnectError::Refused {
+        addr: addr.clone(),
+        reason: e.to_string(),
+    })?;
     let _ = tcp.set_nodelay(true);
-    let (stream, cut) = Severable::new(tokio::io::BufReader::with_capacity(SOCKET_READ_BUFFER, tcp));
+    let (stream, cut) =
+        Severable::new(tokio::io::BufReader::with_capacity(SOCKET_READ_BUFFER, tcp));
     let result = establish(settings, target, stream, cut.clone()).await;
     if result.is_err() {
         // Whatever russh started for this transport ends now.
@@ -399,7 +407,9 @@ async fn establish(
             stage: "authentication",
             after: settings.auth_timeout,
         }),
-        Ok(Err(e)) => Err(ConnectError::Protocol(format!("during authentication: {e}"))),
+        Ok(Err(e)) => Err(ConnectError::Protocol(format!(
+            "during authentication: {e}"
+        ))),
         Ok(Ok(AuthResult::Success)) => Ok(Session { handle, ended, cut }),
         Ok(Ok(AuthResult::Failure {
             remaining_methods, ..
@@ -430,7 +440,10 @@ async fn tcp_connect(host: &str, port: u16) -> std::io::Result<TcpStream> {
         }
     }
     Err(last.unwrap_or_else(|| {
-        std::io::Error::new(std::io::ErrorKind::NotFound, format!("{host} resolved to no address"))
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("{host} resolved to no address"),
+        )
     }))
 }
 
@@ -469,9 +482,9 @@ impl Severance {
 
     fn check(&self, waker: &AtomicWaker, cx: &Context<'_>) -> Option<std::io::Error> {
         waker.register(cx.waker());
-        self.severed.load(Ordering::Acquire).then(|| {
-            std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "session severed")
-        })
+        self.severed
+            .load(Ordering::Acquire)
+            .then(|| std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "session severed"))
     }
 }
 
@@ -521,10 +534,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Severable<S> {
         Pin::new(&mut self.inner).poll_flush(cx)
     }
 
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<std::io::Result<()>> {
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

@@ -341,6 +341,7 @@ impl AsyncWrite for TunnelStream {
 impl Drop for TunnelStream {
     fn drop(&mut self) {
         self.shared.consumer_gone.store(true, Ordering::Release);
+        release(&self.shared, &self.limits);
         // notify_one keeps a permit if the pump is not waiting right now.
         self.shared.consumer_dropped.notify_one();
     }
@@ -385,7 +386,8 @@ impl Pump {
                 }
             }
         }
-        self.discard();
+        // What is still queued stays for the consumer; it is released when
+        // the consumer reads it or drops the stream.
         tracing::trace!(node = %self.node, stream = self.id, "stream pump ended");
     }
 
@@ -455,11 +457,16 @@ impl Pump {
     }
 
     fn discard(&self) {
-        if let Ok(mut inbound) = self.shared.inbound.lock() {
-            let held = inbound.buffered;
-            inbound.queue.clear();
-            inbound.buffered = 0;
-            self.limits.in_use.fetch_sub(held, Ordering::AcqRel);
-        }
+        release(&self.shared, &self.limits);
+    }
+}
+
+/// Drop every queued byte of a stream and return it to the total budget.
+fn release(shared: &Shared, limits: &StreamLimits) {
+    if let Ok(mut inbound) = shared.inbound.lock() {
+        let held = inbound.buffered;
+        inbound.queue.clear();
+        inbound.buffered = 0;
+        limits.in_use.fetch_sub(held, Ordering::AcqRel);
     }
 }

@@ -27,8 +27,8 @@ use tokio::sync::{Notify, Semaphore};
 
 use crate::backoff::Backoff;
 use crate::config::NodeConfig;
-use crate::keepalive;
 use crate::dial::DialError;
+use crate::keepalive;
 use crate::metrics::{Metrics, StateLabel};
 use crate::session::{self, ConnectError, SessionSettings, Target};
 use crate::shutdown::Shutdown;
@@ -136,6 +136,11 @@ pub struct TunnelStatus {
     pub handshakes: u64,
     /// Failed handshakes by reason (timeout, refused, auth, host_key, protocol).
     pub failures: BTreeMap<&'static str, u64>,
+    /// Failed attempts since the last Ready session.
+    pub consecutive_failures: u32,
+    /// The reconnect delay drawn after the last failure.
+    #[serde(with = "humantime_serde")]
+    pub retry_in: Option<Duration>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -158,6 +163,8 @@ struct Status {
     rtt: Option<Duration>,
     handshakes: u64,
     failures: BTreeMap<&'static str, u64>,
+    consecutive_failures: u32,
+    retry_in: Option<Duration>,
     phases: Vec<SlotPhase>,
     sessions: Vec<Option<Arc<LiveSession>>>,
 }
@@ -191,7 +198,10 @@ impl Tunnel {
             node: node.name.clone(),
             host: node.ssh_address().to_string(),
             port: node.ssh_port.unwrap_or(ctx.default_port),
-            user: node.ssh_user.clone().unwrap_or_else(|| ctx.default_user.clone()),
+            user: node
+                .ssh_user
+                .clone()
+                .unwrap_or_else(|| ctx.default_user.clone()),
         };
         let sessions = ctx.sessions_per_node;
         ctx.metrics
@@ -212,6 +222,8 @@ impl Tunnel {
                 rtt: None,
                 handshakes: 0,
                 failures: BTreeMap::new(),
+                consecutive_failures: 0,
+                retry_in: None,
                 phases: vec![SlotPhase::Connecting; sessions],
                 sessions: vec![None; sessions],
             }),
@@ -284,32 +296,29 @@ impl Tunnel {
     /// A snapshot for status output.
     pub fn status(&self) -> TunnelStatus {
         let guard = self.status.lock();
-        let (state, since, last_error, rtt, handshakes, failures, ready) = match &guard {
-            Ok(s) => (
-                s.state,
-                s.since,
-                s.last_error.clone(),
-                s.rtt,
-                s.handshakes,
-                s.failures.clone(),
-                s.phases.iter().filter(|p| **p == SlotPhase::Ready).count(),
-            ),
-            Err(_) => (
-                TunnelState::Closed,
-                SystemTime::now(),
-                Some("status lock poisoned".into()),
-                None,
-                0,
-                BTreeMap::new(),
-                0,
-            ),
+        let Ok(s) = guard else {
+            return self.poisoned_status();
         };
-        drop(guard);
+        let (state, since, last_error, rtt, handshakes, failures, ready) = (
+            s.state,
+            s.since,
+            s.last_error.clone(),
+            s.rtt,
+            s.handshakes,
+            s.failures.clone(),
+            s.phases.iter().filter(|p| **p == SlotPhase::Ready).count(),
+        );
+        let (consecutive_failures, retry_in) = (s.consecutive_failures, s.retry_in);
+        drop(s);
         let c = &self.counters;
         TunnelStatus {
             node: self.name.to_string(),
             addresses: self.node().addresses,
-            ssh_endpoint: format!("{}:{}", session::bracket(&self.target.host), self.target.port),
+            ssh_endpoint: format!(
+                "{}:{}",
+                session::bracket(&self.target.host),
+                self.target.port
+            ),
             state,
             since,
             last_error,
@@ -323,6 +332,31 @@ impl Tunnel {
             stream_resets: c.resets.load(Ordering::Relaxed),
             handshakes,
             failures,
+            consecutive_failures,
+            retry_in,
+        }
+    }
+
+    fn poisoned_status(&self) -> TunnelStatus {
+        TunnelStatus {
+            node: self.name.to_string(),
+            addresses: Vec::new(),
+            ssh_endpoint: String::new(),
+            state: TunnelState::Closed,
+            since: SystemTime::now(),
+            last_error: Some("status lock poisoned".into()),
+            rtt: None,
+            sessions_ready: 0,
+            sessions: 0,
+            streams: 0,
+            streams_total: 0,
+            bytes_to_node: 0,
+            bytes_from_node: 0,
+            stream_resets: 0,
+            handshakes: 0,
+            failures: BTreeMap::new(),
+            consecutive_failures: 0,
+            retry_in: None,
         }
     }
 
@@ -341,7 +375,9 @@ impl Tunnel {
                 self.name
             )));
         }
-        let live = self.least_loaded_session().ok_or_else(|| self.not_ready_error())?;
+        let live = self
+            .least_loaded_session()
+            .ok_or_else(|| self.not_ready_error())?;
         let metrics = &self.ctx.metrics;
         let slot = StreamSlot::try_take(
             self.counters.clone(),
@@ -356,10 +392,10 @@ impl Tunnel {
             ))
         })?;
         let started = Instant::now();
-        let open = live
-            .session
-            .handle
-            .channel_open_direct_tcpip(host, u32::from(port), "127.0.0.1", 0);
+        let open =
+            live.session
+                .handle
+                .channel_open_direct_tcpip(host, u32::from(port), "127.0.0.1", 0);
         let result = match tokio::time::timeout(timeout, open).await {
             Err(_) => Err(DialError::Timeout {
                 node: self.name.to_string(),
@@ -488,6 +524,7 @@ impl Tunnel {
                     });
                     self.update(|s| {
                         s.handshakes += 1;
+                        s.consecutive_failures = 0;
                         s.sessions[slot] = Some(live.clone());
                         s.phases[slot] = SlotPhase::Ready;
                     });
@@ -522,7 +559,13 @@ impl Tunnel {
             };
             if failure.is_some() {
                 let delay = backoff.next_delay();
-                self.set_phase(slot, SlotPhase::Backoff);
+                self.update(|s| {
+                    s.consecutive_failures = s.consecutive_failures.saturating_add(1);
+                    s.retry_in = Some(delay);
+                    if let Some(p) = s.phases.get_mut(slot) {
+                        *p = SlotPhase::Backoff;
+                    }
+                });
                 tracing::debug!(node = %self.name, session = slot, delay = ?delay, "backing off");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
@@ -647,10 +690,11 @@ impl keepalive::Probe for SessionProbe {
 }
 
 async fn close_session(live: &LiveSession) {
-    let bye = live
-        .session
-        .handle
-        .disconnect(russh::Disconnect::ByApplication, "nodetunnel closing", "en");
+    let bye = live.session.handle.disconnect(
+        russh::Disconnect::ByApplication,
+        "nodetunnel closing",
+        "en",
+    );
     let _ = tokio::time::timeout(Duration::from_secs(1), bye).await;
     live.session.cut.sever();
 }
@@ -668,4 +712,3 @@ fn describe_open_failure(reason: &russh::ChannelOpenFailure) -> String {
         other => format!("{other:?}"),
     }
 }
-

@@ -3,7 +3,7 @@
 //! The apiserver opens a fresh connection per dial, writes
 //! `CONNECT <host:port> HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n`, and requires
 //! status 200 with nothing buffered after the response head. hyper serves
-//! each connection (one request, no keep-alive, headers bounded to
+//! each connection (one request, headers bounded to
 //! [`MAX_HEADER_BYTES`] and `header_read_timeout`); the answer is
 //! `HTTP/1.1 200 Connection Established` with no other header, sent only
 //! once the dial succeeded, after which the upgraded connection is spliced
@@ -11,12 +11,12 @@
 //!
 //! Answers: 405 (with `Allow: CONNECT`) to other methods, 400 to targets
 //! that are not `host:port` ([`parse_connect_target`]), the dial error's
-//! status ([`DialError::http_status`]) with its message as a one-line
+//! status ([`DialError::http_status`](crate::dial::DialError::http_status)) with its message as a one-line
 //! `text/plain` body, 431 (by hyper) for oversized headers, and 503 "too
 //! many connections" beyond `max_connections`.
 
 use std::convert::Infallible;
-use std::net::Ipv6Addr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
@@ -30,8 +30,8 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::{error_node, normalize_host, Context, HostError, Listener};
-use crate::dial::{DialError, Destination, Dialer};
+use super::{canonical_ip, error_node, normalize_host, Context, HostError, Listener};
+use crate::dial::{Destination, Dialer};
 use crate::metrics::Metrics;
 use crate::splice::splice;
 
@@ -64,7 +64,8 @@ pub enum TargetError {
 
 /// Parse a `CONNECT` request-target in authority form: `host:port` or
 /// `[ipv6]:port`, port 1..=65535. Names come back in lower case, IP
-/// literals in canonical form, IPv6 without brackets. No user info, no
+/// literals in canonical form (IPv4-mapped IPv6 as IPv4), IPv6 without
+/// brackets. No user info, no
 /// zone ids.
 pub fn parse_connect_target(target: &str) -> Result<Destination, TargetError> {
     if target.is_empty() {
@@ -78,7 +79,7 @@ pub fn parse_connect_target(target: &str) -> Result<Destination, TargetError> {
             None if after.is_empty() => return Err(TargetError::MissingPort),
             None => return Err(TargetError::NotAuthorityForm),
         };
-        (ip.to_string(), port)
+        (canonical_ip(IpAddr::V6(ip)), port)
     } else {
         let Some((host, port)) = target.rsplit_once(':') else {
             return Err(TargetError::MissingPort);
@@ -126,13 +127,16 @@ struct Established<S> {
 
 type Slot<S> = Arc<Mutex<Option<Established<S>>>>;
 
+/// The hyper server settings of every connection. Keep-alive stays on so
+/// the 200 carries no `Connection: close` (a tunnel follows it); every other
+/// answer sets `Connection: close` itself, so one request is served per
+/// connection either way.
 fn builder(header_read_timeout: std::time::Duration) -> http1::Builder {
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(header_read_timeout)
         .max_buf_size(MAX_HEADER_BYTES)
-        .keep_alive(false)
         .auto_date_header(false);
     builder
 }
@@ -227,9 +231,17 @@ pub(crate) async fn serve<I, D>(
 fn log_connection_error(metrics: &Metrics, listener: Listener, client: &str, error: &hyper::Error) {
     if error.is_parse_too_large() {
         metrics.proxy_request(listener.as_str(), "431");
-        tracing::info!(listener = listener.as_str(), client, "request head too large: 431");
+        tracing::info!(
+            listener = listener.as_str(),
+            client,
+            "request head too large: 431"
+        );
     } else if error.is_timeout() {
-        tracing::debug!(listener = listener.as_str(), client, "request head read timed out");
+        tracing::debug!(
+            listener = listener.as_str(),
+            client,
+            "request head read timed out"
+        );
     } else {
         tracing::debug!(listener = listener.as_str(), client, error = %error, "HTTP connection error");
     }
@@ -248,10 +260,7 @@ async fn answer<D: Dialer>(
     if req.method() != Method::CONNECT {
         ctx.metrics.proxy_request(label, "405");
         tracing::info!(listener = label, client, method = %req.method(), "not CONNECT: 405");
-        let mut response = text(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "only CONNECT is supported",
-        );
+        let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "only CONNECT is supported");
         response
             .headers_mut()
             .insert(header::ALLOW, HeaderValue::from_static("CONNECT"));
@@ -304,14 +313,17 @@ pub(crate) fn one_line(message: &str) -> String {
     line
 }
 
-/// A `text/plain` response whose body is `message` on one line.
+/// A `text/plain` response whose body is `message` on one line; the
+/// connection closes after it.
 fn text(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(one_line(message))));
     *response.status_mut() = status;
-    response.headers_mut().insert(
+    let headers = response.headers_mut();
+    headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
+    headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
     response
 }
 
@@ -335,7 +347,12 @@ async fn serve_overflow<I, D>(
             client = %client_field,
             "max_connections reached: 503"
         );
-        async { Ok::<_, Infallible>(text(StatusCode::SERVICE_UNAVAILABLE, "too many connections")) }
+        async {
+            Ok::<_, Infallible>(text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many connections",
+            ))
+        }
     });
     if let Err(error) = builder.serve_connection(TokioIo::new(io), service).await {
         log_connection_error(&ctx.metrics, listener, client, &error);
@@ -355,11 +372,23 @@ mod tests {
 
     #[test]
     fn parses_names_ipv4_and_bracketed_ipv6() {
-        assert_eq!(parse_connect_target("10.0.0.1:10250"), Ok(dest("10.0.0.1", 10250)));
-        assert_eq!(parse_connect_target("Node-1.Example.com:443"), Ok(dest("node-1.example.com", 443)));
+        assert_eq!(
+            parse_connect_target("10.0.0.1:10250"),
+            Ok(dest("10.0.0.1", 10250))
+        );
+        assert_eq!(
+            parse_connect_target("Node-1.Example.com:443"),
+            Ok(dest("node-1.example.com", 443))
+        );
         assert_eq!(parse_connect_target("[::1]:80"), Ok(dest("::1", 80)));
-        assert_eq!(parse_connect_target("[2001:DB8:0:0::1]:65535"), Ok(dest("2001:db8::1", 65535)));
-        assert_eq!(parse_connect_target("svc_name.ns:1"), Ok(dest("svc_name.ns", 1)));
+        assert_eq!(
+            parse_connect_target("[2001:DB8:0:0::1]:65535"),
+            Ok(dest("2001:db8::1", 65535))
+        );
+        assert_eq!(
+            parse_connect_target("svc_name.ns:1"),
+            Ok(dest("svc_name.ns", 1))
+        );
     }
 
     #[test]
@@ -397,7 +426,11 @@ mod tests {
     fn uri_forms_other_than_authority_are_refused() {
         for uri in ["http://example.com:80/", "/path", "*"] {
             let uri: Uri = uri.parse().expect("valid uri");
-            assert_eq!(connect_destination(&uri), Err(TargetError::NotAuthorityForm), "{uri}");
+            assert_eq!(
+                connect_destination(&uri),
+                Err(TargetError::NotAuthorityForm),
+                "{uri}"
+            );
         }
         let uri: Uri = "example.com:80".parse().expect("valid uri");
         assert_eq!(connect_destination(&uri), Ok(dest("example.com", 80)));

@@ -44,7 +44,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
-use crate::dial::{DialError, Destination, Dialer};
+use crate::dial::{Destination, DialError, Dialer};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 
@@ -348,8 +348,15 @@ pub enum HostError {
     AmbiguousNumeric,
 }
 
+/// An IP address as destination host: canonical text, IPv4-mapped IPv6
+/// addresses as the IPv4 address they are (so an IPv4 policy sees them).
+pub(crate) fn canonical_ip(ip: IpAddr) -> String {
+    ip.to_canonical().to_string()
+}
+
 /// Check and normalize a destination host given without brackets: IP
-/// literals are written in canonical form, names in lower case.
+/// literals are written in canonical form ([`canonical_ip`]), names in
+/// lower case.
 pub(crate) fn normalize_host(host: &str) -> Result<String, HostError> {
     if host.is_empty() {
         return Err(HostError::Empty);
@@ -358,7 +365,7 @@ pub(crate) fn normalize_host(host: &str) -> Result<String, HostError> {
         return Err(HostError::TooLong);
     }
     if let Ok(ip) = host.parse::<IpAddr>() {
-        return Ok(ip.to_string());
+        return Ok(canonical_ip(ip));
     }
     if !host
         .chars()
@@ -533,7 +540,15 @@ impl FrontDoor {
         };
         let uds = async {
             if let Some(listener) = self.uds {
-                run_listener(listener, Listener::Uds, Protocol::Http, &ctx, &limits, drain).await;
+                run_listener(
+                    listener,
+                    Listener::Uds,
+                    Protocol::Http,
+                    &ctx,
+                    &limits,
+                    drain,
+                )
+                .await;
             }
         };
         let tcp = async {

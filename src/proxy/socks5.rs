@@ -2,7 +2,7 @@
 //!
 //! The wire format is parsed by pure functions over byte slices
 //! ([`parse_greeting`], [`parse_request`]) that tell an incomplete message
-//! from an invalid one, so they can be fuzzed. [`serve`] drives one
+//! from an invalid one, so they can be fuzzed. `serve` drives one
 //! connection:
 //!
 //! 1. Greeting: version 5 and a method list. Only 0x00 (no authentication)
@@ -10,7 +10,7 @@
 //! 2. Request: `CONNECT` only (others: reply 0x07), address type IPv4, IPv6
 //!    or domain name (others: 0x08); a domain must be 1..=255 bytes of
 //!    UTF-8 naming a host (else 0x01). The reserved byte is ignored.
-//! 3. The dial: on failure the reply is [`DialError::socks5_reply`], on
+//! 3. The dial: on failure the reply is [`DialError::socks5_reply`](crate::dial::DialError::socks5_reply), on
 //!    success 0x00 with `BND.ADDR` 0.0.0.0:0, then the tunnel is spliced.
 //!    Bytes the client sent after the request are forwarded first.
 //!
@@ -22,7 +22,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::{error_node, normalize_host, Context, Listener};
+use super::{canonical_ip, error_node, normalize_host, Context, Listener};
 use crate::dial::{Destination, Dialer};
 use crate::splice::splice;
 
@@ -90,7 +90,8 @@ impl Greeting {
 /// A `CONNECT` request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConnectRequest {
-    /// Where to connect: IP literals in canonical form, names in lower case.
+    /// Where to connect: IP literals in canonical form (IPv4-mapped IPv6 as
+    /// IPv4), names in lower case.
     pub destination: Destination,
 }
 
@@ -171,7 +172,7 @@ pub fn parse_request(buf: &[u8]) -> Result<Parsed<ConnectRequest>, Socks5Error> 
             None => return Ok(Parsed::Incomplete),
         },
         ATYP_IPV6 => match buf.get(4..20).and_then(|b| <[u8; 16]>::try_from(b).ok()) {
-            Some(octets) => (Ipv6Addr::from(octets).to_string(), 20),
+            Some(octets) => (canonical_ip(Ipv6Addr::from(octets).into()), 20),
             None => return Ok(Parsed::Incomplete),
         },
         ATYP_DOMAIN => {
@@ -336,11 +337,19 @@ where
             return;
         }
         Ok(Err(NegotiationError::Eof)) => {
-            tracing::debug!(listener = label, client, "client closed during SOCKS5 negotiation");
+            tracing::debug!(
+                listener = label,
+                client,
+                "client closed during SOCKS5 negotiation"
+            );
             return;
         }
         Ok(Err(NegotiationError::Overflow)) => {
-            tracing::warn!(listener = label, client, "SOCKS5 negotiation buffer overflow");
+            tracing::warn!(
+                listener = label,
+                client,
+                "SOCKS5 negotiation buffer overflow"
+            );
             return;
         }
         Ok(Err(NegotiationError::Io(error))) => {
@@ -350,7 +359,11 @@ where
         Ok(Err(NegotiationError::NoAcceptableMethod)) => {
             ctx.metrics
                 .proxy_request(label, &code_label(METHOD_NONE_ACCEPTABLE));
-            tracing::info!(listener = label, client, "client offers no acceptable SOCKS5 method");
+            tracing::info!(
+                listener = label,
+                client,
+                "client offers no acceptable SOCKS5 method"
+            );
             return;
         }
         Ok(Err(NegotiationError::Protocol(error))) => {
@@ -496,9 +509,18 @@ mod tests {
     #[test]
     fn invalid_requests() {
         assert_eq!(parse_request(&[4, 1]), Err(Socks5Error::BadVersion(4)));
-        assert_eq!(parse_request(&[5, 2]), Err(Socks5Error::UnsupportedCommand(2)));
-        assert_eq!(parse_request(&[5, 3]), Err(Socks5Error::UnsupportedCommand(3)));
-        assert_eq!(parse_request(&[5, 1, 0, 2]), Err(Socks5Error::UnsupportedAddressType(2)));
+        assert_eq!(
+            parse_request(&[5, 2]),
+            Err(Socks5Error::UnsupportedCommand(2))
+        );
+        assert_eq!(
+            parse_request(&[5, 3]),
+            Err(Socks5Error::UnsupportedCommand(3))
+        );
+        assert_eq!(
+            parse_request(&[5, 1, 0, 2]),
+            Err(Socks5Error::UnsupportedAddressType(2))
+        );
         assert_eq!(
             parse_request(&[5, 1, 0, 3, 0, 0, 80]),
             Err(Socks5Error::InvalidDomain("empty"))

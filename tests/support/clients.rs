@@ -25,7 +25,10 @@ pub struct HttpResponse {
 impl HttpResponse {
     pub fn header(&self, name: &str) -> Option<&str> {
         let name = name.to_ascii_lowercase();
-        self.headers.iter().find(|(k, _)| *k == name).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.as_str())
     }
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
@@ -41,7 +44,10 @@ where
     let req = format!(
         "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: nodetunnel-tests\r\nConnection: close\r\n\r\n"
     );
-    stream.write_all(req.as_bytes()).await.context("sending HTTP request")?;
+    stream
+        .write_all(req.as_bytes())
+        .await
+        .context("sending HTTP request")?;
     stream.flush().await?;
     let mut buf = Vec::new();
     let mut eof = false;
@@ -81,20 +87,32 @@ fn parse_response(buf: &[u8], eof: bool) -> Result<Option<HttpResponse>> {
     if !version.starts_with("HTTP/1.") {
         bail!("bad status line {status_line:?}");
     }
-    let status: u16 = code.parse().with_context(|| format!("bad status line {status_line:?}"))?;
+    let status: u16 = code
+        .parse()
+        .with_context(|| format!("bad status line {status_line:?}"))?;
     let mut headers = Vec::new();
     for l in lines {
-        let (k, v) = l.split_once(':').with_context(|| format!("bad header line {l:?}"))?;
+        let (k, v) = l
+            .split_once(':')
+            .with_context(|| format!("bad header line {l:?}"))?;
         headers.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
     }
     let rest = &buf[head_end + 4..];
     let get = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
     let chunked = get("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked"));
-    let mut resp = HttpResponse { status, headers: headers.clone(), body: Vec::new(), chunked, chunks: Vec::new() };
+    let mut resp = HttpResponse {
+        status,
+        headers: headers.clone(),
+        body: Vec::new(),
+        chunked,
+        chunks: Vec::new(),
+    };
     if chunked {
         let mut pos = 0;
         loop {
-            let Some(le) = find(&rest[pos..], b"\r\n") else { return Ok(None) };
+            let Some(le) = find(&rest[pos..], b"\r\n") else {
+                return Ok(None);
+            };
             let size_str = std::str::from_utf8(&rest[pos..pos + le])?;
             let size_str = size_str.split(';').next().unwrap_or("").trim();
             let size = usize::from_str_radix(size_str, 16)
@@ -112,7 +130,9 @@ fn parse_response(buf: &[u8], eof: bool) -> Result<Option<HttpResponse>> {
             pos += size + 2;
         }
     } else if let Some(cl) = get("content-length") {
-        let cl: usize = cl.parse().with_context(|| format!("bad content-length {cl:?}"))?;
+        let cl: usize = cl
+            .parse()
+            .with_context(|| format!("bad content-length {cl:?}"))?;
         if rest.len() < cl {
             return Ok(None);
         }

@@ -1,4 +1,5 @@
 #![allow(dead_code)]
+#![allow(unused_imports)]
 //! Test support for nodetunnel's end-to-end tests: a real OpenSSH sshd on
 //! loopback ([`sshd`]), a multi-node cluster in network namespaces
 //! ([`testbed`], driven by `tests/testbed/testbed.sh`), test servers
@@ -19,10 +20,11 @@ pub mod testbed;
 
 pub use clients::{http_get, tls_connector, HttpResponse};
 pub use netns::{
-    run_in_ns, run_in_ns_blocking, tcp_connect_in_ns, tcp_connect_in_ns_std, tcp_listener_in_ns,
+    run_in_ns, run_in_ns_blocking, spawn_task_in_ns, tcp_connect_in_ns, tcp_connect_in_ns_std,
+    tcp_listener_in_ns, NsTask,
 };
 pub use servers::{
-    parse_sink_reply, pattern_bytes, pattern_sha256_hex, spawn_local, spawn_server, sha256_hex,
+    parse_sink_reply, pattern_bytes, pattern_sha256_hex, sha256_hex, spawn_local, spawn_server,
     PatternGen, ServerHandle, ServerKind,
 };
 pub use sshd::{free_loopback_port, ClientKey, Sshd, SshdOptions, SSHD_PATH};

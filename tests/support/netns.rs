@@ -24,8 +24,12 @@ pub fn netns_path(ns: &str) -> PathBuf {
 /// on a thread you created and that dies afterwards.
 pub fn enter_netns(ns: &str) -> Result<()> {
     let path = netns_path(ns);
-    let f = File::open(&path)
-        .with_context(|| format!("opening network namespace {} (does it exist?)", path.display()))?;
+    let f = File::open(&path).with_context(|| {
+        format!(
+            "opening network namespace {} (does it exist?)",
+            path.display()
+        )
+    })?;
     nix::sched::setns(&f, CloneFlags::CLONE_NEWNET)
         .with_context(|| format!("setns into {} (needs root)", path.display()))
 }
@@ -99,13 +103,21 @@ where
         .enable_all()
         .build()
         .context("building runtime")?;
-    std::panic::catch_unwind(AssertUnwindSafe(|| rt.block_on(f())))
-        .map_err(|p| anyhow!("closure run in namespace {ns:?} panicked: {}", panic_message(p)))
+    std::panic::catch_unwind(AssertUnwindSafe(|| rt.block_on(f()))).map_err(|p| {
+        anyhow!(
+            "closure run in namespace {ns:?} panicked: {}",
+            panic_message(p)
+        )
+    })
 }
 
 /// Blocking TCP connect from inside `ns`; the returned socket lives in `ns`
 /// and can be used from anywhere.
-pub fn tcp_connect_in_ns_std(ns: &str, addr: SocketAddr, timeout: Duration) -> Result<std::net::TcpStream> {
+pub fn tcp_connect_in_ns_std(
+    ns: &str,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<std::net::TcpStream> {
     let ns_owned = ns.to_owned();
     std::thread::spawn(move || -> Result<std::net::TcpStream> {
         enter_netns(&ns_owned)?;
@@ -119,13 +131,16 @@ pub fn tcp_connect_in_ns_std(ns: &str, addr: SocketAddr, timeout: Duration) -> R
 /// TCP connect from inside `ns`, as a tokio stream on the caller's runtime.
 /// The underlying error is kept as the root cause (`e.root_cause()
 /// .downcast_ref::<std::io::Error>()` gives its kind).
-pub async fn tcp_connect_in_ns(ns: &str, addr: SocketAddr, timeout: Duration) -> Result<tokio::net::TcpStream> {
+pub async fn tcp_connect_in_ns(
+    ns: &str,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<tokio::net::TcpStream> {
     let ns_owned = ns.to_owned();
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::spawn(move || {
-        let r = enter_netns(&ns_owned).and_then(|()| {
-            Ok(std::net::TcpStream::connect_timeout(&addr, timeout)?)
-        });
+        let r = enter_netns(&ns_owned)
+            .and_then(|()| Ok(std::net::TcpStream::connect_timeout(&addr, timeout)?));
         let _ = tx.send(r);
     });
     let s = rx
@@ -147,4 +162,117 @@ pub fn tcp_listener_in_ns(ns: &str, addr: SocketAddr) -> Result<std::net::TcpLis
     .join()
     .map_err(|p| anyhow!("bind thread panicked: {}", panic_message(p)))?
     .with_context(|| format!("binding {addr} in namespace {ns}"))
+}
+
+/// A long-running future on its own thread inside a namespace (e.g. the
+/// proxy under test inside the control-plane namespace). Dropping it (or
+/// [`NsTask::stop`]) cancels the future (its runtime is dropped) and joins.
+pub struct NsTask {
+    name: String,
+    stop_tx: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<Result<()>>>,
+}
+
+/// Start `f()` on a fresh thread inside `ns` (None: the current namespace),
+/// on a current-thread runtime. Returns once the thread is inside the
+/// namespace and the runtime is built (so setup errors surface here).
+pub fn spawn_task_in_ns<F, Fut>(ns: Option<&str>, f: F) -> Result<NsTask>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = Result<()>>,
+{
+    let name = ns.unwrap_or("current").to_owned();
+    let ns_owned = ns.map(str::to_owned);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
+    let thread = std::thread::Builder::new()
+        .name(format!("task-in-{name}"))
+        .spawn(move || -> Result<()> {
+            let setup = (|| -> Result<tokio::runtime::Runtime> {
+                if let Some(ns) = &ns_owned {
+                    enter_netns(ns)?;
+                }
+                Ok(tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?)
+            })();
+            let rt = match setup {
+                Ok(rt) => {
+                    let _ = ready_tx.send(Ok(()));
+                    rt
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return Ok(());
+                }
+            };
+            rt.block_on(async move {
+                tokio::select! {
+                    r = f() => r,
+                    _ = stop_rx => Ok(()),
+                }
+            })
+        })
+        .context("spawning namespace task thread")?;
+    match ready_rx.recv() {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            let _ = thread.join();
+            return Err(e.context(format!("starting task in namespace {name}")));
+        }
+        Err(_) => {
+            let r = bail_thread(thread.join(), &name);
+            return Err(r
+                .err()
+                .unwrap_or_else(|| anyhow!("task thread in {name} died during setup")));
+        }
+    }
+    Ok(NsTask {
+        name,
+        stop_tx: Some(stop_tx),
+        thread: Some(thread),
+    })
+}
+
+fn bail_thread(r: std::thread::Result<Result<()>>, name: &str) -> Result<()> {
+    match r {
+        Ok(r) => r,
+        Err(p) => Err(anyhow!(
+            "task in namespace {name} panicked: {}",
+            panic_message(p)
+        )),
+    }
+}
+
+impl NsTask {
+    /// Whether the future already returned (or panicked).
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    /// Cancel (if still running) and join; the future's error or panic if
+    /// it had already failed.
+    pub fn stop(mut self) -> Result<()> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> Result<()> {
+        if let Some(tx) = self.stop_tx.take() {
+            let _ = tx.send(());
+        }
+        match self.thread.take() {
+            Some(t) => bail_thread(t.join(), &self.name),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for NsTask {
+    fn drop(&mut self) {
+        if let Err(e) = self.shutdown() {
+            if !std::thread::panicking() {
+                eprintln!("{e:#}");
+            }
+        }
+    }
 }

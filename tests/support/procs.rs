@@ -27,7 +27,11 @@ pub fn descendants(root: i32) -> Vec<i32> {
     let mut children: Vec<(i32, i32)> = Vec::new();
     if let Ok(dir) = std::fs::read_dir("/proc") {
         for entry in dir.flatten() {
-            let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<i32>().ok())
+            else {
                 continue;
             };
             if let Some((state, ppid)) = stat(pid) {
@@ -75,7 +79,10 @@ pub fn kill_tree(root: i32) {
     for &p in &all {
         let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
     }
-    wait_gone(&all.into_iter().collect::<Vec<_>>(), Duration::from_secs(10));
+    wait_gone(
+        &all.into_iter().collect::<Vec<_>>(),
+        Duration::from_secs(10),
+    );
 }
 
 /// Poll until none of `pids` is alive (zombies count as gone), or the deadline.

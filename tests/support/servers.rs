@@ -33,7 +33,11 @@ pub enum ServerKind {
     /// Reads to EOF, then writes `"<byte count> <sha256 hex>\n"` and closes.
     Sink { bind: SocketAddr },
     /// Writes `len` bytes of [`PatternGen`]`(seed)` then shuts down writing.
-    Source { bind: SocketAddr, len: u64, seed: u64 },
+    Source {
+        bind: SocketAddr,
+        len: u64,
+        seed: u64,
+    },
     /// Plain HTTP/1.1: `GET /` → `"pod <label>\n"`;
     /// `GET /stream?seconds=N` → chunked, one line every 100 ms for N s;
     /// `GET /bytes?n=N` → N bytes of `PatternGen(0)`.
@@ -55,10 +59,16 @@ impl ServerKind {
         ServerKind::Source { bind, len, seed }
     }
     pub fn http(bind: SocketAddr, label: &str) -> Self {
-        ServerKind::Http { bind, label: label.to_owned() }
+        ServerKind::Http {
+            bind,
+            label: label.to_owned(),
+        }
     }
     pub fn kubelet(bind: SocketAddr, label: &str) -> Self {
-        ServerKind::Kubelet { bind, label: label.to_owned() }
+        ServerKind::Kubelet {
+            bind,
+            label: label.to_owned(),
+        }
     }
 
     pub fn bind(&self) -> SocketAddr {
@@ -179,7 +189,9 @@ pub fn spawn_server(ns: Option<&str>, kind: ServerKind) -> Result<ServerHandle> 
                 if let Some(ns) = &ns_owned {
                     super::netns::enter_netns(ns)?;
                 }
-                Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+                Ok(tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?)
             })();
             let rt = match setup {
                 Ok(rt) => rt,
@@ -209,7 +221,10 @@ pub fn spawn_server(ns: Option<&str>, kind: ServerKind) -> Result<ServerHandle> 
             let _ = thread.join();
             return Err(e.context(format!("starting {} server{where_}", kind.label())));
         }
-        Err(_) => bail!("{} server{where_} did not start within {READY_TIMEOUT:?}", kind.label()),
+        Err(_) => bail!(
+            "{} server{where_} did not start within {READY_TIMEOUT:?}",
+            kind.label()
+        ),
     };
     Ok(ServerHandle {
         addr,
@@ -416,7 +431,10 @@ where
         let resp = route(&req, &label, kubelet);
         async move { Ok::<_, Infallible>(resp) }
     });
+    // half_close: a client (or a tunnel) may shut down its write side
+    // right after the request and still expect the response.
     hyper::server::conn::http1::Builder::new()
+        .half_close(true)
         .serve_connection(TokioIo::new(stream), svc)
         .await
         .context("serving HTTP/1.1")
@@ -460,7 +478,11 @@ pub struct PatternGen {
 
 impl PatternGen {
     pub fn new(seed: u64) -> Self {
-        PatternGen { state: seed, word: [0; 8], used: 8 }
+        PatternGen {
+            state: seed,
+            word: [0; 8],
+            used: 8,
+        }
     }
 
     fn next_word(&mut self) -> [u8; 8] {
@@ -530,7 +552,8 @@ pub fn parse_sink_reply(reply: &str) -> Result<(u64, String)> {
     let mut it = reply.split_whitespace();
     match (it.next(), it.next(), it.next()) {
         (Some(n), Some(h), None) if h.len() == 64 => Ok((
-            n.parse().with_context(|| format!("sink reply count {n:?}"))?,
+            n.parse()
+                .with_context(|| format!("sink reply count {n:?}"))?,
             h.to_owned(),
         )),
         _ => bail!("malformed sink reply {reply:?}"),

@@ -99,10 +99,7 @@ impl Sshd {
             };
             sshd.port = port;
             sshd.write_config(&host_key_path, &opts.extra_config)?;
-            fs::write(
-                &sshd.known_hosts,
-                format!("{}\n", sshd.known_hosts_line()),
-            )?;
+            fs::write(&sshd.known_hosts, format!("{}\n", sshd.known_hosts_line()))?;
             match sshd.spawn_and_wait() {
                 Ok(()) => return Ok(sshd),
                 Err(e) => {
@@ -154,8 +151,7 @@ impl Sshd {
             hk = host_key.display(),
             ak = self.authorized_keys.display(),
         ));
-        fs::write(&self.config, cfg)
-            .with_context(|| format!("writing {}", self.config.display()))
+        fs::write(&self.config, cfg).with_context(|| format!("writing {}", self.config.display()))
     }
 
     fn spawn_and_wait(&mut self) -> Result<()> {
@@ -255,7 +251,7 @@ impl Sshd {
     /// Everything sshd logged so far (LogLevel VERBOSE).
     pub fn log(&self) -> String {
         fs::read(&self.log)
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .map(|b| String::from_utf8_lossy(&b).replace('\r', ""))
             .unwrap_or_default()
     }
 
@@ -360,8 +356,13 @@ impl ClientKey {
             .context("reading /dev/urandom")?;
         let mut key = PrivateKey::from(Ed25519Keypair::from_seed(&seed));
         key.set_comment("nodetunnel-test");
-        let private_pem = key.to_openssh(LineEnding::LF).context("encoding private key")?;
-        let public_line = key.public_key().to_openssh().context("encoding public key")?;
+        let private_pem = key
+            .to_openssh(LineEnding::LF)
+            .context("encoding private key")?;
+        let public_line = key
+            .public_key()
+            .to_openssh()
+            .context("encoding public key")?;
 
         let private_path = dir.join(name);
         let mut f = fs::OpenOptions::new()
@@ -374,7 +375,10 @@ impl ClientKey {
         f.write_all(private_pem.as_bytes())?;
         fs::set_permissions(&private_path, fs::Permissions::from_mode(0o600))?;
         fs::write(dir.join(format!("{name}.pub")), format!("{public_line}\n"))?;
-        Ok(ClientKey { private_path, public_line })
+        Ok(ClientKey {
+            private_path,
+            public_line,
+        })
     }
 
     /// Load the private key with russh.
@@ -399,7 +403,10 @@ fn ensure_privsep_dir() -> Result<()> {
     let dir = Path::new("/run/sshd");
     if !dir.is_dir() {
         fs::create_dir_all(dir).with_context(|| {
-            format!("creating sshd's privilege separation dir {} (run as root)", dir.display())
+            format!(
+                "creating sshd's privilege separation dir {} (run as root)",
+                dir.display()
+            )
         })?;
         fs::set_permissions(dir, fs::Permissions::from_mode(0o755))?;
     }
@@ -427,8 +434,8 @@ pub(crate) fn keygen(path: &Path, comment: &str) -> Result<()> {
 
 /// The `type base64` part of a .pub file.
 fn public_line_of(pub_path: &Path) -> Result<String> {
-    let text = fs::read_to_string(pub_path)
-        .with_context(|| format!("reading {}", pub_path.display()))?;
+    let text =
+        fs::read_to_string(pub_path).with_context(|| format!("reading {}", pub_path.display()))?;
     let mut parts = text.split_whitespace();
     match (parts.next(), parts.next()) {
         (Some(t), Some(b)) => Ok(format!("{t} {b}")),

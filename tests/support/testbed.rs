@@ -13,7 +13,10 @@ use super::servers::{spawn_server, ServerHandle, ServerKind};
 
 /// The testbed script.
 pub fn script_path() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/testbed/testbed.sh"))
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/testbed/testbed.sh"
+    ))
 }
 
 /// One node of the bed. Indices are 1-based everywhere (node-1 is index 1).
@@ -120,7 +123,11 @@ impl Testbed {
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::SeqCst)
         );
-        let dir_str = dir.path().to_str().context("temp dir path is not UTF-8")?.to_owned();
+        let dir_str = dir
+            .path()
+            .to_str()
+            .context("temp dir path is not UTF-8")?
+            .to_owned();
         run_script(
             &["up", &dir_str],
             &[
@@ -132,7 +139,12 @@ impl Testbed {
         )
         .with_context(|| format!("bringing up testbed {prefix} with {nodes} node(s)"))?;
         // From here on, Drop tears the bed down even if parsing fails.
-        let mut bed = Testbed { dir, env: BTreeMap::new(), nodes: Vec::new(), down_done: false };
+        let mut bed = Testbed {
+            dir,
+            env: BTreeMap::new(),
+            nodes: Vec::new(),
+            down_done: false,
+        };
         let env_path = bed.dir.path().join("testbed.env");
         let text = std::fs::read_to_string(&env_path)
             .with_context(|| format!("reading {}", env_path.display()))?;
@@ -233,7 +245,7 @@ impl Testbed {
     /// Node `i`'s sshd log (LogLevel VERBOSE).
     pub fn sshd_log(&self, i: usize) -> String {
         std::fs::read(&self.node(i).sshd_log)
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .map(|b| String::from_utf8_lossy(&b).replace('\r', ""))
             .unwrap_or_default()
     }
 
@@ -309,7 +321,9 @@ impl Drop for Testbed {
     fn drop(&mut self) {
         if std::thread::panicking() {
             for n in &self.nodes {
-                let log = std::fs::read_to_string(&n.sshd_log).unwrap_or_default();
+                let log = std::fs::read_to_string(&n.sshd_log)
+                    .unwrap_or_default()
+                    .replace('\r', "");
                 let tail: Vec<&str> = log.lines().rev().take(30).collect();
                 eprintln!("--- {} sshd log (last lines), test failed ---", n.name);
                 for l in tail.iter().rev() {

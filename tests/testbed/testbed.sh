@@ -8,7 +8,7 @@
 #   testbed.sh start-node DIR I  start node I's sshd again (same key, same port)
 #   testbed.sh link-down DIR I   set node I's link down on the bridge (blackhole)
 #   testbed.sh link-up DIR I     undo link-down
-#   testbed.sh gc                remove beds left by crashed runs
+#   testbed.sh gc                remove beds (and their DIRs) left by crashed runs
 #
 # Environment for `up`:
 #   NT_PREFIX           namespace prefix, ^nt[a-z0-9]{1,20}$ (default nt$$)
@@ -416,6 +416,10 @@ cmd_gc() {
         if [ -f "$f" ]; then read -r pid st dir <"$f" || true; fi
         note "gc: removing leftover testbed $prefix"
         down_prefix "$prefix" "$dir"
+        # Its state dir too, if it is really that bed's.
+        if [ -n "$dir" ] && [ -f "$dir/prefix" ] && [ "$(cat "$dir/prefix")" = "$prefix" ]; then
+            rm -rf -- "$dir"
+        fi
     done
 }
 

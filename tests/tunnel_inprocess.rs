@@ -1,0 +1,423 @@
+//! Tunnel core against in-process russh SSH nodes: authentication and
+//! host-key failures, a node killed mid-stream, an unreachable node, and
+//! head-of-line isolation between streams of one session.
+
+mod ssh_node;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nodetunnel::config::Config;
+use nodetunnel::manager::TunnelManager;
+use nodetunnel::metrics::Metrics;
+use nodetunnel::tunnel::TunnelState;
+use russh::keys::PublicKey;
+use sha2::{Digest, Sha256};
+use ssh_node::SshNode;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    client: PublicKey,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let key = nodetunnel::keys::generate(dir.path(), "id_ed25519", "test").unwrap();
+        let identity = nodetunnel::keys::load_identity(&key.private_path, None).unwrap();
+        Fixture {
+            client: identity.public_key().clone(),
+            dir,
+        }
+    }
+
+    fn known_hosts(&self, lines: &[String]) {
+        std::fs::write(self.dir.path().join("known_hosts"), lines.join("\n") + "\n").unwrap();
+    }
+
+    /// A config with `nodes` as (name, port) on 127.0.0.1 and extra [ssh] lines.
+    fn config(&self, nodes: &[(&str, u16)], ssh_extra: &str) -> Config {
+        let mut text = format!(
+            "[ssh]\nuser = \"test\"\nidentity = \"id_ed25519\"\nknown_hosts = \"known_hosts\"\n\
+             connect_timeout = \"5s\"\nhandshake_timeout = \"5s\"\nauth_timeout = \"5s\"\n\
+             backoff_base = \"20ms\"\nbackoff_max = \"200ms\"\nkeepalive_interval = \"1s\"\n{ssh_extra}\n"
+        );
+        for (name, port) in nodes {
+            text.push_str(&format!(
+                "[[nodes]]\nname = \"{name}\"\naddresses = [\"127.0.0.1\"]\nssh_port = {port}\n"
+            ));
+        }
+        let path = self.dir.path().join("nodetunnel.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::load(&path).unwrap()
+    }
+
+    fn manager(&self, config: &Config) -> Arc<TunnelManager> {
+        let manager =
+            TunnelManager::new(config, config.routing.clone(), Arc::new(Metrics::new())).unwrap();
+        manager.apply(config.nodes.clone());
+        manager
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// Wait (bounded) until `node` reaches `state`; returns its last status.
+async fn wait_state(
+    manager: &TunnelManager,
+    node: &str,
+    want: TunnelState,
+) -> nodetunnel::tunnel::TunnelStatus {
+    let tunnel = manager.tunnel(node).expect("tunnel exists");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let changed = tunnel.changed().notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        let status = tunnel.status();
+        if status.state == want {
+            return status;
+        }
+        if tokio::time::timeout_at(deadline, changed).await.is_err() {
+            panic!("node {node} never reached {want:?}; last status {status:?}");
+        }
+    }
+}
+
+/// A TCP server that writes `len` bytes of a deterministic pattern to each
+/// connection, then closes.
+async fn source_server(len: usize) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let chunk = pattern(64 * 1024);
+                let mut left = len;
+                while left > 0 {
+                    let n = left.min(chunk.len());
+                    if socket.write_all(&chunk[..n]).await.is_err() {
+                        return;
+                    }
+                    left -= n;
+                }
+                let _ = socket.shutdown().await;
+            });
+        }
+    });
+    port
+}
+
+/// An echo server that echoes until EOF, then half-closes.
+async fn echo_server() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((socket, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let (mut r, mut w) = socket.into_split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    port
+}
+
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8).collect()
+}
+
+#[tokio::test]
+async fn a_stream_carries_bytes_both_ways_with_half_close() {
+    let fx = Fixture::new();
+    let node = SshNode::start(&fx.client).await;
+    fx.known_hosts(&[node.known_hosts_line()]);
+    let config = fx.config(&[("node-a", node.addr().port())], "");
+    let manager = fx.manager(&config);
+    wait_state(&manager, "node-a", TunnelState::Ready).await;
+
+    let echo = echo_server().await;
+    let mut stream = manager
+        .dial_node("node-a", "127.0.0.1", echo)
+        .await
+        .unwrap();
+    stream.write_all(b"hello through the tunnel").await.unwrap();
+    stream.shutdown().await.unwrap(); // EOF towards the node
+    let mut reply = Vec::new();
+    stream.read_to_end(&mut reply).await.unwrap(); // the reply still arrives
+    assert_eq!(reply, b"hello through the tunnel");
+    drop(stream);
+    let status = manager.tunnel("node-a").unwrap().status();
+    assert_eq!(status.bytes_to_node, 24);
+    assert_eq!(status.bytes_from_node, 24);
+    assert_eq!(status.handshakes, 1);
+    manager.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn an_unauthorized_key_is_reported_as_auth_failure() {
+    let fx = Fixture::new();
+    let node = SshNode::start(&fx.client).await;
+    node.unauthorize_all();
+    fx.known_hosts(&[node.known_hosts_line()]);
+    let config = fx.config(&[("node-a", node.addr().port())], "");
+    let manager = fx.manager(&config);
+    let status = wait_state(&manager, "node-a", TunnelState::Backoff).await;
+    assert_eq!(status.failures.get("auth"), Some(&1), "{status:?}");
+    let error = status.last_error.unwrap();
+    assert!(error.contains("authentication as test"), "{error}");
+    assert!(error.contains("SHA256:"), "names our key: {error}");
+
+    // Restoring the key lets the tunnel recover on its own.
+    node.authorize(&fx.client);
+    wait_state(&manager, "node-a", TunnelState::Ready).await;
+    manager.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn a_changed_host_key_is_refused_under_strict_with_both_fingerprints() {
+    let fx = Fixture::new();
+    let mut node = SshNode::start(&fx.client).await;
+    let old_line = node.known_hosts_line();
+    let old = nodetunnel::keys::fingerprint(&node.host_public_key());
+    node.replace_host_key();
+    node.restart().await;
+    let new = nodetunnel::keys::fingerprint(&node.host_public_key());
+    fx.known_hosts(&[old_line]);
+    let config = fx.config(
+        &[("node-a", node.addr().port())],
+        "host_key_policy = \"strict\"",
+    );
+    let manager = fx.manager(&config);
+    let status = wait_state(&manager, "node-a", TunnelState::Backoff).await;
+    assert_eq!(status.failures.get("host_key"), Some(&1), "{status:?}");
+    let error = status.last_error.unwrap();
+    assert!(
+        error.contains("HOST KEY CHANGED for node node-a"),
+        "{error}"
+    );
+    assert!(
+        error.contains(&old) && error.contains(&new),
+        "both fingerprints: {error}"
+    );
+    manager.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn a_changed_host_key_is_refused_under_accept_new_too() {
+    let fx = Fixture::new();
+    let mut node = SshNode::start(&fx.client).await;
+    let old_line = node.known_hosts_line();
+    node.replace_host_key();
+    node.restart().await;
+    fx.known_hosts(&[old_line]);
+    let config = fx.config(
+        &[("node-a", node.addr().port())],
+        "host_key_policy = \"accept-new\"",
+    );
+    let manager = fx.manager(&config);
+    let status = wait_state(&manager, "node-a", TunnelState::Backoff).await;
+    assert_eq!(status.failures.get("host_key"), Some(&1), "{status:?}");
+    manager.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn an_unknown_host_key_is_refused_under_strict_and_learned_under_accept_new() {
+    let fx = Fixture::new();
+    let node = SshNode::start(&fx.client).await;
+    fx.known_hosts(&[]);
+    let strict = fx.config(&[("node-a", node.addr().port())], "");
+    let manager = fx.manager(&strict);
+    let status = wait_state(&manager, "node-a", TunnelState::Backoff).await;
+    assert_eq!(status.failures.get("host_key"), Some(&1));
+    assert!(status.last_error.unwrap().contains("is not in"));
+    manager.shutdown(Duration::from_secs(1)).await;
+
+    let learn = fx.config(
+        &[("node-a", node.addr().port())],
+        "host_key_policy = \"accept-new\"",
+    );
+    let manager = fx.manager(&learn);
+    wait_state(&manager, "node-a", TunnelState::Ready).await;
+    manager.shutdown(Duration::from_secs(1)).await;
+    let recorded = std::fs::read_to_string(fx.path().join("known_hosts")).unwrap();
+    let key = node.host_public_key().to_openssh().unwrap();
+    assert!(
+        recorded.contains(&format!("[127.0.0.1]:{} {key}", node.addr().port())),
+        "{recorded}"
+    );
+
+    // Now strict trusts it.
+    let manager = fx.manager(&strict);
+    wait_state(&manager, "node-a", TunnelState::Ready).await;
+    manager.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn a_node_killed_mid_stream_errors_its_streams_and_the_tunnel_reconnects() {
+    let fx = Fixture::new();
+    let mut node = SshNode::start(&fx.client).await;
+    fx.known_hosts(&[node.known_hosts_line()]);
+    let config = fx.config(&[("node-a", node.addr().port())], "");
+    let manager = fx.manager(&config);
+    wait_state(&manager, "node-a", TunnelState::Ready).await;
+
+    let echo = echo_server().await;
+    let mut streams = Vec::new();
+    for _ in 0..4 {
+        let mut s = manager
+            .dial_node("node-a", "127.0.0.1", echo)
+            .await
+            .unwrap();
+        s.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf).await.unwrap();
+        streams.push(s);
+    }
+    node.kill().await;
+    for mut s in streams {
+        let mut buf = [0u8; 16];
+        let read = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("a stream of a dead session must end, not hang");
+        let err = read.expect_err("a stream of a dead session ends with an error, not EOF");
+        assert!(err.to_string().contains("node-a"), "{err}");
+    }
+    wait_state(&manager, "node-a", TunnelState::Backoff).await;
+    node.restart().await;
+    wait_state(&manager, "node-a", TunnelState::Ready).await;
+    let mut s = manager
+        .dial_node("node-a", "127.0.0.1", echo)
+        .await
+        .unwrap();
+    s.write_all(b"again").await.unwrap();
+    let mut buf = [0u8; 5];
+    s.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"again");
+    drop(s);
+    manager.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn an_unreachable_node_backs_off_with_capped_delays() {
+    let fx = Fixture::new();
+    // A port nothing listens on: bind, note, close.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    fx.known_hosts(&[]);
+    let config = fx.config(&[("node-a", port)], "");
+    let manager = fx.manager(&config);
+    let tunnel = manager.tunnel("node-a").unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let changed = tunnel.changed().notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        let status = tunnel.status();
+        if status.failures.get("refused").copied().unwrap_or(0) >= 6 {
+            assert_eq!(status.handshakes, 0);
+            let retry = status.retry_in.expect("a delay was drawn");
+            assert!(
+                retry <= Duration::from_millis(200),
+                "capped at backoff_max: {retry:?}"
+            );
+            assert!(status.consecutive_failures >= 6, "{status:?}");
+            assert!(status.last_error.unwrap().contains("tcp connect"));
+            break;
+        }
+        assert!(
+            tokio::time::timeout_at(deadline, changed).await.is_ok(),
+            "too few attempts: {status:?}"
+        );
+    }
+    assert!(!tunnel.is_ready());
+    let err = manager
+        .dial_node("node-a", "127.0.0.1", 1)
+        .await
+        .unwrap_err();
+    assert_eq!(err.http_status(), 503, "{err}");
+    manager.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn a_stalled_reader_does_not_stall_its_sibling_stream() {
+    const B_BYTES: usize = 50 * 1024 * 1024;
+    let fx = Fixture::new();
+    let node = SshNode::start(&fx.client).await;
+    fx.known_hosts(&[node.known_hosts_line()]);
+    let config = fx.config(&[("node-a", node.addr().port())], "");
+    let manager = fx.manager(&config);
+    wait_state(&manager, "node-a", TunnelState::Ready).await;
+
+    // A: 64 MiB from the node that nobody reads.
+    let endless = source_server(64 * 1024 * 1024).await;
+    let mut stalled = manager
+        .dial_node("node-a", "127.0.0.1", endless)
+        .await
+        .unwrap();
+    // B: 50 MB, read to the end on the same session.
+    let source = source_server(B_BYTES).await;
+    let mut moving = manager
+        .dial_node("node-a", "127.0.0.1", source)
+        .await
+        .unwrap();
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0usize;
+    loop {
+        let n = moving.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        total += n;
+    }
+    assert_eq!(total, B_BYTES);
+    let mut expected = Sha256::new();
+    let chunk = pattern(64 * 1024);
+    let mut left = B_BYTES;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        expected.update(&chunk[..n]);
+        left -= n;
+    }
+    assert_eq!(
+        hasher.finalize(),
+        expected.finalize(),
+        "B arrived byte-exact"
+    );
+
+    // A was cut (its buffer overflowed) rather than holding up B, and says so.
+    let mut sink = vec![0u8; 1 << 20];
+    let outcome = loop {
+        match stalled.read(&mut sink).await {
+            Ok(0) => break Ok(()),
+            Ok(_) => continue,
+            Err(e) => break Err(e),
+        }
+    };
+    let err = outcome.expect_err("the stalled stream overflowed its buffer and was reset");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    assert!(err.to_string().contains("stopped reading"), "{err}");
+    assert!(manager.tunnel("node-a").unwrap().status().stream_resets >= 1);
+    let metrics = manager.metrics().encode();
+    assert!(
+        metrics.contains("nodetunnel_stream_resets_total{reason=\"slow_consumer\"} 1"),
+        "{metrics}"
+    );
+    manager.shutdown(Duration::from_secs(1)).await;
+}
