@@ -377,7 +377,10 @@ impl Dialer for TunnelManager {
                 }
                 DialError::Denied(e.to_string())
             }
-            RouteError::NoRoute { .. } => DialError::NoRoute(e.to_string()),
+            RouteError::NoRoute { .. } => {
+                self.ctx.metrics.policy_denial("no_route");
+                DialError::NoRoute(e.to_string())
+            }
         })?;
         match route {
             Route::Node { node, rule } => {

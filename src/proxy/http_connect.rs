@@ -294,7 +294,7 @@ async fn answer<D: Dialer>(
         Err(error) => {
             let status =
                 StatusCode::from_u16(error.http_status()).unwrap_or(StatusCode::BAD_GATEWAY);
-            ctx.count_refusal(listener, status.as_str(), &error);
+            ctx.count_refusal(listener, status.as_str());
             tracing::info!(listener = label, client, dest = %dest, node = error_node(&error),
                 error = %error, status = status.as_u16(), "CONNECT refused");
             text(status, &error.to_string())

@@ -310,13 +310,10 @@ impl<D: Dialer> Context<D> {
         }
     }
 
-    /// Count a refused dial: the answer code, and a policy denial for
-    /// refusals by policy (HTTP 403, SOCKS5 0x02).
-    pub(crate) fn count_refusal(&self, listener: Listener, code: &str, err: &DialError) {
+    /// Count a refused dial by its answer code. Policy denials are counted
+    /// by the dialer, which knows their reason (the manager asks the router).
+    pub(crate) fn count_refusal(&self, listener: Listener, code: &str) {
         self.metrics.proxy_request(listener.as_str(), code);
-        if err.http_status() == 403 {
-            self.metrics.policy_denial(err.reason());
-        }
     }
 }
 

@@ -387,7 +387,7 @@ where
         Err(error) => {
             let rep = error.socks5_reply();
             send_reply(&mut io, ctx, rep).await;
-            ctx.count_refusal(listener, &code_label(rep), &error);
+            ctx.count_refusal(listener, &code_label(rep));
             tracing::info!(listener = label, client, dest = %dest, node = error_node(&error),
                 error = %error, reply = rep, "SOCKS5 CONNECT refused");
             return;

@@ -201,10 +201,10 @@ impl server::Handler for NodeHandler {
                     let upstream = async {
                         while let Some(msg) = from_client.wait().await {
                             match msg {
-                                russh::ChannelMsg::Data { data } => {
-                                    if tcp_write.write_all(&data).await.is_err() {
-                                        break;
-                                    }
+                                russh::ChannelMsg::Data { data }
+                                    if tcp_write.write_all(&data).await.is_err() =>
+                                {
+                                    break
                                 }
                                 russh::ChannelMsg::Eof | russh::ChannelMsg::Close => break,
                                 _ => {}
