@@ -95,14 +95,11 @@ pub struct SshConfig {
     /// A session Ready this long resets the backoff.
     #[serde(with = "humantime_serde")]
     pub backoff_reset_after: Duration,
-    /// SSH channel window in bytes, per stream. Memory an idle-reader stream
-    /// can hold is bounded separately by `stream_buffer`.
+    /// SSH channel receive window in bytes, per stream: how much a node may
+    /// send ahead of what the client has read. It is re-opened as the client
+    /// reads, so it is also the most a stream ever buffers.
+    /// Memory bound: window_size x open streams.
     pub window_size: u32,
-    /// Bytes received from a node and not yet taken by the client, per
-    /// stream. A stream over it is reset (reason `slow_consumer`) so that it
-    /// cannot stall the other streams of its session.
-    /// Memory bound: stream_buffer x open streams.
-    pub stream_buffer: usize,
     /// Grace period for open streams when a node is removed or the process
     /// shuts down.
     #[serde(with = "humantime_serde")]
@@ -131,7 +128,6 @@ impl Default for SshConfig {
             backoff_max: Duration::from_secs(60),
             backoff_reset_after: Duration::from_secs(30),
             window_size: 2 * 1024 * 1024,
-            stream_buffer: 8 * 1024 * 1024,
             drain_timeout: Duration::from_secs(30),
         }
     }
@@ -307,11 +303,8 @@ impl Config {
         if ssh.window_size < 32 * 1024 {
             return err("ssh.window_size", "must be at least 32768 bytes");
         }
-        if ssh.stream_buffer < ssh.window_size as usize {
-            return err(
-                "ssh.stream_buffer",
-                "must be at least ssh.window_size (a stream would be reset before the window could fill)",
-            );
+        if ssh.window_size > 64 * 1024 * 1024 {
+            return err("ssh.window_size", "must be at most 67108864 bytes (64 MiB)");
         }
         if let Some(proxy) = &self.proxy {
             proxy

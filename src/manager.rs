@@ -24,9 +24,6 @@ use crate::session::{self, SessionSettings};
 use crate::stream::{StreamLimits, TunnelStream};
 use crate::tunnel::{Tunnel, TunnelContext, TunnelState, TunnelStatus};
 
-/// Bytes all streams together may hold for slow consumers.
-const TOTAL_STREAM_BUFFER: usize = 512 * 1024 * 1024;
-
 /// Why the manager could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum ManagerError {
@@ -96,11 +93,7 @@ impl TunnelManager {
         let ctx = Arc::new(TunnelContext {
             session: settings,
             handshakes: Arc::new(Semaphore::new(ssh.max_handshakes_in_flight)),
-            limits: Arc::new(StreamLimits::new(
-                ssh.stream_buffer,
-                TOTAL_STREAM_BUFFER.max(ssh.stream_buffer),
-                ssh.window_size as usize,
-            )),
+            limits: Arc::new(StreamLimits::new(ssh.window_size as usize)),
             metrics,
             default_user: ssh.user.clone(),
             default_port: ssh.port,

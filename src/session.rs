@@ -300,6 +300,9 @@ pub fn russh_config(window_size: u32, host_key_certificates: bool) -> client::Co
         window_size,
         maximum_packet_size: 32768,
         nodelay: true,
+        // Per-channel flow control (vendored russh patch): a stream's window
+        // is re-opened as its client reads, not on arrival.
+        adjust_window_on_consume: true,
         keepalive_interval: None,
         inactivity_timeout: None,
         preferred,

@@ -1,22 +1,27 @@
 //! A stream multiplexed over a node's SSH session: one direct-tcpip channel
 //! seen as `AsyncRead + AsyncWrite`, isolated from its siblings.
 //!
-//! # Head-of-line isolation
+//! # Head-of-line isolation and flow control
 //!
-//! russh runs one task per session. On CHANNEL_DATA it re-opens the SSH
-//! window at once and then awaits room in that channel's bounded queue, so a
-//! channel nobody reads would stall every channel of the session. Here each
-//! channel gets a small pump task that takes every message off russh's queue
-//! as soon as it arrives and parks the bytes in the stream's own buffer,
-//! so the session task never waits on a slow consumer.
+//! russh runs one task per session and hands each channel's messages to a
+//! bounded queue; if a queue fills, that task waits, and every channel of
+//! the session stalls. Two things keep that from happening here:
 //!
-//! Because russh has already granted the window, the node may keep sending
-//! while our consumer does not read. The stream's buffer is therefore
-//! bounded ([`StreamLimits::stream_buffer`]) and so is the sum over all
-//! streams ([`StreamLimits::total_buffer`]): a stream whose consumer lets its
-//! buffer overflow is reset with [`StreamResetReason::SlowConsumer`] and
-//! counted, and its siblings carry on. Writing towards the node respects the
-//! node's per-channel window, which only blocks the writing stream.
+//! - Each channel gets a small pump task that takes every message off
+//!   russh's queue as soon as it arrives and parks the bytes in the stream's
+//!   own buffer, so the session task never waits on a slow consumer.
+//! - The channel's receive window is re-opened only when our consumer has
+//!   read the bytes (the vendored russh's `adjust_window_on_consume`, see
+//!   `vendor/russh/PATCHES.md`), not on arrival. So the node may have at
+//!   most one window (`ssh.window_size`) of unread data in flight per
+//!   stream: a consumer that reads slowly slows its own sender, exactly as
+//!   with OpenSSH, and loses nothing; a consumer that stops reading stops
+//!   only its own stream.
+//!
+//! A stream's buffer therefore never holds more than one window. A node that
+//! sends beyond the window it was granted breaks the protocol: that stream
+//! is reset ([`StreamResetReason::WindowExceeded`]) and counted. Memory
+//! bound: `window_size` x open streams.
 
 use std::collections::VecDeque;
 use std::io;
@@ -38,24 +43,18 @@ static NEXT_STREAM_ID: AtomicU64 = AtomicU64::new(1);
 /// Buffering bounds of streams.
 #[derive(Debug)]
 pub struct StreamLimits {
-    /// Bytes one stream may hold for its consumer before it is reset.
+    /// Bytes one stream may hold for its consumer: the receive window plus
+    /// one packet of slack. More means the node ignored flow control.
     pub stream_buffer: usize,
-    /// Bytes all streams together may hold; past it, streams holding more
-    /// than `fair_share` are reset first.
-    pub total_buffer: usize,
-    /// What a stream that keeps up normally holds at most (the SSH window).
-    pub fair_share: usize,
-    /// Bytes held right now by all streams.
+    /// Bytes held right now by all streams (for status and tests).
     pub in_use: AtomicUsize,
 }
 
 impl StreamLimits {
-    /// Limits with nothing in use.
-    pub fn new(stream_buffer: usize, total_buffer: usize, fair_share: usize) -> Self {
+    /// Limits for streams whose receive window is `window` bytes.
+    pub fn new(window: usize) -> Self {
         StreamLimits {
-            stream_buffer,
-            total_buffer,
-            fair_share,
+            stream_buffer: window + 64 * 1024,
             in_use: AtomicUsize::new(0),
         }
     }
@@ -64,8 +63,8 @@ impl StreamLimits {
 /// Why nodetunnel cut a stream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StreamResetReason {
-    /// The consumer did not read and the stream's buffer overflowed.
-    SlowConsumer,
+    /// The node sent more than the window it was granted.
+    WindowExceeded,
     /// The SSH session carrying the stream ended.
     SessionLost,
 }
@@ -74,7 +73,7 @@ impl StreamResetReason {
     /// Stable label for `nodetunnel_stream_resets_total{reason}`.
     pub fn label(self) -> &'static str {
         match self {
-            StreamResetReason::SlowConsumer => "slow_consumer",
+            StreamResetReason::WindowExceeded => "window_exceeded",
             StreamResetReason::SessionLost => "session_lost",
         }
     }
@@ -109,6 +108,10 @@ struct Shared {
     inbound: Mutex<Inbound>,
     consumer_gone: AtomicBool,
     consumer_dropped: Notify,
+    /// Bytes the consumer read that the pump has not yet reported to the
+    /// session (which re-opens the window by as much).
+    unreported: AtomicUsize,
+    consumed: Notify,
 }
 
 impl Shared {
@@ -212,6 +215,8 @@ impl TunnelStream {
             }),
             consumer_gone: AtomicBool::new(false),
             consumer_dropped: Notify::new(),
+            unreported: AtomicUsize::new(0),
+            consumed: Notify::new(),
         });
         let pump = Pump {
             id,
@@ -268,7 +273,10 @@ impl AsyncRead for TunnelStream {
         }
         if taken > 0 {
             inbound.buffered -= taken;
+            drop(inbound);
             this.limits.in_use.fetch_sub(taken, Ordering::AcqRel);
+            this.shared.unreported.fetch_add(taken, Ordering::AcqRel);
+            this.shared.consumed.notify_one();
             this._guard
                 .node_counters
                 .bytes_from_node
@@ -284,7 +292,7 @@ impl AsyncRead for TunnelStream {
         }
         if let Some((reason, message)) = &inbound.reset {
             let kind = match reason {
-                StreamResetReason::SlowConsumer => io::ErrorKind::ConnectionReset,
+                StreamResetReason::WindowExceeded => io::ErrorKind::ConnectionReset,
                 StreamResetReason::SessionLost => io::ErrorKind::ConnectionAborted,
             };
             return Poll::Ready(Err(io::Error::new(kind, message.clone())));
@@ -379,6 +387,13 @@ impl Pump {
                         break;
                     }
                 },
+                _ = self.shared.consumed.notified(), if !close_sent => {
+                    // Give the window back: the node may send as much again.
+                    let read = self.shared.unreported.swap(0, Ordering::AcqRel);
+                    if read > 0 {
+                        let _ = write.consumed(u32::try_from(read).unwrap_or(u32::MAX)).await;
+                    }
+                }
                 _ = self.shared.consumer_dropped.notified(), if !close_sent => {
                     close_sent = true;
                     self.discard();
@@ -400,12 +415,9 @@ impl Pump {
         if self.shared.consumer_gone.load(Ordering::Acquire) || inbound.reset.is_some() {
             return None; // nobody will read it: drop on the floor
         }
-        let total = self.limits.in_use.load(Ordering::Acquire) + len;
         let mine = inbound.buffered + len;
-        if mine > self.limits.stream_buffer
-            || (total > self.limits.total_buffer && mine > self.limits.fair_share)
-        {
-            return Some(StreamResetReason::SlowConsumer);
+        if mine > self.limits.stream_buffer {
+            return Some(StreamResetReason::WindowExceeded);
         }
         inbound.buffered = mine;
         self.limits.in_use.fetch_add(len, Ordering::AcqRel);
@@ -416,12 +428,15 @@ impl Pump {
 
     fn reset(&self, reason: StreamResetReason) {
         let message = match reason {
-            StreamResetReason::SlowConsumer => format!(
-                "stream reset: the client stopped reading and more than {} bytes from node {} were waiting",
-                self.limits.stream_buffer, self.node
+            StreamResetReason::WindowExceeded => format!(
+                "stream reset: node {} sent more than the {} bytes of window it was granted",
+                self.node, self.limits.stream_buffer
             ),
             StreamResetReason::SessionLost => {
-                format!("stream reset: the SSH session to node {} was lost", self.node)
+                format!(
+                    "stream reset: the SSH session to node {} was lost",
+                    self.node
+                )
             }
         };
         tracing::warn!(node = %self.node, stream = self.id, reason = reason.label(), "{message}");

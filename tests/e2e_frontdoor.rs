@@ -1,0 +1,1054 @@
+//! End-to-end test of the front door: the real `nodetunnel serve` binary in
+//! the control-plane namespace of a three-node testbed (network namespaces,
+//! real OpenSSH sshd on port 22 of every node), driven the way kube-apiserver
+//! (byte-exact `HTTPConnect` over the Unix socket) and curl (HTTP CONNECT
+//! over TCP, mTLS, SOCKS5) drive it.
+//!
+//! Needs root, OpenSSH sshd (/usr/sbin/sshd), iproute2 and curl; fails with
+//! a clear message (never skips) when one is missing.
+//!
+//! Every test builds its own testbed and its own `serve` process(es); the
+//! process is stopped with SIGTERM at the end and must exit 0 (graceful
+//! shutdown), and is stopped (SIGTERM, then SIGKILL) by a Drop guard when a
+//! test fails, which also prints the process's log.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::io::BufRead;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ExitStatus, Output, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+use support::clients::tls_connect_ip;
+use support::*;
+
+const CURL: &str = "/usr/bin/curl";
+const NODETUNNEL: &str = env!("CARGO_BIN_EXE_nodetunnel");
+
+/// Ports of the proxy listeners inside the (fresh, private) control-plane
+/// namespace of each bed: nothing else listens there.
+const TCP_PORT: u16 = 8001;
+const SOCKS5_PORT: u16 = 1080;
+const TLS_PORT: u16 = 8443;
+/// The pod server's port on node 2's pod IP.
+const POD_PORT: u16 = 8080;
+/// The kubelet stand-in's port on every node IP.
+const KUBELET_PORT: u16 = 10250;
+
+/// Bound on a `serve` process becoming ready (every node's tunnel up).
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound on one request/response exchange through the proxy.
+const IO_TIMEOUT: Duration = Duration::from_secs(15);
+/// Bound on the graceful shutdown after SIGTERM.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// What kube-apiserver requires after its CONNECT, byte for byte, with
+/// nothing after it.
+const CONNECT_OK: &[u8] = b"HTTP/1.1 200 Connection Established\r\n\r\n";
+
+// ---------------------------------------------------------------------------
+// Fixture: testbed, servers on the nodes, config files
+// ---------------------------------------------------------------------------
+
+/// Fail (never skip) with a clear message when the environment cannot run
+/// these tests.
+fn preflight() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "e2e_frontdoor needs root (network namespaces, sshd on port 22 of every node); \
+         run `cargo test --test e2e_frontdoor` as root, as CI does"
+    );
+    assert!(
+        Path::new(SSHD_PATH).exists(),
+        "OpenSSH sshd not found at {SSHD_PATH}: apt-get install openssh-server (bash .ci/run does this)"
+    );
+    assert!(
+        Path::new(CURL).exists(),
+        "curl not found at {CURL}: apt-get install curl"
+    );
+}
+
+/// A three-node testbed with servers on the nodes:
+/// - a kubelet stand-in (HTTPS, self-signed) on every node IP :10250,
+/// - an Http server on node 2's pod IP :8080 (label node-2),
+/// - an Http server on the service IP 10.96.0.10:80 of every node (label =
+///   node name, so a response says which node served it).
+///
+/// Fields drop in order: servers, then the bed, then the temp dir.
+struct Cluster {
+    kubelets: Vec<ServerHandle>,
+    pod: ServerHandle,
+    services: Vec<ServerHandle>,
+    bed: Testbed,
+    key: ClientKey,
+    dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    fn up() -> Cluster {
+        preflight();
+        let dir = tempfile::Builder::new()
+            .prefix("nt-e2e-")
+            .tempdir()
+            .expect("creating a temp dir");
+        let key = ClientKey::generate(dir.path()).expect("generating the client key");
+        let bed = Testbed::up(3, &key.public_line)
+            .unwrap_or_else(|e| panic!("bringing up the testbed: {e:#}"));
+        let spawn = |ns: &str, kind: ServerKind| {
+            let what = format!("{kind:?} in {ns}");
+            bed.spawn_in_ns(ns, kind)
+                .unwrap_or_else(|e| panic!("starting {what}: {e:#}"))
+        };
+        let kubelets = bed
+            .nodes()
+            .iter()
+            .map(|n| {
+                spawn(
+                    &n.ns,
+                    ServerKind::kubelet(SocketAddr::from((n.ip, KUBELET_PORT)), &n.name),
+                )
+            })
+            .collect();
+        let n2 = bed.node(2);
+        let pod = spawn(
+            &n2.ns,
+            ServerKind::http(SocketAddr::from((n2.pod_ip, POD_PORT)), &n2.name),
+        );
+        let services = bed
+            .nodes()
+            .iter()
+            .map(|n| {
+                spawn(
+                    &n.ns,
+                    ServerKind::http(SocketAddr::from((bed.service_ip(), 80)), &n.name),
+                )
+            })
+            .collect();
+        Cluster {
+            kubelets,
+            pod,
+            services,
+            bed,
+            key,
+            dir,
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// `[proxy]` with all three plain listeners; the socket is `<tag>.sock`.
+    fn plain_proxy(&self, tag: &str) -> String {
+        format!(
+            "[proxy]\nuds = {:?}\ntcp = \"127.0.0.1:{TCP_PORT}\"\nsocks5 = \"127.0.0.1:{SOCKS5_PORT}\"\n\
+             dial_timeout = \"3s\"\n",
+            self.path(&format!("{tag}.sock"))
+        )
+    }
+
+    /// Write `<tag>.toml`: one `[[nodes]]` per testbed node, the given
+    /// `[proxy]` section (with any sub-tables).
+    fn write_config(&self, tag: &str, proxy: &str) -> PathBuf {
+        let mut text = format!(
+            r#"[ssh]
+user = {user:?}
+identity = {identity:?}
+known_hosts = {known_hosts:?}
+host_key_policy = "strict"
+connect_timeout = "3s"
+keepalive_interval = "2s"
+keepalive_max = 2
+backoff_base = "100ms"
+backoff_max = "1s"
+drain_timeout = "5s"
+
+[routing]
+service_cidrs = ["10.96.0.0/12"]
+
+{proxy}
+"#,
+            user = self.bed.ssh_user(),
+            identity = self.key.private_path,
+            known_hosts = self.bed.known_hosts_path(),
+        );
+        for n in self.bed.nodes() {
+            text.push_str(&format!(
+                "\n[[nodes]]\nname = {:?}\naddresses = [\"{}\"]\npod_cidrs = [{:?}]\n",
+                n.name, n.ip, n.pod_cidr
+            ));
+        }
+        let path = self.path(&format!("{tag}.toml"));
+        std::fs::write(&path, text).expect("writing the config file");
+        path
+    }
+
+    /// `ip netns exec <cp> curl -sS --max-time 20 ARGS...`, bounded.
+    async fn curl(&self, args: &[&str]) -> Output {
+        let mut cmd = self.bed.command_in_cp(CURL);
+        cmd.args(["-sS", "--max-time", "20"]).args(args);
+        cmd.stdin(Stdio::null());
+        let mut cmd = tokio::process::Command::from(cmd);
+        cmd.kill_on_drop(true);
+        match tokio::time::timeout(Duration::from_secs(40), cmd.output()).await {
+            Ok(Ok(out)) => out,
+            Ok(Err(e)) => panic!("running curl {args:?}: {e}"),
+            Err(_) => panic!("curl {args:?} did not finish within 40 s"),
+        }
+    }
+
+    /// curl that must succeed; its stdout.
+    async fn curl_ok(&self, args: &[&str]) -> String {
+        let out = self.curl(args).await;
+        assert!(
+            out.status.success(),
+            "curl {args:?} failed ({}): stdout {:?} stderr {:?}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+/// Run blocking code (testbed scripts, log waits) from a multi-thread
+/// tokio test without stalling the runtime's other tasks.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
+}
+
+// ---------------------------------------------------------------------------
+// The process under test and its log
+// ---------------------------------------------------------------------------
+
+#[derive(Default)]
+struct LogState {
+    lines: Vec<String>,
+    eof: bool,
+}
+
+/// The stderr lines of a `serve` process (JSON, one event per line), filled
+/// by a reader thread; waiters are woken on every line and at EOF.
+#[derive(Clone, Default)]
+struct Log(Arc<(Mutex<LogState>, Condvar)>);
+
+impl Log {
+    fn push(&self, line: Option<String>) {
+        let (m, cv) = &*self.0;
+        let mut s = m.lock().unwrap_or_else(|p| p.into_inner());
+        match line {
+            Some(l) => s.lines.push(l),
+            None => s.eof = true,
+        }
+        cv.notify_all();
+    }
+
+    fn len(&self) -> usize {
+        self.0
+             .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .lines
+            .len()
+    }
+
+    fn dump(&self) -> String {
+        self.0
+             .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .lines
+            .join("\n")
+    }
+
+    /// Index of the first line at or after `from` that `pred` accepts;
+    /// an error when the deadline passes or the process's stderr closed.
+    fn wait(&self, from: usize, timeout: Duration, pred: impl Fn(&str) -> bool) -> Result<usize> {
+        let (m, cv) = &*self.0;
+        let deadline = Instant::now() + timeout;
+        let mut s = m.lock().unwrap_or_else(|p| p.into_inner());
+        let mut i = from;
+        loop {
+            while i < s.lines.len() {
+                if pred(&s.lines[i]) {
+                    return Ok(i);
+                }
+                i += 1;
+            }
+            if s.eof {
+                bail!("the process exited (stderr closed)");
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                bail!("not seen within {timeout:?}");
+            }
+            s = cv
+                .wait_timeout(s, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
+/// Whether a JSON log line is the event `message` (about `node`, if given).
+fn event(line: &str, message: &str, node: Option<&str>) -> bool {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+        return false;
+    };
+    v["message"] == message && node.is_none_or(|n| v["node"] == n)
+}
+
+/// A running `nodetunnel serve` inside the control-plane namespace. Drop
+/// stops it (SIGTERM, then SIGKILL) and prints its log if the test failed.
+struct NodeTunnel {
+    name: String,
+    child: Option<Child>,
+    log: Log,
+}
+
+impl NodeTunnel {
+    /// Start `serve` with config `<tag>.toml` ([`Cluster::write_config`])
+    /// and return once every node logged "tunnel ready".
+    fn start(cluster: &Cluster, tag: &str, proxy: &str) -> NodeTunnel {
+        let config = cluster.write_config(tag, proxy);
+        let mut cmd = cluster.bed.command_in_cp(NODETUNNEL);
+        cmd.args([
+            "--log-format",
+            "json",
+            "--log-level",
+            "info",
+            "serve",
+            "--config",
+        ])
+        .arg(&config)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {NODETUNNEL} in {}: {e}", cluster.bed.cp_ns()));
+        let log = Log::default();
+        let stderr = child.stderr.take().expect("piped stderr");
+        let sink = log.clone();
+        std::thread::Builder::new()
+            .name(format!("log-{tag}"))
+            .spawn(move || {
+                let mut reader = std::io::BufReader::new(stderr);
+                let mut line = Vec::new();
+                loop {
+                    line.clear();
+                    match reader.read_until(b'\n', &mut line) {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {
+                            sink.push(Some(String::from_utf8_lossy(&line).trim_end().to_owned()))
+                        }
+                    }
+                }
+                sink.push(None);
+            })
+            .expect("spawning the log reader");
+        let nt = NodeTunnel {
+            name: tag.to_owned(),
+            child: Some(child),
+            log,
+        };
+        let deadline = Instant::now() + START_TIMEOUT;
+        nt.expect_log(0, deadline - Instant::now(), "front door listening", None);
+        for n in cluster.bed.nodes() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            nt.expect_log(0, left, "tunnel ready", Some(&n.name));
+        }
+        nt
+    }
+
+    /// Wait for an event (from line `from` on); panics with the whole log.
+    fn expect_log(
+        &self,
+        from: usize,
+        timeout: Duration,
+        message: &str,
+        node: Option<&str>,
+    ) -> usize {
+        match self.log.wait(from, timeout, |l| event(l, message, node)) {
+            Ok(i) => i,
+            Err(e) => panic!(
+                "nodetunnel {}: log event {message:?}{}: {e}; its log:\n{}",
+                self.name,
+                node.map(|n| format!(" for {n}")).unwrap_or_default(),
+                self.log.dump()
+            ),
+        }
+    }
+
+    fn line(&self, i: usize) -> serde_json::Value {
+        let (m, _) = &*self.log.0;
+        let s = m.lock().unwrap_or_else(|p| p.into_inner());
+        serde_json::from_str(&s.lines[i]).expect("a JSON log line")
+    }
+
+    /// SIGTERM, then the exit status (SIGKILL after `timeout`).
+    fn terminate(child: Child, timeout: Duration) -> Result<ExitStatus> {
+        let pid = Pid::from_raw(child.id() as i32);
+        let _ = kill(pid, Signal::SIGTERM);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut child = child;
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait());
+        });
+        match rx.recv_timeout(timeout) {
+            Ok(status) => Ok(status?),
+            Err(_) => {
+                let _ = kill(pid, Signal::SIGKILL);
+                let _ = rx.recv_timeout(Duration::from_secs(10));
+                Err(anyhow!(
+                    "did not exit within {timeout:?} of SIGTERM (killed)"
+                ))
+            }
+        }
+    }
+
+    /// Graceful shutdown: SIGTERM must make it drain and exit 0, logging
+    /// "stopped" last.
+    fn stop(mut self) {
+        let child = self.child.take().expect("running");
+        let status = Self::terminate(child, EXIT_TIMEOUT);
+        // The reader thread sees EOF right after the exit: wait for it, so
+        // that the log is complete.
+        let _ = self.log.wait(0, Duration::from_secs(5), |_| false);
+        let log = self.log.dump();
+        match status {
+            Ok(s) if s.success() => {}
+            Ok(s) => panic!(
+                "nodetunnel {} exited with {s} after SIGTERM; log:\n{log}",
+                self.name
+            ),
+            Err(e) => panic!("nodetunnel {}: {e:#}; log:\n{log}", self.name),
+        }
+        let last = log.lines().last().unwrap_or_default();
+        assert!(
+            event(last, "stopped", None),
+            "nodetunnel {}: last log line after SIGTERM is {last:?}, not \"stopped\"",
+            self.name
+        );
+    }
+}
+
+impl Drop for NodeTunnel {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.take() {
+            if let Err(e) = Self::terminate(child, Duration::from_secs(5)) {
+                eprintln!("nodetunnel {}: {e:#}", self.name);
+            }
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "--- nodetunnel {} log (test failed) ---\n{}\n--- end ---",
+                self.name,
+                self.log.dump()
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// An apiserver-like HTTPConnect client over the Unix socket
+// ---------------------------------------------------------------------------
+
+/// Exactly what kube-apiserver writes.
+fn apiserver_connect(target: &str) -> String {
+    format!("CONNECT {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Read until a full response head is in `buf` (and whatever came with it).
+async fn read_head<S: AsyncRead + Unpin>(s: &mut S, buf: &mut Vec<u8>) -> Result<()> {
+    let mut chunk = [0u8; 4096];
+    while find(buf, b"\r\n\r\n").is_none() {
+        let n = s
+            .read(&mut chunk)
+            .await
+            .context("reading the response head")?;
+        if n == 0 {
+            bail!(
+                "connection closed before a complete response head; got {:?}",
+                String::from_utf8_lossy(buf)
+            );
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    Ok(())
+}
+
+/// Connect to the Unix socket and send the apiserver's CONNECT; the stream
+/// and every byte read until the response head was complete.
+async fn send_connect(uds: &Path, target: &str) -> Result<(UnixStream, Vec<u8>)> {
+    let mut s = UnixStream::connect(uds)
+        .await
+        .with_context(|| format!("connecting to {}", uds.display()))?;
+    s.write_all(apiserver_connect(target).as_bytes()).await?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(IO_TIMEOUT, read_head(&mut s, &mut buf))
+        .await
+        .map_err(|_| anyhow!("CONNECT {target}: no response head within {IO_TIMEOUT:?}"))??;
+    Ok((s, buf))
+}
+
+/// A tunnel as the apiserver gets it: the answer must be exactly
+/// [`CONNECT_OK`] with no byte after it.
+async fn tunnel(uds: &Path, target: &str) -> Result<UnixStream> {
+    let (s, buf) = send_connect(uds, target).await?;
+    ensure!(
+        buf == CONNECT_OK,
+        "CONNECT {target}: expected exactly {:?} and nothing buffered after it, got {:?}",
+        String::from_utf8_lossy(CONNECT_OK),
+        String::from_utf8_lossy(&buf)
+    );
+    Ok(s)
+}
+
+/// A refused CONNECT: status, lower-cased head, body.
+#[derive(Debug)]
+struct Refusal {
+    status: u16,
+    head: String,
+    body: String,
+}
+
+/// Send the apiserver's CONNECT and read a refusal to EOF (the proxy closes
+/// after it); an error if the dial was accepted or the answer hangs.
+async fn refused(uds: &Path, target: &str) -> Result<Refusal> {
+    let (mut s, mut buf) = send_connect(uds, target).await?;
+    ensure!(
+        !buf.starts_with(b"HTTP/1.1 200"),
+        "CONNECT {target}: expected a refusal, got {:?}",
+        String::from_utf8_lossy(&buf)
+    );
+    tokio::time::timeout(IO_TIMEOUT, s.read_to_end(&mut buf))
+        .await
+        .map_err(|_| anyhow!("CONNECT {target}: the refusal did not end within {IO_TIMEOUT:?}"))?
+        .context("reading the refusal")?;
+    let end = find(&buf, b"\r\n\r\n").expect("head was complete") + 4;
+    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+    let body = String::from_utf8_lossy(&buf[end..]).into_owned();
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("bad status line in {head:?}"))?;
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("refusal without content-length: {head:?}"))?;
+    ensure!(
+        length == body.len(),
+        "content-length {length} but {} body bytes: {body:?}",
+        body.len()
+    );
+    Ok(Refusal { status, head, body })
+}
+
+/// A refusal body is one non-empty line of text.
+fn assert_one_line(r: &Refusal, what: &str) {
+    assert!(
+        r.head.contains("content-type: text/plain"),
+        "{what}: refusal is not text/plain: {r:?}"
+    );
+    let line = r
+        .body
+        .strip_suffix('\n')
+        .unwrap_or_else(|| panic!("{what}: refusal body does not end with a newline: {r:?}"));
+    assert!(
+        !line.trim().is_empty() && !line.contains(['\n', '\r']),
+        "{what}: refusal body is not one non-empty line: {r:?}"
+    );
+}
+
+/// GET `path` with TLS through an apiserver tunnel to `ip`:10250, trusting
+/// only that kubelet's own certificate.
+async fn kubelet_get(
+    uds: &Path,
+    kubelet: &ServerHandle,
+    ip: Ipv4Addr,
+    path: &str,
+) -> Result<HttpResponse> {
+    let target = format!("{ip}:{KUBELET_PORT}");
+    let s = tunnel(uds, &target).await?;
+    let connector = tls_connector(kubelet.tls_cert_der().expect("kubelet cert"))?;
+    let mut tls = tokio::time::timeout(IO_TIMEOUT, tls_connect_ip(&connector, IpAddr::V4(ip), s))
+        .await
+        .map_err(|_| anyhow!("TLS handshake with {target} through the tunnel timed out"))??;
+    tokio::time::timeout(IO_TIMEOUT, http_get(&mut tls, &ip.to_string(), path))
+        .await
+        .map_err(|_| anyhow!("GET {path} on {target} timed out"))?
+}
+
+/// Plain GET `path` through an apiserver tunnel to `target`.
+async fn plain_get(uds: &Path, target: &str, path: &str) -> Result<HttpResponse> {
+    let mut s = tunnel(uds, target).await?;
+    let host = target.rsplit_once(':').map(|(h, _)| h).unwrap_or(target);
+    tokio::time::timeout(IO_TIMEOUT, http_get(&mut s, host, path))
+        .await
+        .map_err(|_| anyhow!("GET {path} on {target} timed out"))?
+}
+
+/// The node a service response names ("pod node-N\n").
+fn served_by(r: &HttpResponse) -> String {
+    assert_eq!(
+        r.status,
+        200,
+        "service answered {} {:?}",
+        r.status,
+        r.text()
+    );
+    r.text()
+        .strip_prefix("pod ")
+        .and_then(|t| t.strip_suffix('\n'))
+        .unwrap_or_else(|| panic!("unexpected service answer {:?}", r.text()))
+        .to_owned()
+}
+
+// ---------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------
+
+/// The apiserver's HTTPConnect over the Unix socket: byte-exact request and
+/// 200, TLS to every node's kubelet, a pod by its pod IP, the service IP,
+/// policy refusals (403) and a refused channel (502), while a 10 s streaming
+/// response (`kubectl logs -f`-like) flows through a tunnel of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apiserver_http_connect_over_the_unix_socket() {
+    let cluster = blocking(Cluster::up);
+    let nt = blocking(|| NodeTunnel::start(&cluster, "uds", &cluster.plain_proxy("uds")));
+    let uds = cluster.path("uds.sock");
+    let pod_target = format!("{}:{POD_PORT}", cluster.bed.node(2).pod_ip);
+
+    // A long streaming response, concurrently with everything below.
+    let stream = {
+        let (uds, target) = (uds.clone(), pod_target.clone());
+        tokio::spawn(async move {
+            let mut s = tunnel(&uds, &target).await?;
+            tokio::time::timeout(
+                Duration::from_secs(60),
+                http_get(&mut s, "10.244.2.10", "/stream?seconds=10"),
+            )
+            .await
+            .map_err(|_| anyhow!("the 10 s stream did not end within 60 s"))?
+        })
+    };
+
+    // Every node's kubelet, TLS verified against that kubelet's own cert.
+    for (n, kubelet) in cluster.bed.nodes().iter().zip(&cluster.kubelets) {
+        let r = kubelet_get(&uds, kubelet, n.ip, "/healthz")
+            .await
+            .unwrap_or_else(|e| panic!("{} kubelet /healthz: {e:#}", n.name));
+        assert_eq!(
+            (r.status, r.text().as_str()),
+            (200, "ok"),
+            "{} /healthz",
+            n.name
+        );
+        let r = kubelet_get(&uds, kubelet, n.ip, "/").await.unwrap();
+        assert_eq!(r.text(), format!("kubelet {}\n", n.name));
+    }
+
+    // A pod on node 2 by its pod IP (only node 2 can reach it).
+    let before = cluster.pod.accepted();
+    let r = plain_get(&uds, &pod_target, "/").await.unwrap();
+    assert_eq!((r.status, r.text().as_str()), (200, "pod node-2\n"));
+    assert!(cluster.pod.accepted() > before);
+
+    // The service IP: any node answers.
+    let mut seen = BTreeSet::new();
+    for _ in 0..6 {
+        let r = plain_get(&uds, "10.96.0.10:80", "/").await.unwrap();
+        seen.insert(served_by(&r));
+    }
+    let names: BTreeSet<String> = cluster.bed.node_names().into_iter().collect();
+    assert!(seen.is_subset(&names), "service answered by {seen:?}");
+    let total: u64 = cluster.services.iter().map(|s| s.accepted()).sum();
+    assert_eq!(total, 6, "every service request reached exactly one node");
+
+    // Policy: cloud metadata, loopback and a node's own sshd are refused
+    // with 403 and a one-line reason, before any channel is opened.
+    for target in ["169.254.169.254:80", "127.0.0.1:10250", "10.240.0.11:22"] {
+        let r = refused(&uds, target)
+            .await
+            .unwrap_or_else(|e| panic!("CONNECT {target}: {e:#}"));
+        assert_eq!(r.status, 403, "CONNECT {target}: {r:?}");
+        assert_one_line(&r, target);
+    }
+
+    // Routed to node 1 by its pod CIDR, but nothing listens there: node 1's
+    // sshd refuses the channel, which is a 502 naming the node.
+    let r = refused(&uds, &format!("10.244.1.10:{POD_PORT}"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 502, "{r:?}");
+    assert_one_line(&r, "10.244.1.10");
+    assert!(r.body.contains("node-1"), "{r:?}");
+
+    // The stream: every line arrived, in order, and the body ended cleanly
+    // (http_get only returns a chunked body after its last chunk).
+    let r = stream
+        .await
+        .expect("stream task")
+        .expect("streaming through the tunnel");
+    assert!(r.chunked, "the stream must be chunked");
+    let lines: Vec<String> = r.text().lines().map(str::to_owned).collect();
+    let want: Vec<String> = (1..=100).map(|i| format!("node-2 tick {i}")).collect();
+    assert_eq!(lines, want, "every line of the 10 s stream, in order");
+
+    blocking(|| nt.stop());
+    assert!(!uds.exists(), "the socket file is removed on shutdown");
+}
+
+/// curl through the TCP CONNECT listener and the SOCKS5 listener to a pod,
+/// the service IP and a kubelet; and through a second `serve` whose TCP
+/// listener requires mTLS: with a client certificate it tunnels, without
+/// one (or with one from another CA) the handshake fails and nothing is
+/// proxied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_over_tcp_connect_socks5_and_mtls() {
+    let cluster = blocking(Cluster::up);
+    let pki = blocking(|| Pki::write(cluster.dir.path()));
+    let tls_proxy = format!(
+        "[proxy]\ntcp = \"127.0.0.1:{TLS_PORT}\"\n\n[proxy.tls]\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\n",
+        pki.server_cert, pki.server_key, pki.ca
+    );
+    let plain = blocking(|| NodeTunnel::start(&cluster, "plain", &cluster.plain_proxy("plain")));
+    let mtls = blocking(|| NodeTunnel::start(&cluster, "mtls", &tls_proxy));
+
+    let pod_url = format!("http://{}:{POD_PORT}/", cluster.bed.node(2).pod_ip);
+    let kubelet_url = format!("https://{}:{KUBELET_PORT}/healthz", cluster.bed.node(2).ip);
+    let http_proxy = format!("http://127.0.0.1:{TCP_PORT}");
+    let socks = format!("127.0.0.1:{SOCKS5_PORT}");
+    let names: BTreeSet<String> = cluster.bed.node_names().into_iter().collect();
+
+    // HTTP CONNECT over TCP.
+    let out = cluster
+        .curl_ok(&["--fail", "--proxytunnel", "-x", &http_proxy, &pod_url])
+        .await;
+    assert_eq!(out, "pod node-2\n");
+    let out = cluster
+        .curl_ok(&[
+            "--fail",
+            "--proxytunnel",
+            "-x",
+            &http_proxy,
+            "http://10.96.0.10/",
+        ])
+        .await;
+    let node = out.strip_prefix("pod ").unwrap_or_default().trim_end();
+    assert!(
+        names.contains(node),
+        "service via TCP CONNECT answered {out:?}"
+    );
+    // https through an HTTP proxy is always a CONNECT tunnel.
+    let out = cluster
+        .curl_ok(&["--fail", "-k", "-x", &http_proxy, &kubelet_url])
+        .await;
+    assert_eq!(out, "ok");
+    // A refused CONNECT is a failed tunnel for curl (exit 56) with the 403.
+    let out = cluster
+        .curl(&[
+            "--proxytunnel",
+            "-x",
+            &http_proxy,
+            "http://169.254.169.254/",
+        ])
+        .await;
+    assert_eq!(out.status.code(), Some(56), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("403"),
+        "{out:?}"
+    );
+
+    // SOCKS5, names resolved by the proxy and by curl.
+    let out = cluster
+        .curl_ok(&["--fail", "--socks5-hostname", &socks, &pod_url])
+        .await;
+    assert_eq!(out, "pod node-2\n");
+    let out = cluster
+        .curl_ok(&["--fail", "--socks5", &socks, "http://10.96.0.10/"])
+        .await;
+    let node = out.strip_prefix("pod ").unwrap_or_default().trim_end();
+    assert!(names.contains(node), "service via SOCKS5 answered {out:?}");
+    let out = cluster
+        .curl_ok(&["--fail", "-k", "--socks5-hostname", &socks, &kubelet_url])
+        .await;
+    assert_eq!(out, "ok");
+    let out = cluster
+        .curl(&["--socks5-hostname", &socks, "http://169.254.169.254/"])
+        .await;
+    assert!(
+        !out.status.success(),
+        "SOCKS5 to the metadata address must fail: {out:?}"
+    );
+
+    // mTLS: a client certificate of the configured CA gets through.
+    let https_proxy = format!("https://127.0.0.1:{TLS_PORT}");
+    let ca = pki.ca.to_str().unwrap();
+    let with_cert = |cert: &Path, key: &Path| {
+        vec![
+            "--proxytunnel".to_owned(),
+            "--proxy".to_owned(),
+            https_proxy.clone(),
+            "--proxy-cacert".to_owned(),
+            ca.to_owned(),
+            "--proxy-cert".to_owned(),
+            cert.to_str().unwrap().to_owned(),
+            "--proxy-key".to_owned(),
+            key.to_str().unwrap().to_owned(),
+            pod_url.clone(),
+        ]
+    };
+    let args = with_cert(&pki.client_cert, &pki.client_key);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut fail_args = vec!["--fail"];
+    fail_args.extend(args.iter().copied());
+    assert_eq!(cluster.curl_ok(&fail_args).await, "pod node-2\n");
+
+    // Without a client certificate, or with one of another CA: the TLS
+    // handshake fails and nothing reaches the pod.
+    let before = cluster.pod.accepted();
+    let from = mtls.log.len();
+    let out = cluster
+        .curl(&[
+            "--proxytunnel",
+            "--proxy",
+            &https_proxy,
+            "--proxy-cacert",
+            ca,
+            &pod_url,
+        ])
+        .await;
+    assert!(
+        !out.status.success(),
+        "mTLS without a client cert must fail: {out:?}"
+    );
+    blocking(|| mtls.expect_log(from, IO_TIMEOUT, "TLS handshake failed", None));
+    let args = with_cert(&pki.rogue_cert, &pki.rogue_key);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let from = mtls.log.len();
+    let out = cluster.curl(&args).await;
+    assert!(
+        !out.status.success(),
+        "mTLS with a foreign client cert must fail: {out:?}"
+    );
+    blocking(|| mtls.expect_log(from, IO_TIMEOUT, "TLS handshake failed", None));
+    assert_eq!(
+        cluster.pod.accepted(),
+        before,
+        "nothing was proxied without a valid client cert"
+    );
+
+    blocking(|| {
+        plain.stop();
+        mtls.stop();
+    });
+}
+
+/// A node whose sshd dies: its open stream ends (no hang), a CONNECT to it
+/// is refused at once with a status naming it, the other nodes and the
+/// service IP keep serving; once sshd is back the tunnel comes back and the
+/// node serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_node_is_refused_without_hanging_and_comes_back() {
+    let cluster = blocking(Cluster::up);
+    let nt = blocking(|| NodeTunnel::start(&cluster, "stop", &cluster.plain_proxy("stop")));
+    let uds = cluster.path("stop.sock");
+    let n3 = cluster.bed.node(3).clone();
+    let kubelet3 = &cluster.kubelets[2];
+    let names_up: BTreeSet<String> = ["node-1", "node-2"].map(String::from).into();
+
+    // A stream open through node 3 when its sshd dies.
+    let s = tunnel(&uds, &format!("{}:{KUBELET_PORT}", n3.ip))
+        .await
+        .unwrap();
+    let connector = tls_connector(kubelet3.tls_cert_der().unwrap()).unwrap();
+    let mut tls = tls_connect_ip(&connector, IpAddr::V4(n3.ip), s)
+        .await
+        .unwrap();
+    tls.write_all(b"GET /stream?seconds=60 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while find(&got, b"node-3 tick 1\n").is_none() {
+        let n = tokio::time::timeout(IO_TIMEOUT, tls.read(&mut chunk))
+            .await
+            .expect("first tick of the stream")
+            .expect("reading the stream");
+        assert!(n > 0, "stream ended before its first tick");
+        got.extend_from_slice(&chunk[..n]);
+    }
+
+    let mark = nt.log.len();
+    blocking(|| cluster.bed.stop_node(3)).expect("stopping node-3's sshd");
+
+    // The open stream ends (EOF or error), bounded, without its last chunk.
+    let ended = tokio::time::timeout(IO_TIMEOUT, async {
+        loop {
+            match tls.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "a stream through a dead node must end, not hang"
+    );
+    assert!(
+        find(&got, b"node-3 tick 600\n").is_none(),
+        "the stream cannot have completed"
+    );
+    drop(tls);
+
+    // Right away (the death may not be noticed yet): refused, not hung.
+    let target3 = format!("{}:{KUBELET_PORT}", n3.ip);
+    let r = refused(&uds, &target3)
+        .await
+        .unwrap_or_else(|e| panic!("CONNECT to the stopped node: {e:#}"));
+    assert!([502, 503, 504].contains(&r.status), "{r:?}");
+    assert!(
+        r.body.contains("node-3"),
+        "the refusal must name the node: {r:?}"
+    );
+    assert_one_line(&r, "stopped node");
+
+    // Once the session loss is noticed: 503, node unavailable.
+    blocking(|| nt.expect_log(mark, IO_TIMEOUT, "session lost", Some("node-3")));
+    let r = refused(&uds, &target3).await.unwrap();
+    assert_eq!(r.status, 503, "{r:?}");
+    assert!(r.body.contains("node-3"), "{r:?}");
+    assert_one_line(&r, "node-3 down");
+
+    // The other nodes keep serving; the service IP avoids node 3.
+    for (n, kubelet) in cluster.bed.nodes()[..2].iter().zip(&cluster.kubelets) {
+        let r = kubelet_get(&uds, kubelet, n.ip, "/healthz").await.unwrap();
+        assert_eq!((r.status, r.text().as_str()), (200, "ok"), "{}", n.name);
+    }
+    let r = plain_get(
+        &uds,
+        &format!("{}:{POD_PORT}", cluster.bed.node(2).pod_ip),
+        "/",
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.text(), "pod node-2\n");
+    for _ in 0..6 {
+        let r = plain_get(&uds, "10.96.0.10:80", "/").await.unwrap();
+        let by = served_by(&r);
+        assert!(
+            names_up.contains(&by),
+            "service answered by {by} while node-3 is down"
+        );
+    }
+
+    // sshd back: the tunnel reconnects by itself and node 3 serves again.
+    blocking(|| cluster.bed.start_node(3)).expect("starting node-3's sshd");
+    let ready = blocking(|| nt.expect_log(mark, START_TIMEOUT, "tunnel ready", Some("node-3")));
+    assert_eq!(nt.line(ready)["endpoint"], format!("{}:22", n3.ip));
+    let r = kubelet_get(&uds, kubelet3, n3.ip, "/healthz")
+        .await
+        .unwrap();
+    assert_eq!((r.status, r.text().as_str()), (200, "ok"));
+
+    blocking(|| nt.stop());
+}
+
+// ---------------------------------------------------------------------------
+// mTLS material, generated per test
+// ---------------------------------------------------------------------------
+
+/// PEM files: a CA, a server cert for 127.0.0.1 and a client cert it
+/// signed, and a client cert of an unrelated CA.
+struct Pki {
+    ca: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+    client_cert: PathBuf,
+    client_key: PathBuf,
+    rogue_cert: PathBuf,
+    rogue_key: PathBuf,
+}
+
+fn ca(name: &str) -> (rcgen::Certificate, rcgen::KeyPair) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+    let key = KeyPair::generate().expect("CA key");
+    let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    (params.self_signed(&key).expect("CA cert"), key)
+}
+
+fn leaf(
+    names: &[&str],
+    cn: &str,
+    usage: rcgen::ExtendedKeyUsagePurpose,
+    issuer: &(rcgen::Certificate, rcgen::KeyPair),
+) -> (String, String) {
+    use rcgen::{CertificateParams, DnType, KeyPair, KeyUsagePurpose};
+    let key = KeyPair::generate().expect("leaf key");
+    let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+    let mut params = CertificateParams::new(names).expect("leaf params");
+    params.distinguished_name.push(DnType::CommonName, cn);
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![usage];
+    params.use_authority_key_identifier_extension = true;
+    let cert = params
+        .signed_by(&key, &issuer.0, &issuer.1)
+        .expect("leaf cert");
+    (cert.pem(), key.serialize_pem())
+}
+
+impl Pki {
+    fn write(dir: &Path) -> Pki {
+        use rcgen::ExtendedKeyUsagePurpose::{ClientAuth, ServerAuth};
+        let authority = ca("nodetunnel e2e CA");
+        let rogue_ca = ca("someone else's CA");
+        let (server_cert, server_key) = leaf(
+            &["127.0.0.1", "localhost"],
+            "nodetunnel",
+            ServerAuth,
+            &authority,
+        );
+        let (client_cert, client_key) = leaf(&[], "kube-apiserver", ClientAuth, &authority);
+        let (rogue_cert, rogue_key) = leaf(&[], "kube-apiserver", ClientAuth, &rogue_ca);
+        let write = |name: &str, text: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).expect("writing PEM");
+            path
+        };
+        Pki {
+            ca: write("ca.pem", &authority.0.pem()),
+            server_cert: write("server.pem", &server_cert),
+            server_key: write("server-key.pem", &server_key),
+            client_cert: write("client.pem", &client_cert),
+            client_key: write("client-key.pem", &client_key),
+            rogue_cert: write("rogue.pem", &rogue_cert),
+            rogue_key: write("rogue-key.pem", &rogue_key),
+        }
+    }
+}
