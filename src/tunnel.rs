@@ -630,18 +630,11 @@ impl Tunnel {
             return;
         };
         change(&mut s);
-        let phases = &s.phases;
-        let next = if phases.iter().all(|p| *p == SlotPhase::Stopped) && self.stop.is_triggered() {
-            TunnelState::Closed
-        } else if self.draining.load(Ordering::Acquire) {
-            TunnelState::Draining
-        } else if phases.contains(&SlotPhase::Ready) {
-            TunnelState::Ready
-        } else if phases.contains(&SlotPhase::Connecting) {
-            TunnelState::Connecting
-        } else {
-            TunnelState::Backoff
-        };
+        let next = derive_state(
+            &s.phases,
+            self.draining.load(Ordering::Acquire),
+            self.stop.is_triggered(),
+        );
         if next != s.state {
             let gauge = &self.ctx.metrics.tunnels;
             gauge
@@ -689,6 +682,23 @@ impl keepalive::Probe for SessionProbe {
     }
 }
 
+/// The node's state from its sessions' phases: Closed once stopped and
+/// every session ended, Draining while removed or shutting down, otherwise
+/// Ready if any session is, Connecting if any is connecting, else Backoff.
+fn derive_state(phases: &[SlotPhase], draining: bool, stopped: bool) -> TunnelState {
+    if stopped && phases.iter().all(|p| *p == SlotPhase::Stopped) {
+        TunnelState::Closed
+    } else if draining {
+        TunnelState::Draining
+    } else if phases.contains(&SlotPhase::Ready) {
+        TunnelState::Ready
+    } else if phases.contains(&SlotPhase::Connecting) {
+        TunnelState::Connecting
+    } else {
+        TunnelState::Backoff
+    }
+}
+
 async fn close_session(live: &LiveSession) {
     let bye = live.session.handle.disconnect(
         russh::Disconnect::ByApplication,
@@ -710,5 +720,49 @@ fn describe_open_failure(reason: &russh::ChannelOpenFailure) -> String {
         russh::ChannelOpenFailure::UnknownChannelType => "unknown channel type".into(),
         russh::ChannelOpenFailure::ResourceShortage => "resource shortage (sshd MaxSessions?)".into(),
         other => format!("{other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use SlotPhase::*;
+
+    #[test]
+    fn node_state_follows_its_sessions() {
+        assert_eq!(
+            derive_state(&[Connecting], false, false),
+            TunnelState::Connecting
+        );
+        assert_eq!(derive_state(&[Ready], false, false), TunnelState::Ready);
+        assert_eq!(derive_state(&[Backoff], false, false), TunnelState::Backoff);
+        // One Ready session of several makes the node Ready.
+        assert_eq!(
+            derive_state(&[Backoff, Ready, Connecting], false, false),
+            TunnelState::Ready
+        );
+        assert_eq!(
+            derive_state(&[Backoff, Connecting], false, false),
+            TunnelState::Connecting
+        );
+        assert_eq!(
+            derive_state(&[Backoff, Backoff], false, false),
+            TunnelState::Backoff
+        );
+    }
+
+    #[test]
+    fn draining_wins_until_every_session_stopped() {
+        assert_eq!(derive_state(&[Ready], true, false), TunnelState::Draining);
+        assert_eq!(
+            derive_state(&[Ready, Stopped], true, true),
+            TunnelState::Draining
+        );
+        assert_eq!(
+            derive_state(&[Stopped, Stopped], true, true),
+            TunnelState::Closed
+        );
+        // Stopped slots without a stop request (not yet started) are not Closed.
+        assert_eq!(derive_state(&[Stopped], false, false), TunnelState::Backoff);
     }
 }

@@ -40,6 +40,11 @@ impl Fixture {
 
     /// A config with `nodes` as (name, port) on 127.0.0.1 and extra [ssh] lines.
     fn config(&self, nodes: &[(&str, u16)], ssh_extra: &str) -> Config {
+        self.config_with(nodes, ssh_extra, "")
+    }
+
+    /// As [`config`], with extra tables appended (e.g. `[routing]`).
+    fn config_with(&self, nodes: &[(&str, u16)], ssh_extra: &str, tables: &str) -> Config {
         let mut text = format!(
             "[ssh]\nuser = \"test\"\nidentity = \"id_ed25519\"\nknown_hosts = \"known_hosts\"\n\
              connect_timeout = \"5s\"\nhandshake_timeout = \"5s\"\nauth_timeout = \"5s\"\n\
@@ -50,6 +55,7 @@ impl Fixture {
                 "[[nodes]]\nname = \"{name}\"\naddresses = [\"127.0.0.1\"]\nssh_port = {port}\n"
             ));
         }
+        text.push_str(tables);
         let path = self.dir.path().join("nodetunnel.toml");
         std::fs::write(&path, text).unwrap();
         Config::load(&path).unwrap()
@@ -118,7 +124,12 @@ async fn source_server(len: usize) -> u16 {
 
 /// An echo server that echoes until EOF, then half-closes.
 async fn echo_server() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    echo_server_at("127.0.0.1").await
+}
+
+/// [`echo_server`] on another loopback address.
+async fn echo_server_at(ip: &str) -> u16 {
+    let listener = TcpListener::bind((ip, 0)).await.unwrap();
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move {
         loop {
@@ -435,5 +446,168 @@ async fn a_stalled_reader_stalls_neither_its_sibling_nor_loses_bytes() {
         pattern_digest(A_BYTES),
         "A arrived byte-exact"
     );
+    manager.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn apply_keeps_unchanged_nodes_streams_reconnects_changed_and_drains_removed() {
+    let fx = Fixture::new();
+    let a = SshNode::start(&fx.client).await;
+    let b = SshNode::start(&fx.client).await;
+    let c = SshNode::start(&fx.client).await;
+    let b2 = SshNode::start(&fx.client).await;
+    fx.known_hosts(&[
+        a.known_hosts_line(),
+        b.known_hosts_line(),
+        c.known_hosts_line(),
+        b2.known_hosts_line(),
+    ]);
+    let first = fx.config(
+        &[
+            ("node-a", a.addr().port()),
+            ("node-b", b.addr().port()),
+            ("node-c", c.addr().port()),
+        ],
+        "drain_timeout = \"30s\"",
+    );
+    let manager = fx.manager(&first);
+    for node in ["node-a", "node-b", "node-c"] {
+        wait_state(&manager, node, TunnelState::Ready).await;
+    }
+    let echo = echo_server().await;
+    let mut on_a = manager
+        .dial_node("node-a", "127.0.0.1", echo)
+        .await
+        .unwrap();
+    let mut on_c = manager
+        .dial_node("node-c", "127.0.0.1", echo)
+        .await
+        .unwrap();
+    let tunnel_a = manager.tunnel("node-a").unwrap();
+    let tunnel_c = manager.tunnel("node-c").unwrap();
+
+    // node-a unchanged, node-b moves to another endpoint, node-c removed,
+    // node-d added (it reuses b's server: only the name matters here).
+    let mut nodes = first.nodes.clone();
+    nodes.retain(|n| n.name != "node-c");
+    nodes
+        .iter_mut()
+        .find(|n| n.name == "node-b")
+        .unwrap()
+        .ssh_port = Some(b2.addr().port());
+    let mut d = nodes[0].clone();
+    d.name = "node-d".into();
+    d.ssh_port = Some(b.addr().port());
+    nodes.push(d);
+    let summary = manager.apply(nodes);
+    assert_eq!(summary.added, vec!["node-d".to_string()]);
+    assert_eq!(summary.changed, vec!["node-b".to_string()]);
+    assert_eq!(summary.removed, vec!["node-c".to_string()]);
+    assert_eq!(summary.unchanged, 1);
+
+    // The unchanged node kept its tunnel, its session and its stream.
+    assert!(Arc::ptr_eq(&tunnel_a, &manager.tunnel("node-a").unwrap()));
+    assert_eq!(tunnel_a.status().handshakes, 1);
+    on_a.write_all(b"still here").await.unwrap();
+    let mut buf = [0u8; 10];
+    on_a.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"still here");
+
+    // The removed node drains: no new streams, the open one keeps working.
+    assert_eq!(tunnel_c.state(), TunnelState::Draining);
+    assert!(manager.tunnel("node-c").is_none());
+    on_c.write_all(b"draining").await.unwrap();
+    let mut buf = [0u8; 8];
+    on_c.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"draining");
+    assert_eq!(
+        tunnel_c
+            .open_stream("127.0.0.1", echo, Duration::from_secs(5))
+            .await
+            .unwrap_err()
+            .http_status(),
+        503
+    );
+    // Once its last stream closes, it closes.
+    drop(on_c);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while tunnel_c.state() != TunnelState::Closed {
+        let changed = tunnel_c.changed().notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        if tunnel_c.state() == TunnelState::Closed {
+            break;
+        }
+        assert!(
+            tokio::time::timeout_at(deadline, changed).await.is_ok(),
+            "node-c never closed"
+        );
+    }
+
+    // The changed node reconnects to its new endpoint; the new one comes up.
+    let b_status = wait_state(&manager, "node-b", TunnelState::Ready).await;
+    assert_eq!(
+        b_status.ssh_endpoint,
+        format!("127.0.0.1:{}", b2.addr().port())
+    );
+    wait_state(&manager, "node-d", TunnelState::Ready).await;
+    drop(on_a);
+    manager.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn a_service_destination_retries_once_on_another_node_when_the_first_refuses() {
+    use nodetunnel::dial::{Destination, Dialer};
+    let fx = Fixture::new();
+    let refusing = SshNode::start(&fx.client).await;
+    refusing.refuse_channels(true);
+    let healthy = SshNode::start(&fx.client).await;
+    fx.known_hosts(&[refusing.known_hosts_line(), healthy.known_hosts_line()]);
+    // Loopback stands in for a service CIDR here; the built-in loopback
+    // denial is lifted explicitly.
+    let config = fx.config_with(
+        &[
+            ("node-a", refusing.addr().port()),
+            ("node-b", healthy.addr().port()),
+        ],
+        "",
+        "[routing]\nservice_cidrs = [\"127.0.0.0/8\"]\nallow_cidrs = [\"127.0.0.0/8\"]\n",
+    );
+    let manager = fx.manager(&config);
+    wait_state(&manager, "node-a", TunnelState::Ready).await;
+    wait_state(&manager, "node-b", TunnelState::Ready).await;
+    // 127.0.0.2: a "service IP", not one of the nodes' addresses.
+    let echo = echo_server_at("127.0.0.2").await;
+    let dest = Destination {
+        host: "127.0.0.2".into(),
+        port: echo,
+    };
+    for _ in 0..20 {
+        let mut stream = manager
+            .dial(&dest)
+            .await
+            .expect("one retry on another node");
+        assert_eq!(stream.node(), "node-b");
+        stream.write_all(b"svc").await.unwrap();
+        let mut buf = [0u8; 3];
+        stream.read_exact(&mut buf).await.unwrap();
+    }
+    // With both nodes refusing, the refusal comes back (after one retry).
+    healthy.refuse_channels(true);
+    let err = manager.dial(&dest).await.unwrap_err();
+    assert_eq!(err.http_status(), 502, "{err}");
+    // A denied destination never reaches a node.
+    let err = manager
+        .dial(&Destination {
+            host: "169.254.169.254".into(),
+            port: 80,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.http_status(), 403, "{err}");
+    assert!(manager
+        .metrics()
+        .encode()
+        .contains("nodetunnel_policy_denials_total{reason=\"link_local\"} 1"));
     manager.shutdown(Duration::from_secs(1)).await;
 }

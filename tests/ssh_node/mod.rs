@@ -21,6 +21,7 @@ pub struct SshNode {
     addr: SocketAddr,
     host_key: PrivateKey,
     authorized: Arc<Mutex<Vec<PublicKey>>>,
+    refuse_channels: Arc<std::sync::atomic::AtomicBool>,
     tasks: Option<Arc<Mutex<JoinSet<()>>>>,
     accept: Option<tokio::task::JoinHandle<()>>,
     /// One switch per accepted connection: russh runs server sessions in
@@ -39,6 +40,7 @@ impl SshNode {
             addr,
             host_key,
             authorized: Arc::new(Mutex::new(vec![client.clone()])),
+            refuse_channels: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             tasks: None,
             accept: None,
             cuts: Arc::new(Mutex::new(Vec::new())),
@@ -69,6 +71,13 @@ impl SshNode {
     /// Replace the host key (takes effect for new connections after restart).
     pub fn replace_host_key(&mut self) {
         self.host_key = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519).expect("host key");
+    }
+
+    /// Refuse (ConnectFailed) every direct-tcpip channel from now on, as an
+    /// sshd whose node cannot reach the destination would.
+    pub fn refuse_channels(&self, refuse: bool) {
+        self.refuse_channels
+            .store(refuse, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Drop every authorized key.
@@ -116,6 +125,7 @@ impl SshNode {
         });
         let tasks = Arc::new(Mutex::new(JoinSet::new()));
         let authorized = self.authorized.clone();
+        let refuse = self.refuse_channels.clone();
         let conn_tasks = tasks.clone();
         let cuts = self.cuts.clone();
         self.accept = Some(tokio::spawn(async move {
@@ -128,6 +138,7 @@ impl SshNode {
                 cuts.lock().unwrap().push(cut);
                 let handler = NodeHandler {
                     authorized: authorized.clone(),
+                    refuse: refuse.clone(),
                     tasks: conn_tasks.clone(),
                 };
                 let config = config.clone();
@@ -158,6 +169,7 @@ impl Drop for SshNode {
 
 struct NodeHandler {
     authorized: Arc<Mutex<Vec<PublicKey>>>,
+    refuse: Arc<std::sync::atomic::AtomicBool>,
     tasks: Arc<Mutex<JoinSet<()>>>,
 }
 
@@ -189,6 +201,10 @@ impl server::Handler for NodeHandler {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         let target = format!("{host_to_connect}:{port_to_connect}");
+        if self.refuse.load(std::sync::atomic::Ordering::SeqCst) {
+            reply.reject(ChannelOpenFailure::ConnectFailed).await;
+            return Ok(());
+        }
         match TcpStream::connect(&target).await {
             Err(_) => reply.reject(ChannelOpenFailure::ConnectFailed).await,
             Ok(mut tcp) => {
