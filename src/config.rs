@@ -16,6 +16,8 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Deserialize;
 
+use crate::admin::{AdminConfig, ReadinessConfig};
+use crate::inventory::InventoryConfig;
 use crate::keys::{self, Identity};
 use crate::proxy::ProxyConfig;
 use crate::router::RoutingConfig;
@@ -150,6 +152,11 @@ pub struct NodeConfig {
     /// SSH user of this node, overriding `ssh.user`.
     #[serde(default)]
     pub ssh_user: Option<String>,
+    /// Kubernetes says the node is not Ready (condition False or Unknown):
+    /// its tunnel is kept, but any-node routes choose it last. Set by the
+    /// kubernetes inventory; not a config file key.
+    #[serde(skip)]
+    pub not_ready: bool,
 }
 
 impl NodeConfig {
@@ -175,6 +182,15 @@ pub struct Config {
     /// `[routing]`: destination rules and policy.
     #[serde(default)]
     pub routing: RoutingConfig,
+    /// `[inventory]`: where nodes come from.
+    #[serde(default)]
+    pub inventory: InventoryConfig,
+    /// `[admin]`: the admin API.
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// `[readiness]`: when /readyz says ready.
+    #[serde(default)]
+    pub readiness: ReadinessConfig,
     /// Where the file was read from.
     #[serde(skip)]
     pub path: PathBuf,
@@ -246,6 +262,12 @@ impl Config {
         config.ssh.passphrase_file = config
             .ssh
             .passphrase_file
+            .as_ref()
+            .map(|p| resolve(base, p));
+        config.inventory.path = config.inventory.path.as_ref().map(|p| resolve(base, p));
+        config.inventory.kubeconfig = config
+            .inventory
+            .kubeconfig
             .as_ref()
             .map(|p| resolve(base, p));
         if let Some(proxy) = config.proxy.as_mut() {

@@ -26,14 +26,17 @@
 //! - [`router`]: destination to node, and the destination policy.
 //! - [`proxy`]: the front door (HTTP CONNECT over UDS or TCP+mTLS, SOCKS5).
 //! - [`metrics`], [`logging`], [`shutdown`]: process plumbing.
+//! - [`inventory`]: where nodes come from; [`admin`]: the admin API.
 //! - [`cli`] and [`serve`]: the binary's commands.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod dial;
+pub mod inventory;
 pub mod keepalive;
 pub mod keys;
 pub mod known_hosts;

@@ -319,38 +319,50 @@ impl TunnelManager {
     }
 
     /// Pick a Ready node by the power of two choices on open streams,
-    /// excluding `except`.
+    /// excluding `except`. Nodes Kubernetes reports not Ready are chosen
+    /// only when no other node is usable.
     fn pick_any_node(&self, except: Option<&str>) -> Option<Arc<Tunnel>> {
         let all = self.sample.read().ok()?.clone();
         let usable = |t: &Arc<Tunnel>| t.is_ready() && Some(t.name().as_ref()) != except;
-        let mut rng = rand::rng();
-        let mut picks: Vec<Arc<Tunnel>> = Vec::with_capacity(2);
-        if !all.is_empty() {
-            for _ in 0..16 {
-                let t = &all[rng.random_range(0..all.len())];
-                if usable(t) && !picks.iter().any(|p| Arc::ptr_eq(p, t)) {
-                    picks.push(t.clone());
-                    if picks.len() == 2 {
-                        break;
-                    }
-                }
+        p2c(&all, |t| usable(t) && !t.reported_not_ready()).or_else(|| p2c(&all, usable))
+    }
+}
+
+/// Power of two choices among the tunnels `eligible` accepts: two random
+/// picks (sampled, so O(1) when most are eligible; a scan otherwise), the
+/// one with fewer open streams wins.
+fn p2c(all: &[Arc<Tunnel>], eligible: impl Fn(&Arc<Tunnel>) -> bool) -> Option<Arc<Tunnel>> {
+    if all.is_empty() {
+        return None;
+    }
+    let mut rng = rand::rng();
+    let mut picks: Vec<&Arc<Tunnel>> = Vec::with_capacity(2);
+    for _ in 0..16 {
+        let t = &all[rng.random_range(0..all.len())];
+        if eligible(t) && !picks.iter().any(|p| Arc::ptr_eq(p, t)) {
+            picks.push(t);
+            if picks.len() == 2 {
+                break;
             }
         }
-        if picks.is_empty() {
-            // Few Ready nodes among many: scan.
-            let ready: Vec<&Arc<Tunnel>> = all.iter().filter(|t| usable(t)).collect();
-            if ready.is_empty() {
-                return None;
-            }
-            picks.push(ready[rng.random_range(0..ready.len())].clone());
-            if ready.len() > 1 {
-                let other = ready[rng.random_range(0..ready.len())];
-                if !Arc::ptr_eq(other, &picks[0]) {
-                    picks.push(other.clone());
-                }
-            }
+    }
+    if picks.is_empty() {
+        let candidates: Vec<&Arc<Tunnel>> = all.iter().filter(|t| eligible(t)).collect();
+        if candidates.is_empty() {
+            return None;
         }
-        picks.into_iter().min_by_key(|t| t.open_streams())
+        picks.push(candidates[rng.random_range(0..candidates.len())]);
+        let other = candidates[rng.random_range(0..candidates.len())];
+        if !Arc::ptr_eq(other, picks[0]) {
+            picks.push(other);
+        }
+    }
+    picks.into_iter().min_by_key(|t| t.open_streams()).cloned()
+}
+
+impl crate::inventory::NodeSink for TunnelManager {
+    fn apply(&self, nodes: Vec<NodeConfig>) -> ApplySummary {
+        TunnelManager::apply(self, nodes)
     }
 }
 

@@ -252,6 +252,11 @@ impl Tunnel {
             .unwrap_or_else(|p| p.into_inner().clone())
     }
 
+    /// Whether Kubernetes reports the node not Ready.
+    pub fn reported_not_ready(&self) -> bool {
+        self.node.read().map(|n| n.not_ready).unwrap_or(false)
+    }
+
     /// Update the node's routing data (addresses after the first, pod
     /// CIDRs). The SSH endpoint must be unchanged: sessions are kept.
     pub fn set_node(&self, node: NodeConfig) {
