@@ -9,6 +9,7 @@ use std::sync::Arc;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::Config;
+use crate::inventory::{InventorySource, SyncStatus};
 use crate::manager::TunnelManager;
 use crate::metrics::Metrics;
 use crate::proxy::FrontDoor;
@@ -62,14 +63,22 @@ async fn serve(config_path: &Path) -> Result<(), String> {
             None
         }
     };
-    manager.apply(config.nodes.clone());
+    // Inventory health, read by readiness.
+    let sync = Arc::new(SyncStatus::default());
+    if config.inventory.source == InventorySource::Static {
+        manager.apply(config.nodes.clone());
+        sync.synced();
+        metrics
+            .inventory_last_sync
+            .set(sync.last_sync_unix().unwrap_or(0));
+    }
     tracing::info!(nodes = config.nodes.len(), config = %config_path.display(), "nodetunnel serving");
 
     loop {
         tokio::select! {
             _ = terminate.recv() => { tracing::info!("SIGTERM: draining"); break; }
             _ = interrupt.recv() => { tracing::info!("SIGINT: draining"); break; }
-            _ = hangup.recv() => reload(config_path, &config, &manager),
+            _ = hangup.recv() => reload(config_path, &config, &manager, &sync),
         }
     }
     shutdown.trigger();
@@ -83,7 +92,7 @@ async fn serve(config_path: &Path) -> Result<(), String> {
 
 /// SIGHUP: re-read the file; apply its nodes, identity and known_hosts. A
 /// broken file keeps everything as it was.
-fn reload(path: &Path, running: &Config, manager: &TunnelManager) {
+fn reload(path: &Path, running: &Config, manager: &TunnelManager, sync: &SyncStatus) {
     let fresh = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
@@ -99,8 +108,15 @@ fn reload(path: &Path, running: &Config, manager: &TunnelManager) {
     if let Err(e) = manager.reload_known_hosts() {
         tracing::error!(error = %e, "SIGHUP: known_hosts not reloaded");
     }
-    let summary = manager.apply(fresh.nodes.clone());
-    tracing::info!(?summary, "SIGHUP: reloaded");
+    if running.inventory.source == InventorySource::Static {
+        let summary = manager.apply(fresh.nodes.clone());
+        sync.synced();
+        manager
+            .metrics()
+            .inventory_last_sync
+            .set(sync.last_sync_unix().unwrap_or(0));
+        tracing::info!(?summary, "SIGHUP: reloaded");
+    }
     if fresh.proxy.is_some() != running.proxy.is_some() || fresh.routing != running.routing {
         tracing::warn!("SIGHUP: [proxy] and [routing] changes take effect at the next restart");
     }
