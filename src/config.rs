@@ -102,6 +102,11 @@ pub struct SshConfig {
     /// reads, so it is also the most a stream ever buffers.
     /// Memory bound: window_size x open streams.
     pub window_size: u32,
+    /// Bytes received from nodes and not yet read by clients, over all
+    /// streams, above which new streams are refused (503) until clients
+    /// catch up. Each stream holds at most `window_size`, so this bounds
+    /// memory when many clients stop reading.
+    pub max_buffered_bytes: usize,
     /// Grace period for open streams when a node is removed or the process
     /// shuts down.
     #[serde(with = "humantime_serde")]
@@ -130,6 +135,7 @@ impl Default for SshConfig {
             backoff_max: Duration::from_secs(60),
             backoff_reset_after: Duration::from_secs(30),
             window_size: 2 * 1024 * 1024,
+            max_buffered_bytes: 1024 * 1024 * 1024,
             drain_timeout: Duration::from_secs(30),
         }
     }
@@ -141,8 +147,13 @@ impl Default for SshConfig {
 pub struct NodeConfig {
     /// Unique node name (the Kubernetes Node name).
     pub name: String,
-    /// The node's addresses; the first is dialled for SSH.
+    /// The node's addresses (destinations that route to this node); the
+    /// first is dialled for SSH unless `ssh_address` is set.
     pub addresses: Vec<String>,
+    /// Where the node's sshd is reached, when not at the first address
+    /// (a bastion-facing address, a port-forward, a loopback in dev mode).
+    #[serde(default)]
+    pub ssh_address: Option<String>,
     /// Pod CIDRs assigned to the node.
     #[serde(default)]
     pub pod_cidrs: Vec<IpNet>,
@@ -160,9 +171,12 @@ pub struct NodeConfig {
 }
 
 impl NodeConfig {
-    /// The address dialled for SSH.
+    /// The address dialled for SSH: `ssh_address`, else the first address.
     pub fn ssh_address(&self) -> &str {
-        self.addresses.first().map(String::as_str).unwrap_or("")
+        self.ssh_address
+            .as_deref()
+            .or_else(|| self.addresses.first().map(String::as_str))
+            .unwrap_or("")
     }
 }
 
@@ -270,7 +284,9 @@ impl Config {
             .kubeconfig
             .as_ref()
             .map(|p| resolve(base, p));
+        config.admin.uds = config.admin.uds.as_ref().map(|p| resolve(base, p));
         if let Some(proxy) = config.proxy.as_mut() {
+            proxy.uds = proxy.uds.as_ref().map(|p| resolve(base, p));
             if let Some(tls) = proxy.tls.as_mut() {
                 tls.cert = resolve(base, &tls.cert);
                 tls.key = resolve(base, &tls.key);
@@ -325,6 +341,9 @@ impl Config {
         if ssh.window_size < 32 * 1024 {
             return err("ssh.window_size", "must be at least 32768 bytes");
         }
+        if ssh.max_buffered_bytes < ssh.window_size as usize {
+            return err("ssh.max_buffered_bytes", "must be at least ssh.window_size");
+        }
         if ssh.window_size > 64 * 1024 * 1024 {
             return err("ssh.window_size", "must be at most 67108864 bytes (64 MiB)");
         }
@@ -364,6 +383,14 @@ pub fn validate_node(node: &NodeConfig) -> Result<(), (String, String)> {
         if address.is_empty() || address.contains(char::is_whitespace) || address.contains('/') {
             return Err((
                 format!("addresses[{j}]"),
+                format!("{address:?} is not an IP address or host name"),
+            ));
+        }
+    }
+    if let Some(address) = &node.ssh_address {
+        if address.is_empty() || address.contains(char::is_whitespace) || address.contains('/') {
+            return Err((
+                "ssh_address".into(),
                 format!("{address:?} is not an IP address or host name"),
             ));
         }

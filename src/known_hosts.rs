@@ -584,6 +584,24 @@ impl KnownHosts {
     }
 
     /// The plain-key verdict, revocation already ruled out.
+    /// The algorithms of the plain keys listed for `host` on `port`, in
+    /// file order, without duplicates. A client offers these first, as
+    /// OpenSSH does, so a host known by (say) its ECDSA key is not asked for
+    /// its ed25519 key and refused as changed.
+    pub fn key_algorithms_for(&self, host: &str, port: u16) -> Vec<russh::keys::Algorithm> {
+        let name = lookup_name(host, port);
+        let mut found: Vec<russh::keys::Algorithm> = Vec::new();
+        for entry in &self.entries {
+            if entry.marker == Marker::None && entry.hosts.matches(&name) {
+                let algorithm = entry.key.algorithm();
+                if !found.contains(&algorithm) {
+                    found.push(algorithm);
+                }
+            }
+        }
+        found
+    }
+
     fn check_plain(&self, name: &str, key: &KeyData) -> HostKeyStatus {
         let mut expected = Vec::new();
         for entry in &self.entries {

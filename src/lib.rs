@@ -27,6 +27,7 @@
 //! - [`proxy`]: the front door (HTTP CONNECT over UDS or TCP+mTLS, SOCKS5).
 //! - [`metrics`], [`logging`], [`shutdown`]: process plumbing.
 //! - [`inventory`]: where nodes come from; [`admin`]: the admin API.
+//! - [`dev`]: `nodetunnel dev`, an in-process cluster for trying it out.
 //! - [`cli`] and [`serve`]: the binary's commands.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -35,6 +36,7 @@ pub mod admin;
 pub mod backoff;
 pub mod cli;
 pub mod config;
+pub mod dev;
 pub mod dial;
 pub mod inventory;
 pub mod keepalive;

@@ -93,7 +93,10 @@ impl TunnelManager {
         let ctx = Arc::new(TunnelContext {
             session: settings,
             handshakes: Arc::new(Semaphore::new(ssh.max_handshakes_in_flight)),
-            limits: Arc::new(StreamLimits::new(ssh.window_size as usize)),
+            limits: Arc::new(StreamLimits::new(
+                ssh.window_size as usize,
+                ssh.max_buffered_bytes,
+            )),
             metrics,
             default_user: ssh.user.clone(),
             default_port: ssh.port,
@@ -402,6 +405,7 @@ impl Dialer for TunnelManager {
                     DialError::NodeDown(format!("{dest} ({rule}) needs a Ready node and none is"))
                 })?;
                 tracing::debug!(dest = %dest, node = %first.name(), rule = %rule, "route");
+                let started = tokio::time::Instant::now();
                 match first
                     .open_stream(&dest.host, dest.port, self.dial_timeout)
                     .await
@@ -412,14 +416,17 @@ impl Dialer for TunnelManager {
                         @ (DialError::Denied(_) | DialError::NoRoute(_) | DialError::ShuttingDown),
                     ) => Err(e),
                     Err(e) => {
-                        // Nothing flowed yet: one other node gets a chance.
+                        // Nothing flowed yet: one other node gets a chance,
+                        // within what is left of the same dial timeout.
+                        let left = self.dial_timeout.saturating_sub(started.elapsed());
+                        if left < Duration::from_millis(50) {
+                            return Err(e);
+                        }
                         let Some(second) = self.pick_any_node(Some(first.name())) else {
                             return Err(e);
                         };
                         tracing::info!(dest = %dest, node = %first.name(), retry = %second.name(), error = %e, "dial failed; trying another node");
-                        second
-                            .open_stream(&dest.host, dest.port, self.dial_timeout)
-                            .await
+                        second.open_stream(&dest.host, dest.port, left).await
                     }
                 }
             }

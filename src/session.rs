@@ -168,7 +168,7 @@ pub struct ClientHandler {
 }
 
 impl ClientHandler {
-    fn verify(&self, key: &PublicKeyOrCertificate) -> Result<(), String> {
+    fn verify(&self, key: &PublicKeyOrCertificate) -> Result<Verdict, String> {
         let t = &self.target;
         let status = match self.settings.known_hosts.read() {
             Ok(kh) => kh.check(&t.host, t.port, key),
@@ -185,10 +185,10 @@ impl ClientHandler {
         };
         let policy = self.settings.host_key_policy;
         match status {
-            HostKeyStatus::Trusted => Ok(()),
+            HostKeyStatus::Trusted => Ok(Verdict::Trusted),
             _ if policy == HostKeyPolicy::Insecure => {
                 tracing::warn!(node = %t.node, key = %presented, "host key not verified (host_key_policy = insecure)");
-                Ok(())
+                Ok(Verdict::Trusted)
             }
             HostKeyStatus::Revoked { line } => Err(format!(
                 "host key of node {} ({}:{}) {presented} is revoked in {} line {line}",
@@ -210,20 +210,7 @@ impl ClientHandler {
             }
             HostKeyStatus::Unknown => match (policy, key) {
                 (HostKeyPolicy::AcceptNew, PublicKeyOrCertificate::PublicKey { key, .. }) => {
-                    let mut kh = self
-                        .settings
-                        .known_hosts
-                        .write()
-                        .map_err(|_| "known_hosts lock poisoned".to_string())?;
-                    // Another session may have learned it meanwhile.
-                    if !kh.check_key(&t.host, t.port, key).is_trusted() {
-                        kh.learn(&t.host, t.port, key).map_err(|e| {
-                            format!("accept-new could not record the host key of node {}: {e}", t.node)
-                        })?;
-                    }
-                    drop(kh);
-                    tracing::info!(node = %t.node, key = %presented, path = %self.settings.known_hosts_path.display(), "learned new host key (accept-new)");
-                    Ok(())
+                    Ok(Verdict::Learn(key.clone()))
                 }
                 _ => Err(format!(
                     "host key of node {} ({}:{}) {presented} is not in {} (host_key_policy = {policy}); add it, e.g. with ssh-keyscan, after checking the fingerprint",
@@ -237,6 +224,49 @@ impl ClientHandler {
     }
 }
 
+/// What the host-key check decided.
+enum Verdict {
+    /// known_hosts vouches for the key (or the policy is insecure).
+    Trusted,
+    /// Unknown key under accept-new: record it, then trust it.
+    Learn(russh::keys::PublicKey),
+}
+
+impl ClientHandler {
+    /// accept-new: append the key to known_hosts (blocking file I/O, off the
+    /// async threads) and trust it in memory.
+    async fn learn(&self, key: russh::keys::PublicKey) -> Result<(), String> {
+        let settings = self.settings.clone();
+        let t = self.target.clone();
+        let presented = fingerprint(&key);
+        tokio::task::spawn_blocking(move || {
+            let mut kh = settings
+                .known_hosts
+                .write()
+                .map_err(|_| "known_hosts lock poisoned".to_string())?;
+            // Another session may have learned it meanwhile.
+            if !kh.check_key(&t.host, t.port, &key).is_trusted() {
+                kh.learn(&t.host, t.port, &key).map_err(|e| {
+                    format!("accept-new could not record the host key of node {}: {e}", t.node)
+                })?;
+                tracing::info!(node = %t.node, key = %presented, path = %settings.known_hosts_path.display(), "learned new host key (accept-new)");
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| format!("accept-new: {e}"))?
+    }
+}
+
+/// Reject a channel the node tried to open towards us: nodetunnel never
+/// asks for forwarding, agents or X11, so any such channel is refused.
+async fn refuse_node_channel(node: &str, kind: &str, reply: client::ChannelOpenHandle) {
+    tracing::warn!(node = %node, kind, "node tried to open a channel towards nodetunnel; refused");
+    reply
+        .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+        .await;
+}
+
 impl client::Handler for ClientHandler {
     type Error = russh::Error;
 
@@ -244,7 +274,11 @@ impl client::Handler for ClientHandler {
         &mut self,
         server_public_key: &PublicKeyOrCertificate,
     ) -> Result<bool, Self::Error> {
-        match self.verify(server_public_key) {
+        let verdict = match self.verify(server_public_key) {
+            Ok(Verdict::Learn(key)) => self.learn(key).await,
+            other => other.map(|_| ()),
+        };
+        match verdict {
             Ok(()) => Ok(true),
             Err(reason) => {
                 if let Ok(mut slot) = self.rejection.lock() {
@@ -253,6 +287,88 @@ impl client::Handler for ClientHandler {
                 Ok(false)
             }
         }
+    }
+
+    async fn server_channel_open_forwarded_tcpip(
+        &mut self,
+        _channel: russh::Channel<client::Msg>,
+        _connected_address: &str,
+        _connected_port: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        refuse_node_channel(&self.target.node, "forwarded-tcpip", reply).await;
+        Ok(())
+    }
+
+    async fn server_channel_open_forwarded_streamlocal(
+        &mut self,
+        _channel: russh::Channel<client::Msg>,
+        _socket_path: &str,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        refuse_node_channel(&self.target.node, "forwarded-streamlocal", reply).await;
+        Ok(())
+    }
+
+    async fn server_channel_open_agent_forward(
+        &mut self,
+        _channel: russh::Channel<client::Msg>,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        refuse_node_channel(&self.target.node, "agent", reply).await;
+        Ok(())
+    }
+
+    async fn server_channel_open_session(
+        &mut self,
+        _channel: russh::Channel<client::Msg>,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        refuse_node_channel(&self.target.node, "session", reply).await;
+        Ok(())
+    }
+
+    async fn server_channel_open_direct_tcpip(
+        &mut self,
+        _channel: russh::Channel<client::Msg>,
+        _host_to_connect: &str,
+        _port_to_connect: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        refuse_node_channel(&self.target.node, "direct-tcpip", reply).await;
+        Ok(())
+    }
+
+    async fn server_channel_open_direct_streamlocal(
+        &mut self,
+        _channel: russh::Channel<client::Msg>,
+        _socket_path: &str,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        refuse_node_channel(&self.target.node, "direct-streamlocal", reply).await;
+        Ok(())
+    }
+
+    async fn server_channel_open_x11(
+        &mut self,
+        _channel: russh::Channel<client::Msg>,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        refuse_node_channel(&self.target.node, "x11", reply).await;
+        Ok(())
     }
 
     async fn disconnected(
@@ -370,7 +486,7 @@ async fn establish(
         rejection: rejection.clone(),
         ended: ended.clone(),
     };
-    let handshake = client::connect_stream(settings.russh.clone(), stream, handler);
+    let handshake = client::connect_stream(host_config(&settings, &target), stream, handler);
     let mut handle = match tokio::time::timeout(settings.handshake_timeout, handshake).await {
         Err(_) => {
             return Err(ConnectError::Timeout {
@@ -432,6 +548,33 @@ async fn establish(
             })
         }
     }
+}
+
+/// The russh configuration for one target: the shared one, with the host
+/// key algorithms known_hosts lists for this host offered first (as
+/// OpenSSH orders HostKeyAlgorithms), so the node presents a key we know.
+fn host_config(settings: &SessionSettings, target: &Target) -> Arc<client::Config> {
+    let known = settings
+        .known_hosts
+        .read()
+        .map(|kh| kh.key_algorithms_for(&target.host, target.port))
+        .unwrap_or_default();
+    if known.is_empty() {
+        return settings.russh.clone();
+    }
+    let base = &settings.russh;
+    let mut order = known;
+    for algorithm in base.preferred.key.iter() {
+        if !order.contains(algorithm) {
+            order.push(algorithm.clone());
+        }
+    }
+    let mut config = russh_config(
+        base.window_size,
+        !base.preferred.host_key_certificates.is_empty(),
+    );
+    config.preferred.key = Cow::Owned(order);
+    Arc::new(config)
 }
 
 async fn tcp_connect(host: &str, port: u16) -> std::io::Result<TcpStream> {

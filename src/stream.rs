@@ -46,17 +46,26 @@ pub struct StreamLimits {
     /// Bytes one stream may hold for its consumer: the receive window plus
     /// one packet of slack. More means the node ignored flow control.
     pub stream_buffer: usize,
-    /// Bytes held right now by all streams (for status and tests).
+    /// Bytes held right now by all streams.
     pub in_use: AtomicUsize,
+    /// Above this many bytes held, new streams are refused.
+    pub max_in_use: usize,
 }
 
 impl StreamLimits {
-    /// Limits for streams whose receive window is `window` bytes.
-    pub fn new(window: usize) -> Self {
+    /// Limits for streams whose receive window is `window` bytes, refusing
+    /// new streams while more than `max_in_use` bytes wait for readers.
+    pub fn new(window: usize, max_in_use: usize) -> Self {
         StreamLimits {
             stream_buffer: window + 64 * 1024,
             in_use: AtomicUsize::new(0),
+            max_in_use,
         }
+    }
+
+    /// Whether buffered bytes are over the budget.
+    pub fn over_budget(&self) -> bool {
+        self.in_use.load(Ordering::Acquire) > self.max_in_use
     }
 }
 

@@ -383,6 +383,12 @@ impl Tunnel {
         let live = self
             .least_loaded_session()
             .ok_or_else(|| self.not_ready_error())?;
+        if self.ctx.limits.over_budget() {
+            return Err(DialError::Limit(format!(
+                "more than {} bytes from nodes are waiting for clients to read them (ssh.max_buffered_bytes)",
+                self.ctx.limits.max_in_use
+            )));
+        }
         let metrics = &self.ctx.metrics;
         let slot = StreamSlot::try_take(
             self.counters.clone(),
@@ -723,7 +729,7 @@ fn describe_open_failure(reason: &russh::ChannelOpenFailure) -> String {
             "connect failed (nothing listens at the destination, or it is unreachable from the node)".into()
         }
         russh::ChannelOpenFailure::UnknownChannelType => "unknown channel type".into(),
-        russh::ChannelOpenFailure::ResourceShortage => "resource shortage (sshd MaxSessions?)".into(),
+        russh::ChannelOpenFailure::ResourceShortage => "resource shortage (the node's sshd is out of channels or memory)".into(),
         other => format!("{other:?}"),
     }
 }

@@ -137,6 +137,9 @@ fn builder(header_read_timeout: std::time::Duration) -> http1::Builder {
         .timer(TokioTimer::new())
         .header_read_timeout(header_read_timeout)
         .max_buf_size(MAX_HEADER_BYTES)
+        // A client may send CONNECT and shut down its write side at once
+        // (socat, some tools): still answer, and forward the EOF.
+        .half_close(true)
         .auto_date_header(false);
     builder
 }
