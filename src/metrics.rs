@@ -2,15 +2,29 @@
 //!
 //! Families follow the `nodetunnel_` prefix. Label values are small fixed
 //! sets (reasons, listeners, states); per-node series are not kept here, so
-//! cardinality stays flat at thousands of nodes.
+//! cardinality stays flat at thousands of nodes. When the operator asks for
+//! them (`admin.per_node_metrics`), the admin API builds per-node series from
+//! the live tunnel table at every scrape ([`per_node_registry`]) and encodes
+//! them after the process families ([`Metrics::encode_with`]); removed nodes
+//! therefore never linger as stale series.
+//!
+//! The registry also keeps a one-minute window of error events (failed
+//! handshakes, failed stream opens, stream resets) for the "errors in the
+//! last minute" of `nodetunnel status` ([`Metrics::errors_last_minute`]).
 
-use prometheus_client::encoding::text::encode;
+use std::sync::atomic::AtomicU64;
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use prometheus_client::encoding::text::{encode_eof, encode_registry};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+
+use crate::tunnel::{TunnelState, TunnelStatus};
 
 /// `{result}` label: `ok` or a failure reason.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -49,9 +63,86 @@ pub struct ProxyLabel {
     pub code: String,
 }
 
+/// `{node}` label of the per-node series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeLabel {
+    /// Node name.
+    pub node: String,
+}
+
+/// `{node,direction}` labels of the per-node byte counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeDirectionLabel {
+    /// Node name.
+    pub node: String,
+    /// `to_node` or `from_node`.
+    pub direction: String,
+}
+
+/// `{node,reason}` labels of the per-node handshake failures.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeReasonLabel {
+    /// Node name.
+    pub node: String,
+    /// Failure reason.
+    pub reason: String,
+}
+
+/// Seconds of history kept by [`RecentErrors`].
+const ERROR_WINDOW_SECONDS: u64 = 60;
+
+/// Error events per second over the last minute: a ring of one-second
+/// buckets, each tagged with the second it counts.
+#[derive(Debug)]
+struct RecentErrors {
+    buckets: Mutex<[(u64, u64); ERROR_WINDOW_SECONDS as usize]>,
+}
+
+impl Default for RecentErrors {
+    fn default() -> Self {
+        RecentErrors {
+            buckets: Mutex::new([(0, 0); ERROR_WINDOW_SECONDS as usize]),
+        }
+    }
+}
+
+impl RecentErrors {
+    fn record_at(&self, second: u64) {
+        let Ok(mut buckets) = self.buckets.lock() else {
+            return;
+        };
+        let slot = &mut buckets[(second % ERROR_WINDOW_SECONDS) as usize];
+        if slot.0 == second {
+            slot.1 += 1;
+        } else {
+            *slot = (second, 1);
+        }
+    }
+
+    /// Events in the minute ending at `second` (inclusive).
+    fn count_at(&self, second: u64) -> u64 {
+        let Ok(buckets) = self.buckets.lock() else {
+            return 0;
+        };
+        buckets
+            .iter()
+            .filter(|(at, _)| *at + ERROR_WINDOW_SECONDS > second && *at <= second)
+            .map(|(_, n)| n)
+            .sum()
+    }
+}
+
+fn unix_seconds() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 /// Every metric of the process. Cheap to share behind an `Arc`.
 pub struct Metrics {
     registry: Registry,
+    recent_errors: RecentErrors,
     /// `nodetunnel_tunnels{state}`: node tunnels per state.
     pub tunnels: Family<StateLabel, Gauge>,
     /// `nodetunnel_ssh_handshakes_total{result}`.
@@ -76,6 +167,9 @@ pub struct Metrics {
     pub stream_resets: Family<ReasonLabel, Counter>,
     /// `nodetunnel_inventory_last_sync_timestamp_seconds`.
     pub inventory_last_sync: Gauge,
+    /// `nodetunnel_inventory_sync_failures_total`: inventory syncs that
+    /// failed (broken file, watch error); the previous inventory was kept.
+    pub inventory_sync_failures: Counter,
 }
 
 impl Default for Metrics {
@@ -152,8 +246,15 @@ impl Metrics {
             "Unix time of the last successful inventory sync",
             inventory_last_sync.clone(),
         );
+        let inventory_sync_failures = Counter::default();
+        registry.register(
+            "inventory_sync_failures",
+            "Inventory syncs that failed (the previous inventory was kept)",
+            inventory_sync_failures.clone(),
+        );
         Metrics {
             registry,
+            recent_errors: RecentErrors::default(),
             tunnels,
             ssh_handshakes,
             keepalive_rtt,
@@ -166,11 +267,16 @@ impl Metrics {
             policy_denials,
             stream_resets,
             inventory_last_sync,
+            inventory_sync_failures,
         }
     }
 
-    /// Count one `{result}` event.
+    /// Count one SSH connection attempt by `{result}` (`ok` or a failure
+    /// reason; failures also count as recent errors).
     pub fn handshake(&self, result: &str) {
+        if result != "ok" {
+            self.note_error();
+        }
         self.ssh_handshakes
             .get_or_create(&ResultLabel {
                 result: result.to_string(),
@@ -178,8 +284,9 @@ impl Metrics {
             .inc();
     }
 
-    /// Count a stream reset.
+    /// Count a stream reset (also a recent error).
     pub fn stream_reset(&self, reason: &str) {
+        self.note_error();
         self.stream_resets
             .get_or_create(&ReasonLabel {
                 reason: reason.to_string(),
@@ -206,8 +313,11 @@ impl Metrics {
             .inc();
     }
 
-    /// Count a stream open.
+    /// Count a stream open (failures also count as recent errors).
     pub fn stream_open(&self, result: &str) {
+        if result != "ok" {
+            self.note_error();
+        }
         self.stream_opens
             .get_or_create(&ResultLabel {
                 result: result.to_string(),
@@ -215,11 +325,182 @@ impl Metrics {
             .inc();
     }
 
-    /// Render the Prometheus text exposition format.
+    /// Record one error event now (for [`errors_last_minute`](Self::errors_last_minute)).
+    pub fn note_error(&self) {
+        self.recent_errors.record_at(unix_seconds());
+    }
+
+    /// Failed handshakes, failed stream opens and stream resets in the last
+    /// 60 seconds.
+    pub fn errors_last_minute(&self) -> u64 {
+        self.recent_errors.count_at(unix_seconds())
+    }
+
+    /// Render the Prometheus text exposition format (OpenMetrics flavour,
+    /// ending in `# EOF`).
     pub fn encode(&self) -> String {
+        self.encode_with(None)
+    }
+
+    /// Like [`encode`](Self::encode), with the families of `extra` (for
+    /// example [`per_node_registry`]) after the process families.
+    pub fn encode_with(&self, extra: Option<&Registry>) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
-        let _ = encode(&mut out, &self.registry);
+        let _ = encode_registry(&mut out, &self.registry);
+        if let Some(extra) = extra {
+            let _ = encode_registry(&mut out, extra);
+        }
+        let _ = encode_eof(&mut out);
         out
+    }
+}
+
+/// Per-node series built from a tunnel table snapshot, for one scrape:
+/// `nodetunnel_node_up{node}` (1 when Ready), `nodetunnel_node_streams_open{node}`,
+/// `nodetunnel_node_keepalive_rtt_seconds{node}` (nodes with a measured RTT),
+/// `nodetunnel_node_bytes_total{node,direction}`,
+/// `nodetunnel_node_stream_resets_total{node}` and
+/// `nodetunnel_node_handshake_failures_total{node,reason}`.
+///
+/// Several series per node: enable only where the monitoring system can
+/// afford it (`admin.per_node_metrics`).
+pub fn per_node_registry(tunnels: &[TunnelStatus]) -> Registry {
+    let mut registry = Registry::with_prefix("nodetunnel_node");
+    let up = Family::<NodeLabel, Gauge>::default();
+    let streams = Family::<NodeLabel, Gauge>::default();
+    let rtt = Family::<NodeLabel, Gauge<f64, AtomicU64>>::default();
+    let bytes = Family::<NodeDirectionLabel, Counter>::default();
+    let resets = Family::<NodeLabel, Counter>::default();
+    let failures = Family::<NodeReasonLabel, Counter>::default();
+    for t in tunnels {
+        let node = NodeLabel {
+            node: t.node.clone(),
+        };
+        up.get_or_create(&node)
+            .set(i64::from(t.state == TunnelState::Ready));
+        streams
+            .get_or_create(&node)
+            .set(i64::try_from(t.streams).unwrap_or(i64::MAX));
+        if let Some(measured) = t.rtt {
+            rtt.get_or_create(&node).set(measured.as_secs_f64());
+        }
+        for (direction, value) in [
+            ("to_node", t.bytes_to_node),
+            ("from_node", t.bytes_from_node),
+        ] {
+            bytes
+                .get_or_create(&NodeDirectionLabel {
+                    node: t.node.clone(),
+                    direction: direction.to_string(),
+                })
+                .inc_by(value);
+        }
+        resets.get_or_create(&node).inc_by(t.stream_resets);
+        for (reason, count) in &t.failures {
+            failures
+                .get_or_create(&NodeReasonLabel {
+                    node: t.node.clone(),
+                    reason: (*reason).to_string(),
+                })
+                .inc_by(*count);
+        }
+    }
+    registry.register("up", "1 when the node has a Ready SSH session", up);
+    registry.register(
+        "streams_open",
+        "Open tunnelled streams of the node",
+        streams,
+    );
+    registry.register(
+        "keepalive_rtt_seconds",
+        "Round trip of the node's last answered keepalive",
+        rtt,
+    );
+    registry.register("bytes", "Bytes carried through the node's tunnel", bytes);
+    registry.register(
+        "stream_resets",
+        "Streams of the node cut by nodetunnel",
+        resets,
+    );
+    registry.register(
+        "handshake_failures",
+        "Failed SSH connection attempts to the node by reason",
+        failures,
+    );
+    registry
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recent_errors_count_only_the_last_minute() {
+        let errors = RecentErrors::default();
+        errors.record_at(1_000);
+        errors.record_at(1_000);
+        errors.record_at(1_030);
+        assert_eq!(errors.count_at(1_030), 3);
+        assert_eq!(errors.count_at(1_059), 3);
+        // 1_000 is out of the window ending at 1_060.
+        assert_eq!(errors.count_at(1_060), 1);
+        // A bucket reused a minute later starts from zero.
+        // (1_090 shares the bucket of 1_030.)
+        errors.record_at(1_090);
+        errors.record_at(1_090);
+        assert_eq!(errors.count_at(1_090), 2);
+        assert_eq!(errors.count_at(1_200), 0);
+    }
+
+    #[test]
+    fn failures_are_recent_errors_and_successes_are_not() {
+        let metrics = Metrics::new();
+        metrics.handshake("ok");
+        metrics.stream_open("ok");
+        assert_eq!(metrics.errors_last_minute(), 0);
+        metrics.handshake("refused");
+        metrics.stream_open("timeout");
+        metrics.stream_reset("session_lost");
+        assert_eq!(metrics.errors_last_minute(), 3);
+    }
+
+    #[test]
+    fn extra_families_come_before_the_single_eof() {
+        let metrics = Metrics::new();
+        let status = TunnelStatus {
+            node: "node-a".into(),
+            addresses: vec!["10.0.0.1".into()],
+            ssh_endpoint: "10.0.0.1:22".into(),
+            state: TunnelState::Ready,
+            since: SystemTime::now(),
+            last_error: None,
+            rtt: Some(std::time::Duration::from_millis(2)),
+            sessions_ready: 1,
+            sessions: 1,
+            streams: 3,
+            streams_total: 7,
+            bytes_to_node: 100,
+            bytes_from_node: 200,
+            stream_resets: 1,
+            handshakes: 1,
+            failures: std::collections::BTreeMap::from([("refused", 2)]),
+            consecutive_failures: 0,
+            retry_in: None,
+        };
+        let extra = per_node_registry(&[status]);
+        let text = metrics.encode_with(Some(&extra));
+        assert_eq!(text.matches("# EOF").count(), 1);
+        assert!(text.trim_end().ends_with("# EOF"));
+        for line in [
+            "nodetunnel_node_up{node=\"node-a\"} 1",
+            "nodetunnel_node_streams_open{node=\"node-a\"} 3",
+            "nodetunnel_node_keepalive_rtt_seconds{node=\"node-a\"} 0.002",
+            "nodetunnel_node_bytes_total{node=\"node-a\",direction=\"from_node\"} 200",
+            "nodetunnel_node_stream_resets_total{node=\"node-a\"} 1",
+            "nodetunnel_node_handshake_failures_total{node=\"node-a\",reason=\"refused\"} 2",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
     }
 }

@@ -72,17 +72,53 @@ async fn serve(config_path: &Path) -> Result<(), String> {
             .inventory_last_sync
             .set(sync.last_sync_unix().unwrap_or(0));
     }
+    // The file and kubernetes sources follow their nodes in a task of their
+    // own; SIGHUP pokes it through `inventory_reload`.
+    let inventory_reload = Arc::new(tokio::sync::Notify::new());
+    if config.inventory.source != InventorySource::Static && !config.nodes.is_empty() {
+        tracing::warn!(
+            "[[nodes]] of the config file are ignored: the inventory comes from inventory.source"
+        );
+    }
+    let inventory = (config.inventory.source != InventorySource::Static).then(|| {
+        tokio::spawn(crate::inventory::run(
+            config.inventory.clone(),
+            manager.clone(),
+            sync.clone(),
+            metrics.clone(),
+            inventory_reload.clone(),
+            shutdown.clone(),
+        ))
+    });
     tracing::info!(nodes = config.nodes.len(), config = %config_path.display(), "nodetunnel serving");
+
+    // The admin API: health, readiness, metrics and the tunnel table, read
+    // live from the manager and the inventory's sync status.
+    let admin = crate::admin::start(
+        &config,
+        manager.clone(),
+        metrics.clone(),
+        sync.clone(),
+        shutdown.clone(),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
 
     loop {
         tokio::select! {
             _ = terminate.recv() => { tracing::info!("SIGTERM: draining"); break; }
             _ = interrupt.recv() => { tracing::info!("SIGINT: draining"); break; }
-            _ = hangup.recv() => reload(config_path, &config, &manager, &sync),
+            _ = hangup.recv() => reload(config_path, &config, &manager, &sync, &inventory_reload),
         }
     }
     shutdown.trigger();
+    if let Some(task) = inventory {
+        let _ = task.await;
+    }
     if let Some(task) = front_door {
+        let _ = task.await;
+    }
+    if let Some(task) = admin {
         let _ = task.await;
     }
     manager.shutdown(drain).await;
@@ -91,8 +127,18 @@ async fn serve(config_path: &Path) -> Result<(), String> {
 }
 
 /// SIGHUP: re-read the file; apply its nodes, identity and known_hosts. A
-/// broken file keeps everything as it was.
-fn reload(path: &Path, running: &Config, manager: &TunnelManager, sync: &SyncStatus) {
+/// broken file keeps everything as it was. The file and kubernetes
+/// inventory sources re-read their nodes file or re-list their nodes.
+fn reload(
+    path: &Path,
+    running: &Config,
+    manager: &TunnelManager,
+    sync: &SyncStatus,
+    inventory_reload: &tokio::sync::Notify,
+) {
+    if running.inventory.source != InventorySource::Static {
+        inventory_reload.notify_one();
+    }
     let fresh = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
@@ -116,6 +162,9 @@ fn reload(path: &Path, running: &Config, manager: &TunnelManager, sync: &SyncSta
             .inventory_last_sync
             .set(sync.last_sync_unix().unwrap_or(0));
         tracing::info!(?summary, "SIGHUP: reloaded");
+    }
+    if fresh.inventory != running.inventory {
+        tracing::warn!("SIGHUP: [inventory] changes take effect at the next restart");
     }
     if fresh.proxy.is_some() != running.proxy.is_some() || fresh.routing != running.routing {
         tracing::warn!("SIGHUP: [proxy] and [routing] changes take effect at the next restart");

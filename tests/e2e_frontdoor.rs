@@ -175,11 +175,18 @@ drain_timeout = "5s"
 [routing]
 service_cidrs = ["10.96.0.0/12"]
 
+# Two `serve` processes share the namespace: no admin TCP port, one
+# admin socket each.
+[admin]
+listen = ""
+uds = {admin:?}
+
 {proxy}
 "#,
             user = self.bed.ssh_user(),
             identity = self.key.private_path,
             known_hosts = self.bed.known_hosts_path(),
+            admin = self.path(&format!("{tag}-admin.sock")),
         );
         for n in self.bed.nodes() {
             text.push_str(&format!(

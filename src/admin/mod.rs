@@ -1,18 +1,84 @@
 //! The admin API: health, readiness, Prometheus metrics and the tunnel
 //! table over HTTP, on a loopback TCP port or a Unix socket.
+//!
+//! This module owns the `[admin]` and `[readiness]` tables
+//! ([`AdminConfig`], [`ReadinessConfig`]) and the admin HTTP server. Every
+//! answer is computed from live state (the tunnel manager, the inventory's
+//! [`SyncStatus`], the metrics registry) when
+//! the request arrives; nothing is cached.
+//!
+//! - `GET /healthz`: 200 while the process runs.
+//! - `GET /readyz`: 200 or 503 with the reason ([`readiness`]).
+//! - `GET /metrics`: Prometheus/OpenMetrics text.
+//! - `GET /api/v1/tunnels`, `GET /api/v1/tunnels/{node}`,
+//!   `POST /api/v1/tunnels/{node}/reconnect`, `GET /api/v1/route?dest=HOST:PORT`:
+//!   JSON ([`api`]).
+//!
+//! Files: [`api`] (the JSON types, shared with the CLI), [`readiness`] (the
+//! readiness rule), `server` (listeners, connection limits, hyper) and
+//! `handlers` (routing a request to its answer).
+
+pub mod api;
+mod handlers;
+pub mod readiness;
+mod server;
+
+pub use server::{AdminError, AdminServer, AdminState};
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::inventory::SyncStatus;
+use crate::manager::TunnelManager;
+use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
+
+/// Bind the admin API configured in `config` and serve it in a task until
+/// `shutdown` fires. `None` when `[admin]` configures no listener.
+pub async fn start(
+    config: &Config,
+    manager: Arc<TunnelManager>,
+    metrics: Arc<Metrics>,
+    sync: Arc<SyncStatus>,
+    shutdown: Shutdown,
+) -> Result<Option<JoinHandle<()>>, AdminError> {
+    if !config.admin.enabled() {
+        tracing::info!("[admin] configures no listener: no admin API, no /readyz, no /metrics");
+        return Ok(None);
+    }
+    let server = AdminServer::bind(&config.admin, &config.readiness).await?;
+    let listeners = [
+        server.tcp_addr().map(|a| format!("tcp={a}")),
+        server.uds_path().map(|p| format!("uds={}", p.display())),
+    ]
+    .into_iter()
+    .flatten()
+    .collect::<Vec<_>>()
+    .join(" ");
+    tracing::info!(listeners = %listeners, "admin API listening");
+    let state = Arc::new(AdminState {
+        manager,
+        metrics,
+        sync,
+        readiness: config.readiness.clone(),
+        per_node_metrics: config.admin.per_node_metrics,
+    });
+    Ok(Some(tokio::spawn(server.serve(state, shutdown))))
+}
 
 /// The `[admin]` table.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
-    /// TCP listener (loopback unless `allow_non_loopback`). `None` with no
-    /// `uds`: no admin API.
+    /// TCP listener (loopback unless `allow_non_loopback`). `None` (written
+    /// `listen = ""` in the file) with no `uds`: no admin API.
+    #[serde(deserialize_with = "optional_socket_addr")]
     pub listen: Option<SocketAddr>,
     /// Unix socket listener (mode 0660).
     pub uds: Option<PathBuf>,
@@ -35,7 +101,29 @@ impl Default for AdminConfig {
     }
 }
 
+/// `"host:port"`, or `""` for none.
+fn optional_socket_addr<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<SocketAddr>, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    let text = text.trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    text.parse().map(Some).map_err(|_| {
+        serde::de::Error::custom(format!(
+            "{text:?} is not an IP address and port (e.g. \"127.0.0.1:8133\"); \
+             \"\" disables the TCP listener"
+        ))
+    })
+}
+
 impl AdminConfig {
+    /// Whether any admin listener is configured.
+    pub fn enabled(&self) -> bool {
+        self.listen.is_some() || self.uds.is_some()
+    }
+
     /// Check the table; the error is (key path, reason).
     pub fn validate(&self) -> Result<(), (String, String)> {
         if let Some(addr) = self.listen {
@@ -93,5 +181,39 @@ impl ReadinessConfig {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn admin(text: &str) -> Result<AdminConfig, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn listen_defaults_to_loopback_8133_and_empty_disables_it() {
+        let default = admin("").unwrap();
+        assert_eq!(
+            default.listen,
+            Some(SocketAddr::from(([127, 0, 0, 1], 8133)))
+        );
+        assert!(default.enabled());
+        let off = admin("listen = \"\"").unwrap();
+        assert_eq!(off.listen, None);
+        assert!(!off.enabled());
+        let uds_only = admin("listen = \"\"\nuds = \"/run/nt/admin.sock\"").unwrap();
+        assert!(uds_only.enabled());
+        let e = admin("listen = \"localhost\"").unwrap_err();
+        assert!(e.contains("not an IP address and port"), "{e}");
+    }
+
+    #[test]
+    fn non_loopback_listen_needs_the_switch() {
+        let exposed = admin("listen = \"0.0.0.0:8133\"").unwrap();
+        assert_eq!(exposed.validate().unwrap_err().0, "admin.listen");
+        let allowed = admin("listen = \"0.0.0.0:8133\"\nallow_non_loopback = true").unwrap();
+        assert!(allowed.validate().is_ok());
     }
 }

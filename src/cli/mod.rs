@@ -1,12 +1,24 @@
 //! The command line: argument definitions and one function per subcommand.
 //! `main.rs` only parses arguments and calls [`run`].
+//!
+//! The operator's commands live in their own files: [`status`] and [`top`]
+//! read a running sidecar's admin API (through [`client`]), [`check`] and
+//! [`route`] work offline from the configuration file; [`format`](mod@format) holds
+//! the human formats they share.
+
+pub mod check;
+pub mod client;
+pub mod format;
+pub mod route;
+pub mod status;
+pub mod top;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 use crate::config::Config;
 use crate::logging::LogFormat;
@@ -49,12 +61,95 @@ pub enum Command {
         /// Destination as seen from the node.
         target: String,
     },
+    /// Show the tunnels of a running sidecar (from its admin API): trouble
+    /// first, then a summary line.
+    Status {
+        /// Where the admin API is.
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t = status::Output::Table)]
+        output: status::Output,
+    },
+    /// Check one node step by step (resolve, TCP, SSH banner, key exchange,
+    /// host key, authentication, direct-tcpip, kubelet /healthz), without a
+    /// running sidecar. Exit 0 only when every step passes; otherwise 3-10
+    /// names the failed step.
+    Check {
+        /// Configuration file (TOML): key, known_hosts, timeouts, nodes.
+        #[arg(long, short, env = "NODETUNNEL_CONFIG", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Node name from the configuration, or an address (`host`, `host:port`, `[v6]:port`).
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        target: Option<String>,
+        /// Check every node of the configuration, in parallel, and end with a summary table.
+        #[arg(long)]
+        all: bool,
+        /// Nodes checked at once with --all.
+        #[arg(long, default_value_t = 16)]
+        parallel: usize,
+        /// Kubelet host as seen from the node.
+        #[arg(long, default_value = "127.0.0.1")]
+        kubelet_host: String,
+        /// Kubelet port.
+        #[arg(long, default_value_t = 10250)]
+        kubelet_port: u16,
+    },
+    /// Show where a destination would be tunnelled (rule and node), offline
+    /// from the configuration file. Exit 0 when routed, 1 when refused.
+    Route {
+        /// Configuration file (TOML).
+        #[arg(long, short, env = "NODETUNNEL_CONFIG", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Destination: `host:port` or `[v6]:port`.
+        dest: String,
+        /// Print JSON instead of one line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A live terminal view of the tunnels of a running sidecar; q quits.
+    Top {
+        /// Where the admin API is.
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Refresh interval.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        interval: Duration,
+    },
     /// Manage the client key.
     Keys {
         /// What to do with keys.
         #[command(subcommand)]
         command: KeysCommand,
     },
+}
+
+/// Where the configuration file is by default.
+pub const DEFAULT_CONFIG: &str = "/etc/nodetunnel/nodetunnel.toml";
+
+/// How to reach a running sidecar's admin API.
+#[derive(Clone, Debug, Args)]
+pub struct AdminArgs {
+    /// Admin API URL (`[admin] listen`).
+    #[arg(long, env = "NODETUNNEL_ADMIN", default_value = client::DEFAULT_ADMIN_URL)]
+    pub admin: String,
+    /// Admin API Unix socket (`[admin] uds`), instead of --admin.
+    #[arg(long, env = "NODETUNNEL_ADMIN_UDS")]
+    pub admin_uds: Option<PathBuf>,
+    /// How long to wait for an answer.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+impl AdminArgs {
+    fn client(&self, command: &str) -> Result<client::AdminClient, ExitCode> {
+        client::AdminClient::new(&self.admin, self.admin_uds.as_deref(), self.timeout).map_err(
+            |e| {
+                eprintln!("nodetunnel {command}: {e}");
+                ExitCode::from(2)
+            },
+        )
+    }
 }
 
 /// `keys` subcommands.
@@ -87,6 +182,32 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Keys {
             command: KeysCommand::Generate { dir, name, comment },
         } => keys_generate(&dir, &name, &comment),
+        Command::Status { admin, output } => match admin.client("status") {
+            Ok(client) => status::run(&client, output).await,
+            Err(code) => code,
+        },
+        Command::Check {
+            config,
+            target,
+            all,
+            parallel,
+            kubelet_host,
+            kubelet_port,
+        } => {
+            let options = check::CheckOptions {
+                target,
+                all,
+                parallel,
+                kubelet_host,
+                kubelet_port,
+            };
+            check::run(&config, options).await
+        }
+        Command::Route { config, dest, json } => route::run(&config, &dest, json),
+        Command::Top { admin, interval } => match admin.client("top") {
+            Ok(client) => top::run(client, interval).await,
+            Err(code) => code,
+        },
     }
 }
 

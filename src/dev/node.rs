@@ -265,14 +265,26 @@ mod tests {
     fn destinations_map_to_the_node_services() {
         let spec = DevNodeSpec::new(2);
         assert_eq!(spec.ip, Ipv4Addr::new(10, 240, 0, 12));
-        assert_eq!(spec.service_for("10.240.0.12", 10250), Some(Service::Kubelet));
+        assert_eq!(
+            spec.service_for("10.240.0.12", 10250),
+            Some(Service::Kubelet)
+        );
         assert_eq!(spec.service_for("node-2", 10250), Some(Service::Kubelet));
         assert_eq!(
             spec.service_for("10.244.2.10", 80),
-            Some(Service::Pod { name: "web-node-2".into() })
+            Some(Service::Pod {
+                name: "web-node-2".into()
+            })
         );
-        assert_eq!(spec.service_for("10.96.0.10", 80), Some(Service::ClusterService));
-        assert_eq!(spec.service_for("10.240.0.11", 10250), None, "another node's kubelet");
+        assert_eq!(
+            spec.service_for("10.96.0.10", 80),
+            Some(Service::ClusterService)
+        );
+        assert_eq!(
+            spec.service_for("10.240.0.11", 10250),
+            None,
+            "another node's kubelet"
+        );
         assert_eq!(spec.service_for("10.244.2.10", 81), None);
     }
 }

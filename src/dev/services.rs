@@ -47,12 +47,8 @@ pub fn kubelet_tls(node: &str, ip: &str) -> Result<Arc<rustls::ServerConfig>, St
 }
 
 /// Serve one connection of `service` on `stream` until the client is done.
-pub async fn serve<S>(
-    service: Service,
-    node: Arc<str>,
-    tls: Arc<rustls::ServerConfig>,
-    stream: S,
-) where
+pub async fn serve<S>(service: Service, node: Arc<str>, tls: Arc<rustls::ServerConfig>, stream: S)
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let result = match service {
@@ -118,10 +114,7 @@ pub fn answer<B>(service: &Service, node: &str, req: &Request<B>) -> Response<Fu
                 format!("kubelet of {node}: no such path {path}; try /healthz or /containerLogs/NAMESPACE/POD/CONTAINER\n"),
             )
         }
-        Service::Pod { name } => text(
-            StatusCode::OK,
-            format!("hello from pod {name} on {node}\n"),
-        ),
+        Service::Pod { name } => text(StatusCode::OK, format!("hello from pod {name} on {node}\n")),
         Service::ClusterService => text(
             StatusCode::OK,
             format!("service answered by a pod on {node}\n"),
@@ -141,7 +134,11 @@ mod tests {
     fn the_kubelet_answers_healthz_and_container_logs() {
         let ok = answer(&Service::Kubelet, "node-1", &get("/healthz"));
         assert_eq!(ok.status(), StatusCode::OK);
-        let logs = answer(&Service::Kubelet, "node-1", &get("/containerLogs/default/web/nginx"));
+        let logs = answer(
+            &Service::Kubelet,
+            "node-1",
+            &get("/containerLogs/default/web/nginx"),
+        );
         assert_eq!(logs.status(), StatusCode::OK);
         let missing = answer(&Service::Kubelet, "node-1", &get("/containerLogs/x"));
         assert_eq!(missing.status(), StatusCode::NOT_FOUND);

@@ -1,16 +1,39 @@
 //! The node inventory: where the list of nodes comes from (the config file,
 //! a watched file, or a Kubernetes Node watch) and how changes reach the
 //! tunnel manager.
+//!
+//! This module owns the `[inventory]` table ([`InventoryConfig`]), the
+//! [`NodeSink`] every change goes through (the tunnel manager in
+//! production), the sync health readiness reads ([`SyncStatus`]), and
+//! [`run`], the long-lived task of the `file` and `kubernetes` sources:
+//!
+//! - [`file`](mod@file): parsing a nodes file (TOML `[[nodes]]` or `kubectl get nodes
+//!   -o json`) and watching it for changes.
+//! - [`kubernetes`]: the Node list+watch.
+//! - [`convert`]: Node object to [`NodeConfig`], shared by both.
+//!
+//! Every source hands the sink complete node lists; a failure (a broken file,
+//! an unreachable apiserver) is logged, counted and recorded in
+//! [`SyncStatus`], and never clears the inventory in force.
 
-use std::path::PathBuf;
+pub mod convert;
+pub mod file;
+pub mod kubernetes;
+
+pub use file::{parse_nodes_file, parse_nodes_file_with};
+
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
+use tokio::sync::Notify;
 
 use crate::config::NodeConfig;
 use crate::manager::ApplySummary;
+use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
 
 /// Where the nodes come from.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -85,7 +108,9 @@ pub trait NodeSink: Send + Sync + 'static {
 pub struct SyncStatus {
     last_sync_unix: AtomicI64,
     failures: AtomicU64,
+    syncs: AtomicU64,
     last_error: Mutex<Option<String>>,
+    changed: Notify,
 }
 
 impl SyncStatus {
@@ -99,14 +124,30 @@ impl SyncStatus {
         if let Ok(mut e) = self.last_error.lock() {
             *e = None;
         }
+        self.syncs.fetch_add(1, Ordering::AcqRel);
+        self.changed.notify_waiters();
     }
 
     /// Record a failed sync (the previous inventory stays in force).
     pub fn failed(&self, error: String) {
-        self.failures.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut e) = self.last_error.lock() {
             *e = Some(error);
         }
+        self.failures.fetch_add(1, Ordering::AcqRel);
+        self.changed.notify_waiters();
+    }
+
+    /// Successful syncs since start (a source that confirms an unchanged
+    /// inventory counts too).
+    pub fn syncs(&self) -> u64 {
+        self.syncs.load(Ordering::Acquire)
+    }
+
+    /// Notified (all waiters) after every [`synced`](Self::synced) and
+    /// [`failed`](Self::failed). Enable the `Notified` before reading the
+    /// counters to miss nothing.
+    pub fn changed(&self) -> &Notify {
+        &self.changed
     }
 
     /// Unix time of the last successful sync, if any.
@@ -119,11 +160,195 @@ impl SyncStatus {
 
     /// Failed syncs since start.
     pub fn failures(&self) -> u64 {
-        self.failures.load(Ordering::Relaxed)
+        self.failures.load(Ordering::Acquire)
     }
 
     /// The error of the last sync, if it failed.
     pub fn last_error(&self) -> Option<String> {
         self.last_error.lock().ok().and_then(|e| e.clone())
+    }
+}
+
+/// Why a sync failed. The inventory in force is kept.
+#[derive(Debug, thiserror::Error)]
+pub enum InventoryError {
+    /// The nodes file could not be read.
+    #[error("{}: cannot read: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The nodes file is refused: where and why.
+    #[error("{}: {}", path.display(), describe(*line, field, reason))]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line of the fault, when known.
+        line: Option<usize>,
+        /// Key path of the fault (`nodes[1].addresses[0]`,
+        /// `items[2].metadata.name`); empty when the whole file is at fault.
+        field: String,
+        /// One line saying what is wrong.
+        reason: String,
+    },
+    /// The nodes file cannot be watched for changes (it is still re-read
+    /// periodically and on SIGHUP).
+    #[error("{}: cannot watch for changes: {reason}", path.display())]
+    Watch {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// No Kubernetes client: kubeconfig or in-cluster configuration failed.
+    #[error("kubernetes client: {0}")]
+    KubeClient(String),
+    /// The Node list or watch failed.
+    #[error("kubernetes node watch: {0}")]
+    KubeWatch(String),
+}
+
+fn describe(line: Option<usize>, field: &str, reason: &str) -> String {
+    let mut out = String::new();
+    if let Some(line) = line {
+        out.push_str(&format!("line {line}: "));
+    }
+    if !field.is_empty() {
+        out.push_str(field);
+        out.push_str(": ");
+    }
+    out.push_str(reason);
+    out
+}
+
+/// First delay bound after a failure (doubles per failure, full jitter).
+const RETRY_BASE: Duration = Duration::from_millis(500);
+/// Largest delay between retries.
+const RETRY_MAX: Duration = Duration::from_secs(30);
+/// How often a healthy source confirms its inventory (the file is re-read,
+/// a live watch counts as synced), so readiness sees a fresh sync time in a
+/// quiet cluster.
+const RESYNC_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Run the inventory source of `config` until `shutdown`: watch the file
+/// (`file`) or the Node objects (`kubernetes`) and hand every change to
+/// `sink`. `reload` (SIGHUP) re-reads the file, or re-lists the nodes and
+/// re-reads the kubeconfig.
+///
+/// Never panics and never returns early: errors are logged (fields
+/// `source`, `path`, `error`), counted in
+/// `nodetunnel_inventory_sync_failures_total` and [`SyncStatus::failed`],
+/// and retried with backoff; the inventory in force is kept meanwhile.
+/// Every success sets [`SyncStatus::synced`] and
+/// `nodetunnel_inventory_last_sync_timestamp_seconds`. With the `static`
+/// source there is nothing to watch (serve applies `[[nodes]]` itself) and
+/// this only waits for `shutdown`.
+pub async fn run(
+    config: InventoryConfig,
+    sink: Arc<dyn NodeSink>,
+    status: Arc<SyncStatus>,
+    metrics: Arc<Metrics>,
+    reload: Arc<Notify>,
+    shutdown: Shutdown,
+) {
+    match config.source {
+        InventorySource::Static => shutdown.wait().await,
+        InventorySource::File => {
+            let path = config.path.as_deref().map(Path::display);
+            let path = path.map(|p| p.to_string()).unwrap_or_default();
+            let publisher = Publisher::new("file", path, sink, status, metrics);
+            file::run(config, publisher, reload, shutdown).await
+        }
+        InventorySource::Kubernetes => {
+            let path = config.kubeconfig.as_deref().map(Path::display);
+            let path = path.map_or_else(|| "in-cluster".to_string(), |p| p.to_string());
+            let publisher = Publisher::new("kubernetes", path, sink, status, metrics);
+            kubernetes::run(config, publisher, reload, shutdown).await
+        }
+    }
+}
+
+/// Hands node lists to the sink and records the outcome: the one place that
+/// touches [`SyncStatus`] and the inventory metrics.
+pub(crate) struct Publisher {
+    source: &'static str,
+    path: String,
+    sink: Arc<dyn NodeSink>,
+    status: Arc<SyncStatus>,
+    metrics: Arc<Metrics>,
+}
+
+impl Publisher {
+    /// `path` is what logs name: the nodes file, the kubeconfig, or
+    /// `in-cluster`.
+    fn new(
+        source: &'static str,
+        path: String,
+        sink: Arc<dyn NodeSink>,
+        status: Arc<SyncStatus>,
+        metrics: Arc<Metrics>,
+    ) -> Publisher {
+        Publisher {
+            source,
+            path,
+            sink,
+            status,
+            metrics,
+        }
+    }
+
+    /// Make the sink's set match `nodes` and record a successful sync.
+    pub(crate) fn apply(&self, nodes: Vec<NodeConfig>) -> ApplySummary {
+        let total = nodes.len();
+        let summary = self.sink.apply(nodes);
+        if !summary.added.is_empty() || !summary.changed.is_empty() || !summary.removed.is_empty() {
+            tracing::info!(
+                source = self.source,
+                path = %self.path,
+                nodes = total,
+                added = ?summary.added,
+                changed = ?summary.changed,
+                removed = ?summary.removed,
+                "inventory synced"
+            );
+        }
+        self.synced();
+        summary
+    }
+
+    /// Record that the inventory in force is current.
+    pub(crate) fn synced(&self) {
+        self.status.synced();
+        self.metrics
+            .inventory_last_sync
+            .set(self.status.last_sync_unix().unwrap_or(0));
+    }
+
+    /// Record a failed sync; the inventory in force stays.
+    pub(crate) fn failed(&self, error: &InventoryError) {
+        tracing::error!(
+            source = self.source,
+            path = %self.path,
+            error = %error,
+            "inventory sync failed; keeping the previous inventory"
+        );
+        self.metrics.inventory_sync_failures.inc();
+        self.status.failed(error.to_string());
+    }
+
+    /// The source name, for logs.
+    pub(crate) fn source(&self) -> &'static str {
+        self.source
+    }
+}
+
+/// Wait `delay`, or less if `shutdown` fires; true when shutting down.
+async fn pause(delay: Duration, shutdown: &Shutdown) -> bool {
+    tokio::select! {
+        _ = shutdown.wait() => true,
+        _ = tokio::time::sleep(delay) => shutdown.is_triggered(),
     }
 }

@@ -1,0 +1,150 @@
+//! `nodetunnel route DEST`: the routing decision for a destination, offline,
+//! from the configuration file's `[routing]` and `[[nodes]]` (no sidecar,
+//! no SSH, no key needed).
+//!
+//! ```text
+//! 10.244.1.7:8080 -> node node-a (rule pod-cidr 10.244.1.0/24)
+//! ```
+//!
+//! Exit 0 when the destination is routed, 1 when it is denied or has no
+//! route, 2 when the destination or the file cannot be read. A running
+//! sidecar answers the same question about its live inventory at
+//! `GET /api/v1/route?dest=HOST:PORT`.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use crate::admin::api::RouteAnswer;
+use crate::config::Config;
+use crate::inventory::InventorySource;
+use crate::router::{RouteNode, Router};
+
+/// Decide and print.
+pub fn run(config_path: &Path, dest: &str, json: bool) -> ExitCode {
+    let config = match Config::parse_file(config_path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("nodetunnel route: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let answer = match decide(&config, dest) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("nodetunnel route: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if config.inventory.source != InventorySource::Static {
+        eprintln!(
+            "note: inventory.source is not \"static\": only the [[nodes]] of {} are known offline; \
+             ask the running sidecar (GET /api/v1/route?dest=...) for its live inventory",
+            config_path.display()
+        );
+    }
+    if json {
+        match serde_json::to_string_pretty(&answer) {
+            Ok(text) => println!("{text}"),
+            Err(e) => {
+                eprintln!("nodetunnel route: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        println!("{}", render(&answer));
+    }
+    if answer.is_routed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// The decision for `dest` (`host:port`, `[v6]:port`) under `config`;
+/// conflicts found while building the router are printed to stderr.
+pub fn decide(config: &Config, dest: &str) -> Result<RouteAnswer, String> {
+    let dest = crate::proxy::parse_connect_target(dest).map_err(|e| format!("{dest:?}: {e}"))?;
+    let nodes: Vec<RouteNode> = config
+        .nodes
+        .iter()
+        .map(|n| RouteNode {
+            name: n.name.clone(),
+            addresses: n.addresses.clone(),
+            pod_cidrs: n.pod_cidrs.clone(),
+            ssh_port: n.ssh_port.unwrap_or(config.ssh.port),
+        })
+        .collect();
+    let router = Router::new(&nodes, &config.routing);
+    for conflict in router.conflicts() {
+        eprintln!("warning: routing conflict: {conflict}");
+    }
+    Ok(RouteAnswer::new(
+        dest.to_string(),
+        &router.route(&dest.host, dest.port),
+    ))
+}
+
+/// One line: `DEST -> node N (rule R)`, `DEST -> any Ready node (rule R)`,
+/// `DEST -> denied: ...`.
+pub fn render(answer: &RouteAnswer) -> String {
+    let rule = answer.rule.as_deref().unwrap_or("-");
+    match answer.decision.as_str() {
+        "node" => format!(
+            "{} -> node {} (rule {rule})",
+            answer.dest,
+            answer.node.as_deref().unwrap_or("?")
+        ),
+        "any-node" => format!("{} -> any Ready node (rule {rule})", answer.dest),
+        "denied" => format!(
+            "{} -> denied ({}): {}",
+            answer.dest,
+            answer.reason.as_deref().unwrap_or("policy"),
+            answer.message
+        ),
+        _ => format!("{} -> no route: {}", answer.dest, answer.message),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        Config::parse_str(
+            r#"
+[routing]
+service_cidrs = ["10.96.0.0/12"]
+
+[[nodes]]
+name = "node-a"
+addresses = ["10.240.0.11"]
+pod_cidrs = ["10.244.1.0/24"]
+"#,
+            Path::new("/etc/nodetunnel/nodetunnel.toml"),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn decisions_render_on_one_line() {
+        let c = config();
+        let pod = decide(&c, "10.244.1.7:8080").unwrap();
+        assert_eq!(
+            render(&pod),
+            "10.244.1.7:8080 -> node node-a (rule pod-cidr 10.244.1.0/24)"
+        );
+        let svc = decide(&c, "10.96.0.10:443").unwrap();
+        assert_eq!(
+            render(&svc),
+            "10.96.0.10:443 -> any Ready node (rule service-cidr 10.96.0.0/12)"
+        );
+        let kubelet = decide(&c, "10.240.0.11:10250").unwrap();
+        assert_eq!(kubelet.rule_label.as_deref(), Some("node_address"));
+        let meta = decide(&c, "169.254.169.254:80").unwrap();
+        assert!(!meta.is_routed());
+        assert!(render(&meta).starts_with("169.254.169.254:80 -> denied (link_local): "));
+        let other = decide(&c, "192.0.2.1:80").unwrap();
+        assert_eq!(other.decision, "no-route");
+        assert!(decide(&c, "no-port").is_err());
+    }
+}

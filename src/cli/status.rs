@@ -1,0 +1,277 @@
+//! `nodetunnel status`: the tunnel table of a running sidecar, read from its
+//! admin API (`GET /api/v1/tunnels`), trouble first, with a summary line.
+//!
+//! ```text
+//! NODE    STATE    FOR    RTT     STREAMS  LAST ERROR
+//! node-3  backoff  2m10s  -       0        tcp connect to 10.0.0.3:22 failed: Connection refused (os error 111)
+//! node-1  ready    3h05m  12.3ms  4
+//! node-2  ready    3h05m  0.42ms  1
+//! 2/3 nodes ready, 5 streams open, 3 errors in the last minute (1 backoff)
+//! ```
+//!
+//! `-o wide` adds the SSH endpoint, sessions, stream and byte totals and
+//! failure counts; `-o json` prints the API's document as is.
+
+use std::process::ExitCode;
+
+use super::client::AdminClient;
+use super::format::{self, paint, Colour};
+use crate::admin::api::{trouble_order, Summary, TunnelInfo, TunnelList};
+
+/// Output formats of `status`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    /// Aligned columns.
+    Table,
+    /// More columns.
+    Wide,
+    /// The admin API's JSON document.
+    Json,
+}
+
+/// Longest LAST ERROR shown by the table format.
+const TABLE_ERROR_WIDTH: usize = 100;
+
+/// Fetch and print; exit 1 when the admin API cannot be read.
+pub async fn run(client: &AdminClient, output: Output) -> ExitCode {
+    let list: TunnelList = match client.get_json("/api/v1/tunnels").await {
+        Ok(list) => list,
+        Err(e) => {
+            eprintln!("nodetunnel status: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match output {
+        Output::Json => match serde_json::to_string_pretty(&list) {
+            Ok(text) => println!("{text}"),
+            Err(e) => {
+                eprintln!("nodetunnel status: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        Output::Table | Output::Wide => {
+            print!(
+                "{}",
+                render(&list, output == Output::Wide, format::stdout_colour())
+            );
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// The table (trouble first) and the summary line.
+pub fn render(list: &TunnelList, wide: bool, colour: bool) -> String {
+    let mut tunnels: Vec<&TunnelInfo> = list.tunnels.iter().collect();
+    tunnels.sort_by(|a, b| trouble_order(a, b));
+    let header: Vec<&str> = if wide {
+        vec![
+            "NODE",
+            "STATE",
+            "FOR",
+            "ENDPOINT",
+            "SESSIONS",
+            "RTT",
+            "STREAMS",
+            "OPENED",
+            "TO NODE",
+            "FROM NODE",
+            "RESETS",
+            "FAILURES",
+            "LAST ERROR",
+        ]
+    } else {
+        vec!["NODE", "STATE", "FOR", "RTT", "STREAMS", "LAST ERROR"]
+    };
+    let mut rows = vec![header.iter().map(|h| h.to_string()).collect::<Vec<_>>()];
+    for t in &tunnels {
+        let error = t.last_error.clone().unwrap_or_default();
+        if wide {
+            let failures = t
+                .failures
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",");
+            rows.push(vec![
+                t.node.clone(),
+                t.state.clone(),
+                format::age(t.for_seconds),
+                t.ssh_endpoint.clone(),
+                format!("{}/{}", t.sessions_ready, t.sessions),
+                format::seconds(t.rtt),
+                t.streams.to_string(),
+                t.streams_total.to_string(),
+                format::bytes(t.bytes.to_node),
+                format::bytes(t.bytes.from_node),
+                t.stream_resets.to_string(),
+                if failures.is_empty() {
+                    "-".into()
+                } else {
+                    failures
+                },
+                error,
+            ]);
+        } else {
+            // A Ready tunnel's last error is history; show only current trouble.
+            let error = if t.is_ready() {
+                String::new()
+            } else {
+                format::truncate(&error, TABLE_ERROR_WIDTH)
+            };
+            rows.push(vec![
+                t.node.clone(),
+                t.state.clone(),
+                format::age(t.for_seconds),
+                format::seconds(t.rtt),
+                t.streams.to_string(),
+                error,
+            ]);
+        }
+    }
+    let mut out = if tunnels.is_empty() {
+        String::new()
+    } else {
+        format::columns(&rows, |r, c, text| {
+            if r == 0 {
+                paint(text, Colour::Bold, colour)
+            } else if c == 1 {
+                paint(text, format::state_colour(text.trim()), colour)
+            } else {
+                text.to_string()
+            }
+        })
+    };
+    out.push_str(&summary_line(&list.summary, colour));
+    out.push('\n');
+    out
+}
+
+/// `2/3 nodes ready, 5 streams open, 3 errors in the last minute (1 backoff)`.
+pub fn summary_line(s: &Summary, colour: bool) -> String {
+    let ready = format!("{}/{} nodes ready", s.ready, s.total);
+    let ready = if s.total > 0 && s.ready == s.total {
+        paint(&ready, Colour::Green, colour)
+    } else if s.ready == 0 {
+        paint(&ready, Colour::Red, colour)
+    } else {
+        paint(&ready, Colour::Yellow, colour)
+    };
+    let errors = format!(
+        "{} error{} in the last minute",
+        s.errors_last_minute,
+        if s.errors_last_minute == 1 { "" } else { "s" }
+    );
+    let errors = if s.errors_last_minute > 0 {
+        paint(&errors, Colour::Yellow, colour)
+    } else {
+        errors
+    };
+    let others: Vec<String> = s
+        .by_state
+        .iter()
+        .filter(|(state, n)| state.as_str() != "ready" && **n > 0)
+        .map(|(state, n)| format!("{n} {state}"))
+        .collect();
+    let others = if others.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", others.join(", "))
+    };
+    format!(
+        "{ready}, {} stream{} open, {errors}{others}",
+        s.streams,
+        if s.streams == 1 { "" } else { "s" }
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admin::api::ByteCounts;
+    use std::collections::BTreeMap;
+
+    fn info(node: &str, state: &str, rtt: Option<f64>, error: Option<&str>) -> TunnelInfo {
+        TunnelInfo {
+            node: node.into(),
+            addresses: vec!["10.0.0.1".into()],
+            ssh_endpoint: "10.0.0.1:22".into(),
+            state: state.into(),
+            since: "2025-01-01T00:00:00Z".into(),
+            for_seconds: 130,
+            last_error: error.map(String::from),
+            rtt,
+            streams: 2,
+            streams_total: 9,
+            stream_resets: 0,
+            bytes: ByteCounts {
+                to_node: 2048,
+                from_node: 10,
+            },
+            sessions_ready: usize::from(state == "ready"),
+            sessions: 1,
+            handshakes: 1,
+            failures: BTreeMap::from([("refused".to_string(), 3)]),
+            consecutive_failures: 0,
+            retry_in: None,
+        }
+    }
+
+    fn list() -> TunnelList {
+        let tunnels = vec![
+            info("node-1", "ready", Some(0.0004), Some("old trouble")),
+            info("node-2", "ready", Some(0.02), None),
+            info("node-3", "backoff", None, Some("tcp connect failed")),
+        ];
+        TunnelList {
+            summary: Summary::of(&tunnels, 1),
+            tunnels,
+        }
+    }
+
+    #[test]
+    fn trouble_first_then_highest_rtt_with_a_summary() {
+        let out = render(&list(), false, false);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(
+            lines[0],
+            "NODE    STATE    FOR    RTT     STREAMS  LAST ERROR"
+        );
+        assert_eq!(
+            lines[1],
+            "node-3  backoff  2m10s  -       2        tcp connect failed"
+        );
+        assert_eq!(lines[2], "node-2  ready    2m10s  20.0ms  2");
+        assert_eq!(lines[3], "node-1  ready    2m10s  0.40ms  2");
+        assert_eq!(
+            lines[4],
+            "2/3 nodes ready, 6 streams open, 1 error in the last minute (1 backoff)"
+        );
+        assert!(!out.contains('\x1b'), "no colour when not asked: {out:?}");
+    }
+
+    #[test]
+    fn wide_shows_totals_and_every_error() {
+        let out = render(&list(), true, false);
+        assert!(out.contains("ENDPOINT"), "{out}");
+        assert!(out.contains("10.0.0.1:22"), "{out}");
+        assert!(out.contains("2.0KiB"), "{out}");
+        assert!(out.contains("refused=3"), "{out}");
+        assert!(out.contains("old trouble"), "{out}");
+    }
+
+    #[test]
+    fn colour_only_when_asked() {
+        let out = render(&list(), false, true);
+        assert!(out.contains("\x1b[31mbackoff"), "{out:?}");
+        assert!(out.contains("\x1b[33m2/3 nodes ready"), "{out:?}");
+    }
+
+    #[test]
+    fn an_empty_inventory_prints_only_the_summary() {
+        let out = render(&TunnelList::default(), false, false);
+        assert_eq!(
+            out,
+            "0/0 nodes ready, 0 streams open, 0 errors in the last minute\n"
+        );
+    }
+}
