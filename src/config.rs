@@ -47,7 +47,7 @@ impl fmt::Display for HostKeyPolicy {
 }
 
 /// The `[ssh]` table: how sessions to nodes are made and kept.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct SshConfig {
     /// Remote user for every node (a node may override it).

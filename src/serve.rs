@@ -1,12 +1,17 @@
-//! `nodetunnel serve`: the long-running sidecar. Wires the tunnel manager
-//! and the front door together, reloads on SIGHUP and drains on
-//! SIGTERM/SIGINT.
+//! `nodetunnel serve`: the long-running sidecar. [`Server`] wires the
+//! tunnel manager, the inventory, the front door and the admin API
+//! together; [`Server::run_until_signal`] reloads on SIGHUP and drains on
+//! SIGTERM/SIGINT. `nodetunnel dev` runs the same [`Server`].
 
-use std::path::Path;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
 
 use crate::config::Config;
 use crate::inventory::{InventorySource, SyncStatus};
@@ -17,7 +22,11 @@ use crate::shutdown::Shutdown;
 
 /// Run until SIGTERM or SIGINT; exit 0 after draining.
 pub async fn run(config_path: &Path) -> ExitCode {
-    match serve(config_path).await {
+    let result = match Server::start(config_path).await {
+        Ok(server) => server.run_until_signal().await,
+        Err(message) => Err(message),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             eprintln!("nodetunnel serve: {message}");
@@ -27,146 +36,244 @@ pub async fn run(config_path: &Path) -> ExitCode {
     }
 }
 
-async fn serve(config_path: &Path) -> Result<(), String> {
-    let config = Config::load(config_path).map_err(|e| e.to_string())?;
-    let metrics = Arc::new(Metrics::new());
-    let manager = TunnelManager::new(&config, config.routing.clone(), metrics.clone())
-        .map_err(|e| e.to_string())?;
-    let mut terminate =
-        signal(SignalKind::terminate()).map_err(|e| format!("SIGTERM handler: {e}"))?;
-    let mut interrupt =
-        signal(SignalKind::interrupt()).map_err(|e| format!("SIGINT handler: {e}"))?;
-    let mut hangup = signal(SignalKind::hangup()).map_err(|e| format!("SIGHUP handler: {e}"))?;
-
-    let shutdown = Shutdown::new();
-    let drain = config.ssh.drain_timeout;
-    let front_door = match &config.proxy {
-        Some(proxy) => {
-            let door = FrontDoor::bind(proxy, metrics.clone())
-                .await
-                .map_err(|e| e.to_string())?;
-            let listeners = [
-                door.uds_path().map(|p| format!("uds={}", p.display())),
-                door.tcp_addr().map(|a| format!("tcp={a}")),
-                door.socks5_addr().map(|a| format!("socks5={a}")),
-            ]
-            .into_iter()
-            .flatten()
-            .collect::<Vec<_>>()
-            .join(" ");
-            let task = tokio::spawn(door.serve(manager.clone(), shutdown.clone(), drain));
-            tracing::info!(listeners = %listeners, "front door listening");
-            Some(task)
-        }
-        None => {
-            tracing::warn!("no [proxy] table: tunnels are kept but nothing accepts connections");
-            None
-        }
-    };
-    // Inventory health, read by readiness.
-    let sync = Arc::new(SyncStatus::default());
-    if config.inventory.source == InventorySource::Static {
-        manager.apply(config.nodes.clone());
-        sync.synced();
-        metrics
-            .inventory_last_sync
-            .set(sync.last_sync_unix().unwrap_or(0));
-    }
-    // The file and kubernetes sources follow their nodes in a task of their
-    // own; SIGHUP pokes it through `inventory_reload`.
-    let inventory_reload = Arc::new(tokio::sync::Notify::new());
-    if config.inventory.source != InventorySource::Static && !config.nodes.is_empty() {
-        tracing::warn!(
-            "[[nodes]] of the config file are ignored: the inventory comes from inventory.source"
-        );
-    }
-    let inventory = (config.inventory.source != InventorySource::Static).then(|| {
-        tokio::spawn(crate::inventory::run(
-            config.inventory.clone(),
-            manager.clone(),
-            sync.clone(),
-            metrics.clone(),
-            inventory_reload.clone(),
-            shutdown.clone(),
-        ))
-    });
-    tracing::info!(nodes = config.nodes.len(), config = %config_path.display(), "nodetunnel serving");
-
-    // The admin API: health, readiness, metrics and the tunnel table, read
-    // live from the manager and the inventory's sync status.
-    let admin = crate::admin::start(
-        &config,
-        manager.clone(),
-        metrics.clone(),
-        sync.clone(),
-        shutdown.clone(),
-    )
-    .await
-    .map_err(|e| e.to_string())?;
-
-    loop {
-        tokio::select! {
-            _ = terminate.recv() => { tracing::info!("SIGTERM: draining"); break; }
-            _ = interrupt.recv() => { tracing::info!("SIGINT: draining"); break; }
-            _ = hangup.recv() => reload(config_path, &config, &manager, &sync, &inventory_reload),
-        }
-    }
-    shutdown.trigger();
-    if let Some(task) = inventory {
-        let _ = task.await;
-    }
-    if let Some(task) = front_door {
-        let _ = task.await;
-    }
-    if let Some(task) = admin {
-        let _ = task.await;
-    }
-    manager.shutdown(drain).await;
-    tracing::info!("stopped");
-    Ok(())
+/// Where a running [`Server`] listens (the real ports when 0 was
+/// configured).
+#[derive(Clone, Debug, Default)]
+pub struct Listeners {
+    /// HTTP CONNECT over a Unix socket.
+    pub proxy_uds: Option<PathBuf>,
+    /// HTTP CONNECT over TCP (with mTLS when configured).
+    pub proxy_tcp: Option<SocketAddr>,
+    /// SOCKS5.
+    pub socks5: Option<SocketAddr>,
+    /// Admin API over TCP.
+    pub admin_tcp: Option<SocketAddr>,
+    /// Admin API over a Unix socket.
+    pub admin_uds: Option<PathBuf>,
 }
 
-/// SIGHUP: re-read the file; apply its nodes, identity and known_hosts. A
-/// broken file keeps everything as it was. The file and kubernetes
-/// inventory sources re-read their nodes file or re-list their nodes.
-fn reload(
-    path: &Path,
-    running: &Config,
-    manager: &TunnelManager,
-    sync: &SyncStatus,
-    inventory_reload: &tokio::sync::Notify,
-) {
-    if running.inventory.source != InventorySource::Static {
-        inventory_reload.notify_one();
-    }
-    let fresh = match Config::load(path) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "SIGHUP: configuration not reloaded; keeping the running one");
-            return;
+/// A running sidecar. See the module docs.
+pub struct Server {
+    config_path: PathBuf,
+    config: Config,
+    manager: Arc<TunnelManager>,
+    sync: Arc<SyncStatus>,
+    shutdown: Shutdown,
+    inventory_reload: Arc<Notify>,
+    listeners: Listeners,
+    tasks: Vec<JoinHandle<()>>,
+    drain: Duration,
+}
+
+impl Server {
+    /// Load `config_path`, bind every listener, start the tunnels, the
+    /// inventory and the admin API.
+    pub async fn start(config_path: &Path) -> Result<Server, String> {
+        let config = Config::load(config_path).map_err(|e| e.to_string())?;
+        let metrics = Arc::new(Metrics::new());
+        let manager = TunnelManager::new(&config, config.routing.clone(), metrics.clone())
+            .map_err(|e| e.to_string())?;
+        let shutdown = Shutdown::new();
+        let drain = config.ssh.drain_timeout;
+        let mut listeners = Listeners::default();
+        let mut tasks = Vec::new();
+
+        match &config.proxy {
+            Some(proxy) => {
+                let door = FrontDoor::bind(proxy, metrics.clone())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                listeners.proxy_uds = door.uds_path().map(PathBuf::from);
+                listeners.proxy_tcp = door.tcp_addr();
+                listeners.socks5 = door.socks5_addr();
+                let described = [
+                    door.uds_path().map(|p| format!("uds={}", p.display())),
+                    door.tcp_addr().map(|a| format!("tcp={a}")),
+                    door.socks5_addr().map(|a| format!("socks5={a}")),
+                ]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>()
+                .join(" ");
+                tasks.push(tokio::spawn(door.serve(
+                    manager.clone(),
+                    shutdown.clone(),
+                    drain,
+                )));
+                tracing::info!(listeners = %described, "front door listening");
+            }
+            None => {
+                tracing::warn!(
+                    "no [proxy] table: tunnels are kept but nothing accepts connections"
+                );
+            }
         }
-    };
-    if let Err(e) =
-        manager.reload_identity(&fresh.ssh.identity, fresh.ssh.passphrase_file.as_deref())
-    {
-        tracing::error!(error = %e, "SIGHUP: identity not reloaded");
+
+        // Inventory health, read by readiness.
+        let sync = Arc::new(SyncStatus::default());
+        if config.inventory.source == InventorySource::Static {
+            manager.apply(config.nodes.clone());
+            sync.synced();
+            metrics
+                .inventory_last_sync
+                .set(sync.last_sync_unix().unwrap_or(0));
+        }
+        // The file and kubernetes sources follow their nodes in a task of
+        // their own; SIGHUP pokes it through `inventory_reload`.
+        let inventory_reload = Arc::new(Notify::new());
+        if config.inventory.source != InventorySource::Static {
+            if !config.nodes.is_empty() {
+                tracing::warn!(
+                    "[[nodes]] of the config file are ignored: the inventory comes from inventory.source"
+                );
+            }
+            tasks.push(tokio::spawn(crate::inventory::run(
+                config.inventory.clone(),
+                manager.clone(),
+                sync.clone(),
+                metrics.clone(),
+                inventory_reload.clone(),
+                shutdown.clone(),
+            )));
+        }
+
+        // The admin API: health, readiness, metrics and the tunnel table,
+        // read live from the manager and the inventory's sync status.
+        let admin = crate::admin::start(
+            &config,
+            manager.clone(),
+            metrics.clone(),
+            sync.clone(),
+            shutdown.clone(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        if let Some(admin) = admin {
+            listeners.admin_tcp = admin.tcp_addr;
+            listeners.admin_uds = admin.uds_path;
+            tasks.push(admin.task);
+        }
+        tracing::info!(
+            source = ?config.inventory.source,
+            config = %config_path.display(),
+            "nodetunnel serving"
+        );
+        Ok(Server {
+            config_path: config_path.to_path_buf(),
+            config,
+            manager,
+            sync,
+            shutdown,
+            inventory_reload,
+            listeners,
+            tasks,
+            drain,
+        })
     }
-    if let Err(e) = manager.reload_known_hosts() {
-        tracing::error!(error = %e, "SIGHUP: known_hosts not reloaded");
+
+    /// Where it listens.
+    pub fn listeners(&self) -> &Listeners {
+        &self.listeners
     }
-    if running.inventory.source == InventorySource::Static {
-        let summary = manager.apply(fresh.nodes.clone());
-        sync.synced();
-        manager
-            .metrics()
-            .inventory_last_sync
-            .set(sync.last_sync_unix().unwrap_or(0));
-        tracing::info!(?summary, "SIGHUP: reloaded");
+
+    /// The tunnel manager.
+    pub fn manager(&self) -> &Arc<TunnelManager> {
+        &self.manager
     }
-    if fresh.inventory != running.inventory {
-        tracing::warn!("SIGHUP: [inventory] changes take effect at the next restart");
+
+    /// The configuration it runs with.
+    pub fn config(&self) -> &Config {
+        &self.config
     }
-    if fresh.proxy.is_some() != running.proxy.is_some() || fresh.routing != running.routing {
-        tracing::warn!("SIGHUP: [proxy] and [routing] changes take effect at the next restart");
+
+    /// Serve until SIGTERM or SIGINT (reloading on SIGHUP), then drain and
+    /// stop.
+    pub async fn run_until_signal(self) -> Result<(), String> {
+        let mut terminate =
+            signal(SignalKind::terminate()).map_err(|e| format!("SIGTERM handler: {e}"))?;
+        let mut interrupt =
+            signal(SignalKind::interrupt()).map_err(|e| format!("SIGINT handler: {e}"))?;
+        let mut hangup =
+            signal(SignalKind::hangup()).map_err(|e| format!("SIGHUP handler: {e}"))?;
+        loop {
+            tokio::select! {
+                _ = terminate.recv() => { tracing::info!("SIGTERM: draining"); break; }
+                _ = interrupt.recv() => { tracing::info!("SIGINT: draining"); break; }
+                _ = hangup.recv() => self.reload(),
+            }
+        }
+        self.stop().await;
+        Ok(())
+    }
+
+    /// Stop taking work, let open streams drain up to `ssh.drain_timeout`,
+    /// then close everything.
+    pub async fn stop(self) {
+        self.shutdown.trigger();
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        self.manager.shutdown(self.drain).await;
+        tracing::info!("stopped");
+    }
+
+    /// SIGHUP: re-read the file; apply its nodes, identity and known_hosts.
+    /// A broken file keeps everything as it was. The file and kubernetes
+    /// inventory sources re-read their nodes file or re-list their nodes.
+    fn reload(&self) {
+        let running = &self.config;
+        let manager = &self.manager;
+        if running.inventory.source != InventorySource::Static {
+            self.inventory_reload.notify_one();
+        }
+        let fresh = match Config::load(&self.config_path) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "SIGHUP: configuration not reloaded; keeping the running one");
+                return;
+            }
+        };
+        if let Err(e) =
+            manager.reload_identity(&fresh.ssh.identity, fresh.ssh.passphrase_file.as_deref())
+        {
+            tracing::error!(error = %e, "SIGHUP: identity not reloaded");
+        }
+        if let Err(e) = manager.reload_known_hosts() {
+            tracing::error!(error = %e, "SIGHUP: known_hosts not reloaded");
+        }
+        if running.inventory.source == InventorySource::Static {
+            let summary = manager.apply(fresh.nodes.clone());
+            self.sync.synced();
+            manager
+                .metrics()
+                .inventory_last_sync
+                .set(self.sync.last_sync_unix().unwrap_or(0));
+            tracing::info!(?summary, "SIGHUP: reloaded");
+        }
+        let mut restart_needed = Vec::new();
+        if fresh.inventory != running.inventory {
+            restart_needed.push("[inventory]");
+        }
+        if fresh.proxy != running.proxy {
+            restart_needed.push("[proxy]");
+        }
+        if fresh.routing != running.routing {
+            restart_needed.push("[routing]");
+        }
+        if fresh.admin != running.admin || fresh.readiness != running.readiness {
+            restart_needed.push("[admin]/[readiness]");
+        }
+        let mut ssh_then = running.ssh.clone();
+        ssh_then.identity = fresh.ssh.identity.clone();
+        ssh_then.passphrase_file = fresh.ssh.passphrase_file.clone();
+        if ssh_then != fresh.ssh {
+            restart_needed.push("[ssh] (other than identity and passphrase_file)");
+        }
+        if !restart_needed.is_empty() {
+            tracing::warn!(
+                tables = %restart_needed.join(", "),
+                "SIGHUP: these changes take effect at the next restart"
+            );
+        }
     }
 }

@@ -39,6 +39,17 @@ use crate::manager::TunnelManager;
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 
+/// A started admin API: its task and where it listens.
+#[derive(Debug)]
+pub struct AdminHandle {
+    /// The server task; it ends after shutdown.
+    pub task: JoinHandle<()>,
+    /// The bound TCP address (the real port when 0 was configured).
+    pub tcp_addr: Option<SocketAddr>,
+    /// The Unix socket path.
+    pub uds_path: Option<PathBuf>,
+}
+
 /// Bind the admin API configured in `config` and serve it in a task until
 /// `shutdown` fires. `None` when `[admin]` configures no listener.
 pub async fn start(
@@ -47,15 +58,17 @@ pub async fn start(
     metrics: Arc<Metrics>,
     sync: Arc<SyncStatus>,
     shutdown: Shutdown,
-) -> Result<Option<JoinHandle<()>>, AdminError> {
+) -> Result<Option<AdminHandle>, AdminError> {
     if !config.admin.enabled() {
         tracing::info!("[admin] configures no listener: no admin API, no /readyz, no /metrics");
         return Ok(None);
     }
     let server = AdminServer::bind(&config.admin, &config.readiness).await?;
+    let tcp_addr = server.tcp_addr();
+    let uds_path = server.uds_path().map(PathBuf::from);
     let listeners = [
-        server.tcp_addr().map(|a| format!("tcp={a}")),
-        server.uds_path().map(|p| format!("uds={}", p.display())),
+        tcp_addr.map(|a| format!("tcp={a}")),
+        uds_path.as_ref().map(|p| format!("uds={}", p.display())),
     ]
     .into_iter()
     .flatten()
@@ -69,7 +82,11 @@ pub async fn start(
         readiness: config.readiness.clone(),
         per_node_metrics: config.admin.per_node_metrics,
     });
-    Ok(Some(tokio::spawn(server.serve(state, shutdown))))
+    Ok(Some(AdminHandle {
+        task: tokio::spawn(server.serve(state, shutdown)),
+        tcp_addr,
+        uds_path,
+    }))
 }
 
 /// The `[admin]` table.

@@ -44,6 +44,18 @@ pub struct Cli {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// A throwaway cluster in this process: in-process SSH nodes with a
+    /// kubelet, a pod and a service each, and the real serve path in front
+    /// of them. No root, no sshd, no config file. Runs until Ctrl-C.
+    Dev {
+        /// How many nodes.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=200))]
+        nodes: u8,
+        /// Take this node down after a few seconds and bring it back,
+        /// every 30 s, to watch recovery in `status`.
+        #[arg(long, value_name = "NODE")]
+        fail_node: Option<String>,
+    },
     /// Keep tunnels to every node and serve the front door until SIGTERM/SIGINT.
     Serve {
         /// Configuration file (TOML).
@@ -173,6 +185,9 @@ pub enum KeysCommand {
 /// Run a parsed command line; the exit code says how it went.
 pub async fn run(cli: Cli) -> ExitCode {
     match cli.command {
+        Command::Dev { nodes, fail_node } => {
+            crate::dev::run(crate::dev::DevOptions { nodes, fail_node }).await
+        }
         Command::Serve { config } => serve::run(&config).await,
         Command::Dial {
             config,

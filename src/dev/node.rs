@@ -55,7 +55,11 @@ impl DevNodeSpec {
     /// Which service `host:port`, as the node sees it, reaches.
     pub fn service_for(&self, host: &str, port: u16) -> Option<Service> {
         let ip: Option<Ipv4Addr> = host.parse().ok();
-        let is_node = ip == Some(self.ip) || host == self.name;
+        // The kubelet listens on every address of its node, loopback too.
+        let is_node = ip == Some(self.ip)
+            || ip.is_some_and(|ip| ip.is_loopback())
+            || host == self.name
+            || host == "localhost";
         match port {
             KUBELET_PORT if is_node => Some(Service::Kubelet),
             HTTP_PORT if ip == Some(self.pod_ip) => Some(Service::Pod {
@@ -270,6 +274,7 @@ mod tests {
             Some(Service::Kubelet)
         );
         assert_eq!(spec.service_for("node-2", 10250), Some(Service::Kubelet));
+        assert_eq!(spec.service_for("127.0.0.1", 10250), Some(Service::Kubelet));
         assert_eq!(
             spec.service_for("10.244.2.10", 80),
             Some(Service::Pod {
