@@ -352,6 +352,13 @@ impl Config {
                 .validate()
                 .map_err(|(key, reason)| ConfigError::new(&self.path, key, reason))?;
         }
+        for check in [
+            self.inventory.validate(),
+            self.admin.validate(),
+            self.readiness.validate(),
+        ] {
+            check.map_err(|(key, reason)| ConfigError::new(&self.path, key, reason))?;
+        }
         self.routing.validate().map_err(|(key, reason)| {
             ConfigError::new(&self.path, format!("routing.{key}"), reason)
         })?;
@@ -515,6 +522,18 @@ pod_cidrs = ["10.244.1.0/24"]
             let e = error(&format!("[ssh]\n{line}\n"));
             assert!(e.contains(&format!(": {key}: ")), "{key}: {e}");
         }
+    }
+
+    #[test]
+    fn inventory_admin_and_readiness_tables_are_checked_at_load() {
+        let e = error("[inventory]\nsource = \"file\"\n");
+        assert!(e.contains(": inventory.path: "), "{e}");
+        let e = error("[inventory]\naddress_types = []\n");
+        assert!(e.contains(": inventory.address_types: "), "{e}");
+        let e = error("[admin]\nlisten = \"0.0.0.0:8133\"\n");
+        assert!(e.contains(": admin.listen: "), "{e}");
+        let e = error("[readiness]\nmin_ready_fraction = 1.5\n");
+        assert!(e.contains(": readiness.min_ready_fraction: "), "{e}");
     }
 
     #[test]

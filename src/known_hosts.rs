@@ -593,9 +593,23 @@ impl KnownHosts {
         let mut found: Vec<russh::keys::Algorithm> = Vec::new();
         for entry in &self.entries {
             if entry.marker == Marker::None && entry.hosts.matches(&name) {
-                let algorithm = entry.key.algorithm();
-                if !found.contains(&algorithm) {
-                    found.push(algorithm);
+                let algorithms = match entry.key.algorithm() {
+                    // An RSA key is offered as rsa-sha2-512/256: OpenSSH
+                    // 8.8+ no longer signs with SHA-1 (ssh-rsa).
+                    russh::keys::Algorithm::Rsa { .. } => vec![
+                        russh::keys::Algorithm::Rsa {
+                            hash: Some(HashAlg::Sha512),
+                        },
+                        russh::keys::Algorithm::Rsa {
+                            hash: Some(HashAlg::Sha256),
+                        },
+                    ],
+                    other => vec![other],
+                };
+                for algorithm in algorithms {
+                    if !found.contains(&algorithm) {
+                        found.push(algorithm);
+                    }
                 }
             }
         }

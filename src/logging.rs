@@ -24,7 +24,10 @@ pub fn init(format: LogFormat, level: &str) {
         .or_else(|_| EnvFilter::try_new(format!("russh=warn,{level}")))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_ansi(
+            std::io::IsTerminal::is_terminal(&std::io::stderr())
+                && std::env::var_os("NO_COLOR").is_none(),
+        )
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false);

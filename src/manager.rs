@@ -52,6 +52,9 @@ pub struct ApplySummary {
 pub struct TunnelManager {
     ctx: Arc<TunnelContext>,
     tunnels: DashMap<Arc<str>, Arc<Tunnel>>,
+    /// Removed or replaced tunnels still draining: shown in status until
+    /// they are closed, never dialled.
+    retiring: Arc<std::sync::Mutex<Vec<Arc<Tunnel>>>>,
     /// Every tunnel, for random sampling (rebuilt by apply).
     sample: RwLock<Arc<Vec<Arc<Tunnel>>>>,
     router: RwLock<Arc<Router>>,
@@ -112,6 +115,7 @@ impl TunnelManager {
         Ok(Arc::new(TunnelManager {
             ctx,
             tunnels: DashMap::new(),
+            retiring: Arc::new(std::sync::Mutex::new(Vec::new())),
             sample: RwLock::new(Arc::new(Vec::new())),
             router: RwLock::new(Arc::new(router)),
             routing,
@@ -186,7 +190,16 @@ impl TunnelManager {
 
     fn retire(&self, tunnel: Arc<Tunnel>) {
         let grace = self.drain_timeout;
-        tokio::spawn(async move { tunnel.drain(grace).await });
+        let retiring = self.retiring.clone();
+        if let Ok(mut list) = retiring.lock() {
+            list.push(tunnel.clone());
+        }
+        tokio::spawn(async move {
+            tunnel.drain(grace).await;
+            if let Ok(mut list) = retiring.lock() {
+                list.retain(|t| !Arc::ptr_eq(t, &tunnel));
+            }
+        });
     }
 
     fn rebuild_indexes(&self) {
@@ -230,10 +243,23 @@ impl TunnelManager {
     }
 
     /// A status snapshot of every tunnel, sorted by node name.
+    /// Tunnels still draining after being removed or replaced are included
+    /// (state `draining`) until they close.
     pub fn status(&self) -> Vec<TunnelStatus> {
         let mut all: Vec<TunnelStatus> = self.tunnels.iter().map(|t| t.status()).collect();
-        all.sort_by(|a, b| a.node.cmp(&b.node));
+        if let Ok(list) = self.retiring.lock() {
+            all.extend(list.iter().map(|t| t.status()));
+        }
+        all.sort_by(|a, b| a.node.cmp(&b.node).then(a.state.cmp(&b.state)));
         all
+    }
+
+    /// Bytes received from nodes that clients have not read yet.
+    pub fn buffered_bytes(&self) -> usize {
+        self.ctx
+            .limits
+            .in_use
+            .load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Tunnels by state.
@@ -307,6 +333,9 @@ impl TunnelManager {
     pub fn reload_known_hosts(&self) -> Result<(), String> {
         let path = &self.ctx.session.known_hosts_path;
         let fresh = KnownHosts::load(path).map_err(|e| e.to_string())?;
+        for warning in fresh.warnings() {
+            tracing::warn!(path = %path.display(), line = warning.line, "known_hosts line skipped: {}", warning.reason);
+        }
         if let Ok(mut slot) = self.ctx.session.known_hosts.write() {
             *slot = fresh;
         }

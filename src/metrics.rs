@@ -151,6 +151,9 @@ pub struct Metrics {
     pub keepalive_rtt: Histogram,
     /// `nodetunnel_streams_open`.
     pub streams_open: Gauge,
+    /// `nodetunnel_stream_buffered_bytes`: bytes from nodes waiting for
+    /// clients to read them (set at each scrape).
+    pub stream_buffered_bytes: Gauge,
     /// `nodetunnel_stream_opens_total{result}`.
     pub stream_opens: Family<ResultLabel, Counter>,
     /// `nodetunnel_stream_open_duration_seconds`.
@@ -201,6 +204,12 @@ impl Metrics {
             "streams_open",
             "Open tunnelled streams",
             streams_open.clone(),
+        );
+        let stream_buffered_bytes = Gauge::default();
+        registry.register(
+            "stream_buffered_bytes",
+            "Bytes received from nodes that clients have not read yet (bounded by ssh.max_buffered_bytes for new streams)",
+            stream_buffered_bytes.clone(),
         );
         let stream_opens = Family::<ResultLabel, Counter>::default();
         registry.register(
@@ -259,6 +268,7 @@ impl Metrics {
             ssh_handshakes,
             keepalive_rtt,
             streams_open,
+            stream_buffered_bytes,
             stream_opens,
             stream_open_duration,
             bytes,

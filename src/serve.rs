@@ -113,6 +113,7 @@ impl Server {
         let sync = Arc::new(SyncStatus::default());
         if config.inventory.source == InventorySource::Static {
             manager.apply(config.nodes.clone());
+            sync.set_always_current();
             sync.synced();
             metrics
                 .inventory_last_sync
@@ -241,7 +242,17 @@ impl Server {
         if let Err(e) = manager.reload_known_hosts() {
             tracing::error!(error = %e, "SIGHUP: known_hosts not reloaded");
         }
-        if running.inventory.source == InventorySource::Static {
+        let static_now = fresh.inventory.source == InventorySource::Static;
+        if running.inventory.source == InventorySource::Static && !static_now {
+            tracing::warn!(
+                "SIGHUP: inventory.source changed; keeping the running nodes until the restart"
+            );
+        } else if running.inventory.source == InventorySource::Static
+            && fresh.nodes.is_empty()
+            && !manager.status().is_empty()
+        {
+            tracing::error!("SIGHUP: the configuration has no [[nodes]]; keeping the running nodes (an empty inventory is applied only at start)");
+        } else if running.inventory.source == InventorySource::Static {
             let summary = manager.apply(fresh.nodes.clone());
             self.sync.synced();
             manager

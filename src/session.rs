@@ -554,16 +554,27 @@ async fn establish(
 /// key algorithms known_hosts lists for this host offered first (as
 /// OpenSSH orders HostKeyAlgorithms), so the node presents a key we know.
 fn host_config(settings: &SessionSettings, target: &Target) -> Arc<client::Config> {
-    let known = settings
-        .known_hosts
-        .read()
-        .map(|kh| kh.key_algorithms_for(&target.host, target.port))
-        .unwrap_or_default();
-    if known.is_empty() {
+    let Ok(known_hosts) = settings.known_hosts.read() else {
         return settings.russh.clone();
+    };
+    match config_for_host(&settings.russh, &known_hosts, &target.host, target.port) {
+        Some(config) => Arc::new(config),
+        None => settings.russh.clone(),
     }
-    let base = &settings.russh;
-    let mut order = known;
+}
+
+/// `base` with the host key algorithms that `known_hosts` lists for
+/// `host:port` moved to the front; `None` when it lists none (use `base`).
+pub fn config_for_host(
+    base: &client::Config,
+    known_hosts: &KnownHosts,
+    host: &str,
+    port: u16,
+) -> Option<client::Config> {
+    let mut order = known_hosts.key_algorithms_for(host, port);
+    if order.is_empty() {
+        return None;
+    }
     for algorithm in base.preferred.key.iter() {
         if !order.contains(algorithm) {
             order.push(algorithm.clone());
@@ -573,8 +584,9 @@ fn host_config(settings: &SessionSettings, target: &Target) -> Arc<client::Confi
         base.window_size,
         !base.preferred.host_key_certificates.is_empty(),
     );
+    config.adjust_window_on_consume = base.adjust_window_on_consume;
     config.preferred.key = Cow::Owned(order);
-    Arc::new(config)
+    Some(config)
 }
 
 async fn tcp_connect(host: &str, port: u16) -> std::io::Result<TcpStream> {

@@ -367,8 +367,24 @@ impl Tunnel {
 
     /// Open a direct-tcpip channel to `host:port` as seen from the node,
     /// on the session with the fewest open streams, waiting at most
-    /// `timeout` for the node to confirm it.
+    /// `timeout` for the node to confirm it. Every outcome, refusals before
+    /// any channel was asked for included, is counted in
+    /// `nodetunnel_stream_opens_total{result}`.
     pub async fn open_stream(
+        &self,
+        host: &str,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<TunnelStream, DialError> {
+        let result = self.try_open_stream(host, port, timeout).await;
+        self.ctx.metrics.stream_open(match &result {
+            Ok(_) => "ok",
+            Err(e) => e.reason(),
+        });
+        result
+    }
+
+    async fn try_open_stream(
         &self,
         host: &str,
         port: u16,
@@ -425,21 +441,9 @@ impl Tunnel {
         metrics
             .stream_open_duration
             .observe(started.elapsed().as_secs_f64());
-        match result {
-            Ok(channel) => {
-                metrics.stream_open("ok");
-                Ok(TunnelStream::new(
-                    self.name.clone(),
-                    channel,
-                    slot,
-                    self.ctx.limits.clone(),
-                ))
-            }
-            Err(e) => {
-                metrics.stream_open(e.reason());
-                Err(e)
-            }
-        }
+        result.map(|channel| {
+            TunnelStream::new(self.name.clone(), channel, slot, self.ctx.limits.clone())
+        })
     }
 
     fn least_loaded_session(&self) -> Option<Arc<LiveSession>> {
@@ -562,7 +566,10 @@ impl Tunnel {
                             // session ends now, even if the peer is a blackhole.
                             live.session.cut.sever();
                             tracing::warn!(node = %self.name, session = slot, error = %reason, "session lost");
-                            self.update(|s| s.last_error = Some(reason.clone()));
+                            self.update(|s| {
+                                s.last_error = Some(reason.clone());
+                                s.rtt = None;
+                            });
                             Some(reason)
                         }
                     }

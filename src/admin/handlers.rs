@@ -85,6 +85,10 @@ fn metrics(state: &AdminState) -> Answer {
     if let Some(at) = state.sync.last_sync_unix() {
         state.metrics.inventory_last_sync.set(at);
     }
+    state
+        .metrics
+        .stream_buffered_bytes
+        .set(i64::try_from(state.manager.buffered_bytes()).unwrap_or(i64::MAX));
     let extra = state
         .per_node_metrics
         .then(|| per_node_registry(&state.manager.status()));

@@ -473,7 +473,7 @@ impl Checker {
             .step(Step::Banner, self.banner(&mut tcp, target.port))
             .await?;
         let (session, key) = run
-            .step(Step::KeyExchange, self.key_exchange(tcp, replay))
+            .step(Step::KeyExchange, self.key_exchange(target, tcp, replay))
             .await?;
         *handle = Some(session);
         run.step(Step::HostKey, async { self.judge_host_key(target, key) })
@@ -613,6 +613,7 @@ impl Checker {
     /// returned for step 5.
     async fn key_exchange(
         &self,
+        target: &Target,
         tcp: TcpStream,
         replay: Vec<u8>,
     ) -> Result<((Handle<Recorder>, Option<PublicKeyOrCertificate>), String), Failure> {
@@ -622,7 +623,17 @@ impl Checker {
             pos: 0,
             inner: tcp,
         };
-        let kex = client::connect_stream(self.russh.clone(), transport, Recorder(seen.clone()));
+        // Offer first the host key algorithms known_hosts has for this node,
+        // exactly as `serve` does.
+        let russh = crate::session::config_for_host(
+            &self.russh,
+            &self.known_hosts,
+            &target.host,
+            target.port,
+        )
+        .map(Arc::new)
+        .unwrap_or_else(|| self.russh.clone());
+        let kex = client::connect_stream(russh, transport, Recorder(seen.clone()));
         let session = match tokio::time::timeout(self.handshake_timeout, kex).await {
             Err(_) => {
                 return Err(Failure::new(

@@ -102,6 +102,13 @@ pub trait NodeSink: Send + Sync + 'static {
     fn apply(&self, nodes: Vec<NodeConfig>) -> ApplySummary;
 }
 
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
 /// Health of the inventory: when it last synced and how often it failed.
 /// Readiness reads it.
 #[derive(Debug, Default)]
@@ -111,16 +118,15 @@ pub struct SyncStatus {
     syncs: AtomicU64,
     last_error: Mutex<Option<String>>,
     changed: Notify,
+    /// The inventory is the config file itself (source = "static"): once
+    /// applied it cannot go stale, so it counts as synced at every read.
+    always_current: std::sync::atomic::AtomicBool,
 }
 
 impl SyncStatus {
     /// Record a successful sync now.
     pub fn synced(&self) {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0);
-        self.last_sync_unix.store(now, Ordering::Release);
+        self.last_sync_unix.store(unix_now(), Ordering::Release);
         if let Ok(mut e) = self.last_error.lock() {
             *e = None;
         }
@@ -150,10 +156,19 @@ impl SyncStatus {
         &self.changed
     }
 
-    /// Unix time of the last successful sync, if any.
+    /// Mark the inventory as the static one from the config file: after its
+    /// first sync it is current at every read (readiness never finds it
+    /// stale; SIGHUP re-applies it).
+    pub fn set_always_current(&self) {
+        self.always_current.store(true, Ordering::Release);
+    }
+
+    /// Unix time of the last successful sync, if any (now, for a static
+    /// inventory that was applied).
     pub fn last_sync_unix(&self) -> Option<i64> {
         match self.last_sync_unix.load(Ordering::Acquire) {
             0 => None,
+            _ if self.always_current.load(Ordering::Acquire) => Some(unix_now()),
             t => Some(t),
         }
     }

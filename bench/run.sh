@@ -1,0 +1,319 @@
+#!/usr/bin/env bash
+# bench/run.sh: nodetunnel against OpenSSH (`ssh -N -D`), side by side, in
+# one run; prints one `metric=... nodetunnel=... openssh=... ratio=...` line
+# per metric and a markdown table.
+#
+#   bash bench/run.sh                 everything (metrics 1-6), full sizes
+#   bash bench/run.sh --quick         small sizes, one repetition (a smoke test)
+#   bash bench/run.sh --no-scale      skip metric 5 (idle sessions at scale)
+#   bash bench/run.sh --write-docs    also rewrite the generated block of
+#                                     docs/benchmarks.md with this run
+#
+# Environment: BENCH_REPS (3), BENCH_SESSIONS (4: sessions_per_node of the
+# multi-session nodetunnel of metric 2), BENCH_SCALE ("1000 5000": node
+# counts of metric 5), BENCH_SCALE_SSH_MAX (1000: the largest count also run
+# with one `ssh -N` per node), BENCH_NO_BUILD=1 (use the binaries as built),
+# BENCH_KEEP=1 (keep the work directory with all logs).
+#
+# Needs root (network namespaces), OpenSSH (ssh, sshd), iproute2, cargo.
+# Everything runs on loopback and in the testbed's network namespaces, each
+# step is bounded in time, and every process and namespace it started is
+# removed on exit.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(dirname "$HERE")
+TESTBED=$ROOT/tests/testbed/testbed.sh
+NT=$ROOT/target/release/nodetunnel
+BENCH=$HERE/target/release/nodetunnel-bench
+
+QUICK=0
+SCALE=1
+WRITE_DOCS=0
+for a in "$@"; do
+    case $a in
+    --quick) QUICK=1 ;;
+    --no-scale) SCALE=0 ;;
+    --write-docs) WRITE_DOCS=1 ;;
+    -h | --help)
+        sed -n '2,20p' "$0"
+        exit 0
+        ;;
+    *)
+        echo "run.sh: unknown argument $a (see --help)" >&2
+        exit 2
+        ;;
+    esac
+done
+REPS=${BENCH_REPS:-3}
+SESSIONS=${BENCH_SESSIONS:-4}
+SCALE_COUNTS=${BENCH_SCALE:-1000 5000}
+SCALE_SSH_MAX=${BENCH_SCALE_SSH_MAX:-1000}
+CIPHER=aes256-gcm@openssh.com
+if [ $QUICK = 1 ]; then
+    REPS=${BENCH_REPS:-1}
+    SIZES=(--single-bytes $((64 << 20)) --aggregate-bytes-per-stream $((1 << 20)) --opens 200 --opens-secs 1 --hol-bytes $((32 << 20)))
+    SCALE_COUNTS=${BENCH_SCALE:-100}
+    SCALE_SSH_MAX=${BENCH_SCALE_SSH_MAX:-100}
+else
+    SIZES=()
+fi
+COMMAND="bash bench/run.sh $*"
+
+note() { echo "[run.sh] $*" >&2; }
+die() {
+    echo "[run.sh] error: $*" >&2
+    exit 1
+}
+
+[ "$(id -u)" -eq 0 ] || die "must run as root (network namespaces, sshd on port 22 of the node)"
+for t in ssh ssh-keygen ip getconf cargo timeout; do
+    command -v $t >/dev/null || die "$t not found (apt-get install openssh-client openssh-server iproute2)"
+done
+[ -x /usr/sbin/sshd ] || die "/usr/sbin/sshd not found: apt-get install openssh-server"
+grep -qw aes /proc/cpuinfo || note "warning: no AES-NI: nodetunnel would prefer chacha20-poly1305, while ssh is told aes256-gcm"
+
+# --- build -------------------------------------------------------------------
+if [ "${BENCH_NO_BUILD:-0}" != 1 ]; then
+    note "building nodetunnel (release)"
+    (cd "$ROOT" && timeout 3600 cargo build --release --quiet) || die "cargo build --release failed"
+    note "building nodetunnel-bench (release, with the farm)"
+    (cd "$HERE" && timeout 3600 cargo build --release --quiet --features farm) || die "building bench/ failed"
+fi
+[ -x "$NT" ] || die "$NT missing"
+[ -x "$BENCH" ] || die "$BENCH missing"
+
+# --- work directory, clean-up ------------------------------------------------
+WORK=$(mktemp -d /tmp/ntbench.XXXXXX)
+BED=$WORK/bed
+PIDS=()
+cleanup() {
+    local rc=$? p
+    trap - EXIT INT TERM
+    for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+    sleep 0.5
+    for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
+    if [ -f "$BED/prefix" ]; then
+        bash "$TESTBED" down "$BED" || note "testbed down failed"
+    fi
+    if [ "${BENCH_KEEP:-0}" = 1 ] || [ $rc -ne 0 ]; then
+        note "logs kept in $WORK"
+    else
+        rm -rf -- "$WORK"
+    fi
+    exit $rc
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Start a background process and remember its pid (ip netns exec execs the
+# command, so $! is the process itself).
+spawn() {
+    local log=$1
+    shift
+    "$@" >"$log" 2>&1 &
+    PIDS+=($!)
+    LAST_PID=$!
+}
+
+stop_pid() {
+    local p=$1 i
+    kill -TERM "$p" 2>/dev/null || return 0
+    for i in $(seq 1 100); do
+        kill -0 "$p" 2>/dev/null || return 0
+        sleep 0.1
+    done
+    kill -KILL "$p" 2>/dev/null || true
+}
+
+ssh-keygen -q -t ed25519 -N '' -C nodetunnel-bench -f "$WORK/id_ed25519"
+
+# --- testbed: one node, servers on it -----------------------------------------
+note "testbed up (1 node)"
+NT_PREFIX=ntb$$ NT_NODES=1 NT_OWNER_PID=$$ NT_AUTHORIZED_KEY="$(cat "$WORK/id_ed25519.pub")" \
+    bash "$TESTBED" up "$BED" >"$WORK/testbed.log" 2>&1 || die "testbed up failed: $(tail -5 "$WORK/testbed.log")"
+# shellcheck disable=SC1091
+. "$BED/testbed.env"
+CP=$NT_CP_NS
+NODE_NS=$NT_NODE_1_NS
+NODE_IP=$NT_NODE_1_IP
+# Many short connections end in TIME_WAIT on the side that closes first
+# (the client towards the proxy, sshd towards the echo server): let connect()
+# reuse them after 1 s, as tcp_tw_reuse=2 (the default) already does on
+# loopback only, and widen the ephemeral port range, in these two namespaces
+# only. Without this the 64-client open test runs out of ports (about 470
+# opens/s whatever the proxy) and sshd's connects fail.
+for ns in "$CP" "$NODE_NS"; do
+    ip netns exec "$ns" sysctl -q -w net.ipv4.tcp_tw_reuse=1 "net.ipv4.ip_local_port_range=10000 65535" ||
+        die "cannot set the TCP sysctls in $ns"
+done
+SINK=$NODE_IP:9001
+SOURCE=$NODE_IP:9002
+ECHO=$NODE_IP:9003
+
+spawn "$WORK/serve.log" ip netns exec "$NODE_NS" "$BENCH" serve --sink "$SINK" --source "$SOURCE" --echo "$ECHO" --lifetime-secs 7200
+
+SSH_OPTS=(-F /dev/null -i "$WORK/id_ed25519" -o BatchMode=yes -o StrictHostKeyChecking=yes
+    -o "UserKnownHostsFile=$NT_KNOWN_HOSTS" -o GlobalKnownHostsFile=/dev/null
+    -o "Ciphers=$CIPHER" -o Compression=no -o ServerAliveInterval=15 -o ServerAliveCountMax=3
+    -o ExitOnForwardFailure=yes -o ConnectTimeout=10)
+
+# The cipher OpenSSH negotiates with these options (a separate, verbose,
+# one-shot connection: the benchmarked `ssh -D` runs without -v).
+SSH_CIPHER=$(ip netns exec "$CP" timeout 30 ssh -v "${SSH_OPTS[@]}" "root@$NODE_IP" true 2>&1 |
+    sed -n 's/.*kex: server->client cipher: \([^ ]*\).*/\1/p' | head -1)
+[ -n "$SSH_CIPHER" ] || die "could not connect with ssh to $NODE_IP to check the cipher"
+
+# --- nodetunnel (two instances) and ssh -D, in the control-plane namespace ---
+write_config() { # name sessions_per_node socks5_port
+    cat >"$WORK/$1.toml" <<EOF
+[ssh]
+user = "root"
+identity = "$WORK/id_ed25519"
+known_hosts = "$NT_KNOWN_HOSTS"
+host_key_policy = "strict"
+sessions_per_node = $2
+
+[admin]
+listen = ""
+
+[proxy]
+uds = "$WORK/$1.sock"
+socks5 = "127.0.0.1:$3"
+
+[[nodes]]
+name = "node-1"
+addresses = ["$NODE_IP"]
+EOF
+}
+write_config nt1 1 1080
+write_config ntm "$SESSIONS" 1082
+spawn "$WORK/nt1.log" ip netns exec "$CP" env -u RUST_LOG "$NT" --log-format json \
+    --log-level "info,russh::client::kex=debug" serve --config "$WORK/nt1.toml"
+NT1_PID=$LAST_PID
+spawn "$WORK/ntm.log" ip netns exec "$CP" env -u RUST_LOG "$NT" --log-format json \
+    --log-level "info,russh::client::kex=debug" serve --config "$WORK/ntm.toml"
+NTM_PID=$LAST_PID
+spawn "$WORK/ssh-D.log" ip netns exec "$CP" ssh -N -D 127.0.0.1:1081 "${SSH_OPTS[@]}" "root@$NODE_IP"
+SSH_PID=$LAST_PID
+
+for proxy in socks5://127.0.0.1:1080 "http+unix://$WORK/nt1.sock" socks5://127.0.0.1:1082 socks5://127.0.0.1:1081; do
+    ip netns exec "$CP" timeout 60 "$BENCH" wait --proxy "$proxy" --echo "$ECHO" --timeout-secs 40 ||
+        die "$proxy never carried an echo; logs in $WORK"
+done
+# `ip netns exec` and `env` exec: the pids are nodetunnel's and ssh's own.
+[ "$(cat /proc/$NT1_PID/comm)" = nodetunnel ] || die "pid $NT1_PID is $(cat /proc/$NT1_PID/comm), not nodetunnel"
+[ "$(cat /proc/$SSH_PID/comm)" = ssh ] || die "pid $SSH_PID is $(cat /proc/$SSH_PID/comm), not ssh"
+NT_CIPHER=$(grep -o 'cipher: "[^"]*"' "$WORK/nt1.log" | head -1 | sed 's/cipher: "\(.*\)"/\1/' || true)
+[ -n "$NT_CIPHER" ] || NT_CIPHER=$(grep -m1 'negotiated algorithms' "$WORK/nt1.log" | grep -oE 'aes256-gcm@openssh.com|chacha20-poly1305@openssh.com|aes256-ctr|aes128-ctr' | head -1 || true)
+[ -n "$NT_CIPHER" ] || NT_CIPHER="(not logged)"
+note "ciphers: nodetunnel $NT_CIPHER, ssh $SSH_CIPHER"
+
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+RESULTS=$WORK/results.tsv
+: >"$RESULTS"
+
+# --- metrics 1-4 and 6 ---------------------------------------------------------
+note "metrics 1-4, 6 (reps=$REPS)"
+ip netns exec "$CP" timeout 3600 "$BENCH" compare \
+    --nt-socks5 socks5://127.0.0.1:1080 \
+    --nt-http "http+unix://$WORK/nt1.sock" --nt-pid "$NT1_PID" \
+    --nt-multi-socks5 socks5://127.0.0.1:1082 --nt-multi-pid "$NTM_PID" --nt-multi-sessions "$SESSIONS" \
+    --ssh-socks5 socks5://127.0.0.1:1081 --ssh-pid "$SSH_PID" \
+    --sink "$SINK" --source "$SOURCE" --echo "$ECHO" \
+    --reps "$REPS" --clk-tck "$(getconf CLK_TCK)" --results "$RESULTS" "${SIZES[@]}" \
+    2> >(tee "$WORK/compare.log" >&2) || die "compare failed; logs in $WORK"
+
+stop_pid "$NT1_PID"
+stop_pid "$NTM_PID"
+stop_pid "$SSH_PID"
+
+# --- metric 5: idle sessions at scale -------------------------------------------
+FARM_NOTE=""
+if [ $SCALE = 1 ] && [ -n "$SCALE_COUNTS" ]; then
+    ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+    ssh-keygen -q -t ed25519 -N '' -C farm -f "$WORK/farm_host_key"
+    spawn "$WORK/farm.log" ip netns exec "$CP" "$BENCH" farm --listen 0.0.0.0:2222 \
+        --host-key "$WORK/farm_host_key" --authorized-key "$WORK/id_ed25519.pub" --lifetime-secs 3600 --threads 1
+    FARM_PID=$LAST_PID
+    sleep 0.5
+    kill -0 "$FARM_PID" 2>/dev/null || die "the farm did not start: $(cat "$WORK/farm.log")"
+    FARM_NOTE="one russh server (nodetunnel-bench farm, one thread) on port 2222 of every 127.100.x.y address, in the control-plane namespace"
+    kv() { sed -n "s/^$1=//p" "$2"; }
+    # Baseline: the same process with one node.
+    ip netns exec "$CP" "$BENCH" scale-config --nodes 1 --out "$WORK/scale-1.toml" \
+        --known-hosts "$WORK/scale-1.known_hosts" --identity "$WORK/id_ed25519" --host-key-pub "$WORK/farm_host_key.pub"
+    ip netns exec "$CP" timeout 300 "$BENCH" scale-nt --nodetunnel "$NT" --config "$WORK/scale-1.toml" --nodes 1 \
+        --log "$WORK/scale-nt-1.log" --clk-tck "$(getconf CLK_TCK)" >"$WORK/scale-nt-1.out" || die "scale baseline failed"
+    BASE_RSS=$(kv rss_kib "$WORK/scale-nt-1.out")
+    for n in $SCALE_COUNTS; do
+        note "metric 5: $n idle sessions"
+        ip netns exec "$CP" "$BENCH" scale-config --nodes "$n" --out "$WORK/scale-$n.toml" \
+            --known-hosts "$WORK/scale-$n.known_hosts" --identity "$WORK/id_ed25519" --host-key-pub "$WORK/farm_host_key.pub"
+        ip netns exec "$CP" timeout 600 "$BENCH" scale-nt --nodetunnel "$NT" --config "$WORK/scale-$n.toml" --nodes "$n" \
+            --timeout-secs 300 --log "$WORK/scale-nt-$n.log" --clk-tck "$(getconf CLK_TCK)" >"$WORK/scale-nt-$n.out" ||
+            die "scale $n (nodetunnel) failed; logs in $WORK"
+        cat "$WORK/scale-nt-$n.out" >&2
+        nt_s=$(kv established_s "$WORK/scale-nt-$n.out")
+        nt_rss=$(kv rss_kib "$WORK/scale-nt-$n.out")
+        nt_per=$(awk -v a="$nt_rss" -v b="$BASE_RSS" -v n="$n" 'BEGIN{printf "%.1f", (a-b)/n}')
+        ssh_s=NaN ssh_per=NaN ssh_raw="not run (BENCH_SCALE_SSH_MAX=$SCALE_SSH_MAX)"
+        if [ "$n" -le "$SCALE_SSH_MAX" ]; then
+            ip netns exec "$CP" timeout 900 "$BENCH" scale-ssh --nodes "$n" --identity "$WORK/id_ed25519" \
+                --known-hosts "$WORK/scale-$n.known_hosts" --cipher "$CIPHER" --run-id "$$-$n" \
+                --concurrency 32 --timeout-secs 600 >"$WORK/scale-ssh-$n.out" 2>"$WORK/scale-ssh-$n.err" ||
+                die "scale $n (ssh) failed: $(tail -3 "$WORK/scale-ssh-$n.err")"
+            cat "$WORK/scale-ssh-$n.out" >&2
+            ssh_s=$(kv established_s "$WORK/scale-ssh-$n.out")
+            ssh_per=$(awk -v a="$(kv pss_kib_sum "$WORK/scale-ssh-$n.out")" -v n="$n" 'BEGIN{printf "%.1f", a/n}')
+            ssh_rss=$(awk -v a="$(kv rss_kib_sum "$WORK/scale-ssh-$n.out")" -v n="$n" 'BEGIN{printf "%.1f", a/n}')
+            ssh_raw="ssh: PSS per process (shown), RSS per process $ssh_rss KiB"
+        fi
+        goal_t="-"
+        [ "$n" -ge 5000 ] && goal_t="nt<60"
+        printf 'idle_sessions_%s_establish_s\ts\t%s\t%s\t%s\tnodetunnel max_handshakes_in_flight=32, ssh: 32 `ssh -f -N` started at once\n' \
+            "$n" "$nt_s" "$ssh_s" "$goal_t" >>"$RESULTS"
+        printf 'idle_sessions_%s_KiB_per_session\tKiB\t%s\t%s\tnt<=64\tnt: (RSS with %s sessions %s KiB - RSS with 1 session %s KiB) / %s; %s\n' \
+            "$n" "$nt_per" "$ssh_per" "$n" "$nt_rss" "$BASE_RSS" "$n" "$ssh_raw" >>"$RESULTS"
+    done
+    stop_pid "$FARM_PID"
+fi
+LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
+
+# --- report --------------------------------------------------------------------
+"$BENCH" report --results "$RESULTS" --markdown "$WORK/table.md" | tee "$WORK/lines.txt"
+
+CPU_MODEL=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)
+MEM=$(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo)
+RUSSH=$(sed -n 's/^version = "\(.*\)"/\1/p' "$ROOT/vendor/russh/Cargo.toml" | head -1)
+{
+    echo "Measured $(date -u '+%Y-%m-%d %H:%M UTC') with \`$COMMAND\`."
+    echo
+    echo "- Machine: $CPU_MODEL, $(nproc) cores, $MEM, Linux $(uname -r); load average $LOAD_START at the start, $LOAD_END at the end."
+    echo "- nodetunnel $("$NT" --version 2>/dev/null | awk '{print $2}') (release build, russh $RUSSH vendored), $(rustc --version | awk '{print $1" "$2}')."
+    echo "- OpenSSH: $(ssh -V 2>&1) as client (\`ssh -N -D\`) and as the node's sshd."
+    echo "- Cipher: nodetunnel negotiated $NT_CIPHER, ssh $SSH_CIPHER."
+    echo "- Repetitions: $REPS (medians shown; systems take turns within a repetition)."
+    echo "- nodetunnel: sessions_per_node = 1 except the \`aggregate*_MBps\` rows without \`.spn1\` (sessions_per_node = $SESSIONS)."
+    [ -n "$FARM_NOTE" ] && echo "- Idle-session farm: $FARM_NOTE."
+    echo
+    cat "$WORK/table.md"
+} >"$WORK/report.md"
+mkdir -p "$HERE/results"
+cp "$WORK/report.md" "$HERE/results/latest.md"
+cp "$RESULTS" "$HERE/results/latest.tsv"
+cp "$WORK/lines.txt" "$HERE/results/latest.txt"
+echo
+cat "$WORK/report.md"
+
+if [ $WRITE_DOCS = 1 ]; then
+    DOC=$ROOT/docs/benchmarks.md
+    grep -q '^<!-- bench:begin -->$' "$DOC" && grep -q '^<!-- bench:end -->$' "$DOC" ||
+        die "$DOC has no <!-- bench:begin --> / <!-- bench:end --> markers"
+    awk -v f="$WORK/report.md" '
+        /^<!-- bench:begin -->$/ { print; while ((getline l < f) > 0) print l; skip = 1; next }
+        /^<!-- bench:end -->$/ { skip = 0 }
+        !skip { print }' "$DOC" >"$WORK/benchmarks.md"
+    cp "$WORK/benchmarks.md" "$DOC"
+    note "updated $DOC"
+fi

@@ -1,0 +1,44 @@
+//! CPU time and memory of a process, from /proc.
+
+/// utime + stime of the whole process (all threads), in seconds.
+/// `clk_tck` is `getconf CLK_TCK` (100 on Linux).
+pub fn cpu_seconds(pid: u32, clk_tck: f64) -> Result<f64, String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_err(|e| format!("/proc/{pid}/stat: {e}"))?;
+    // The command name (field 2) may hold spaces: split after its ')'.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| format!("/proc/{pid}/stat: no ')'"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3 (state): utime is field 14, stime field 15.
+    let utime: f64 = fields
+        .get(11)
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| format!("/proc/{pid}/stat: no utime"))?;
+    let stime: f64 = fields
+        .get(12)
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| format!("/proc/{pid}/stat: no stime"))?;
+    Ok((utime + stime) / clk_tck)
+}
+
+/// A `kB` field of /proc/PID/status (VmRSS, VmHWM, ...), in KiB.
+pub fn status_kib(pid: u32, field: &str) -> Result<u64, String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|e| format!("/proc/{pid}/status: {e}"))?;
+    for line in status.lines() {
+        if let Some(v) = line.strip_prefix(field).and_then(|r| r.strip_prefix(':')) {
+            let kib = v.trim().trim_end_matches("kB").trim();
+            return kib
+                .parse()
+                .map_err(|e| format!("/proc/{pid}/status {field}: {e}"));
+        }
+    }
+    Err(format!("/proc/{pid}/status: no {field}"))
+}
+
+/// Resident memory (VmRSS), in KiB.
+pub fn rss_kib(pid: u32) -> Result<u64, String> {
+    status_kib(pid, "VmRSS")
+}
