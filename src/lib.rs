@@ -25,7 +25,7 @@
 //!   [`splice`]: the copy loop with half-close.
 //! - [`router`]: destination to node, and the destination policy.
 //! - [`proxy`]: the front door (HTTP CONNECT over UDS or TCP+mTLS, SOCKS5).
-//! - [`metrics`], [`logging`], [`shutdown`]: process plumbing.
+//! - [`metrics`], [`logging`], [`shutdown`], [`socket_file`]: process plumbing.
 //! - [`inventory`]: where nodes come from; [`admin`]: the admin API.
 //! - [`dev`]: `nodetunnel dev`, an in-process cluster for trying it out.
 //! - [`cli`] and [`serve`]: the binary's commands.
@@ -50,6 +50,7 @@ pub mod router;
 pub mod serve;
 pub mod session;
 pub mod shutdown;
+pub mod socket_file;
 pub mod splice;
 pub mod stream;
 pub mod tunnel;

@@ -11,7 +11,6 @@
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,7 +19,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, UnixListener, UnixStream};
+use tokio::net::{TcpListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
@@ -29,6 +28,7 @@ use crate::inventory::SyncStatus;
 use crate::manager::TunnelManager;
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
+use crate::socket_file::{SocketFile, SocketFileError};
 
 /// Admin connections served at once; more are closed right after accept.
 pub const MAX_CONNECTIONS: usize = 64;
@@ -41,12 +41,6 @@ pub const MAX_HEADER_BYTES: usize = 8192;
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// Pause after a failed accept (EMFILE), so it does not spin.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
-/// Mode of the Unix socket.
-const SOCKET_MODE: u32 = 0o660;
-/// Mode of a socket directory we create.
-const DIR_MODE: u32 = 0o750;
-/// Bound on probing an existing socket file for a live server.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Why the admin server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -93,30 +87,10 @@ pub struct AdminState {
     pub per_node_metrics: bool,
 }
 
-/// A bound Unix socket; dropping it removes the file (unless someone
-/// replaced it meanwhile).
-struct AdminSocket {
-    listener: UnixListener,
-    path: PathBuf,
-    identity: (u64, u64),
-}
-
-impl Drop for AdminSocket {
-    fn drop(&mut self) {
-        if let Ok(meta) = std::fs::symlink_metadata(&self.path) {
-            if (meta.dev(), meta.ino()) == self.identity {
-                if let Err(error) = std::fs::remove_file(&self.path) {
-                    tracing::warn!(path = %self.path.display(), error = %error, "cannot remove the admin socket file");
-                }
-            }
-        }
-    }
-}
-
 /// The bound admin listeners, ready to [`serve`](AdminServer::serve).
 pub struct AdminServer {
     tcp: Option<(TcpListener, SocketAddr)>,
-    uds: Option<AdminSocket>,
+    uds: Option<SocketFile>,
 }
 
 impl std::fmt::Debug for AdminServer {
@@ -158,7 +132,17 @@ impl AdminServer {
             None => None,
         };
         let uds = match &config.uds {
-            Some(path) => Some(bind_socket(path).await?),
+            Some(path) => Some(SocketFile::bind(path).await.map_err(|e| match e {
+                SocketFileError::Path { reason } => AdminError::SocketPath {
+                    path: path.to_path_buf(),
+                    reason,
+                },
+                SocketFileError::Io(error) => AdminError::Bind {
+                    listener: "uds",
+                    address: path.display().to_string(),
+                    error,
+                },
+            })?),
             None => None,
         };
         Ok(AdminServer { tcp, uds })
@@ -171,7 +155,7 @@ impl AdminServer {
 
     /// The Unix socket path.
     pub fn uds_path(&self) -> Option<&Path> {
-        self.uds.as_ref().map(|s| s.path.as_path())
+        self.uds.as_ref().map(|s| s.path())
     }
 
     /// Serve until `shutdown` fires; then stop accepting (the socket file is
@@ -251,9 +235,9 @@ async fn accept_tcp(
     }
 }
 
-async fn accept_uds(socket: Option<&AdminSocket>) -> io::Result<UnixStream> {
+async fn accept_uds(socket: Option<&SocketFile>) -> io::Result<UnixStream> {
     match socket {
-        Some(s) => s.listener.accept().await.map(|(stream, _)| stream),
+        Some(s) => s.accept().await,
         None => std::future::pending().await,
     }
 }
@@ -288,56 +272,4 @@ async fn serve_connection<I>(
     if let Err(error) = served {
         tracing::debug!(error = %error, "admin connection ended with an error");
     }
-}
-
-/// Bind the admin Unix socket (see the module docs).
-async fn bind_socket(path: &Path) -> Result<AdminSocket, AdminError> {
-    let bind_error = |error| AdminError::Bind {
-        listener: "uds",
-        address: path.display().to_string(),
-        error,
-    };
-    let path_error = |reason: String| AdminError::SocketPath {
-        path: path.to_path_buf(),
-        reason,
-    };
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        if !parent.exists() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(DIR_MODE)
-                .create(parent)
-                .map_err(|e| path_error(format!("cannot create the parent directory: {e}")))?;
-        }
-    }
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => {
-            let probe = tokio::time::timeout(PROBE_TIMEOUT, UnixStream::connect(path)).await;
-            if let Ok(Ok(_)) = probe {
-                return Err(path_error(
-                    "another process is serving this socket".to_string(),
-                ));
-            }
-            tracing::info!(path = %path.display(), "removing stale admin socket file");
-            std::fs::remove_file(path)
-                .map_err(|e| path_error(format!("cannot remove the stale socket: {e}")))?;
-        }
-        Ok(_) => {
-            return Err(path_error(
-                "exists and is not a socket; refusing to replace it".to_string(),
-            ))
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(bind_error(e)),
-    }
-    let listener = UnixListener::bind(path).map_err(bind_error)?;
-    let meta = std::fs::symlink_metadata(path).map_err(bind_error)?;
-    let socket = AdminSocket {
-        listener,
-        path: path.to_path_buf(),
-        identity: (meta.dev(), meta.ino()),
-    };
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE))
-        .map_err(bind_error)?;
-    Ok(socket)
 }
