@@ -7,6 +7,7 @@
 //! [`TunnelManager`](crate::manager::TunnelManager).
 
 use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -123,11 +124,26 @@ impl DialError {
     }
 }
 
+/// A dialled stream as the front door sees it.
+pub trait TunnelIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Resolves, with the reason, once the stream was cut on the tunnel
+    /// side (its session died, or the node broke flow control): no more
+    /// bytes will come. The front door then closes the client connection
+    /// even when the client has stopped reading, so that nothing stays
+    /// open (and counted) for a stream that is gone. The default never
+    /// resolves: a stream that ends only by EOF or I/O error.
+    fn cut(&self) -> Pin<Box<dyn Future<Output = String> + Send + 'static>> {
+        Box::pin(std::future::pending())
+    }
+}
+
+impl TunnelIo for tokio::io::DuplexStream {}
+
 /// Something that opens byte streams to destinations: in production the
 /// [`TunnelManager`](crate::manager::TunnelManager) behind the router.
 pub trait Dialer: Send + Sync + 'static {
     /// The stream a successful dial gives back.
-    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    type Stream: TunnelIo;
 
     /// Open a stream to `dest`. Resolves only once the far end confirmed the
     /// channel (so a proxy may answer 200 right after), or with the reason

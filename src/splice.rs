@@ -19,6 +19,24 @@ pub struct Spliced {
     pub tunnel_to_client: u64,
 }
 
+/// [`splice`], but give up as soon as `cut` resolves: the tunnel side is
+/// gone, so the client connection is closed at once even if the client
+/// stopped reading (the copy would otherwise wait on it forever).
+pub async fn splice_until<C, T>(
+    client: &mut C,
+    tunnel: &mut T,
+    cut: impl std::future::Future<Output = String>,
+) -> std::io::Result<Spliced>
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    T: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    tokio::select! {
+        moved = splice(client, tunnel) => moved,
+        reason = cut => Err(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, reason)),
+    }
+}
+
 /// Copy `client` <-> `tunnel` with half-close until both directions ended.
 ///
 /// Returns the byte counts, or the first I/O error (both sides are dropped
@@ -69,5 +87,25 @@ mod tests {
                 tunnel_to_client: 5
             }
         );
+    }
+
+    #[tokio::test]
+    async fn a_cut_ends_the_splice_even_when_the_client_stopped_reading() {
+        // A client that never reads, a tunnel with more to send than the
+        // client connection can hold: the copy blocks writing to the client.
+        let (_client, mut client_end) = tokio::io::duplex(16);
+        let (mut tunnel, mut tunnel_end) = tokio::io::duplex(1 << 20);
+        tunnel.write_all(&[7u8; 4096]).await.unwrap();
+        let (cut_tx, cut_rx) = tokio::sync::oneshot::channel::<String>();
+        let task = tokio::spawn(async move {
+            splice_until(&mut client_end, &mut tunnel_end, async {
+                cut_rx.await.unwrap_or_default()
+            })
+            .await
+        });
+        cut_tx.send("session lost".into()).unwrap();
+        let err = task.await.unwrap().unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionAborted);
+        assert_eq!(err.to_string(), "session lost");
     }
 }

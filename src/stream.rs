@@ -121,6 +121,9 @@ struct Shared {
     /// session (which re-opens the window by as much).
     unreported: AtomicUsize,
     consumed: Notify,
+    /// Fired (all waiters, and a flag for late ones) when the stream is reset.
+    cut: Notify,
+    cut_fired: AtomicBool,
 }
 
 impl Shared {
@@ -226,6 +229,8 @@ impl TunnelStream {
             consumer_dropped: Notify::new(),
             unreported: AtomicUsize::new(0),
             consumed: Notify::new(),
+            cut: Notify::new(),
+            cut_fired: AtomicBool::new(false),
         });
         let pump = Pump {
             id,
@@ -254,6 +259,28 @@ impl TunnelStream {
     /// The node carrying the stream.
     pub fn node(&self) -> &str {
         &self.node
+    }
+}
+
+impl crate::dial::TunnelIo for TunnelStream {
+    fn cut(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = String> + Send + 'static>> {
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            loop {
+                let notified = shared.cut.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if shared.cut_fired.load(Ordering::Acquire) {
+                    let reason = shared
+                        .inbound
+                        .lock()
+                        .ok()
+                        .and_then(|i| i.reset.as_ref().map(|(_, m)| m.clone()));
+                    return reason.unwrap_or_else(|| "stream reset".into());
+                }
+                notified.await;
+            }
+        })
     }
 }
 
@@ -459,6 +486,8 @@ impl Pump {
             inbound.reset = Some((reason, message));
             Shared::wake(&mut inbound);
         }
+        self.shared.cut_fired.store(true, Ordering::Release);
+        self.shared.cut.notify_waiters();
     }
 
     fn finish(&self) {

@@ -33,7 +33,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::{canonical_ip, error_node, normalize_host, Context, HostError, Listener};
 use crate::dial::{Destination, Dialer};
 use crate::metrics::Metrics;
-use crate::splice::splice;
+use crate::splice::splice_until;
 
 /// Largest request head accepted (hyper's read buffer); beyond it hyper
 /// answers 431.
@@ -212,7 +212,8 @@ pub(crate) async fn serve<I, D>(
         }
     };
     let mut upgraded = TokioIo::new(upgraded);
-    match splice(&mut upgraded, &mut tunnel).await {
+    let cut = crate::dial::TunnelIo::cut(&tunnel);
+    match splice_until(&mut upgraded, &mut tunnel, cut).await {
         Ok(moved) => tracing::debug!(
             listener = listener.as_str(),
             client,

@@ -662,6 +662,9 @@ async fn run_listener<L: Accept, D: Dialer>(
                     aborted = tasks.len(),
                     "drain deadline reached: aborting the remaining connections"
                 );
+                for _ in 0..tasks.len() {
+                    ctx.metrics.stream_reset("drain_deadline");
+                }
                 tasks.abort_all();
                 while tasks.join_next().await.is_some() {}
                 break;

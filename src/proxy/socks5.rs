@@ -24,7 +24,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::{canonical_ip, error_node, normalize_host, Context, Listener};
 use crate::dial::{Destination, Dialer};
-use crate::splice::splice;
+use crate::splice::splice_until;
 
 /// The protocol version byte.
 pub const VERSION: u8 = 0x05;
@@ -411,7 +411,8 @@ where
             return;
         }
     }
-    match splice(&mut io, &mut tunnel).await {
+    let cut = crate::dial::TunnelIo::cut(&tunnel);
+    match splice_until(&mut io, &mut tunnel, cut).await {
         Ok(moved) => tracing::debug!(
             listener = label,
             client,

@@ -1,0 +1,1091 @@
+//! Reliability suite, part 1: faults. The real `nodetunnel serve` runs in
+//! the control-plane namespace of a three-node testbed (network namespaces,
+//! a real OpenSSH sshd on port 22 of every node) with short timers
+//! (keepalive 1 s x 2, backoff 100 ms..1 s), while checksummed traffic
+//! flows through its Unix-socket front door to Source, Sink and Echo
+//! servers on every node. Faults are injected on one node (kill -9 of every
+//! sshd process, a blackholed link, packet loss, a replaced host key, a
+//! removed client key, flapping) and on the process (SIGTERM, SIGHUP with a
+//! changed inventory), and the tests assert on bytes (every byte checked
+//! against the sent pattern, SHA-256 of the whole stream) and on states
+//! (log events, the admin API, /metrics, /proc), never on elapsed time.
+//! Durations are printed as `figure:` lines (run with `--nocapture`) for
+//! docs/reliability.md.
+//!
+//! Needs root, /usr/sbin/sshd, iproute2 (ip, tc). Fails with a clear
+//! message, never skips, when one is missing. The netem case needs a kernel
+//! with sch_netem and is `#[ignore]`d with its reason (see
+//! docs/reliability.md); random loss without netem runs everywhere.
+
+mod support;
+
+#[path = "reliability_faults/fixture.rs"]
+mod fixture;
+#[path = "reliability_faults/impair.rs"]
+mod impair;
+#[path = "reliability_faults/traffic.rs"]
+mod traffic;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+use fixture::*;
+use traffic::{Gate, Kind, Outcome, Pause, Transfer};
+
+/// Bytes each paused transfer moves before it holds.
+const HEAD: u64 = 1024 * 1024;
+/// Bytes each upload sends.
+const UPLOAD_LEN: u64 = 6 * 1024 * 1024;
+
+fn figure(test: &str, what: &str, value: impl std::fmt::Display) {
+    eprintln!("figure: {test}: {what}: {value}");
+}
+
+fn name(i: usize) -> String {
+    format!("node-{i}")
+}
+
+fn u64_of(v: &Value) -> u64 {
+    v.as_u64().unwrap_or(0)
+}
+
+/// A download and an upload per node in `nodes`, each held after [`HEAD`]
+/// bytes until `gate` opens. Returns once all of them hold.
+async fn paused_traffic(
+    c: &Cluster,
+    uds: &Path,
+    nodes: &[usize],
+    gate: &Gate,
+) -> Vec<(usize, Transfer)> {
+    let mut all = Vec::new();
+    for &i in nodes {
+        all.push((
+            i,
+            traffic::start(
+                format!("download from {}", name(i)),
+                uds,
+                c.target(i, SOURCE_PORT),
+                Kind::Download,
+                SOURCE_LEN,
+                i as u64,
+                Some(Pause { at: HEAD, gate }),
+            ),
+        ));
+        all.push((
+            i,
+            traffic::start(
+                format!("upload to {}", name(i)),
+                uds,
+                c.target(i, SINK_PORT),
+                Kind::Upload,
+                UPLOAD_LEN,
+                100 + i as u64,
+                Some(Pause { at: HEAD, gate }),
+            ),
+        ));
+    }
+    for (_, t) in &mut all {
+        t.paused().await;
+    }
+    all
+}
+
+/// A download, an upload and an echo through node `i`, unpaused; all must
+/// complete byte-exact. The longest duration.
+async fn must_serve(c: &Cluster, uds: &Path, i: usize) -> Duration {
+    let ts = [
+        traffic::start(
+            format!("download from {}", name(i)),
+            uds,
+            c.target(i, SOURCE_PORT),
+            Kind::Download,
+            SOURCE_LEN,
+            i as u64,
+            None,
+        ),
+        traffic::start(
+            format!("upload to {}", name(i)),
+            uds,
+            c.target(i, SINK_PORT),
+            Kind::Upload,
+            UPLOAD_LEN,
+            200 + i as u64,
+            None,
+        ),
+        traffic::start(
+            format!("echo through {}", name(i)),
+            uds,
+            c.target(i, ECHO_PORT),
+            Kind::Echo,
+            4 * 1024 * 1024,
+            300 + i as u64,
+            None,
+        ),
+    ];
+    let mut longest = Duration::ZERO;
+    for t in ts {
+        longest = longest.max(t.complete().await);
+    }
+    longest
+}
+
+/// [`must_serve`] on the three nodes at once; how long each took.
+async fn serve_all(c: &Cluster, uds: &Path) -> Vec<Duration> {
+    futures::future::join_all((1..=3).map(|i| must_serve(c, uds, i))).await
+}
+
+/// The handshake count of each of `nodes`, from the admin API.
+async fn handshakes(nt: &NodeTunnel, nodes: &[usize]) -> Vec<u64> {
+    let mut out = Vec::new();
+    for &i in nodes {
+        out.push(u64_of(&nt.tunnel(&name(i)).await["handshakes"]));
+    }
+    out
+}
+
+/// The other nodes' sessions were never replaced: same handshake counts,
+/// no stream reset.
+async fn assert_untouched(nt: &NodeTunnel, nodes: &[usize], before: &[u64]) {
+    for (k, &i) in nodes.iter().enumerate() {
+        let v = nt.tunnel(&name(i)).await;
+        assert_eq!(v["state"], "ready", "{}: {v}", name(i));
+        assert_eq!(
+            u64_of(&v["handshakes"]),
+            before[k],
+            "{} reconnected during a fault on another node: {v}",
+            name(i)
+        );
+        assert_eq!(u64_of(&v["stream_resets"]), 0, "{}: {v}", name(i));
+    }
+}
+
+/// Release `transfers`: those of `faulty` must end cut (short, never a
+/// wrong byte, never a hang), all others complete byte-exact.
+async fn settle(
+    transfers: Vec<(usize, Transfer)>,
+    faulty: Option<usize>,
+) -> Vec<(String, u64, String)> {
+    let mut cuts = Vec::new();
+    for (i, t) in transfers {
+        if Some(i) == faulty {
+            let label = t.label.clone();
+            let (bytes, error) = t.cut().await;
+            cuts.push((label, bytes, error));
+        } else {
+            t.complete().await;
+        }
+    }
+    cuts
+}
+
+/// kill -9 of every sshd process on node 3 while all three nodes carry
+/// held streams; sshd restarted afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sshd_killed_mid_stream_ends_that_nodes_streams_and_the_node_comes_back() {
+    const T: &str = "sshd_killed";
+    let c = blocking(Cluster::up);
+    let nt = blocking(|| NodeTunnel::start(&c, "kill", &ServeOptions::default()));
+    let gate = Gate::new();
+    let transfers = paused_traffic(&c, &nt.proxy, &[1, 2, 3], &gate).await;
+    let others = handshakes(&nt, &[1, 2]).await;
+    let resets_before = u64_of(&nt.tunnel("node-3").await["stream_resets"]);
+
+    let mark = nt.log.len();
+    let t0 = Instant::now();
+    blocking(|| c.bed.stop_node(3)).expect("kill -9 of node-3's sshd");
+    // The session ends at once (the node's TCP end is gone), without
+    // waiting for the keepalive budget, and both held streams are reset.
+    let lost = blocking(|| nt.expect_log(mark, STATE_TIMEOUT, "session lost", Some("node-3")));
+    figure(
+        T,
+        "kill -9 -> \"session lost\"",
+        format!("{:?}", t0.elapsed()),
+    );
+    figure(T, "session lost because", &nt.event(lost)["error"]);
+    let v = nt
+        .until_tunnel("node-3", "both held streams reset", |v| {
+            u64_of(&v["stream_resets"]) >= resets_before + 2
+        })
+        .await;
+    figure(T, "node-3 after the kill", &v["last_error"]);
+    figure(
+        T,
+        "node-3 streams still counted open right after the resets",
+        &v["streams"],
+    );
+    // Reconnects are refused while sshd is down: Backoff.
+    nt.until_tunnel("node-3", "backoff after refused reconnects", |v| {
+        v["state"] == "backoff" && u64_of(&v["failures"]["refused"]) >= 1
+    })
+    .await;
+    // A CONNECT routed to it is refused at once, naming the node.
+    let t1 = Instant::now();
+    let r = expect_refused(&nt.proxy, &c.target(3, SOURCE_PORT)).await;
+    figure(
+        T,
+        "CONNECT to the dead node answered in",
+        format!("{:?}", t1.elapsed()),
+    );
+    assert_eq!(r.status, 503, "{r:?}");
+    assert!(r.body.contains("node-3"), "{r:?}");
+
+    // The held streams: node-3's end short (no wrong byte), the others
+    // finish byte-exact.
+    gate.open();
+    let cuts = settle(transfers, Some(3)).await;
+    for (label, bytes, error) in &cuts {
+        figure(
+            T,
+            &format!("{label} cut"),
+            format!("after {bytes} bytes: {error}"),
+        );
+    }
+    assert_untouched(&nt, &[1, 2], &others).await;
+    // Once their clients let go, the dead node holds no stream.
+    nt.until_tunnel("node-3", "no stream left", |v| v["streams"] == 0)
+        .await;
+    let m = nt.metrics().await;
+    let resets = metric(
+        &m,
+        "nodetunnel_stream_resets_total",
+        &[("reason", "session_lost")],
+    );
+    assert!(resets >= Some(2.0), "session_lost resets: {resets:?}\n{m}");
+
+    // sshd back: Ready again, by itself, and it serves byte-exact.
+    let mark = nt.log.len();
+    blocking(|| c.bed.start_node(3)).expect("restarting node-3's sshd");
+    blocking(|| nt.expect_log(mark, START_TIMEOUT, "tunnel ready", Some("node-3")));
+    must_serve(&c, &nt.proxy, 3).await;
+    blocking(|| nt.stop());
+}
+
+/// `ip link set down` on node 3's bridge port: a pure blackhole (no RST,
+/// no ICMP). Only keepalives can tell.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blackholed_node_is_detected_by_keepalives_and_refused_meanwhile() {
+    const T: &str = "blackhole";
+    let c = blocking(Cluster::up);
+    let nt = blocking(|| NodeTunnel::start(&c, "hole", &ServeOptions::default()));
+    let gate = Gate::new();
+    let transfers = paused_traffic(&c, &nt.proxy, &[1, 2, 3], &gate).await;
+    let others = handshakes(&nt, &[1, 2]).await;
+
+    let mark = nt.log.len();
+    let t0 = Instant::now();
+    blocking(|| c.bed.link_down(3)).expect("link down");
+    // Before the death is noticed the tunnel still looks Ready: a CONNECT
+    // now waits for a channel that cannot open, and must still be refused
+    // (timeout 504, or 502 when the session is cut under it), not hang.
+    let first = expect_refused(&nt.proxy, &c.target(3, ECHO_PORT)).await;
+    figure(
+        T,
+        "CONNECT right after link down",
+        format!(
+            "{} after {:?}: {}",
+            first.status,
+            t0.elapsed(),
+            first.body.trim()
+        ),
+    );
+    assert!([502, 503, 504].contains(&first.status), "{first:?}");
+    assert!(first.body.contains("node-3"), "{first:?}");
+
+    // The keepalive verdict ends the session: detected by keepalives within
+    // interval x (max + 1), not by TCP (which would retransmit for minutes).
+    let lost = blocking(|| nt.expect_log(mark, STATE_TIMEOUT, "session lost", Some("node-3")));
+    figure(
+        T,
+        "link down -> \"session lost\"",
+        format!("{:?} (budget 1 s x (2 + 1) = 3 s)", t0.elapsed()),
+    );
+    let why = nt.event(lost)["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        why.contains("no keepalive reply"),
+        "lost for another reason: {why}"
+    );
+
+    // Meanwhile: refused at once with 503 naming the node.
+    let t1 = Instant::now();
+    let r = expect_refused(&nt.proxy, &c.target(3, ECHO_PORT)).await;
+    figure(
+        T,
+        "CONNECT while detected down answered in",
+        format!("{:?}", t1.elapsed()),
+    );
+    assert_eq!(r.status, 503, "{r:?}");
+    assert!(r.body.contains("node-3"), "{r:?}");
+    // Reconnects time out against the blackhole: Backoff.
+    let v = nt
+        .until_tunnel("node-3", "backoff after timed-out reconnects", |v| {
+            v["state"] == "backoff" && u64_of(&v["failures"]["timeout"]) >= 1
+        })
+        .await;
+    figure(T, "reconnect while blackholed", &v["last_error"]);
+
+    gate.open();
+    let cuts = settle(transfers, Some(3)).await;
+    for (label, bytes, error) in &cuts {
+        figure(
+            T,
+            &format!("{label} cut"),
+            format!("after {bytes} bytes: {error}"),
+        );
+    }
+    assert_untouched(&nt, &[1, 2], &others).await;
+
+    let mark = nt.log.len();
+    blocking(|| c.bed.link_up(3)).expect("link up");
+    blocking(|| nt.expect_log(mark, START_TIMEOUT, "tunnel ready", Some("node-3")));
+    must_serve(&c, &nt.proxy, 3).await;
+    blocking(|| nt.stop());
+}
+
+/// Traffic on all three nodes while node 2's link is impaired: every
+/// stream completes byte-exact, node 2's session survives.
+async fn impaired_link_case(
+    tag: &str,
+    impair: impl FnOnce(&Cluster) -> impair::Impaired,
+    verify: impl FnOnce(&Cluster),
+) {
+    let c = blocking(Cluster::up);
+    let nt = blocking(|| NodeTunnel::start(&c, tag, &ServeOptions::default()));
+    let clean = serve_all(&c, &nt.proxy).await;
+    figure(
+        tag,
+        "all three nodes at once, clean links (per node)",
+        format!("{clean:?}"),
+    );
+    let before = handshakes(&nt, &[1, 2, 3]).await;
+
+    let impaired = blocking(|| impair(&c));
+    figure(tag, "impairment", &impaired.description);
+    let took = serve_all(&c, &nt.proxy).await;
+    figure(
+        tag,
+        "all three nodes at once, node-2 impaired (per node)",
+        format!("{took:?}"),
+    );
+    figure(
+        tag,
+        "node-2 time / mean of node-1 and node-3 (impaired run; clean run)",
+        format!(
+            "{:.2}; {:.2}",
+            took[1].as_secs_f64() * 2.0 / (took[0] + took[2]).as_secs_f64(),
+            clean[1].as_secs_f64() * 2.0 / (clean[0] + clean[2]).as_secs_f64()
+        ),
+    );
+    assert_untouched(&nt, &[1, 2, 3], &before).await;
+    blocking(|| verify(&c));
+    drop(impaired);
+    blocking(|| nt.stop());
+}
+
+/// Random loss (3% of node 2's packets each way, dropped in the fabric)
+/// built without netem, so that it runs on any kernel with HTB and the
+/// BPF classifier.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_packet_loss_slows_streams_but_loses_nothing() {
+    const T: &str = "random_loss";
+    impaired_link_case(
+        T,
+        |c| {
+            impair::random_loss(&c.bed, 2, 5)
+                .unwrap_or_else(|e| panic!("setting up random loss on node-2's link: {e:#}"))
+        },
+        |c| {
+            // The impairment really dropped packets of node 2.
+            let dropped = impair::random_loss_drops(&c.bed, 2).expect("tc -s qdisc show");
+            figure(T, "packets (GSO bursts) dropped on node-2's link", dropped);
+            assert!(dropped > 0, "the loss impairment dropped nothing");
+        },
+    )
+    .await;
+}
+
+/// netem loss, delay and jitter on node 2's link. Blocked where the kernel
+/// has no sch_netem (the machine this suite was written on: kernel built
+/// with CONFIG_NET_SCH_NETEM unset and no module support); run it with
+/// `cargo test --test reliability_faults -- --ignored netem` where netem
+/// exists. Fails with the reason when netem is missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "blocked on kernels without sch_netem (see docs/reliability.md); run with --ignored where tc netem works"]
+async fn netem_loss_and_latency_slow_streams_but_lose_nothing() {
+    if let Some(why) = impair::netem_unavailable() {
+        panic!("BLOCKED: netem is not available: {why}");
+    }
+    impaired_link_case(
+        "netem",
+        |c| {
+            impair::netem(&c.bed, 2, "delay 20ms 5ms loss 1% duplicate 0.5%")
+                .unwrap_or_else(|e| panic!("netem on node-2's link: {e:#}"))
+        },
+        |_| {},
+    )
+    .await;
+}
+
+/// Generate a fresh ed25519 host key at `path` (the node is "reinstalled").
+fn regenerate_host_key(path: &Path) -> String {
+    let _ = std::fs::remove_file(path);
+    let _ = std::fs::remove_file(path.with_extension("pub"));
+    let out = std::process::Command::new("ssh-keygen")
+        .args([
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-C",
+            "node-3-reinstalled",
+            "-f",
+        ])
+        .arg(path)
+        .output()
+        .expect("running ssh-keygen");
+    assert!(out.status.success(), "ssh-keygen: {out:?}");
+    let public = std::fs::read_to_string(path.with_extension("pub")).expect("new .pub");
+    let mut parts = public.split_whitespace();
+    format!("{} {}", parts.next().unwrap(), parts.next().unwrap())
+}
+
+/// node 3's host key replaced (sshd restarted with a new key): strict and
+/// accept-new both refuse it and say so; the other nodes carry on; a
+/// corrected known_hosts and SIGHUP bring node 3 back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaced_host_key_is_refused_under_strict_and_accept_new() {
+    const T: &str = "host_key";
+    let c = blocking(Cluster::up);
+    let original = std::fs::read_to_string(c.bed.known_hosts_path()).expect("known_hosts");
+    let strict_kh = c.path("strict_known_hosts");
+    let tofu_kh = c.path("tofu_known_hosts");
+    std::fs::write(&strict_kh, &original).unwrap();
+    std::fs::write(&tofu_kh, &original).unwrap();
+    let (strict, tofu) = blocking(|| {
+        let strict = NodeTunnel::start(
+            &c,
+            "strict",
+            &ServeOptions {
+                known_hosts: Some(strict_kh.clone()),
+                ..ServeOptions::default()
+            },
+        );
+        let tofu = NodeTunnel::start(
+            &c,
+            "tofu",
+            &ServeOptions {
+                host_key_policy: "accept-new",
+                known_hosts: Some(tofu_kh.clone()),
+                ..ServeOptions::default()
+            },
+        );
+        (strict, tofu)
+    });
+    let gate = Gate::new();
+    let transfers = paused_traffic(&c, &strict.proxy, &[1, 2], &gate).await;
+    let others = [
+        handshakes(&strict, &[1, 2]).await,
+        handshakes(&tofu, &[1, 2]).await,
+    ];
+
+    // Reinstall node 3: sshd killed, a new host key, sshd started again.
+    let marks = [strict.log.len(), tofu.log.len()];
+    let key_file = c.host_key_file(3);
+    let new_key = blocking(|| {
+        c.bed.stop_node(3).expect("stopping node-3");
+        let k = regenerate_host_key(&key_file);
+        c.bed
+            .start_node(3)
+            .expect("starting node-3 with its new key");
+        k
+    });
+    assert!(!original.contains(&new_key));
+
+    for (nt, mark) in [(&strict, marks[0]), (&tofu, marks[1])] {
+        let i = blocking(|| {
+            nt.expect(
+                mark,
+                STATE_TIMEOUT,
+                "ssh connect failed (host_key) for node-3",
+                |v| is_event(v, "ssh connect failed", Some("node-3")) && v["reason"] == "host_key",
+            )
+        });
+        figure(T, &format!("{} reports", nt.name), &nt.event(i)["error"]);
+        let v = nt
+            .until_tunnel("node-3", "backoff on a host key failure", |v| {
+                v["state"] == "backoff" && u64_of(&v["failures"]["host_key"]) >= 1
+            })
+            .await;
+        let last = v["last_error"].as_str().unwrap_or_default();
+        assert!(last.contains("HOST KEY CHANGED"), "{}: {v}", nt.name);
+        // A CONNECT to node 3 is refused and says why.
+        let r = expect_refused(&nt.proxy, &c.target(3, SOURCE_PORT)).await;
+        assert_eq!(r.status, 503, "{}: {r:?}", nt.name);
+        assert!(
+            r.body.contains("node-3") && r.body.contains("HOST KEY CHANGED"),
+            "{}: {r:?}",
+            nt.name
+        );
+        let m = nt.metrics().await;
+        let n = metric(
+            &m,
+            "nodetunnel_ssh_handshakes_total",
+            &[("result", "host_key")],
+        );
+        assert!(n >= Some(1.0), "{}: host_key handshakes {n:?}", nt.name);
+    }
+    // accept-new learns unknown keys only: a changed key is not recorded.
+    assert_eq!(
+        std::fs::read_to_string(&tofu_kh).unwrap(),
+        original,
+        "accept-new must not touch known_hosts for a changed key"
+    );
+
+    // The other nodes: held streams finish byte-exact, sessions untouched.
+    gate.open();
+    settle(transfers, None).await;
+    assert_untouched(&strict, &[1, 2], &others[0]).await;
+    assert_untouched(&tofu, &[1, 2], &others[1]).await;
+
+    // Recovery: strict gets the new line, accept-new loses the stale one
+    // (and learns the key); SIGHUP re-reads known_hosts.
+    let node3 = c.bed.node(3).ip.to_string();
+    let without: String = original
+        .lines()
+        .filter(|l| l.split_whitespace().next() != Some(node3.as_str()))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&strict_kh, format!("{without}{node3} {new_key}\n")).unwrap();
+    std::fs::write(&tofu_kh, &without).unwrap();
+    let marks = [strict.log.len(), tofu.log.len()];
+    strict.signal(Signal::SIGHUP);
+    tofu.signal(Signal::SIGHUP);
+    blocking(|| {
+        strict.expect_log(marks[0], START_TIMEOUT, "tunnel ready", Some("node-3"));
+        tofu.expect_log(
+            marks[1],
+            START_TIMEOUT,
+            "learned new host key (accept-new)",
+            Some("node-3"),
+        );
+        tofu.expect_log(marks[1], START_TIMEOUT, "tunnel ready", Some("node-3"));
+    });
+    let learned = std::fs::read_to_string(&tofu_kh).unwrap();
+    assert!(
+        learned.contains(&new_key),
+        "accept-new recorded the key: {learned}"
+    );
+    must_serve(&c, &strict.proxy, 3).await;
+    blocking(|| {
+        strict.stop();
+        tofu.stop();
+    });
+}
+
+/// The client key removed from node 3's authorized_keys, then a reconnect:
+/// authentication fails, the tunnel backs off and keeps retrying; once the
+/// key is back it recovers by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removed_client_key_fails_auth_backs_off_and_recovers() {
+    const T: &str = "auth";
+    let c = blocking(Cluster::up);
+    let nt = blocking(|| NodeTunnel::start(&c, "auth", &ServeOptions::default()));
+    let gate = Gate::new();
+    let transfers = paused_traffic(&c, &nt.proxy, &[1, 2], &gate).await;
+    let others = handshakes(&nt, &[1, 2]).await;
+
+    c.bed
+        .set_authorized_keys(3, "")
+        .expect("emptying authorized_keys");
+    let mark = nt.log.len();
+    // sshd checks keys at login only: make nodetunnel log in again.
+    let (status, body) = nt
+        .admin_post("/api/v1/tunnels/node-3/reconnect")
+        .await
+        .expect("POST reconnect");
+    assert_eq!(status, 202, "{body}");
+    let i = blocking(|| {
+        nt.expect(
+            mark,
+            STATE_TIMEOUT,
+            "ssh connect failed (auth) for node-3",
+            |v| is_event(v, "ssh connect failed", Some("node-3")) && v["reason"] == "auth",
+        )
+    });
+    figure(T, "reported", &nt.event(i)["error"]);
+    // It keeps retrying, with backoff: several failures in a row, each
+    // followed by a delay drawn below backoff_max.
+    let v = nt
+        .until_tunnel("node-3", "backoff after 3 auth failures in a row", |v| {
+            v["state"] == "backoff"
+                && u64_of(&v["failures"]["auth"]) >= 3
+                && u64_of(&v["consecutive_failures"]) >= 3
+        })
+        .await;
+    let retry_in = v["retry_in"].as_f64().expect("retry_in while in backoff");
+    assert!(retry_in <= 1.0, "delay above backoff_max: {v}");
+    let last = v["last_error"].as_str().unwrap_or_default();
+    assert!(
+        last.contains("authentication") && last.contains("refused"),
+        "{v}"
+    );
+    let r = expect_refused(&nt.proxy, &c.target(3, SOURCE_PORT)).await;
+    assert_eq!(r.status, 503, "{r:?}");
+    assert!(
+        r.body.contains("node-3") && r.body.contains("authentication"),
+        "{r:?}"
+    );
+    let m = nt.metrics().await;
+    let n = metric(&m, "nodetunnel_ssh_handshakes_total", &[("result", "auth")]);
+    assert!(n >= Some(3.0), "auth handshakes {n:?}");
+
+    gate.open();
+    settle(transfers, None).await;
+    assert_untouched(&nt, &[1, 2], &others).await;
+
+    // The key restored: the next retry logs in, without any poke.
+    let mark = nt.log.len();
+    c.bed
+        .set_authorized_keys(3, &c.key.public_line)
+        .expect("restoring authorized_keys");
+    blocking(|| nt.expect_log(mark, START_TIMEOUT, "tunnel ready", Some("node-3")));
+    let v = nt.tunnel("node-3").await;
+    assert_eq!(v["consecutive_failures"], 0, "{v}");
+    figure(T, "auth failures before recovery", &v["failures"]["auth"]);
+    must_serve(&c, &nt.proxy, 3).await;
+    blocking(|| nt.stop());
+}
+
+/// Wait until nothing is in flight: no stream on any node, no proxy
+/// connection open.
+async fn quiescent(nt: &NodeTunnel) {
+    nt.until(
+        "no stream and no proxy connection open",
+        STATE_TIMEOUT,
+        || async {
+            let list = nt.tunnels().await;
+            let m = nt.metrics().await;
+            let conns = metric(&m, "nodetunnel_proxy_connections_open", &[]);
+            let streams = metric(&m, "nodetunnel_streams_open", &[]);
+            (list["summary"]["streams"] == 0 && conns == Some(0.0) && streams == Some(0.0))
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+/// Node 3's link flaps (down and up on a fixed schedule, 0.5 to 4 s down)
+/// for ~24 s while traffic runs through every node. Afterwards the process
+/// has as many descriptors and threads as before and its memory did not
+/// grow beyond allocator noise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flapping_node_leaks_no_descriptors_threads_or_memory() {
+    const T: &str = "flapping";
+    /// How long the flapping lasts (the issue says a minute; 24 s keeps the
+    /// suite short and still gives ~8 outages, most longer than the
+    /// keepalive budget).
+    const FLAP_FOR: Duration = Duration::from_secs(24);
+    /// Down, then up, per cycle (fault timing, not synchronisation).
+    const SCHEDULE: [(u64, u64); 3] = [(4000, 1000), (500, 1000), (2000, 1500)];
+    /// Descriptors and threads may differ by this much: a reconnect
+    /// attempt's socket or a blocking-pool thread that is just ending.
+    const SLACK: usize = 2;
+    /// Resident set growth allowed: glibc keeps freed stream buffers
+    /// (up to one 2 MiB window per stream) in its arenas.
+    const RSS_SLACK_KIB: u64 = 16 * 1024;
+
+    let c = blocking(Cluster::up);
+    let nt = blocking(|| NodeTunnel::start(&c, "flap", &ServeOptions::default()));
+    // Warm-up: traffic on every node and one outage of node 3, so that
+    // lazily built state (metric series, allocator arenas, the blocking
+    // pool) exists before the baseline.
+    for i in 1..=3 {
+        must_serve(&c, &nt.proxy, i).await;
+    }
+    let mark = nt.log.len();
+    blocking(|| c.bed.stop_node(3)).unwrap();
+    blocking(|| nt.expect_log(mark, STATE_TIMEOUT, "session lost", Some("node-3")));
+    blocking(|| c.bed.start_node(3)).unwrap();
+    blocking(|| nt.expect_log(mark, START_TIMEOUT, "tunnel ready", Some("node-3")));
+    quiescent(&nt).await;
+    let base = nt.sample();
+    figure(T, "baseline /proc", format!("{base:?}"));
+    let others = handshakes(&nt, &[1, 2]).await;
+    let hs3 = u64_of(&nt.tunnel("node-3").await["handshakes"]);
+
+    // Traffic during the flapping: node 1 must always serve byte-exact;
+    // node 3 may refuse or cut, never corrupt or hang.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let runner = |node: usize| {
+        let stop = stop.clone();
+        let uds = nt.proxy.clone();
+        let target = c.target(node, SOURCE_PORT);
+        tokio::spawn(async move {
+            let mut outcomes = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let t = traffic::start(
+                    format!("download from node-{node}"),
+                    &uds,
+                    target.clone(),
+                    Kind::Download,
+                    SOURCE_LEN,
+                    node as u64,
+                    None,
+                );
+                let (out, _) = t.outcome().await;
+                let refused = matches!(out, Outcome::Refused(_));
+                outcomes.push(out);
+                if refused {
+                    // Do not spin on instant 503s.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+            outcomes
+        })
+    };
+    let steady = runner(1);
+    let flappy = runner(3);
+    let started = Instant::now();
+    let mut cycles = 0;
+    while started.elapsed() < FLAP_FOR {
+        let (down, up) = SCHEDULE[cycles % SCHEDULE.len()];
+        blocking(|| c.bed.link_down(3)).unwrap();
+        tokio::time::sleep(Duration::from_millis(down)).await;
+        blocking(|| c.bed.link_up(3)).unwrap();
+        tokio::time::sleep(Duration::from_millis(up)).await;
+        cycles += 1;
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let steady = steady.await.unwrap();
+    let flappy = flappy.await.unwrap();
+    let losses = nt
+        .log
+        .events(mark)
+        .iter()
+        .filter(|v| is_event(v, "session lost", Some("node-3")))
+        .count();
+    figure(
+        T,
+        "flap cycles",
+        format!("{cycles} in {:?}", started.elapsed()),
+    );
+    figure(T, "node-3 sessions lost (incl. warm-up)", losses);
+    for out in &steady {
+        assert!(out.is_complete(), "node-1 during the flapping: {out:?}");
+    }
+    let (mut done, mut cut, mut refused) = (0, 0, 0);
+    for out in &flappy {
+        match out {
+            Outcome::Complete { .. } => done += 1,
+            Outcome::Cut { .. } => cut += 1,
+            Outcome::Refused(r) if [502, 503, 504].contains(&r.status) => refused += 1,
+            other => panic!("node-3 during the flapping: {other:?}"),
+        }
+    }
+    figure(T, "node-1 downloads, all byte-exact", steady.len());
+    figure(
+        T,
+        "node-3 downloads complete/cut/refused",
+        format!("{done}/{cut}/{refused}"),
+    );
+    assert!(losses >= 2, "the flapping never took node-3's session down");
+
+    // Settle: node 3 back, nothing in flight, the other nodes untouched.
+    nt.until_tunnel("node-3", "ready after the flapping", |v| {
+        v["state"] == "ready"
+    })
+    .await;
+    quiescent(&nt).await;
+    assert_untouched(&nt, &[1, 2], &others).await;
+    let hs3_after = u64_of(&nt.tunnel("node-3").await["handshakes"]);
+    figure(T, "node-3 reconnects during the flapping", hs3_after - hs3);
+    must_serve(&c, &nt.proxy, 3).await;
+    quiescent(&nt).await;
+
+    // Descriptors close asynchronously (a severed transport is dropped by
+    // its task): wait, bounded, for the count to come back.
+    let after = nt
+        .until(
+            "descriptors back to the baseline",
+            STATE_TIMEOUT,
+            || async {
+                let s = nt.sample();
+                (s.fds <= base.fds + SLACK).then_some(s)
+            },
+        )
+        .await;
+    figure(T, "after /proc", format!("{after:?}"));
+    figure(
+        T,
+        "RSS growth",
+        format!("{} KiB", after.rss_kib as i64 - base.rss_kib as i64),
+    );
+    assert!(
+        after.threads <= base.threads + SLACK,
+        "threads {base:?} -> {after:?}"
+    );
+    assert!(
+        after.rss_kib <= base.rss_kib + RSS_SLACK_KIB,
+        "RSS grew by more than {RSS_SLACK_KIB} KiB: {base:?} -> {after:?}"
+    );
+    blocking(|| nt.stop());
+}
+
+/// SIGTERM while streams on every node are in flight and one client has
+/// stopped reading: the socket stops accepting, the in-flight streams
+/// finish byte-exact during the drain, the stalled one is cut at the
+/// deadline (and that is logged), and the process exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_traffic_drains_in_flight_streams_and_exits_0() {
+    const T: &str = "sigterm";
+    let c = blocking(Cluster::up);
+    let mut nt = blocking(|| {
+        NodeTunnel::start(
+            &c,
+            "term",
+            &ServeOptions {
+                drain_timeout: "15s",
+                ..ServeOptions::default()
+            },
+        )
+    });
+    let gate = Gate::new();
+    let transfers = paused_traffic(&c, &nt.proxy, &[1, 2, 3], &gate).await;
+    let stalled_gate = Gate::new();
+    let mut stalled = traffic::start(
+        "stalled download from node-1",
+        &nt.proxy,
+        c.target(1, SOURCE_PORT),
+        Kind::Download,
+        SOURCE_LEN,
+        1,
+        Some(Pause {
+            at: HEAD,
+            gate: &stalled_gate,
+        }),
+    );
+    stalled.paused().await;
+
+    let mark = nt.log.len();
+    let t0 = Instant::now();
+    nt.signal(Signal::SIGTERM);
+    blocking(|| nt.expect_log(mark, STATE_TIMEOUT, "SIGTERM: draining", None));
+    let i = blocking(|| nt.expect_log(mark, STATE_TIMEOUT, "draining connections", None));
+    assert_eq!(nt.event(i)["open"], 7, "{}", nt.event(i));
+    // No new connection is accepted (the socket file is gone).
+    assert!(
+        tokio::net::UnixStream::connect(&nt.proxy).await.is_err(),
+        "the proxy socket still accepts after SIGTERM"
+    );
+    // The in-flight streams finish, byte-exact, during the drain.
+    gate.open();
+    settle(transfers, None).await;
+    figure(
+        T,
+        "6 held streams finished after SIGTERM in",
+        format!("{:?}", t0.elapsed()),
+    );
+    // The stalled one is cut at the deadline, and the cut is logged.
+    let i = blocking(|| {
+        nt.expect_log(
+            mark,
+            Duration::from_secs(30),
+            "drain deadline reached: aborting the remaining connections",
+            None,
+        )
+    });
+    assert_eq!(nt.event(i)["aborted"], 1, "{}", nt.event(i));
+    figure(
+        T,
+        "drain deadline (15 s) reached after",
+        format!("{:?}", t0.elapsed()),
+    );
+    stalled_gate.open();
+    let (bytes, how) = stalled.cut().await;
+    figure(
+        T,
+        "stalled client saw",
+        format!("{bytes} of {SOURCE_LEN} bytes, then {how}"),
+    );
+    assert!(bytes < SOURCE_LEN);
+
+    let (status, log) = nt.terminate_and_wait(EXIT_TIMEOUT);
+    let status = status.unwrap_or_else(|e| panic!("{e:#}; log:\n{log}"));
+    assert!(status.success(), "exit {status} after SIGTERM; log:\n{log}");
+    figure(
+        T,
+        "exit after SIGTERM",
+        format!("{status} after {:?}", t0.elapsed()),
+    );
+    let last = log.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("\"message\":\"stopped\""),
+        "last line {last:?}"
+    );
+}
+
+/// (node, state) of every tunnel in a `/api/v1/tunnels` document.
+fn node_states(list: &Value) -> Vec<(String, String)> {
+    list["tunnels"]
+        .as_array()
+        .expect("tunnels array")
+        .iter()
+        .map(|t| {
+            (
+                t["node"].as_str().unwrap_or_default().to_owned(),
+                t["state"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// SIGHUP with a changed inventory while streams on every node are in
+/// flight: node-1 unchanged, node-2 gains a pod CIDR (routing data only),
+/// node-3 removed. Node 1's and 2's streams and sessions are untouched,
+/// node 3's stream finishes within the drain, new dials to node 3 have no
+/// route; a second SIGHUP adds node 3 back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_inventory_change_leaves_unchanged_nodes_streams_alone() {
+    const T: &str = "sighup";
+    let c = blocking(Cluster::up);
+    let full = ServeOptions {
+        drain_timeout: "20s",
+        ..ServeOptions::default()
+    };
+    let nt = blocking(|| NodeTunnel::start(&c, "hup", &full));
+    let gate = Gate::new();
+    let transfers = paused_traffic(&c, &nt.proxy, &[1, 2, 3], &gate).await;
+    let before = handshakes(&nt, &[1, 2]).await;
+
+    let changed = ServeOptions {
+        nodes: vec![(1, vec![]), (2, vec!["10.244.22.0/24".into()])],
+        ..full.clone()
+    };
+    c.write_config("hup", &changed);
+    let mark = nt.log.len();
+    nt.signal(Signal::SIGHUP);
+    let i = blocking(|| nt.expect_log(mark, STATE_TIMEOUT, "inventory applied", None));
+    let e = nt.event(i);
+    assert_eq!(
+        (&e["added"], &e["changed"], &e["removed"], &e["unchanged"]),
+        (
+            &Value::from(0),
+            &Value::from(1),
+            &Value::from(1),
+            &Value::from(1)
+        ),
+        "{e}"
+    );
+    blocking(|| nt.expect_log(mark, STATE_TIMEOUT, "SIGHUP: reloaded", None));
+    // node-3 is gone from the inventory; while its held streams run it is
+    // listed as draining (never dialled), the others Ready.
+    let list = nt.tunnels().await;
+    let now = node_states(&list);
+    assert_eq!(
+        now.iter()
+            .filter(|(n, _)| n != "node-3")
+            .cloned()
+            .collect::<Vec<_>>(),
+        [
+            ("node-1".to_owned(), "ready".to_owned()),
+            ("node-2".to_owned(), "ready".to_owned())
+        ],
+        "{list}"
+    );
+    assert!(
+        now.iter()
+            .filter(|(n, _)| n == "node-3")
+            .all(|(_, s)| s == "draining"),
+        "node-3 after its removal: {list}"
+    );
+    // The new pod CIDR routes to node 2; node 3's address routes nowhere.
+    let r = nt
+        .admin_get("/api/v1/route?dest=10.244.22.5:80")
+        .await
+        .unwrap();
+    let route: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(
+        (&route["decision"], &route["node"]),
+        (&Value::from("node"), &Value::from("node-2")),
+        "{route}"
+    );
+    let r = expect_refused(&nt.proxy, &c.target(3, SOURCE_PORT)).await;
+    assert_eq!(r.status, 403, "{r:?}");
+
+    // Every held stream finishes byte-exact: nodes 1 and 2 were not
+    // touched, node 3 drains.
+    gate.open();
+    settle(transfers, None).await;
+    assert_untouched(&nt, &[1, 2], &before).await;
+    // Its streams done, node 3's old tunnel closes and leaves the list.
+    nt.until("node-3 drained and closed", STATE_TIMEOUT, || async {
+        let list = nt.tunnels().await;
+        (!node_states(&list).iter().any(|(n, _)| n == "node-3")).then_some(())
+    })
+    .await;
+    figure(
+        T,
+        "node-1/node-2 handshakes across the reload",
+        format!("{before:?} (unchanged)"),
+    );
+
+    // Node 3 back.
+    c.write_config("hup", &full);
+    let mark = nt.log.len();
+    nt.signal(Signal::SIGHUP);
+    blocking(|| nt.expect_log(mark, START_TIMEOUT, "tunnel ready", Some("node-3")));
+    must_serve(&c, &nt.proxy, 3).await;
+    assert_untouched(&nt, &[1, 2], &before).await;
+    blocking(|| nt.stop());
+}
+
+/// When a node's session dies, a stream whose client has stopped reading is
+/// reset and its client connection closed at once (the front door's splice
+/// races the stream's cut signal), so it stops counting as open. Found by
+/// this suite; fixed with `TunnelIo::cut` and `splice_until`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_clients_stream_is_closed_when_its_nodes_session_dies() {
+    let c = blocking(Cluster::up);
+    let nt = blocking(|| NodeTunnel::start(&c, "stall", &ServeOptions::default()));
+    let gate = Gate::new();
+    let mut stalled = traffic::start(
+        "stalled download from node-3",
+        &nt.proxy,
+        c.target(3, SOURCE_PORT),
+        Kind::Download,
+        SOURCE_LEN,
+        3,
+        Some(Pause {
+            at: HEAD,
+            gate: &gate,
+        }),
+    );
+    stalled.paused().await;
+    let mark = nt.log.len();
+    blocking(|| c.bed.stop_node(3)).expect("kill -9 of node-3's sshd");
+    blocking(|| {
+        nt.expect(mark, STATE_TIMEOUT, "the stalled stream reset", |v| {
+            v["node"] == "node-3" && v["reason"] == "session_lost"
+        })
+    });
+    // The client still has not read: nodetunnel must let go by itself.
+    nt.until_tunnel("node-3", "the reset stream no longer counted open", |v| {
+        v["streams"] == 0
+    })
+    .await;
+    let m = nt.metrics().await;
+    assert_eq!(metric(&m, "nodetunnel_streams_open", &[]), Some(0.0));
+    assert_eq!(
+        metric(&m, "nodetunnel_proxy_connections_open", &[]),
+        Some(0.0)
+    );
+    gate.open();
+    stalled.cut().await;
+    blocking(|| nt.stop());
+}
