@@ -191,6 +191,9 @@ impl TunnelManager {
     fn retire(&self, tunnel: Arc<Tunnel>) {
         let grace = self.drain_timeout;
         let retiring = self.retiring.clone();
+        // Draining from now on, before apply() returns: no stream can be
+        // opened on it and status shows it as draining.
+        tunnel.start_draining();
         if let Ok(mut list) = retiring.lock() {
             list.push(tunnel.clone());
         }

@@ -477,8 +477,7 @@ impl Tunnel {
     /// Stop taking streams, give open ones up to `grace`, then close the
     /// sessions. Resolves when every supervisor has stopped.
     pub async fn drain(&self, grace: Duration) {
-        self.draining.store(true, Ordering::Release);
-        self.update(|_| {});
+        self.start_draining();
         let deadline = tokio::time::Instant::now() + grace;
         loop {
             let drained = self.counters.drained.notified();
@@ -491,6 +490,12 @@ impl Tunnel {
             }
         }
         self.close().await;
+    }
+
+    /// Refuse new streams from now on (state Draining); open ones go on.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+        self.update(|_| {});
     }
 
     /// Close every session now and wait for the supervisors to stop.
