@@ -16,7 +16,8 @@
 //! - [`config`]: the TOML file, defaults and validation.
 //! - [`keys`]: the client identity (load, generate); [`known_hosts`]: host
 //!   key trust (OpenSSH known_hosts, hashed names, wildcards, CAs, revocation).
-//! - [`session`]: connecting one SSH session (timeouts, host key check, auth).
+//! - [`session`]: connecting one SSH session (timeouts, host key check, auth);
+//!   [`read_buffer`]: its socket read buffer, grown under load.
 //! - [`keepalive`]: session liveness; [`backoff`]: reconnect delays.
 //! - [`tunnel`]: one node's sessions and their state machine.
 //! - [`manager`]: all tunnels, runtime changes, and the [`dial::Dialer`]
@@ -46,6 +47,7 @@ pub mod logging;
 pub mod manager;
 pub mod metrics;
 pub mod proxy;
+pub mod read_buffer;
 pub mod router;
 pub mod serve;
 pub mod session;

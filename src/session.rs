@@ -25,10 +25,6 @@ use crate::config::HostKeyPolicy;
 use crate::keys::{fingerprint, Identity};
 use crate::known_hosts::{HostKeyStatus, KnownHosts};
 
-/// Bytes read from the socket per syscall. russh reads a packet header and
-/// body separately; a buffer halves the syscalls per packet.
-const SOCKET_READ_BUFFER: usize = 32 * 1024;
-
 /// Everything a session needs that is shared by all nodes.
 pub struct SessionSettings {
     /// The key to authenticate with (replaced on SIGHUP for key rotation).
@@ -462,8 +458,7 @@ pub async fn connect(
         reason: e.to_string(),
     })?;
     let _ = tcp.set_nodelay(true);
-    let (stream, cut) =
-        Severable::new(tokio::io::BufReader::with_capacity(SOCKET_READ_BUFFER, tcp));
+    let (stream, cut) = Severable::new(crate::read_buffer::ElasticReader::new(tcp));
     let result = establish(settings, target, stream, cut.clone()).await;
     if result.is_err() {
         // Whatever russh started for this transport ends now.
@@ -475,7 +470,7 @@ pub async fn connect(
 async fn establish(
     settings: Arc<SessionSettings>,
     target: Target,
-    stream: Severable<tokio::io::BufReader<TcpStream>>,
+    stream: Severable<crate::read_buffer::ElasticReader<TcpStream>>,
     cut: Arc<Severance>,
 ) -> Result<Session, ConnectError> {
     let rejection = Arc::new(Mutex::new(None));
