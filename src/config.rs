@@ -227,13 +227,42 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
+    /// Control characters in the key and reason are escaped, so that the
+    /// error stays on one line: a quoted TOML key or string may hold any
+    /// character.
     fn new(file: &Path, key: impl Into<String>, reason: impl Into<String>) -> Self {
         ConfigError {
             file: file.to_path_buf(),
-            key: key.into(),
-            reason: reason.into(),
+            key: escape_controls(&key.into()),
+            reason: escape_controls(&reason.into()),
         }
     }
+}
+
+/// `text` with control characters (line breaks included) escaped as `\n`,
+/// `\u{1b}` and so on.
+fn escape_controls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A multi-line message (toml's syntax errors: "invalid table header" and
+/// "expected ..." on two lines) as one line: its non-blank lines, trimmed,
+/// joined with `; `.
+fn join_lines(text: &str) -> String {
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .collect();
+    lines.join("; ")
 }
 
 impl Config {
@@ -261,7 +290,7 @@ impl Config {
         let mut config: Config = serde_path_to_error::deserialize(deserializer).map_err(|e| {
             let key = e.path().to_string();
             let inner = e.into_inner();
-            let mut reason = inner.message().trim().to_string();
+            let mut reason = join_lines(inner.message());
             if let Some(span) = inner.span() {
                 let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
                 reason = format!("{reason} (line {line})");
@@ -546,6 +575,17 @@ pod_cidrs = ["10.244.1.0/24"]
     fn malformed_toml_gives_the_line() {
         let e = error("[ssh\nuser = 1\n");
         assert!(e.contains("line 1"), "{e}");
+        // toml's message has two lines; the error stays one (found by the
+        // config fuzz target, fuzz/regressions/config/).
+        assert_eq!(e.lines().count(), 1, "{e}");
+        assert!(e.contains("invalid table header; expected"), "{e}");
+    }
+
+    #[test]
+    fn control_characters_in_keys_and_values_stay_on_one_line() {
+        let e = error("[ssh]\n\"us\\ner\" = 1\n");
+        assert_eq!(e.lines().count(), 1, "{e}");
+        assert!(e.contains("ssh.us\\ner: "), "{e}");
     }
 
     #[test]

@@ -415,6 +415,11 @@ mod tests {
             ("[::1:80", InvalidIpv6),
             ("user@host:80", Host(HostError::InvalidCharacter)),
             ("host/path:80", Host(HostError::InvalidCharacter)),
+            // Unicode letters: "İ" lower-cases to "i" and a combining dot,
+            // "Ⱥ" (2 bytes) to "ⱥ" (3 bytes). Found by the connect_target
+            // fuzz target (fuzz/regressions/connect_target/).
+            ("bücher.example:80", Host(HostError::InvalidCharacter)),
+            ("\u{130}:80", Host(HostError::InvalidCharacter)),
             ("127.1:80", Host(HostError::AmbiguousNumeric)),
             ("2130706433:80", Host(HostError::AmbiguousNumeric)),
             ("0x7f000001:80", Host(HostError::AmbiguousNumeric)),

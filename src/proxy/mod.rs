@@ -336,7 +336,7 @@ pub enum HostError {
     /// Longer than 255 bytes.
     #[error("host longer than 255 bytes")]
     TooLong,
-    /// A character outside letters, digits, `-`, `.` and `_`.
+    /// A character outside ASCII letters, digits, `-`, `.` and `_`.
     #[error("invalid character in host")]
     InvalidCharacter,
     /// Numeric but not a dotted-quad IPv4 address (`127.1`, `0x7f000001`,
@@ -364,9 +364,13 @@ pub(crate) fn normalize_host(host: &str) -> Result<String, HostError> {
     if let Ok(ip) = host.parse::<IpAddr>() {
         return Ok(canonical_ip(ip));
     }
+    // ASCII only: a name is sent to the node's resolver as is, where an
+    // internationalised name must be in its ASCII (punycode) form; and
+    // Unicode lower-casing can lengthen a name or turn a letter into a
+    // combining mark, so the normalised host would not parse again.
     if !host
-        .chars()
-        .all(|c| c.is_alphanumeric() || matches!(c, '-' | '.' | '_'))
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
     {
         return Err(HostError::InvalidCharacter);
     }
@@ -379,7 +383,7 @@ pub(crate) fn normalize_host(host: &str) -> Result<String, HostError> {
     if last_label.starts_with(|c: char| c.is_ascii_digit()) && host.parse::<Ipv4Addr>().is_err() {
         return Err(HostError::AmbiguousNumeric);
     }
-    Ok(host.to_lowercase())
+    Ok(host.to_ascii_lowercase())
 }
 
 /// A client connection of any listener.

@@ -8,8 +8,9 @@
 //! 1. Greeting: version 5 and a method list. Only 0x00 (no authentication)
 //!    is accepted; otherwise the reply is `05 FF` and the connection closes.
 //! 2. Request: `CONNECT` only (others: reply 0x07), address type IPv4, IPv6
-//!    or domain name (others: 0x08); a domain must be 1..=255 bytes of
-//!    UTF-8 naming a host (else 0x01). The reserved byte is ignored.
+//!    or domain name (others: 0x08); a domain must be 1..=255 bytes
+//!    naming a host: ASCII letters, digits, `-`, `.`, `_`, or an IP
+//!    literal (else 0x01). The reserved byte is ignored.
 //! 3. The dial: on failure the reply is [`DialError::socks5_reply`](crate::dial::DialError::socks5_reply), on
 //!    success 0x00 with `BND.ADDR` 0.0.0.0:0, then the tunnel is spliced.
 //!    Bytes the client sent after the request are forwarded first.
@@ -532,6 +533,14 @@ mod tests {
         ));
         assert!(matches!(
             parse_request(&[5, 1, 0, 3, 3, b'a', b':', b'b', 0, 80]),
+            Err(Socks5Error::InvalidDomain(_))
+        ));
+        // Not ASCII (fuzz/regressions/socks5/).
+        let mut name = vec![5, 1, 0, 3, 2];
+        name.extend_from_slice("\u{23a}".as_bytes());
+        name.extend_from_slice(&[0, 80]);
+        assert!(matches!(
+            parse_request(&name),
             Err(Socks5Error::InvalidDomain(_))
         ));
         assert_eq!(Socks5Error::BadVersion(4).reply_code(), None);

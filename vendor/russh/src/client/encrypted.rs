@@ -527,6 +527,13 @@ impl Session {
                 let channel_num = map_err!(ChannelId::decode(&mut r))?;
                 map_err!(ensure_end(&r))?;
                 if !self.common.is_established_channel(channel_num) {
+                    // (nodetunnel patch) We closed this channel first, so
+                    // `Encrypted::close` already forgot its parameters and
+                    // the peer's CLOSE completes it. Forget its sender too:
+                    // upstream returned here and kept it in `channels` for
+                    // the life of the session (one entry leaked per channel
+                    // closed from this side).
+                    self.channels.remove(&channel_num);
                     return Ok(());
                 }
                 if let Some(ref mut enc) = self.common.encrypted {
@@ -581,7 +588,12 @@ impl Session {
                         .await;
                 }
 
-                let _ = self.sender.send(Reply::ChannelOpenFailure);
+                // (nodetunnel patch) Upstream also queued
+                // `Reply::ChannelOpenFailure` for the handle, whose reply
+                // queue is read only during authentication: after it, every
+                // refused channel left one `Reply` (about 500 bytes) in that
+                // unbounded queue for the life of the session. The opener
+                // is told through its own channel (`OpenFailure` above).
 
                 client
                     .channel_open_failure(channel_num, reason_code, &descr, &language, self)
