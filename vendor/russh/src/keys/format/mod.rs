@@ -8,8 +8,6 @@ use crate::keys::Error;
 
 pub mod openssh;
 
-#[cfg(test)]
-mod tests;
 
 pub use self::openssh::*;
 
