@@ -130,8 +130,10 @@ pub trait TunnelIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// side (its session died, or the node broke flow control): no more
     /// bytes will come. The front door then closes the client connection
     /// even when the client has stopped reading, so that nothing stays
-    /// open (and counted) for a stream that is gone. The default never
-    /// resolves: a stream that ends only by EOF or I/O error.
+    /// open (and counted) for a stream that is gone, and closes it
+    /// abortively (RST on TCP), so that the client cannot take the
+    /// truncated stream for a complete one. The default never resolves: a
+    /// stream that ends only by EOF or I/O error.
     fn cut(&self) -> Pin<Box<dyn Future<Output = String> + Send + 'static>> {
         Box::pin(std::future::pending())
     }

@@ -7,7 +7,7 @@
 //! [`MAX_HEADER_BYTES`] and `header_read_timeout`); the answer is
 //! `HTTP/1.1 200 Connection Established` with no other header, sent only
 //! once the dial succeeded, after which the upgraded connection is spliced
-//! with the tunnel.
+//! with the tunnel (`relay`: a tunnel that is cut resets a TCP client).
 //!
 //! Answers: 405 (with `Allow: CONNECT`) to other methods, 400 to targets
 //! that are not `host:port` ([`parse_connect_target`]), the dial error's
@@ -30,10 +30,10 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::relay::{relay, ClientIo, TunnelLog};
 use super::{canonical_ip, error_node, normalize_host, Context, HostError, Listener};
 use crate::dial::{Destination, Dialer};
 use crate::metrics::Metrics;
-use crate::splice::splice_until;
 
 /// Largest request head accepted (hyper's read buffer); beyond it hyper
 /// answers 431.
@@ -153,7 +153,7 @@ pub(crate) async fn serve<I, D>(
     client: &str,
     admitted: bool,
 ) where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    I: ClientIo,
     D: Dialer,
 {
     let builder = builder(ctx.header_read_timeout);
@@ -190,7 +190,7 @@ pub(crate) async fn serve<I, D>(
     let established = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
     let Some(Established {
         on_upgrade,
-        mut tunnel,
+        tunnel,
         dest,
     }) = established
     else {
@@ -211,24 +211,25 @@ pub(crate) async fn serve<I, D>(
             return;
         }
     };
-    let mut upgraded = TokioIo::new(upgraded);
-    let cut = crate::dial::TunnelIo::cut(&tunnel);
-    match splice_until(&mut upgraded, &mut tunnel, cut).await {
-        Ok(moved) => tracing::debug!(
-            listener = listener.as_str(),
-            client,
-            dest = %dest,
-            client_to_tunnel = moved.client_to_tunnel,
-            tunnel_to_client = moved.tunnel_to_client,
-            "tunnel closed"
-        ),
-        Err(error) => tracing::debug!(
-            listener = listener.as_str(),
-            client,
-            dest = %dest,
-            error = %error,
-            "tunnel ended with an error"
-        ),
+    let log = TunnelLog {
+        listener,
+        client,
+        dest: &dest,
+    };
+    // Back to the socket hyper was given (and the bytes it read past the
+    // request head), so that a cut tunnel can reset it.
+    match upgraded.downcast::<TokioIo<I>>() {
+        Ok(parts) => {
+            let early = parts.read_buf;
+            let io = parts.io.into_inner();
+            relay(io, tunnel, &early, ctx.header_read_timeout, log).await;
+        }
+        Err(upgraded) => {
+            tracing::warn!(listener = listener.as_str(), client, dest = %dest,
+                "upgraded connection is not the socket it was served on: a cut tunnel will not reset it");
+            let io = TokioIo::new(upgraded);
+            relay(io, tunnel, &[], ctx.header_read_timeout, log).await;
+        }
     }
 }
 

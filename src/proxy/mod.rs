@@ -11,6 +11,11 @@
 //! - [`socks5`]: RFC 1928 SOCKS5 `CONNECT`, no authentication.
 //! - `tls`: the mTLS material of the TCP listener.
 //! - `uds`: the Unix socket file (permissions, stale files, removal).
+//! - `relay`: an established tunnel, spliced with its client; a tunnel
+//!   that does not end cleanly (cut by a lost session or a reset, aborted
+//!   at the drain deadline) closes its client connection abortively: RST
+//!   on TCP, so that the client cannot take a truncated stream for a
+//!   complete one.
 //!
 //! Every accepted connection is one task; it ends when its client or tunnel
 //! ends. Each dial goes through the [`Dialer`]; its errors become an HTTP
@@ -23,6 +28,7 @@
 //! normal negotiation. Beyond that they are closed right after accept.
 
 pub mod http_connect;
+mod relay;
 pub mod socks5;
 mod tls;
 mod uds;
@@ -38,7 +44,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
@@ -47,6 +52,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::dial::{Destination, DialError, Dialer};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
+use relay::ClientIo;
 
 pub use http_connect::{parse_connect_target, TargetError};
 pub use socks5::{parse_greeting, parse_request, ConnectRequest, Greeting, Parsed, Socks5Error};
@@ -388,7 +394,7 @@ pub(crate) fn normalize_host(host: &str) -> Result<String, HostError> {
 
 /// A client connection of any listener.
 trait Accept: Send + 'static {
-    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    type Io: ClientIo;
     /// The next connection and a description of its client for logs.
     fn next_conn(&self) -> impl Future<Output = io::Result<(Self::Io, String)>> + Send;
 }
@@ -694,7 +700,7 @@ async fn handle<I, D>(
     ctx: Arc<Context<D>>,
     admission: Admission,
 ) where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    I: ClientIo,
     D: Dialer,
 {
     let _open = OpenConnection::new(&ctx.metrics);

@@ -12,7 +12,8 @@
 //!    naming a host: ASCII letters, digits, `-`, `.`, `_`, or an IP
 //!    literal (else 0x01). The reserved byte is ignored.
 //! 3. The dial: on failure the reply is [`DialError::socks5_reply`](crate::dial::DialError::socks5_reply), on
-//!    success 0x00 with `BND.ADDR` 0.0.0.0:0, then the tunnel is spliced.
+//!    success 0x00 with `BND.ADDR` 0.0.0.0:0, then the tunnel is spliced
+//!    (`relay`: a tunnel that is cut resets the client connection).
 //!    Bytes the client sent after the request are forwarded first.
 //!
 //! A wrong version byte closes the connection without a reply. Steps 1-2
@@ -23,9 +24,9 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use super::relay::{relay, ClientIo, TunnelLog};
 use super::{canonical_ip, error_node, normalize_host, Context, Listener};
 use crate::dial::{Destination, Dialer};
-use crate::splice::splice_until;
 
 /// The protocol version byte.
 pub const VERSION: u8 = 0x05;
@@ -325,7 +326,7 @@ where
 /// limit: negotiate, then reply 0x01.
 pub(crate) async fn serve<I, D>(mut io: I, ctx: &Context<D>, client: &str, admitted: bool)
 where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    I: ClientIo,
     D: Dialer,
 {
     let listener = Listener::Socks5;
@@ -383,7 +384,7 @@ where
         tracing::warn!(listener = label, client, dest = %dest, "max_connections reached: refused");
         return;
     }
-    let mut tunnel = match ctx.dial(&dest).await {
+    let tunnel = match ctx.dial(&dest).await {
         Ok(tunnel) => tunnel,
         Err(error) => {
             let rep = error.socks5_reply();
@@ -401,35 +402,12 @@ where
     ctx.metrics
         .proxy_request(label, &code_label(reply::SUCCEEDED));
     tracing::debug!(listener = label, client, dest = %dest, "tunnel open");
-    if !early.is_empty() {
-        let forward = tunnel.write_all(&early);
-        if !matches!(
-            tokio::time::timeout(ctx.header_read_timeout, forward).await,
-            Ok(Ok(()))
-        ) {
-            tracing::debug!(listener = label, client, dest = %dest,
-                "cannot forward early data into the tunnel");
-            return;
-        }
-    }
-    let cut = crate::dial::TunnelIo::cut(&tunnel);
-    match splice_until(&mut io, &mut tunnel, cut).await {
-        Ok(moved) => tracing::debug!(
-            listener = label,
-            client,
-            dest = %dest,
-            client_to_tunnel = moved.client_to_tunnel + early.len() as u64,
-            tunnel_to_client = moved.tunnel_to_client,
-            "tunnel closed"
-        ),
-        Err(error) => tracing::debug!(
-            listener = label,
-            client,
-            dest = %dest,
-            error = %error,
-            "tunnel ended with an error"
-        ),
-    }
+    let log = TunnelLog {
+        listener,
+        client,
+        dest: &dest,
+    };
+    relay(io, tunnel, &early, ctx.header_read_timeout, log).await;
 }
 
 #[cfg(test)]

@@ -30,6 +30,8 @@ async fn guard<F: Future>(what: &str, future: F) -> F::Output {
 #[derive(Default)]
 struct FakeDialer {
     dialed: Mutex<Vec<Destination>>,
+    /// The cut switch of every stream dialled so far.
+    cuts: Mutex<Vec<tokio::sync::watch::Sender<Option<String>>>>,
 }
 
 fn scripted_error(host: &str) -> Option<DialError> {
@@ -78,8 +80,84 @@ fn echo_stream() -> DuplexStream {
     near
 }
 
+/// What the far end of a `held.test` stream sends before it stalls.
+const HELD_PREFIX: &[u8] = b"bytes before the cut";
+
+/// Room in a `held.test` stream for bytes towards its far end, which never
+/// reads them.
+const HELD_CAPACITY: usize = 1024;
+
+/// A stream whose far end sends [`HELD_PREFIX`] and then neither reads nor
+/// closes: it ends only when the test cuts it (or the drain aborts it).
+fn held_stream() -> DuplexStream {
+    let (near, mut far) = tokio::io::duplex(HELD_CAPACITY);
+    tokio::spawn(async move {
+        let _ = far.write_all(HELD_PREFIX).await;
+        std::future::pending::<()>().await;
+        drop(far);
+    });
+    near
+}
+
+/// A dialled fake tunnel: a duplex stream and the switch that cuts it, as
+/// a lost session cuts a real one ([`TunnelIo::cut`]).
+struct FakeStream {
+    io: DuplexStream,
+    cut: tokio::sync::watch::Receiver<Option<String>>,
+}
+
+impl crate::dial::TunnelIo for FakeStream {
+    fn cut(&self) -> std::pin::Pin<Box<dyn Future<Output = String> + Send + 'static>> {
+        let mut cut = self.cut.clone();
+        Box::pin(async move {
+            let reason = match cut.wait_for(Option::is_some).await {
+                Ok(reason) => reason.clone(),
+                Err(_) => None,
+            };
+            match reason {
+                Some(reason) => reason,
+                None => std::future::pending().await,
+            }
+        })
+    }
+}
+
+impl AsyncRead for FakeStream {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for FakeStream {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
 impl Dialer for FakeDialer {
-    type Stream = DuplexStream;
+    type Stream = FakeStream;
 
     fn dial(
         &self,
@@ -89,15 +167,24 @@ impl Dialer for FakeDialer {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(dest.clone());
+        let (cut_tx, cut) = tokio::sync::watch::channel(None);
+        self.cuts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(cut_tx);
         let dest = dest.clone();
         async move {
             if dest.host == "hang.test" {
                 std::future::pending::<()>().await;
             }
-            match scripted_error(&dest.host) {
-                Some(error) => Err(error),
-                None => Ok(echo_stream()),
+            if let Some(error) = scripted_error(&dest.host) {
+                return Err(error);
             }
+            let io = match dest.host.as_str() {
+                "held.test" => held_stream(),
+                _ => echo_stream(),
+            };
+            Ok(FakeStream { io, cut })
         }
     }
 }
@@ -108,6 +195,13 @@ impl FakeDialer {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// Cut every stream dialled so far, as a lost session does.
+    fn cut_all(&self, reason: &str) {
+        for cut in self.cuts.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            cut.send_replace(Some(reason.to_string()));
+        }
     }
 }
 
@@ -1010,4 +1104,196 @@ fn config_from_toml_with_defaults_and_durations() {
     );
     assert!(toml::from_str::<File>("[proxy]\nudp = \"x\"\n").is_err());
     assert!(toml::from_str::<File>("[proxy.tls]\ncert = \"a\"\n").is_err());
+}
+
+// ---- Cut tunnels: an abort, never a clean end ----
+
+/// Read until the stream ends: the bytes, and how it ended (`Ok`: EOF).
+async fn read_until_end<S: AsyncRead + Unpin>(stream: &mut S) -> (Vec<u8>, std::io::Result<()>) {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match guard("read to the end", stream.read(&mut buf)).await {
+            Ok(0) => return (out, Ok(())),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(error) => return (out, Err(error)),
+        }
+    }
+}
+
+/// `end` is a reset (`ECONNRESET`), not EOF or another error.
+fn assert_reset(what: &str, end: std::io::Result<()>) {
+    match end {
+        Err(error) => assert_eq!(
+            error.kind(),
+            std::io::ErrorKind::ConnectionReset,
+            "{what}: {error}"
+        ),
+        Ok(()) => panic!("{what}: clean EOF where a reset was due"),
+    }
+}
+
+/// CONNECT `target` over `stream`; panics unless the answer is 200.
+async fn http_tunnel<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, target: &str) {
+    stream
+        .write_all(connect_request(target).as_bytes())
+        .await
+        .expect("write CONNECT");
+    let head = read_head(stream).await;
+    assert!(head.starts_with("HTTP/1.1 200 "), "{target}: {head:?}");
+}
+
+/// The far end's bytes that were sent before the cut arrive first.
+async fn read_held_prefix<S: AsyncRead + Unpin>(stream: &mut S) {
+    let mut prefix = vec![0u8; HELD_PREFIX.len()];
+    guard("the bytes before the cut", stream.read_exact(&mut prefix))
+        .await
+        .expect("read the bytes before the cut");
+    assert_eq!(prefix, HELD_PREFIX);
+}
+
+#[tokio::test]
+async fn a_cut_tunnel_resets_tcp_and_socks5_clients_and_a_unix_socket_client_reads_eof() {
+    let h = start(|c| c.tcp = Some("127.0.0.1:0".parse().expect("addr"))).await;
+    let mut tcp = TcpStream::connect(h.tcp.expect("tcp listener"))
+        .await
+        .expect("connect tcp");
+    http_tunnel(&mut tcp, "held.test:80").await;
+    let mut socks = h.socks().await;
+    let reply = socks_exchange(&mut socks, &socks_domain_request("held.test", 80)).await;
+    assert_eq!(reply[1], socks5::reply::SUCCEEDED);
+    let mut uds = h.uds().await;
+    http_tunnel(&mut uds, "held.test:80").await;
+    read_held_prefix(&mut tcp).await;
+    read_held_prefix(&mut socks).await;
+    read_held_prefix(&mut uds).await;
+
+    h.dialer
+        .cut_all("stream reset: the SSH session to node node-a was lost");
+    let (rest, end) = read_until_end(&mut tcp).await;
+    assert_eq!(rest, b"");
+    assert_reset("HTTP CONNECT over TCP", end);
+    let (rest, end) = read_until_end(&mut socks).await;
+    assert_eq!(rest, b"");
+    assert_reset("SOCKS5", end);
+    // A Unix socket has no reset: with nothing of the client's left unread,
+    // the client reads EOF.
+    let (rest, end) = read_until_end(&mut uds).await;
+    assert_eq!(rest, b"");
+    assert!(end.is_ok(), "Unix socket: {end:?}");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_cut_tunnel_resets_an_mtls_client_and_a_clean_end_stays_a_clean_close() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (tls, pki) = write_pki(dir.path());
+    let h = start(|c| {
+        c.tcp = Some("127.0.0.1:0".parse().expect("addr"));
+        c.tls = Some(tls);
+    })
+    .await;
+    let addr = h.tcp.expect("tcp listener");
+    let connect = || guard("handshake", tls_connect(addr, &pki, Some(&pki.client)));
+
+    let mut clean = connect().await.expect("handshake");
+    http_tunnel(&mut clean, "a.test:80").await;
+    clean.write_all(b"echoed whole").await.expect("write");
+    clean.shutdown().await.expect("close_notify and half-close");
+    let (echoed, end) = read_until_end(&mut clean).await;
+    assert_eq!(echoed, b"echoed whole");
+    assert!(end.is_ok(), "clean end over mTLS: {end:?}");
+
+    let mut cut = connect().await.expect("handshake");
+    http_tunnel(&mut cut, "held.test:80").await;
+    read_held_prefix(&mut cut).await;
+    h.dialer.cut_all("stream reset: test");
+    let (rest, end) = read_until_end(&mut cut).await;
+    assert_eq!(rest, b"");
+    assert_reset("HTTP CONNECT over mTLS", end);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_unix_socket_client_whose_bytes_were_left_unread_gets_econnreset_at_the_cut() {
+    let h = start(|_| {}).await;
+    let mut uds = h.uds().await;
+    http_tunnel(&mut uds, "held.test:80").await;
+    // The far end reads nothing: the front door takes at most one splice
+    // buffer and what the stream holds; the rest stays in the socket's
+    // receive queue.
+    let upload = vec![0x5a; crate::splice::SPLICE_BUFFER + HELD_CAPACITY + 4096];
+    guard("the upload to be queued", uds.write_all(&upload))
+        .await
+        .expect("write");
+    read_held_prefix(&mut uds).await;
+    h.dialer.cut_all("stream reset: test");
+    let (rest, end) = read_until_end(&mut uds).await;
+    assert_eq!(rest, b"");
+    assert_reset("Unix socket with unread client bytes", end);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn tunnels_aborted_at_the_drain_deadline_reset_tcp_and_socks5_clients() {
+    let h = start(|c| c.tcp = Some("127.0.0.1:0".parse().expect("addr"))).await;
+    let mut tcp = TcpStream::connect(h.tcp.expect("tcp listener"))
+        .await
+        .expect("connect tcp");
+    http_tunnel(&mut tcp, "held.test:80").await;
+    let mut socks = h.socks().await;
+    let reply = socks_exchange(&mut socks, &socks_domain_request("held.test", 80)).await;
+    assert_eq!(reply[1], socks5::reply::SUCCEEDED);
+    let mut uds = h.uds().await;
+    http_tunnel(&mut uds, "held.test:80").await;
+    for stream in [&mut tcp, &mut socks] {
+        read_held_prefix(stream).await;
+    }
+    read_held_prefix(&mut uds).await;
+    let metrics = h.metrics.clone();
+    // The held tunnels never end: the drain deadline aborts them.
+    h.stop().await;
+    let (rest, end) = read_until_end(&mut tcp).await;
+    assert_eq!(rest, b"");
+    assert_reset("HTTP CONNECT over TCP", end);
+    let (rest, end) = read_until_end(&mut socks).await;
+    assert_eq!(rest, b"");
+    assert_reset("SOCKS5", end);
+    let (rest, end) = read_until_end(&mut uds).await;
+    assert_eq!(rest, b"");
+    assert!(end.is_ok(), "Unix socket: {end:?}");
+    assert!(metrics
+        .encode()
+        .lines()
+        .any(|l| l == r#"nodetunnel_stream_resets_total{reason="drain_deadline"} 3"#));
+}
+
+#[tokio::test]
+async fn a_tunnel_that_ends_cleanly_closes_with_eof_on_every_listener() {
+    let h = start(|c| c.tcp = Some("127.0.0.1:0".parse().expect("addr"))).await;
+    let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let mut tcp = TcpStream::connect(h.tcp.expect("tcp listener"))
+        .await
+        .expect("connect tcp");
+    http_tunnel(&mut tcp, "a.test:80").await;
+    let mut socks = h.socks().await;
+    let reply = socks_exchange(&mut socks, &socks_domain_request("a.test", 80)).await;
+    assert_eq!(reply[1], socks5::reply::SUCCEEDED);
+    let mut uds = h.uds().await;
+    http_tunnel(&mut uds, "a.test:80").await;
+
+    async fn echo_whole<S: AsyncRead + AsyncWrite + Unpin>(what: &str, s: &mut S, payload: &[u8]) {
+        let (mut rd, mut wr) = tokio::io::split(s);
+        let send = async {
+            wr.write_all(payload).await.expect("write");
+            wr.shutdown().await.expect("half-close");
+        };
+        let ((), (echoed, end)) = tokio::join!(send, read_until_end(&mut rd));
+        assert!(echoed == payload, "{what}: {} bytes back", echoed.len());
+        assert!(end.is_ok(), "{what}: {end:?}");
+    }
+    echo_whole("HTTP CONNECT over TCP", &mut tcp, &payload).await;
+    echo_whole("SOCKS5", &mut socks, &payload).await;
+    echo_whole("Unix socket", &mut uds, &payload).await;
+    h.stop().await;
 }
