@@ -13,7 +13,10 @@
 # multi-session nodetunnel of metric 2), BENCH_SCALE ("1000 5000": node
 # counts of metric 5), BENCH_SCALE_SSH_MAX (1000: the largest count also run
 # with one `ssh -N` per node), BENCH_NO_BUILD=1 (use the binaries as built),
-# BENCH_KEEP=1 (keep the work directory with all logs).
+# BENCH_KEEP=1 (keep the work directory with all logs), BENCH_ONLY (a comma
+# list of single,aggregate,latency,hol,scale: run only these metrics),
+# BENCH_PERF=FILE (record a perf profile of the single-session nodetunnel
+# while metrics 1-4 run, into FILE; needs perf).
 #
 # Needs root (network namespaces), OpenSSH (ssh, sshd), iproute2, cargo.
 # Everything runs on loopback and in the testbed's network namespaces, each
@@ -49,6 +52,9 @@ REPS=${BENCH_REPS:-3}
 SESSIONS=${BENCH_SESSIONS:-4}
 SCALE_COUNTS=${BENCH_SCALE:-1000 5000}
 SCALE_SSH_MAX=${BENCH_SCALE_SSH_MAX:-1000}
+ONLY=${BENCH_ONLY:-single,aggregate,latency,hol,scale}
+case ",$ONLY," in *,scale,*) ;; *) SCALE=0 ;; esac
+COMPARE_ONLY=$(echo "$ONLY" | tr ',' '\n' | { grep -v '^scale$' || true; } | paste -sd, -)
 CIPHER=aes256-gcm@openssh.com
 if [ $QUICK = 1 ]; then
     REPS=${BENCH_REPS:-1}
@@ -66,6 +72,7 @@ die() {
     exit 1
 }
 
+[ $WRITE_DOCS = 0 ] || [ -z "${BENCH_ONLY:-}" ] || die "--write-docs needs every metric: unset BENCH_ONLY"
 [ "$(id -u)" -eq 0 ] || die "must run as root (network namespaces, sshd on port 22 of the node)"
 for t in ssh ssh-keygen ip getconf cargo timeout; do
     command -v $t >/dev/null || die "$t not found (apt-get install openssh-client openssh-server iproute2)"
@@ -214,16 +221,27 @@ RESULTS=$WORK/results.tsv
 : >"$RESULTS"
 
 # --- metrics 1-4 and 6 ---------------------------------------------------------
-note "metrics 1-4, 6 (reps=$REPS)"
-ip netns exec "$CP" timeout 3600 "$BENCH" compare \
+PERF_PID=
+if [ -n "${BENCH_PERF:-}" ] && [ -n "$COMPARE_ONLY" ]; then
+    command -v perf >/dev/null || die "BENCH_PERF needs perf (apt-get install linux-perf)"
+    perf record -g -o "$BENCH_PERF" -p "$NT1_PID" >"$WORK/perf.log" 2>&1 &
+    PERF_PID=$!
+fi
+[ -z "$COMPARE_ONLY" ] || note "metrics 1-4, 6 (reps=$REPS, only $COMPARE_ONLY)"
+[ -z "$COMPARE_ONLY" ] || ip netns exec "$CP" timeout 3600 "$BENCH" compare \
     --nt-socks5 socks5://127.0.0.1:1080 \
     --nt-http "http+unix://$WORK/nt1.sock" --nt-pid "$NT1_PID" \
     --nt-multi-socks5 socks5://127.0.0.1:1082 --nt-multi-pid "$NTM_PID" --nt-multi-sessions "$SESSIONS" \
     --ssh-socks5 socks5://127.0.0.1:1081 --ssh-pid "$SSH_PID" \
     --sink "$SINK" --source "$SOURCE" --echo "$ECHO" \
-    --reps "$REPS" --clk-tck "$(getconf CLK_TCK)" --results "$RESULTS" "${SIZES[@]}" \
+    --reps "$REPS" --clk-tck "$(getconf CLK_TCK)" --results "$RESULTS" --only "$COMPARE_ONLY" "${SIZES[@]}" \
     2> >(tee "$WORK/compare.log" >&2) || die "compare failed; logs in $WORK"
 
+if [ -n "$PERF_PID" ]; then
+    kill -INT "$PERF_PID" 2>/dev/null || true
+    wait "$PERF_PID" 2>/dev/null || true
+    note "perf profile in $BENCH_PERF"
+fi
 stop_pid "$NT1_PID"
 stop_pid "$NTM_PID"
 stop_pid "$SSH_PID"

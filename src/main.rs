@@ -7,11 +7,12 @@ use clap::Parser;
 fn main() -> std::process::ExitCode {
     let cli = nodetunnel::cli::Cli::parse();
     nodetunnel::logging::init(cli.log_format, &cli.log_level);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("nodetunnel")
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all().thread_name("nodetunnel");
+    if let Some(n) = cli.worker_threads {
+        builder.worker_threads(usize::from(n));
+    }
+    let runtime = match builder.build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("nodetunnel: cannot start the async runtime: {e}");

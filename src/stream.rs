@@ -3,25 +3,29 @@
 //!
 //! # Head-of-line isolation and flow control
 //!
-//! russh runs one task per session and hands each channel's messages to a
-//! bounded queue; if a queue fills, that task waits, and every channel of
-//! the session stalls. Two things keep that from happening here:
+//! russh runs one task per session and, upstream, hands each channel's
+//! messages to a bounded queue; if a queue fills, that task waits, and every
+//! channel of the session stalls. Two things keep that from happening here:
 //!
-//! - Each channel gets a small pump task that takes every message off
-//!   russh's queue as soon as it arrives and parks the bytes in the stream's
-//!   own buffer, so the session task never waits on a slow consumer.
+//! - Each channel is opened with a sink ([`StreamInbound`], the vendored
+//!   russh's `ChannelSink`): the session task appends the channel's data to
+//!   the stream's own buffer as each packet is decrypted and wakes the
+//!   stream's reader. It never waits on a consumer, and no task sits in
+//!   between (one wake-up per packet, not three).
 //! - The channel's receive window is re-opened only when our consumer has
 //!   read the bytes (the vendored russh's `adjust_window_on_consume`, see
-//!   `vendor/russh/PATCHES.md`), not on arrival. So the node may have at
-//!   most one window (`ssh.window_size`) of unread data in flight per
-//!   stream: a consumer that reads slowly slows its own sender, exactly as
-//!   with OpenSSH, and loses nothing; a consumer that stops reading stops
-//!   only its own stream.
+//!   `vendor/russh/PATCHES.md`), not on arrival, reported in batches of an
+//!   eighth of the window. So the node may have at most one window
+//!   (`ssh.window_size`) of unread data in flight per stream: a consumer
+//!   that reads slowly slows its own sender, exactly as with OpenSSH, and
+//!   loses nothing; a consumer that stops reading stops only its own stream.
 //!
 //! A stream's buffer therefore never holds more than one window. A node that
 //! sends beyond the window it was granted breaks the protocol: that stream
 //! is reset ([`StreamResetReason::WindowExceeded`]) and counted. Memory
-//! bound: `window_size` x open streams.
+//! bound: `window_size` x open streams (packets under 2 KiB are coalesced,
+//! so a node sending tiny packets does not multiply it by per-packet
+//! overhead).
 
 use std::collections::VecDeque;
 use std::io;
@@ -30,9 +34,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 use russh::client::Msg;
-use russh::{ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
+use russh::{ChannelMsg, ChannelWriteHalf};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 
@@ -43,6 +47,8 @@ static NEXT_STREAM_ID: AtomicU64 = AtomicU64::new(1);
 /// Buffering bounds of streams.
 #[derive(Debug)]
 pub struct StreamLimits {
+    /// The receive window of every stream (`ssh.window_size`).
+    pub window: usize,
     /// Bytes one stream may hold for its consumer: the receive window plus
     /// one packet of slack. More means the node ignored flow control.
     pub stream_buffer: usize,
@@ -57,6 +63,7 @@ impl StreamLimits {
     /// new streams while more than `max_in_use` bytes wait for readers.
     pub fn new(window: usize, max_in_use: usize) -> Self {
         StreamLimits {
+            window,
             stream_buffer: window + 64 * 1024,
             in_use: AtomicUsize::new(0),
             max_in_use,
@@ -105,31 +112,192 @@ pub struct StreamCounters {
     pub drained: Notify,
 }
 
+/// Packets smaller than this are copied into one growing buffer instead of
+/// being queued one by one, so a node that sends tiny packets costs about
+/// as much memory per byte as one that sends full ones.
+const COALESCE_BELOW: usize = 2048;
+
 struct Inbound {
+    /// Full packets, in arrival order, before `tail`.
     queue: VecDeque<Bytes>,
+    /// Small packets coalesced, after `queue`.
+    tail: BytesMut,
+    /// Bytes in `queue` and `tail`.
     buffered: usize,
     eof: bool,
     reset: Option<(StreamResetReason, String)>,
+    consumer_gone: bool,
     waker: Option<Waker>,
 }
 
-struct Shared {
+impl Inbound {
+    fn wake(&mut self) {
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+
+    /// Copy up to `buf.remaining()` bytes out; returns how many.
+    fn take_into(&mut self, buf: &mut ReadBuf<'_>) -> usize {
+        let mut taken = 0;
+        while buf.remaining() > 0 {
+            let Some(front) = self.queue.front_mut() else {
+                break;
+            };
+            let n = front.len().min(buf.remaining());
+            buf.put_slice(&front[..n]);
+            front.advance(n);
+            if front.is_empty() {
+                self.queue.pop_front();
+            }
+            taken += n;
+        }
+        if self.queue.is_empty() && buf.remaining() > 0 && !self.tail.is_empty() {
+            let n = self.tail.len().min(buf.remaining());
+            buf.put_slice(&self.tail[..n]);
+            self.tail.advance(n);
+            taken += n;
+        }
+        self.buffered -= taken;
+        taken
+    }
+
+    /// Forget every queued byte; returns how many there were.
+    fn clear(&mut self) -> usize {
+        let held = self.buffered;
+        self.queue.clear();
+        self.tail = BytesMut::new();
+        self.buffered = 0;
+        held
+    }
+}
+
+/// A stream's receiving side, shared by the session task (which delivers
+/// the channel's messages to it as packets arrive, see
+/// [`russh::ChannelSink`]) and the [`TunnelStream`] (which reads).
+pub struct StreamInbound {
+    id: u64,
+    node: Arc<str>,
     inbound: Mutex<Inbound>,
-    consumer_gone: AtomicBool,
-    consumer_dropped: Notify,
-    /// Bytes the consumer read that the pump has not yet reported to the
-    /// session (which re-opens the window by as much).
-    unreported: AtomicUsize,
-    consumed: Notify,
+    limits: Arc<StreamLimits>,
+    counters: Arc<StreamCounters>,
+    metrics: Arc<Metrics>,
     /// Fired (all waiters, and a flag for late ones) when the stream is reset.
     cut: Notify,
     cut_fired: AtomicBool,
 }
 
-impl Shared {
-    fn wake(inbound: &mut Inbound) {
-        if let Some(w) = inbound.waker.take() {
-            w.wake();
+impl std::fmt::Debug for StreamInbound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamInbound")
+            .field("id", &self.id)
+            .field("node", &self.node)
+            .finish()
+    }
+}
+
+impl russh::ChannelSink for StreamInbound {
+    fn deliver(&self, msg: ChannelMsg) {
+        match msg {
+            ChannelMsg::Data { data } => self.accept(data),
+            ChannelMsg::Eof | ChannelMsg::Close => self.finish(),
+            // direct-tcpip has no extended data; window adjustments are
+            // tracked by russh's writer; requests are not ours to answer.
+            _ => {}
+        }
+    }
+
+    fn detached(&self) {
+        self.lost();
+    }
+}
+
+impl StreamInbound {
+    /// Queue `data` for the consumer, or reset the stream if the node sent
+    /// more than its window. Runs on the session task: never waits.
+    fn accept(&self, data: Bytes) {
+        let len = data.len();
+        if len == 0 {
+            return;
+        }
+        let Ok(mut inbound) = self.inbound.lock() else {
+            return;
+        };
+        if inbound.consumer_gone || inbound.reset.is_some() {
+            return; // nobody will read it: drop on the floor
+        }
+        let mine = inbound.buffered + len;
+        if mine > self.limits.stream_buffer {
+            drop(inbound);
+            self.reset(StreamResetReason::WindowExceeded);
+            return;
+        }
+        inbound.buffered = mine;
+        self.limits.in_use.fetch_add(len, Ordering::AcqRel);
+        if len < COALESCE_BELOW {
+            inbound.tail.extend_from_slice(&data);
+        } else {
+            if !inbound.tail.is_empty() {
+                let small = inbound.tail.split().freeze();
+                inbound.queue.push_back(small);
+            }
+            inbound.queue.push_back(data);
+        }
+        inbound.wake();
+    }
+
+    fn reset(&self, reason: StreamResetReason) {
+        let message = match reason {
+            StreamResetReason::WindowExceeded => format!(
+                "stream reset: node {} sent more than the {} bytes of window it was granted",
+                self.node, self.limits.stream_buffer
+            ),
+            StreamResetReason::SessionLost => {
+                format!(
+                    "stream reset: the SSH session to node {} was lost",
+                    self.node
+                )
+            }
+        };
+        tracing::warn!(node = %self.node, stream = self.id, reason = reason.label(), "{message}");
+        self.counters.resets.fetch_add(1, Ordering::Relaxed);
+        self.metrics.stream_reset(reason.label());
+        if let Ok(mut inbound) = self.inbound.lock() {
+            let held = inbound.clear();
+            self.limits.in_use.fetch_sub(held, Ordering::AcqRel);
+            inbound.reset = Some((reason, message));
+            inbound.wake();
+        }
+        self.cut_fired.store(true, Ordering::Release);
+        self.cut.notify_waiters();
+    }
+
+    fn finish(&self) {
+        if let Ok(mut inbound) = self.inbound.lock() {
+            inbound.eof = true;
+            inbound.wake();
+        }
+    }
+
+    /// The session forgot the channel: if the node had not ended the stream
+    /// and someone still reads it, the stream was cut short.
+    fn lost(&self) {
+        let lost = self
+            .inbound
+            .lock()
+            .map(|i| !i.eof && i.reset.is_none() && !i.consumer_gone)
+            .unwrap_or(false);
+        if lost {
+            self.reset(StreamResetReason::SessionLost);
+        }
+    }
+
+    /// The consumer went away: drop what it will never read.
+    fn release(&self) {
+        if let Ok(mut inbound) = self.inbound.lock() {
+            inbound.consumer_gone = true;
+            let held = inbound.clear();
+            self.limits.in_use.fetch_sub(held, Ordering::AcqRel);
         }
     }
 }
@@ -181,84 +349,88 @@ impl StreamSlot {
             },
         })
     }
+
+    /// The receiving side of the stream this slot will carry: hand it to
+    /// the channel open as its sink (russh delivers the channel's data to
+    /// it from the session task), then to [`TunnelStream::new`].
+    pub fn inbound(&self, node: Arc<str>, limits: Arc<StreamLimits>) -> Arc<StreamInbound> {
+        Arc::new(StreamInbound {
+            id: NEXT_STREAM_ID.fetch_add(1, Ordering::Relaxed),
+            node,
+            inbound: Mutex::new(Inbound {
+                queue: VecDeque::new(),
+                tail: BytesMut::new(),
+                buffered: 0,
+                eof: false,
+                reset: None,
+                consumer_gone: false,
+                waker: None,
+            }),
+            limits,
+            counters: self.guard.node_counters.clone(),
+            metrics: self.guard.metrics.clone(),
+            cut: Notify::new(),
+            cut_fired: AtomicBool::new(false),
+        })
+    }
 }
 
 /// One tunnelled TCP stream. Reading gives the bytes the node's destination
 /// sent; writing sends towards it; `shutdown` sends EOF (a half-close);
 /// dropping closes the channel.
 pub struct TunnelStream {
-    id: u64,
-    node: Arc<str>,
-    shared: Arc<Shared>,
+    shared: Arc<StreamInbound>,
+    write: ChannelWriteHalf<Msg>,
     tx: Pin<Box<dyn AsyncWrite + Send + Sync>>,
-    limits: Arc<StreamLimits>,
+    /// Bytes read since the last consumption report to the session.
+    unreported: usize,
+    /// Report consumption once this many bytes were read (an eighth of the
+    /// window: the node always has most of its window to send into).
+    report_every: usize,
     _guard: OpenGuard,
 }
 
 impl std::fmt::Debug for TunnelStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TunnelStream")
-            .field("id", &self.id)
-            .field("node", &self.node)
+            .field("id", &self.shared.id)
+            .field("node", &self.shared.node)
             .finish()
     }
 }
 
 impl TunnelStream {
-    /// Wrap an open channel; spawns its pump task.
+    /// Wrap a channel opened with `inbound` as its sink (see
+    /// [`StreamSlot::inbound`]).
     pub fn new(
-        node: Arc<str>,
         channel: russh::Channel<Msg>,
         slot: StreamSlot,
-        limits: Arc<StreamLimits>,
+        inbound: Arc<StreamInbound>,
     ) -> TunnelStream {
-        let id = NEXT_STREAM_ID.fetch_add(1, Ordering::Relaxed);
         let guard = slot.guard;
         guard.node_counters.opened.fetch_add(1, Ordering::Relaxed);
-        let (read, write) = channel.split();
+        // The read half receives nothing once the sink is in place.
+        let (_read, write) = channel.split();
         let tx = Box::pin(write.make_writer());
-        let shared = Arc::new(Shared {
-            inbound: Mutex::new(Inbound {
-                queue: VecDeque::new(),
-                buffered: 0,
-                eof: false,
-                reset: None,
-                waker: None,
-            }),
-            consumer_gone: AtomicBool::new(false),
-            consumer_dropped: Notify::new(),
-            unreported: AtomicUsize::new(0),
-            consumed: Notify::new(),
-            cut: Notify::new(),
-            cut_fired: AtomicBool::new(false),
-        });
-        let pump = Pump {
-            id,
-            node: node.clone(),
-            shared: shared.clone(),
-            limits: limits.clone(),
-            counters: guard.node_counters.clone(),
-            metrics: guard.metrics.clone(),
-        };
-        tokio::spawn(pump.run(read, write));
+        let report_every = (inbound.limits.window / 8).max(1);
         TunnelStream {
-            id,
-            node,
-            shared,
+            shared: inbound,
+            write,
             tx,
-            limits,
+            unreported: 0,
+            report_every,
             _guard: guard,
         }
     }
 
     /// Process-unique stream id (the `stream` field of log lines).
     pub fn id(&self) -> u64 {
-        self.id
+        self.shared.id
     }
 
     /// The node carrying the stream.
     pub fn node(&self) -> &str {
-        &self.node
+        &self.shared.node
     }
 }
 
@@ -294,25 +466,20 @@ impl AsyncRead for TunnelStream {
         let Ok(mut inbound) = this.shared.inbound.lock() else {
             return Poll::Ready(Err(io::Error::other("stream state poisoned")));
         };
-        let mut taken = 0;
-        while buf.remaining() > 0 {
-            let Some(front) = inbound.queue.front_mut() else {
-                break;
-            };
-            let n = front.len().min(buf.remaining());
-            buf.put_slice(&front[..n]);
-            front.advance(n);
-            if front.is_empty() {
-                inbound.queue.pop_front();
-            }
-            taken += n;
-        }
+        let taken = inbound.take_into(buf);
         if taken > 0 {
-            inbound.buffered -= taken;
             drop(inbound);
-            this.limits.in_use.fetch_sub(taken, Ordering::AcqRel);
-            this.shared.unreported.fetch_add(taken, Ordering::AcqRel);
-            this.shared.consumed.notify_one();
+            this.shared
+                .limits
+                .in_use
+                .fetch_sub(taken, Ordering::AcqRel);
+            // Give the window back in batches: the node may send as much again.
+            this.unreported += taken;
+            if this.unreported >= this.report_every {
+                let amount = u32::try_from(this.unreported).unwrap_or(u32::MAX);
+                this.unreported = 0;
+                this.write.consumed_now(amount);
+            }
             this._guard
                 .node_counters
                 .bytes_from_node
@@ -384,142 +551,9 @@ impl AsyncWrite for TunnelStream {
 
 impl Drop for TunnelStream {
     fn drop(&mut self) {
-        self.shared.consumer_gone.store(true, Ordering::Release);
-        release(&self.shared, &self.limits);
-        // notify_one keeps a permit if the pump is not waiting right now.
-        self.shared.consumer_dropped.notify_one();
-    }
-}
-
-/// Moves a channel's messages from russh's queue into the stream's buffer.
-struct Pump {
-    id: u64,
-    node: Arc<str>,
-    shared: Arc<Shared>,
-    limits: Arc<StreamLimits>,
-    counters: Arc<StreamCounters>,
-    metrics: Arc<Metrics>,
-}
-
-impl Pump {
-    async fn run(self, mut read: ChannelReadHalf, write: ChannelWriteHalf<Msg>) {
-        let mut close_sent = false;
-        loop {
-            tokio::select! {
-                msg = read.wait() => match msg {
-                    Some(ChannelMsg::Data { data }) => {
-                        if let Some(reason) = self.accept(data) {
-                            self.reset(reason);
-                            if !close_sent {
-                                close_sent = true;
-                                let _ = write.close().await;
-                            }
-                        }
-                    }
-                    Some(ChannelMsg::Eof) | Some(ChannelMsg::Close) => self.finish(),
-                    Some(_) => {}
-                    None => {
-                        self.lost();
-                        break;
-                    }
-                },
-                _ = self.shared.consumed.notified(), if !close_sent => {
-                    // Give the window back: the node may send as much again.
-                    let read = self.shared.unreported.swap(0, Ordering::AcqRel);
-                    if read > 0 {
-                        let _ = write.consumed(u32::try_from(read).unwrap_or(u32::MAX)).await;
-                    }
-                }
-                _ = self.shared.consumer_dropped.notified(), if !close_sent => {
-                    close_sent = true;
-                    self.discard();
-                    let _ = write.close().await;
-                }
-            }
-        }
-        // What is still queued stays for the consumer; it is released when
-        // the consumer reads it or drops the stream.
-        tracing::trace!(node = %self.node, stream = self.id, "stream pump ended");
-    }
-
-    /// Queue `data`; on overflow return why the stream must be reset.
-    fn accept(&self, data: Bytes) -> Option<StreamResetReason> {
-        let len = data.len();
-        let Ok(mut inbound) = self.shared.inbound.lock() else {
-            return None;
-        };
-        if self.shared.consumer_gone.load(Ordering::Acquire) || inbound.reset.is_some() {
-            return None; // nobody will read it: drop on the floor
-        }
-        let mine = inbound.buffered + len;
-        if mine > self.limits.stream_buffer {
-            return Some(StreamResetReason::WindowExceeded);
-        }
-        inbound.buffered = mine;
-        self.limits.in_use.fetch_add(len, Ordering::AcqRel);
-        inbound.queue.push_back(data);
-        Shared::wake(&mut inbound);
-        None
-    }
-
-    fn reset(&self, reason: StreamResetReason) {
-        let message = match reason {
-            StreamResetReason::WindowExceeded => format!(
-                "stream reset: node {} sent more than the {} bytes of window it was granted",
-                self.node, self.limits.stream_buffer
-            ),
-            StreamResetReason::SessionLost => {
-                format!(
-                    "stream reset: the SSH session to node {} was lost",
-                    self.node
-                )
-            }
-        };
-        tracing::warn!(node = %self.node, stream = self.id, reason = reason.label(), "{message}");
-        self.counters.resets.fetch_add(1, Ordering::Relaxed);
-        self.metrics.stream_reset(reason.label());
-        if let Ok(mut inbound) = self.shared.inbound.lock() {
-            let held = inbound.buffered;
-            inbound.queue.clear();
-            inbound.buffered = 0;
-            self.limits.in_use.fetch_sub(held, Ordering::AcqRel);
-            inbound.reset = Some((reason, message));
-            Shared::wake(&mut inbound);
-        }
-        self.shared.cut_fired.store(true, Ordering::Release);
-        self.shared.cut.notify_waiters();
-    }
-
-    fn finish(&self) {
-        if let Ok(mut inbound) = self.shared.inbound.lock() {
-            inbound.eof = true;
-            Shared::wake(&mut inbound);
-        }
-    }
-
-    fn lost(&self) {
-        let lost = self
-            .shared
-            .inbound
-            .lock()
-            .map(|i| !i.eof && i.reset.is_none())
-            .unwrap_or(false);
-        if lost && !self.shared.consumer_gone.load(Ordering::Acquire) {
-            self.reset(StreamResetReason::SessionLost);
-        }
-    }
-
-    fn discard(&self) {
-        release(&self.shared, &self.limits);
-    }
-}
-
-/// Drop every queued byte of a stream and return it to the total budget.
-fn release(shared: &Shared, limits: &StreamLimits) {
-    if let Ok(mut inbound) = shared.inbound.lock() {
-        let held = inbound.buffered;
-        inbound.queue.clear();
-        inbound.buffered = 0;
-        limits.in_use.fetch_sub(held, Ordering::AcqRel);
+        self.shared.release();
+        // Closing a channel the node already closed is answered by russh
+        // as a no-op; one the node still has open is closed.
+        self.write.close_now();
     }
 }

@@ -419,10 +419,14 @@ impl Tunnel {
             ))
         })?;
         let started = Instant::now();
-        let open =
-            live.session
-                .handle
-                .channel_open_direct_tcpip(host, u32::from(port), "127.0.0.1", 0);
+        let inbound = slot.inbound(self.name.clone(), self.ctx.limits.clone());
+        let open = live.session.handle.channel_open_direct_tcpip_with_sink(
+            host,
+            u32::from(port),
+            "127.0.0.1",
+            0,
+            inbound.clone(),
+        );
         let result = match tokio::time::timeout(timeout, open).await {
             Err(_) => Err(DialError::Timeout {
                 node: self.name.to_string(),
@@ -441,9 +445,7 @@ impl Tunnel {
         metrics
             .stream_open_duration
             .observe(started.elapsed().as_secs_f64());
-        result.map(|channel| {
-            TunnelStream::new(self.name.clone(), channel, slot, self.ctx.limits.clone())
-        })
+        result.map(|channel| TunnelStream::new(channel, slot, inbound))
     }
 
     fn least_loaded_session(&self) -> Option<Arc<LiveSession>> {

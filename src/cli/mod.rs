@@ -36,6 +36,12 @@ pub struct Cli {
     /// Log filter (tracing EnvFilter syntax); RUST_LOG overrides it.
     #[arg(long, default_value = "info", global = true)]
     pub log_level: String,
+    /// Threads of the async runtime (default: one per CPU). Fewer threads
+    /// mean fewer cross-thread wake-ups per forwarded packet; more let many
+    /// sessions use more cores.
+    #[arg(long, env = "NODETUNNEL_WORKER_THREADS", global = true,
+          value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub worker_threads: Option<u16>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,

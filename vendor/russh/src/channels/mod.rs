@@ -10,7 +10,7 @@ use crate::{ChannelId, ChannelOpenFailure, Error, Pty, Sig};
 pub mod io;
 
 mod channel_ref;
-pub use channel_ref::ChannelRef;
+pub use channel_ref::{ChannelRef, ChannelSink};
 
 mod channel_stream;
 pub use channel_stream::ChannelStream;
@@ -422,6 +422,35 @@ impl<S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static> ChannelWriteHalf<
         self.send_msg(ChannelMsg::Consumed { amount }).await
     }
 
+    /// (nodetunnel patch) [`ChannelWriteHalf::consumed`] without waiting:
+    /// queued at once if the session's queue has room, else handed to a
+    /// task that waits for room (reports add up, so order does not matter).
+    pub fn consumed_now(&self, amount: u32) {
+        self.send_msg_now(ChannelMsg::Consumed { amount });
+    }
+
+    /// (nodetunnel patch) [`ChannelWriteHalf::close`] without waiting, for
+    /// `Drop` implementations; as [`ChannelWriteHalf::consumed_now`].
+    pub fn close_now(&self) {
+        self.send_msg_now(ChannelMsg::Close);
+    }
+
+    fn send_msg_now(&self, msg: ChannelMsg) {
+        use tokio::sync::mpsc::error::TrySendError;
+        match self.sender.try_send((self.id, msg).into()) {
+            Ok(()) | Err(TrySendError::Closed(_)) => {}
+            Err(TrySendError::Full(msg)) => {
+                let sender = self.sender.clone();
+                #[cfg(not(target_arch = "wasm32"))]
+                tokio::spawn(async move {
+                    let _ = sender.send(msg).await;
+                });
+                #[cfg(target_arch = "wasm32")]
+                drop((sender, msg));
+            }
+        }
+    }
+
     pub async fn exit_status(&self, exit_status: u32) -> Result<(), Error> {
         self.send_msg(ChannelMsg::ExitStatus { exit_status }).await
     }
@@ -500,6 +529,7 @@ impl<S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static> Channel<S> {
             ChannelRef {
                 sender: tx,
                 window_size,
+                sink: None,
             },
         )
     }

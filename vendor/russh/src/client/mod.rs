@@ -908,6 +908,37 @@ impl<H: Handler> Handle<H> {
             .await
     }
 
+    /// (nodetunnel patch) [`Handle::channel_open_direct_tcpip`], with every
+    /// message after the open confirmation handed to `sink` by the session
+    /// task (see [`crate::ChannelSink`]) instead of the channel's queue: the
+    /// returned channel's read half then receives nothing more.
+    pub async fn channel_open_direct_tcpip_with_sink<A: Into<String>, B: Into<String>>(
+        &self,
+        host_to_connect: A,
+        port_to_connect: u32,
+        originator_address: B,
+        originator_port: u32,
+        sink: std::sync::Arc<dyn crate::ChannelSink>,
+    ) -> Result<Channel<Msg>, crate::Error> {
+        // Only the confirmation (or failure) travels through this queue.
+        let (sender, receiver) = channel(2);
+        let channel_ref = ChannelRef::with_sink(sender, sink);
+        let window_size_ref = channel_ref.window_size().clone();
+
+        self.sender
+            .send(Msg::ChannelOpenDirectTcpIp {
+                host_to_connect: host_to_connect.into(),
+                port_to_connect,
+                originator_address: originator_address.into(),
+                originator_port,
+                channel_ref,
+            })
+            .await
+            .map_err(|_| crate::Error::SendError)?;
+        self.wait_channel_confirmation(receiver, window_size_ref)
+            .await
+    }
+
     pub async fn channel_open_direct_streamlocal<S: Into<String>>(
         &self,
         socket_path: S,
