@@ -19,7 +19,7 @@ use tokio::sync::Barrier;
 
 use crate::args::Args;
 use crate::client::{self, close, open, pattern, read_to_eof, write_n, Proxy, CHUNK};
-use crate::procstat::cpu_seconds;
+use crate::procstat::{context_switches, cpu_seconds};
 use crate::stats::{median, percentile, sorted};
 
 /// One system under test: a proxy and the process that does the work.
@@ -107,6 +107,7 @@ impl Ctx {
     /// Upload `n` bytes on one stream; (MB/s, CPU seconds of the system's process).
     async fn single_upload(&self, s: &System, n: u64) -> Result<(f64, f64), String> {
         let c0 = self.cpu(s)?;
+        let x0 = context_switches(s.pid)?;
         let what = format!("{} upload {n} B", s.label);
         let d = bounded(
             &what,
@@ -115,11 +116,18 @@ impl Ctx {
         )
         .await?;
         let c1 = self.cpu(s)?;
+        let x1 = context_switches(s.pid)?;
+        log(format!(
+            "{what}: {:.0} context switches per GB in the {} process",
+            (x1 - x0) as f64 / (n as f64 / 1e9),
+            s.label
+        ));
         Ok((mbps(n, d), c1 - c0))
     }
 
     async fn single_download(&self, s: &System, n: u64) -> Result<(f64, f64), String> {
         let c0 = self.cpu(s)?;
+        let x0 = context_switches(s.pid)?;
         let what = format!("{} download {n} B", s.label);
         let d = bounded(
             &what,
@@ -128,6 +136,12 @@ impl Ctx {
         )
         .await?;
         let c1 = self.cpu(s)?;
+        let x1 = context_switches(s.pid)?;
+        log(format!(
+            "{what}: {:.0} context switches per GB in the {} process",
+            (x1 - x0) as f64 / (n as f64 / 1e9),
+            s.label
+        ));
         Ok((mbps(n, d), c1 - c0))
     }
 

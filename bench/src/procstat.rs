@@ -42,3 +42,27 @@ pub fn status_kib(pid: u32, field: &str) -> Result<u64, String> {
 pub fn rss_kib(pid: u32) -> Result<u64, String> {
     status_kib(pid, "VmRSS")
 }
+
+/// Context switches (voluntary + involuntary) of every thread of a process
+/// so far: how often it slept or was preempted, a proxy for hand-offs
+/// between threads.
+pub fn context_switches(pid: u32) -> Result<u64, String> {
+    let dir = format!("/proc/{pid}/task");
+    let mut total = 0;
+    for task in std::fs::read_dir(&dir).map_err(|e| format!("{dir}: {e}"))? {
+        let Ok(task) = task else { continue };
+        // A thread may exit between the listing and the read.
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue;
+        };
+        for line in status.lines() {
+            if let Some(v) = line
+                .strip_prefix("voluntary_ctxt_switches:")
+                .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+            {
+                total += v.trim().parse::<u64>().unwrap_or(0);
+            }
+        }
+    }
+    Ok(total)
+}

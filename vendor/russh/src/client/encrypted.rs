@@ -71,6 +71,29 @@ impl Session {
             pkt.buffer.len()
         );
 
+        // (nodetunnel patch) Channel data, the bulk of the traffic: slice the
+        // payload out of the packet instead of decoding a copy of it (one
+        // allocation and one 32 KiB copy less per packet).
+        if pkt.buffer.first() == Some(&msg::CHANNEL_DATA)
+            && matches!(
+                self.common.encrypted.as_ref().map(|enc| &enc.state),
+                Some(EncryptedState::Authenticated)
+            )
+        {
+            let packet = Bytes::from(std::mem::take(&mut pkt.buffer));
+            let (channel_num, len) = match packet.get(1..9) {
+                Some(head) => (
+                    ChannelId(u32::from_be_bytes([head[0], head[1], head[2], head[3]])),
+                    u32::from_be_bytes([head[4], head[5], head[6], head[7]]) as usize,
+                ),
+                None => return Err(crate::Error::Inconsistent.into()),
+            };
+            if packet.len() != 9 + len {
+                return Err(crate::Error::Inconsistent.into());
+            }
+            let data = packet.slice(9..);
+            return self.client_channel_data(client, channel_num, data).await;
+        }
         self.process_packet(client, &pkt.buffer).await
     }
 
@@ -477,6 +500,39 @@ impl Session {
         Ok(())
     }
 
+    /// CHANNEL_DATA for `channel_num`: account for it in the window and hand
+    /// it to the channel (queue or sink) and the handler.
+    async fn client_channel_data<H: Handler>(
+        &mut self,
+        client: &mut H,
+        channel_num: ChannelId,
+        data: Bytes,
+    ) -> Result<(), H::Error> {
+        if !self.common.is_established_channel(channel_num) {
+            return Ok(());
+        }
+        let target = self.common.config.window_size;
+        let on_consume = self.common.config.adjust_window_on_consume;
+        #[allow(clippy::collapsible_if)]
+        if let Some(ref mut enc) = self.common.encrypted {
+            if on_consume {
+                enc.note_received(channel_num, &data);
+            } else if enc.adjust_window_size(channel_num, &data, target)? {
+                let next_window =
+                    client.adjust_window(channel_num, self.target_window_size);
+                if next_window > 0 {
+                    self.target_window_size = next_window
+                }
+            }
+        }
+
+        if let Some(chan) = self.channels.get(&channel_num) {
+            let _ = chan.send(ChannelMsg::Data { data: data.clone() }).await;
+        }
+
+        client.data(channel_num, &data, self).await
+    }
+
     async fn client_read_authenticated<H: Handler>(
         &mut self,
         client: &mut H,
@@ -604,29 +660,7 @@ impl Session {
                 let channel_num = map_err!(ChannelId::decode(&mut r))?;
                 let data = map_err!(Bytes::decode(&mut r))?;
                 map_err!(ensure_end(&r))?;
-                if !self.common.is_established_channel(channel_num) {
-                    return Ok(());
-                }
-                let target = self.common.config.window_size;
-                let on_consume = self.common.config.adjust_window_on_consume;
-                #[allow(clippy::collapsible_if)]
-                if let Some(ref mut enc) = self.common.encrypted {
-                    if on_consume {
-                        enc.note_received(channel_num, &data);
-                    } else if enc.adjust_window_size(channel_num, &data, target)? {
-                        let next_window =
-                            client.adjust_window(channel_num, self.target_window_size);
-                        if next_window > 0 {
-                            self.target_window_size = next_window
-                        }
-                    }
-                }
-
-                if let Some(chan) = self.channels.get(&channel_num) {
-                    let _ = chan.send(ChannelMsg::Data { data: data.clone() }).await;
-                }
-
-                client.data(channel_num, &data, self).await
+                self.client_channel_data(client, channel_num, data).await
             }
             Some((&msg::CHANNEL_EXTENDED_DATA, mut r)) => {
                 debug!("channel_extended_data");
