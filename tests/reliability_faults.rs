@@ -4,21 +4,27 @@
 //! (keepalive 1 s x 2, backoff 100 ms..1 s), while checksummed traffic
 //! flows through its Unix-socket front door to Source, Sink and Echo
 //! servers on every node. Faults are injected on one node (kill -9 of every
-//! sshd process, a blackholed link, packet loss, a replaced host key, a
-//! removed client key, flapping) and on the process (SIGTERM, SIGHUP with a
-//! changed inventory), and the tests assert on bytes (every byte checked
-//! against the sent pattern, SHA-256 of the whole stream) and on states
-//! (log events, the admin API, /metrics, /proc), never on elapsed time.
-//! Durations are printed as `figure:` lines (run with `--nocapture`) for
-//! docs/reliability.md.
+//! sshd process, a blackholed link, packet loss, latency with jitter, loss
+//! and duplication, a replaced host key, a removed client key, flapping)
+//! and on the process (SIGTERM, SIGHUP with a changed inventory), and the
+//! tests assert on bytes (every byte checked against the sent pattern,
+//! SHA-256 of the whole stream) and on states (log events, the admin API,
+//! /metrics, /proc), never on elapsed time; the one timing asserted is a
+//! lower bound the delay line enforces by construction (a round trip
+//! through it cannot be shorter than two holds). Durations are printed as
+//! `figure:` lines (run with `--nocapture`) for docs/reliability.md.
 //!
-//! Needs root, /usr/sbin/sshd, iproute2 (ip, tc). Fails with a clear
-//! message, never skips, when one is missing. The netem case needs a kernel
-//! with sch_netem and is `#[ignore]`d with its reason (see
-//! docs/reliability.md); random loss without netem runs everywhere.
+//! Needs root, /usr/sbin/sshd, iproute2 (ip, tc), and python3 for the
+//! delay line. Fails with a clear message, never skips, when one is
+//! missing. The netem case needs a kernel with sch_netem and is
+//! `#[ignore]`d with its reason (see docs/reliability.md); the same
+//! latency, jitter, loss and duplication through a userspace delay line,
+//! and random loss built from HTB, run everywhere.
 
 mod support;
 
+#[path = "reliability_faults/delayline.rs"]
+mod delayline;
 #[path = "reliability_faults/fixture.rs"]
 mod fixture;
 #[path = "reliability_faults/impair.rs"]
@@ -347,25 +353,41 @@ async fn blackholed_node_is_detected_by_keepalives_and_refused_meanwhile() {
     blocking(|| nt.stop());
 }
 
-/// Traffic on all three nodes while node 2's link is impaired: every
-/// stream completes byte-exact, node 2's session survives.
-async fn impaired_link_case(
+/// TCP handshakes per RTT probe (about a second through a 20 ms delay line).
+const RTT_PROBES: usize = 20;
+
+/// Traffic on all three nodes over clean links, then again while node 2's
+/// link is impaired (switched on between the two rounds, under the live
+/// sessions): every stream completes byte-exact, node 2's session survives
+/// (same session, no reset). `verify` gets the impairment (still in place)
+/// and the TCP handshake RTTs from the control plane to node 2 measured
+/// under it.
+async fn impaired_link_case<G: impair::Impairment>(
     tag: &str,
-    impair: impl FnOnce(&Cluster) -> impair::Impaired,
-    verify: impl FnOnce(&Cluster),
+    opts: &ServeOptions,
+    impair: impl FnOnce(&Cluster) -> G,
+    verify: impl FnOnce(&Cluster, &mut G, &impair::HandshakeRtts),
 ) {
     let c = blocking(Cluster::up);
-    let nt = blocking(|| NodeTunnel::start(&c, tag, &ServeOptions::default()));
+    let nt = blocking(|| NodeTunnel::start(&c, tag, opts));
+    let echo2 = std::net::SocketAddr::from((c.bed.node(2).ip, ECHO_PORT));
+    let rtt = |c: &Cluster| {
+        blocking(|| impair::handshake_rtts(c.bed.cp_ns(), echo2, RTT_PROBES))
+            .unwrap_or_else(|e| panic!("measuring the RTT to node-2: {e:#}"))
+    };
     let clean = serve_all(&c, &nt.proxy).await;
     figure(
         tag,
         "all three nodes at once, clean links (per node)",
         format!("{clean:?}"),
     );
+    figure(tag, "TCP handshake RTT to node-2, clean", rtt(&c));
     let before = handshakes(&nt, &[1, 2, 3]).await;
 
-    let impaired = blocking(|| impair(&c));
-    figure(tag, "impairment", &impaired.description);
+    let mut impaired = blocking(|| impair(&c));
+    figure(tag, "impairment", impaired.description());
+    let impaired_rtt = rtt(&c);
+    figure(tag, "TCP handshake RTT to node-2, impaired", &impaired_rtt);
     let took = serve_all(&c, &nt.proxy).await;
     figure(
         tag,
@@ -382,12 +404,12 @@ async fn impaired_link_case(
         ),
     );
     assert_untouched(&nt, &[1, 2, 3], &before).await;
-    blocking(|| verify(&c));
+    blocking(|| verify(&c, &mut impaired, &impaired_rtt));
     drop(impaired);
     blocking(|| nt.stop());
 }
 
-/// Random loss (3% of node 2's packets each way, dropped in the fabric)
+/// Random loss (5% of node 2's packets each way, dropped in the fabric)
 /// built without netem, so that it runs on any kernel with HTB and the
 /// BPF classifier.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -395,11 +417,12 @@ async fn random_packet_loss_slows_streams_but_loses_nothing() {
     const T: &str = "random_loss";
     impaired_link_case(
         T,
+        &ServeOptions::default(),
         |c| {
             impair::random_loss(&c.bed, 2, 5)
                 .unwrap_or_else(|e| panic!("setting up random loss on node-2's link: {e:#}"))
         },
-        |c| {
+        |c, _, _| {
             // The impairment really dropped packets of node 2.
             let dropped = impair::random_loss_drops(&c.bed, 2).expect("tc -s qdisc show");
             figure(T, "packets (GSO bursts) dropped on node-2's link", dropped);
@@ -409,9 +432,145 @@ async fn random_packet_loss_slows_streams_but_loses_nothing() {
     .await;
 }
 
-/// netem loss, delay and jitter on node 2's link. Blocked where the kernel
-/// has no sch_netem (the machine this suite was written on: kernel built
-/// with CONFIG_NET_SCH_NETEM unset and no module support); run it with
+/// The latency cases' figures: each direction holds every frame at least
+/// DELAY - JITTER, so no round trip through the link can be shorter than
+/// twice that.
+const DELAY: Duration = Duration::from_millis(20);
+const JITTER: Duration = Duration::from_millis(5);
+
+/// The latency cases run with nodetunnel's default keepalive (15 s x 3),
+/// not the suite's 1 s x 2: with the short timers a slow link under load
+/// is declared dead while it still delivers data (known gap 3 in
+/// docs/reliability.md, pinned by
+/// `latency_under_load_is_not_mistaken_for_a_dead_node_with_short_keepalives`).
+fn default_keepalive() -> ServeOptions {
+    ServeOptions {
+        keepalive: ("15s", 3),
+        ..ServeOptions::default()
+    }
+}
+
+/// Handshakes through the impaired link took at least one delayed round
+/// trip: the latency is really on the path the streams take.
+fn assert_delayed_rtt(tag: &str, rtt: &impair::HandshakeRtts) {
+    let floor = (DELAY - JITTER) * 2;
+    assert!(
+        rtt.samples.len() >= RTT_PROBES / 2,
+        "{tag}: too many TCP handshakes to node-2 failed: {rtt}"
+    );
+    let min = rtt.min().expect("at least one RTT sample");
+    assert!(
+        min >= floor,
+        "{tag}: a TCP handshake to node-2 took {min:?}, less than the {floor:?} the delay \
+         alone must add (2 x (delay - jitter)): the link is not delayed ({rtt})"
+    );
+}
+
+/// The delay line's checks: it acted on every frame of node 2's streams,
+/// each way, and dropped and duplicated some of them.
+fn assert_delay_line_acted(tag: &str, dl: &mut delayline::DelayLine, spec: &delayline::DelaySpec) {
+    let [from_node, to_node] = dl
+        .stats()
+        .unwrap_or_else(|e| panic!("the delay line's counters: {e:#}"));
+    figure(tag, "delay line, node-2 -> control plane", &from_node);
+    figure(tag, "delay line, control plane -> node-2", &to_node);
+    let queue_drops = dl
+        .queue_drops()
+        .unwrap_or_else(|e| panic!("the TAPs' drop counters: {e:#}"));
+    figure(
+        tag,
+        "frames dropped by the TAP queues (delay line behind), from / to node-2",
+        format!("{} / {}", queue_drops[0], queue_drops[1]),
+    );
+    // Every byte of node 2's streams crossed the delay line: each way at
+    // least the payload of the impaired round (download 6 MiB + echo 4 MiB
+    // from the node; upload 6 MiB + echo 4 MiB to it).
+    let payload = SOURCE_LEN + 4 * 1024 * 1024;
+    for d in [&from_node, &to_node] {
+        assert!(
+            d.sent_bytes >= payload,
+            "{tag}: only {} bytes crossed the delay line on {}, less than the {payload} \
+             bytes node-2's streams moved that way: traffic bypassed it ({d})",
+            d.sent_bytes,
+            d.tap
+        );
+        if spec.loss_percent > 0.0 {
+            assert!(d.dropped > 0, "{tag}: the delay line dropped nothing ({d})");
+        }
+        if spec.duplicate_percent > 0.0 {
+            assert!(
+                d.duplicated > 0,
+                "{tag}: the delay line duplicated nothing ({d})"
+            );
+        }
+        assert!(
+            d.hold_min_ms >= (spec.delay - spec.jitter).as_secs_f64() * 1000.0,
+            "{tag}: a frame was held less than delay - jitter ({d})"
+        );
+    }
+}
+
+/// The netem case's spec (`delay 20ms 5ms loss 1% duplicate 0.5%`), built
+/// without netem; like netem, frames may overtake each other within
+/// 2 x jitter.
+fn netem_like_spec() -> delayline::DelaySpec {
+    delayline::DelaySpec {
+        delay: DELAY,
+        jitter: JITTER,
+        loss_percent: 1.0,
+        duplicate_percent: 0.5,
+        reorder: true,
+        seed: 2,
+    }
+}
+
+/// The delay line on node 2's link with the netem case's spec.
+async fn delay_line_case(tag: &'static str, opts: &ServeOptions) {
+    if let Err(e) = delayline::python3() {
+        panic!("{e:#}");
+    }
+    let spec = netem_like_spec();
+    let check = spec.clone();
+    impaired_link_case(
+        tag,
+        opts,
+        move |c| {
+            delayline::DelayLine::start(&c.bed, 2, &spec)
+                .unwrap_or_else(|e| panic!("splicing the delay line into node-2's link: {e:#}"))
+        },
+        move |_, dl, rtt| {
+            assert_delayed_rtt(tag, rtt);
+            assert_delay_line_acted(tag, dl, &check);
+        },
+    )
+    .await;
+}
+
+/// Latency, jitter, loss and duplication on node 2's link without netem:
+/// a userspace delay line (tests/reliability_faults/delayline.py) spliced
+/// into both directions of the link in the fabric, with the spec of the
+/// netem case. Needs TUN/TAP, the ingress qdisc, u32 and mirred, and
+/// python3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delay_jitter_loss_and_duplication_slow_streams_but_lose_nothing() {
+    delay_line_case("delay_line", &default_keepalive()).await;
+}
+
+/// Known gap 3 (docs/reliability.md): the same link with the suite's
+/// keepalive of 1 s x 2. The session must survive (the node keeps sending
+/// data); today the keepalive verdict declares it dead within seconds,
+/// because the vendored russh session loop does not read the socket while
+/// a write to it is blocked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "known gap 3 in docs/reliability.md: on a slow link under load, keepalive 1s x 2 declares a live node dead (russh's session loop stops reading while a write blocks); run with --ignored"]
+async fn latency_under_load_is_not_mistaken_for_a_dead_node_with_short_keepalives() {
+    delay_line_case("short_keepalive", &ServeOptions::default()).await;
+}
+
+/// netem loss, delay and jitter on node 2's link (the same case as the
+/// delay line's, with netem). Blocked where the kernel has no sch_netem
+/// (the machine this suite was written on: kernel built with
+/// CONFIG_NET_SCH_NETEM unset and no module support); run it with
 /// `cargo test --test reliability_faults -- --ignored netem` where netem
 /// exists. Fails with the reason when netem is missing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -422,11 +581,12 @@ async fn netem_loss_and_latency_slow_streams_but_lose_nothing() {
     }
     impaired_link_case(
         "netem",
+        &default_keepalive(),
         |c| {
             impair::netem(&c.bed, 2, "delay 20ms 5ms loss 1% duplicate 0.5%")
                 .unwrap_or_else(|e| panic!("netem on node-2's link: {e:#}"))
         },
-        |_| {},
+        |_, _, rtt| assert_delayed_rtt("netem", rtt),
     )
     .await;
 }

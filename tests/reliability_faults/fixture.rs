@@ -83,6 +83,9 @@ pub struct ServeOptions {
     /// known_hosts; default: the bed's.
     pub known_hosts: Option<PathBuf>,
     pub drain_timeout: &'static str,
+    /// `ssh.keepalive_interval` and `ssh.keepalive_max`: the suite's short
+    /// `1s` x 2 unless a test needs nodetunnel's defaults.
+    pub keepalive: (&'static str, u32),
     /// `[[nodes]]` entries: (node index, extra pod CIDRs).
     pub nodes: Vec<(usize, Vec<String>)>,
 }
@@ -93,6 +96,7 @@ impl Default for ServeOptions {
             host_key_policy: "strict",
             known_hosts: None,
             drain_timeout: "5s",
+            keepalive: ("1s", 2),
             nodes: vec![(1, vec![]), (2, vec![]), (3, vec![])],
         }
     }
@@ -150,7 +154,8 @@ impl Cluster {
     }
 
     /// Write `<tag>.toml` and return its path. Timers: keepalive 1 s x 2
-    /// (a silent node is dead within 3 s), backoff 100 ms..1 s, TCP connect
+    /// (a silent node is dead within 3 s; `opts.keepalive` may say
+    /// otherwise), backoff 100 ms..1 s, TCP connect
     /// bound 1 s, dial bound 3 s. Proxy and admin API on Unix sockets
     /// `<tag>.sock`, `<tag>-admin.sock`; no TCP listener, so several
     /// `serve` can share the namespace.
@@ -168,8 +173,8 @@ host_key_policy = "{policy}"
 connect_timeout = "1s"
 handshake_timeout = "5s"
 auth_timeout = "5s"
-keepalive_interval = "1s"
-keepalive_max = 2
+keepalive_interval = "{keepalive_interval}"
+keepalive_max = {keepalive_max}
 backoff_base = "100ms"
 backoff_max = "1s"
 drain_timeout = "{drain}"
@@ -186,6 +191,8 @@ uds = {admin:?}
             identity = self.key.private_path,
             policy = opts.host_key_policy,
             drain = opts.drain_timeout,
+            keepalive_interval = opts.keepalive.0,
+            keepalive_max = opts.keepalive.1,
             proxy = self.path(&format!("{tag}.sock")),
             admin = self.path(&format!("{tag}-admin.sock")),
         );

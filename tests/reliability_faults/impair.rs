@@ -2,7 +2,8 @@
 //! `netem` (loss, delay, jitter) where the kernel has it, and random loss
 //! built from qdiscs every kernel with HTB has (a classic-BPF classifier
 //! sending a random share of the node's packets to a `pfifo limit 0`
-//! class, which drops everything it is given).
+//! class, which drops everything it is given). Latency without netem is
+//! the delay line's job (`delayline.rs`).
 //!
 //! Both act on the bridge ports in the fabric namespace and, for netem, on
 //! the node's own interface: a packet dropped there is lost on the wire as
@@ -28,7 +29,7 @@ fn tc_path() -> Result<&'static str> {
 }
 
 /// `ip netns exec NS tc ARGS`; the error carries tc's stderr.
-fn tc(ns: &str, args: &[&str]) -> Result<()> {
+pub fn tc(ns: &str, args: &[&str]) -> Result<()> {
     let out = Testbed::command_in_ns(ns, tc_path()?)
         .args(args)
         .output()
@@ -113,6 +114,18 @@ fn kernel_config() -> Option<String> {
 pub struct Impaired {
     undo: Vec<(String, String)>,
     pub description: String,
+}
+
+/// Something done to a link for the length of a test; undone on Drop.
+pub trait Impairment {
+    /// What was done, for the `figure:` lines.
+    fn description(&self) -> &str;
+}
+
+impl Impairment for Impaired {
+    fn description(&self) -> &str {
+        &self.description
+    }
 }
 
 impl Drop for Impaired {
@@ -253,4 +266,78 @@ pub fn random_loss_drops(bed: &Testbed, i: usize) -> Result<u64> {
         }
     }
     Ok(total)
+}
+
+/// Round-trip times measured by TCP handshakes: `connect()` returns when
+/// the SYN-ACK is back, so each sample is one round trip through whatever
+/// the link does (plus scheduling), with no tool in the namespaces.
+#[derive(Clone, Debug, Default)]
+pub struct HandshakeRtts {
+    pub samples: Vec<std::time::Duration>,
+    /// Handshakes that failed (a SYN or SYN-ACK lost on every retry).
+    pub failures: usize,
+}
+
+impl HandshakeRtts {
+    pub fn min(&self) -> Option<std::time::Duration> {
+        self.samples.iter().min().copied()
+    }
+
+    pub fn median(&self) -> Option<std::time::Duration> {
+        let mut s = self.samples.clone();
+        s.sort();
+        s.get(s.len() / 2).copied()
+    }
+
+    pub fn max(&self) -> Option<std::time::Duration> {
+        self.samples.iter().max().copied()
+    }
+}
+
+impl std::fmt::Display for HandshakeRtts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = |d: Option<std::time::Duration>| {
+            d.map_or("-".to_owned(), |d| {
+                format!("{:.1}", d.as_secs_f64() * 1000.0)
+            })
+        };
+        write!(
+            f,
+            "{}/{}/{} ms (min/median/max of {}, {} failed)",
+            ms(self.min()),
+            ms(self.median()),
+            ms(self.max()),
+            self.samples.len(),
+            self.failures
+        )
+    }
+}
+
+/// `n` TCP handshakes, one after the other, from namespace `ns` to `addr`
+/// (something must listen there); each connection is closed at once.
+pub fn handshake_rtts(ns: &str, addr: std::net::SocketAddr, n: usize) -> Result<HandshakeRtts> {
+    // 1 + 2 + 4 s of SYN retransmissions: three losses of one handshake in
+    // a row count as a failure, not a hang.
+    const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(8);
+    let ns_owned = ns.to_owned();
+    std::thread::Builder::new()
+        .name(format!("rtt-{ns}"))
+        .spawn(move || -> Result<HandshakeRtts> {
+            crate::support::netns::enter_netns(&ns_owned)?;
+            let mut out = HandshakeRtts::default();
+            for _ in 0..n {
+                let start = std::time::Instant::now();
+                match std::net::TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
+                    Ok(s) => {
+                        out.samples.push(start.elapsed());
+                        drop(s);
+                    }
+                    Err(_) => out.failures += 1,
+                }
+            }
+            Ok(out)
+        })
+        .context("spawning the RTT probe thread")?
+        .join()
+        .map_err(|_| anyhow::anyhow!("the RTT probe thread panicked"))?
 }
