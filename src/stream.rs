@@ -469,10 +469,7 @@ impl AsyncRead for TunnelStream {
         let taken = inbound.take_into(buf);
         if taken > 0 {
             drop(inbound);
-            this.shared
-                .limits
-                .in_use
-                .fetch_sub(taken, Ordering::AcqRel);
+            this.shared.limits.in_use.fetch_sub(taken, Ordering::AcqRel);
             // Give the window back in batches: the node may send as much again.
             this.unreported += taken;
             if this.unreported >= this.report_every {
@@ -555,5 +552,135 @@ impl Drop for TunnelStream {
         // Closing a channel the node already closed is answered by russh
         // as a no-op; one the node still has open is closed.
         self.write.close_now();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use russh::ChannelSink;
+
+    fn inbound(window: usize) -> (Arc<StreamInbound>, Arc<StreamLimits>, Arc<StreamCounters>) {
+        let limits = Arc::new(StreamLimits::new(window, usize::MAX));
+        let counters = Arc::new(StreamCounters::default());
+        let slot = StreamSlot::try_take(
+            counters.clone(),
+            10,
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(Metrics::new()),
+        )
+        .expect("a slot");
+        (
+            slot.inbound("node-a".into(), limits.clone()),
+            limits,
+            counters,
+        )
+    }
+
+    fn read_all(inbound: &StreamInbound) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut chunk = [0u8; 1000];
+        loop {
+            let mut buf = ReadBuf::new(&mut chunk);
+            let n = inbound.inbound.lock().unwrap().take_into(&mut buf);
+            if n == 0 {
+                return out;
+            }
+            out.extend_from_slice(buf.filled());
+        }
+    }
+
+    #[test]
+    fn small_and_large_packets_come_out_in_order() {
+        let (s, limits, _) = inbound(1 << 20);
+        let mut sent = Vec::new();
+        for (i, len) in [1usize, 10, 3000, 5, 2047, 2048, 1, 40_000, 7]
+            .into_iter()
+            .enumerate()
+        {
+            let data: Vec<u8> = (0..len).map(|j| (i * 31 + j) as u8).collect();
+            sent.extend_from_slice(&data);
+            s.deliver(ChannelMsg::Data { data: data.into() });
+        }
+        assert_eq!(limits.in_use.load(Ordering::Acquire), sent.len());
+        assert_eq!(read_all(&s), sent);
+        assert_eq!(s.inbound.lock().unwrap().buffered, 0);
+    }
+
+    #[test]
+    fn tiny_packets_are_coalesced_not_queued_one_by_one() {
+        let (s, _, _) = inbound(1 << 20);
+        for _ in 0..10_000 {
+            s.deliver(ChannelMsg::Data {
+                data: Bytes::from_static(b"x"),
+            });
+        }
+        let inbound = s.inbound.lock().unwrap();
+        assert!(
+            inbound.queue.is_empty(),
+            "{} queued chunks",
+            inbound.queue.len()
+        );
+        assert_eq!(inbound.tail.len(), 10_000);
+    }
+
+    #[test]
+    fn more_than_the_window_resets_the_stream_and_frees_its_buffer() {
+        let (s, limits, counters) = inbound(32 * 1024);
+        // The window plus 64 KiB of slack is 96 KiB: the fourth packet is over.
+        let packet = Bytes::from(vec![7u8; 32 * 1024]);
+        for _ in 0..4 {
+            s.deliver(ChannelMsg::Data {
+                data: packet.clone(),
+            });
+        }
+        let inbound = s.inbound.lock().unwrap();
+        assert!(matches!(
+            inbound.reset,
+            Some((StreamResetReason::WindowExceeded, _))
+        ));
+        assert_eq!(inbound.buffered, 0);
+        assert_eq!(limits.in_use.load(Ordering::Acquire), 0);
+        assert_eq!(counters.resets.load(Ordering::Acquire), 1);
+        assert!(s.cut_fired.load(Ordering::Acquire));
+    }
+
+    #[test]
+    fn detached_before_eof_is_a_lost_session_after_eof_is_not() {
+        let (cut_short, _, _) = inbound(1 << 20);
+        cut_short.deliver(ChannelMsg::Data {
+            data: Bytes::from_static(b"partial"),
+        });
+        cut_short.detached();
+        assert!(matches!(
+            cut_short.inbound.lock().unwrap().reset,
+            Some((StreamResetReason::SessionLost, _))
+        ));
+
+        let (complete, _, counters) = inbound(1 << 20);
+        complete.deliver(ChannelMsg::Data {
+            data: Bytes::from_static(b"all of it"),
+        });
+        complete.deliver(ChannelMsg::Eof);
+        complete.deliver(ChannelMsg::Close);
+        complete.detached();
+        assert!(complete.inbound.lock().unwrap().reset.is_none());
+        assert_eq!(counters.resets.load(Ordering::Acquire), 0);
+        assert_eq!(read_all(&complete), b"all of it");
+    }
+
+    #[test]
+    fn data_for_a_consumer_that_left_is_dropped_and_not_counted() {
+        let (s, limits, _) = inbound(1 << 20);
+        s.deliver(ChannelMsg::Data {
+            data: Bytes::from(vec![1u8; 5000]),
+        });
+        s.release();
+        s.deliver(ChannelMsg::Data {
+            data: Bytes::from(vec![1u8; 5000]),
+        });
+        assert_eq!(limits.in_use.load(Ordering::Acquire), 0);
+        s.detached(); // not a reset: nobody reads any more
+        assert!(s.inbound.lock().unwrap().reset.is_none());
     }
 }
