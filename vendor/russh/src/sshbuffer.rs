@@ -616,3 +616,288 @@ impl PacketWriter {
         Ok(())
     }
 }
+
+impl PacketWriter {
+    /// (nodetunnel patch) Bytes queued for the socket (encrypted packets not
+    /// handed to a write yet).
+    pub(crate) fn queued_len(&self) -> usize {
+        self.write_buffer.buffer.len()
+    }
+}
+
+/// (nodetunnel patch) The client session loop's write to the socket, driven
+/// from its `select!` next to the read, so that the loop keeps reading (and
+/// answering) while the socket does not take its output.
+///
+/// Output is written straight from the packet writer's buffer. Only when the
+/// socket takes part of it does the rest move here (the two buffers are
+/// swapped, no copy), so that new packets queue behind it in the packet
+/// writer: bytes go out in the order they were produced. In the common case
+/// (the socket takes everything) nothing moves and one buffer is used.
+#[derive(Debug, Default)]
+pub(crate) struct OutputInFlight {
+    /// `buf[pos..]` is handed to the socket and not taken yet.
+    buf: Vec<u8>,
+    pos: usize,
+    /// Bytes were written since the last successful `poll_flush`.
+    unflushed: bool,
+    /// The last poll left output behind (the socket was full).
+    blocked: bool,
+}
+
+impl OutputInFlight {
+    /// Bytes not taken by the socket yet: in flight plus queued in `writer`.
+    pub(crate) fn backlog(&self, writer: &PacketWriter) -> usize {
+        self.buf.len() - self.pos + writer.queued_len()
+    }
+
+    /// The last poll could not write everything: the session loop must poll
+    /// again when the socket has room (and not before: [`poll_progress`]
+    /// keeps the order whichever way it is called, but a poll of a full
+    /// socket is wasted).
+    ///
+    /// [`poll_progress`]: Self::poll_progress
+    pub(crate) fn is_blocked(&self) -> bool {
+        self.blocked
+    }
+
+    /// There is something to write or flush.
+    pub(crate) fn has_work(&self, writer: &PacketWriter) -> bool {
+        self.pos < self.buf.len() || self.unflushed || writer.queued_len() > 0
+    }
+
+    /// Write as much as the socket takes, in order: the bytes in flight, then
+    /// everything queued in `writer`; flush once all of it is written.
+    ///
+    /// `Ready(Ok(()))` when something was written (or flushed), or when
+    /// nothing was left to do: [`is_blocked`](Self::is_blocked) then says
+    /// whether output is left. `Pending` when the socket took nothing (the
+    /// task is woken when it has room).
+    pub(crate) fn poll_progress<W: AsyncWrite + Unpin + ?Sized>(
+        &mut self,
+        writer: &mut PacketWriter,
+        w: &mut W,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        let mut progressed = false;
+        let result = loop {
+            if self.pos < self.buf.len() {
+                #[allow(clippy::indexing_slicing)] // pos < len
+                match std::pin::Pin::new(&mut *w).poll_write(cx, &self.buf[self.pos..]) {
+                    Poll::Ready(Ok(0)) => break Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
+                    Poll::Ready(Ok(n)) => {
+                        progressed = true;
+                        self.unflushed = true;
+                        self.pos += n;
+                        if self.pos >= self.buf.len() {
+                            self.buf.clear();
+                            self.pos = 0;
+                        }
+                        continue;
+                    }
+                    Poll::Ready(Err(e)) => break Poll::Ready(Err(e)),
+                    Poll::Pending => break Poll::Pending,
+                }
+            }
+            let queued = &mut writer.write_buffer.buffer;
+            if !queued.is_empty() {
+                match std::pin::Pin::new(&mut *w).poll_write(cx, queued) {
+                    Poll::Ready(Ok(0)) => break Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
+                    Poll::Ready(Ok(n)) => {
+                        progressed = true;
+                        self.unflushed = true;
+                        if n >= queued.len() {
+                            queued.clear();
+                        } else {
+                            // The rest goes in flight; the packet writer gets
+                            // the (empty) spare buffer to queue new packets.
+                            std::mem::swap(&mut self.buf, queued);
+                            self.pos = n;
+                        }
+                        continue;
+                    }
+                    Poll::Ready(Err(e)) => break Poll::Ready(Err(e)),
+                    // Nothing taken: leave it queued, later packets are
+                    // appended to it.
+                    Poll::Pending => break Poll::Pending,
+                }
+            }
+            if self.unflushed {
+                match std::pin::Pin::new(&mut *w).poll_flush(cx) {
+                    Poll::Ready(Ok(())) => {
+                        progressed = true;
+                        self.unflushed = false;
+                    }
+                    Poll::Ready(Err(e)) => break Poll::Ready(Err(e)),
+                    Poll::Pending => break Poll::Pending,
+                }
+            }
+            break Poll::Ready(Ok(()));
+        };
+        self.blocked = self.has_work(writer);
+        match result {
+            Poll::Pending if progressed => Poll::Ready(Ok(())),
+            r => r,
+        }
+    }
+
+    /// Write and flush everything (in flight and queued in `writer`).
+    pub(crate) async fn write_all<W: AsyncWrite + Unpin + ?Sized>(
+        &mut self,
+        writer: &mut PacketWriter,
+        w: &mut W,
+    ) -> std::io::Result<()> {
+        std::future::poll_fn(|cx| {
+            loop {
+                match self.poll_progress(writer, w, cx) {
+                    std::task::Poll::Ready(Ok(())) if self.blocked => continue,
+                    r => return r,
+                }
+            }
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod output_in_flight_tests {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use super::{OutputInFlight, PacketWriter};
+
+    /// A socket that takes at most `chunk` bytes per write, and only when
+    /// `room` says so.
+    #[derive(Default)]
+    struct Trickle {
+        taken: Vec<u8>,
+        chunk: usize,
+        room: bool,
+        flushes: usize,
+    }
+
+    impl tokio::io::AsyncWrite for Trickle {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            if !self.room {
+                return Poll::Pending;
+            }
+            let n = buf.len().min(self.chunk);
+            self.taken.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            self.flushes += 1;
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn queue(writer: &mut PacketWriter, bytes: &[u8]) {
+        writer.buffer().buffer.extend_from_slice(bytes);
+    }
+
+    #[test]
+    fn output_goes_out_in_order_while_new_packets_queue_behind_a_blocked_write() {
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut writer = PacketWriter::clear();
+        let mut out = OutputInFlight::default();
+        let mut sock = Trickle {
+            chunk: 3,
+            room: false,
+            ..Default::default()
+        };
+
+        queue(&mut writer, b"0123456789");
+        assert!(out.poll_progress(&mut writer, &mut sock, &mut cx).is_pending());
+        assert!(out.is_blocked());
+        assert_eq!(out.backlog(&writer), 10);
+
+        // The socket takes a little, then is full again: the rest is in
+        // flight, new packets queue behind it.
+        sock.room = true;
+        sock.chunk = 4;
+        let mut polls = 0;
+        while sock.taken.len() < 4 {
+            assert!(matches!(
+                out.poll_progress(&mut writer, &mut sock, &mut cx),
+                Poll::Ready(Ok(()))
+            ));
+            polls += 1;
+            sock.room = false;
+        }
+        assert_eq!(polls, 1);
+        assert!(out.is_blocked());
+        queue(&mut writer, b"abcdef");
+        assert_eq!(out.backlog(&writer), 6 + 6);
+        assert!(out.poll_progress(&mut writer, &mut sock, &mut cx).is_pending());
+
+        sock.room = true;
+        sock.chunk = 5;
+        assert!(matches!(
+            out.poll_progress(&mut writer, &mut sock, &mut cx),
+            Poll::Ready(Ok(()))
+        ));
+        assert!(!out.is_blocked());
+        assert!(!out.has_work(&writer));
+        assert_eq!(&sock.taken[..], b"0123456789abcdef");
+        assert_eq!(out.backlog(&writer), 0);
+        assert!(sock.flushes >= 1);
+
+        // Nothing to do: ready at once, not blocked.
+        let flushes = sock.flushes;
+        assert!(matches!(
+            out.poll_progress(&mut writer, &mut sock, &mut cx),
+            Poll::Ready(Ok(()))
+        ));
+        assert_eq!(sock.flushes, flushes);
+    }
+
+    #[test]
+    fn a_socket_with_room_takes_the_queue_without_moving_it() {
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut writer = PacketWriter::clear();
+        let mut out = OutputInFlight::default();
+        let mut sock = Trickle {
+            chunk: usize::MAX,
+            room: true,
+            ..Default::default()
+        };
+        queue(&mut writer, &[7u8; 4096]);
+        let capacity = writer.buffer().buffer.capacity();
+        assert!(matches!(
+            out.poll_progress(&mut writer, &mut sock, &mut cx),
+            Poll::Ready(Ok(()))
+        ));
+        assert!(!out.is_blocked());
+        assert_eq!(sock.taken.len(), 4096);
+        // The packet writer kept its buffer (capacity reused), nothing in
+        // flight holds memory.
+        assert_eq!(writer.buffer().buffer.capacity(), capacity);
+        assert_eq!(out.buf.capacity(), 0);
+    }
+
+    #[tokio::test]
+    async fn write_all_finishes_everything() {
+        let mut writer = PacketWriter::clear();
+        let mut out = OutputInFlight::default();
+        let mut sock = Trickle {
+            chunk: 7,
+            room: true,
+            ..Default::default()
+        };
+        let data: Vec<u8> = (0..=255u8).cycle().take(10_000).collect();
+        queue(&mut writer, &data);
+        out.write_all(&mut writer, &mut sock).await.unwrap();
+        assert_eq!(sock.taken, data);
+        assert!(!out.is_blocked());
+    }
+}
