@@ -14,7 +14,8 @@
 # counts of metric 5), BENCH_SCALE_SSH_MAX (1000: the largest count also run
 # with one `ssh -N` per node), BENCH_NO_BUILD=1 (use the binaries as built),
 # BENCH_KEEP=1 (keep the work directory with all logs), BENCH_ONLY (a comma
-# list of single,aggregate,latency,hol,scale: run only these metrics),
+# list of single,aggregate,latency,hol,scale, or single_upload or
+# single_download: run only these metrics),
 # BENCH_PERF=FILE (record a perf profile of the single-session nodetunnel
 # while metrics 1-4 run, into FILE; needs perf).
 #

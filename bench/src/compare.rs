@@ -431,11 +431,14 @@ pub async fn run(args: &Args) -> Result<(), String> {
         ctx.single_download(s, 16 << 20).await?;
     }
 
-    if want("single") {
+    if want("single") || want("single_upload") || want("single_download") {
         // Metrics 1 and 6: single stream, each way; CPU of the process.
         let systems = [ctx.nt.clone(), ctx.nt_http.clone(), ctx.ssh.clone()];
         for upload in [true, false] {
             let dir = if upload { "upload" } else { "download" };
+            if !want(&format!("single_{dir}")) && !want("single") {
+                continue;
+            }
             let mut mb: [Vec<f64>; 3] = Default::default();
             let mut cpu: [Vec<f64>; 3] = Default::default();
             for rep in 0..reps {
