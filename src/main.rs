@@ -9,9 +9,7 @@ fn main() -> std::process::ExitCode {
     nodetunnel::logging::init(cli.log_format, &cli.log_level);
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all().thread_name("nodetunnel");
-    if let Some(n) = cli.worker_threads {
-        builder.worker_threads(usize::from(n));
-    }
+    builder.worker_threads(nodetunnel::cli::worker_threads(cli.worker_threads));
     let runtime = match builder.build() {
         Ok(rt) => rt,
         Err(e) => {

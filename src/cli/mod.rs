@@ -36,15 +36,28 @@ pub struct Cli {
     /// Log filter (tracing EnvFilter syntax); RUST_LOG overrides it.
     #[arg(long, default_value = "info", global = true)]
     pub log_level: String,
-    /// Threads of the async runtime (default: one per CPU). Fewer threads
-    /// mean fewer cross-thread wake-ups per forwarded packet; more let many
-    /// sessions use more cores.
+    /// Threads of the async runtime (default: half the CPUs, at least one).
+    /// Each SSH session is one task, so one busy stream never uses more than
+    /// about one thread; more threads let many busy sessions use more cores,
+    /// at the price of cross-thread wake-ups on every forwarded packet (see
+    /// docs/benchmarks.md, "Runtime threads").
     #[arg(long, env = "NODETUNNEL_WORKER_THREADS", global = true,
           value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub worker_threads: Option<u16>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// The runtime's worker threads: `requested`, or half the CPUs (at least
+/// one). nodetunnel runs beside kube-apiserver and leaves it the other half.
+pub fn worker_threads(requested: Option<u16>) -> usize {
+    match requested {
+        Some(n) => usize::from(n).max(1),
+        None => std::thread::available_parallelism()
+            .map(|n| (n.get() / 2).max(1))
+            .unwrap_or(1),
+    }
 }
 
 /// Subcommands.
