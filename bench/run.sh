@@ -17,7 +17,8 @@
 # list of single,aggregate,latency,hol,scale, or single_upload or
 # single_download: run only these metrics),
 # BENCH_PERF=FILE (record a perf profile of the single-session nodetunnel
-# while metrics 1-4 run, into FILE; needs perf).
+# while metrics 1-4 run, into FILE; needs perf; BENCH_PERF_ARGS adds
+# arguments to `perf record`, e.g. "-e page-faults").
 #
 # Needs root (network namespaces), OpenSSH (ssh, sshd), iproute2, cargo.
 # Everything runs on loopback and in the testbed's network namespaces, each
@@ -225,7 +226,8 @@ RESULTS=$WORK/results.tsv
 PERF_PID=
 if [ -n "${BENCH_PERF:-}" ] && [ -n "$COMPARE_ONLY" ]; then
     command -v perf >/dev/null || die "BENCH_PERF needs perf (apt-get install linux-perf)"
-    perf record -g -o "$BENCH_PERF" -p "$NT1_PID" >"$WORK/perf.log" 2>&1 &
+    # shellcheck disable=SC2086 # BENCH_PERF_ARGS is a list of words
+    perf record -g ${BENCH_PERF_ARGS:-} -o "$BENCH_PERF" -p "$NT1_PID" >"$WORK/perf.log" 2>&1 &
     PERF_PID=$!
 fi
 [ -z "$COMPARE_ONLY" ] || note "metrics 1-4, 6 (reps=$REPS, only $COMPARE_ONLY)"
