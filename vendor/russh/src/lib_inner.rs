@@ -549,6 +549,24 @@ pub(crate) async fn flush_or_timeout<W: AsyncWrite + Unpin>(
     }
 }
 
+/// (nodetunnel patch) [`flush_or_timeout`] for the client session loop's
+/// output: write everything still in flight or queued, unless the
+/// inactivity timer fires first.
+pub(crate) async fn write_out_or_timeout<W: AsyncWrite + Unpin>(
+    out: &mut sshbuffer::OutputInFlight,
+    writer: &mut sshbuffer::PacketWriter,
+    stream: &mut W,
+    inactivity_timer: Pin<&mut impl Future<Output = ()>>,
+) -> Result<(), Error> {
+    tokio::select! {
+        r = out.write_all(writer, stream) => Ok(r?),
+        _ = inactivity_timer => {
+            debug!("timeout while writing");
+            Err(Error::InactivityTimeout)
+        }
+    }
+}
+
 /// Returns `f(val)` if `val` it is [Some], or a forever pending [Future] if it is [None].
 pub(crate) fn future_or_pending<R, F: Future<Output = R>, T>(
     val: Option<T>,

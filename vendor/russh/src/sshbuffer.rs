@@ -685,7 +685,9 @@ impl OutputInFlight {
             if self.pos < self.buf.len() {
                 #[allow(clippy::indexing_slicing)] // pos < len
                 match std::pin::Pin::new(&mut *w).poll_write(cx, &self.buf[self.pos..]) {
-                    Poll::Ready(Ok(0)) => break Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
+                    Poll::Ready(Ok(0)) => {
+                        break Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+                    }
                     Poll::Ready(Ok(n)) => {
                         progressed = true;
                         self.unflushed = true;
@@ -703,7 +705,9 @@ impl OutputInFlight {
             let queued = &mut writer.write_buffer.buffer;
             if !queued.is_empty() {
                 match std::pin::Pin::new(&mut *w).poll_write(cx, queued) {
-                    Poll::Ready(Ok(0)) => break Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
+                    Poll::Ready(Ok(0)) => {
+                        break Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+                    }
                     Poll::Ready(Ok(n)) => {
                         progressed = true;
                         self.unflushed = true;
@@ -767,13 +771,13 @@ mod output_in_flight_tests {
 
     use super::{OutputInFlight, PacketWriter};
 
-    /// A socket that takes at most `chunk` bytes per write, and only when
-    /// `room` says so.
+    /// A socket that takes at most `chunk` bytes per write and `budget`
+    /// bytes in all before it is full (`Pending`).
     #[derive(Default)]
     struct Trickle {
         taken: Vec<u8>,
         chunk: usize,
-        room: bool,
+        budget: usize,
         flushes: usize,
     }
 
@@ -783,14 +787,18 @@ mod output_in_flight_tests {
             _cx: &mut Context<'_>,
             buf: &[u8],
         ) -> Poll<std::io::Result<usize>> {
-            if !self.room {
+            if self.budget == 0 {
                 return Poll::Pending;
             }
-            let n = buf.len().min(self.chunk);
+            let n = buf.len().min(self.chunk).min(self.budget);
+            self.budget -= n;
             self.taken.extend_from_slice(&buf[..n]);
             Poll::Ready(Ok(n))
         }
-        fn poll_flush(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        fn poll_flush(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
             self.flushes += 1;
             Poll::Ready(Ok(()))
         }
@@ -811,35 +819,40 @@ mod output_in_flight_tests {
         let mut out = OutputInFlight::default();
         let mut sock = Trickle {
             chunk: 3,
-            room: false,
             ..Default::default()
         };
 
+        // A full socket: nothing taken, nothing moved.
         queue(&mut writer, b"0123456789");
-        assert!(out.poll_progress(&mut writer, &mut sock, &mut cx).is_pending());
+        assert!(
+            out.poll_progress(&mut writer, &mut sock, &mut cx)
+                .is_pending()
+        );
         assert!(out.is_blocked());
         assert_eq!(out.backlog(&writer), 10);
+        assert_eq!(writer.queued_len(), 10);
 
-        // The socket takes a little, then is full again: the rest is in
-        // flight, new packets queue behind it.
-        sock.room = true;
-        sock.chunk = 4;
-        let mut polls = 0;
-        while sock.taken.len() < 4 {
-            assert!(matches!(
-                out.poll_progress(&mut writer, &mut sock, &mut cx),
-                Poll::Ready(Ok(()))
-            ));
-            polls += 1;
-            sock.room = false;
-        }
-        assert_eq!(polls, 1);
+        // The socket takes 4 bytes (3 + 1) and is full again: progress is
+        // reported, the rest is in flight and new packets queue behind it.
+        sock.budget = 4;
+        assert!(matches!(
+            out.poll_progress(&mut writer, &mut sock, &mut cx),
+            Poll::Ready(Ok(()))
+        ));
         assert!(out.is_blocked());
+        assert_eq!(&sock.taken[..], b"0123");
+        assert_eq!(writer.queued_len(), 0);
+        assert_eq!(out.backlog(&writer), 6);
         queue(&mut writer, b"abcdef");
-        assert_eq!(out.backlog(&writer), 6 + 6);
-        assert!(out.poll_progress(&mut writer, &mut sock, &mut cx).is_pending());
+        assert_eq!(out.backlog(&writer), 12);
+        assert!(
+            out.poll_progress(&mut writer, &mut sock, &mut cx)
+                .is_pending()
+        );
+        assert!(out.is_blocked());
 
-        sock.room = true;
+        // Room again: everything, in order, then one flush.
+        sock.budget = usize::MAX;
         sock.chunk = 5;
         assert!(matches!(
             out.poll_progress(&mut writer, &mut sock, &mut cx),
@@ -849,15 +862,15 @@ mod output_in_flight_tests {
         assert!(!out.has_work(&writer));
         assert_eq!(&sock.taken[..], b"0123456789abcdef");
         assert_eq!(out.backlog(&writer), 0);
-        assert!(sock.flushes >= 1);
+        assert_eq!(sock.flushes, 1);
 
-        // Nothing to do: ready at once, not blocked.
-        let flushes = sock.flushes;
+        // Nothing to do: ready at once, not blocked, no flush.
         assert!(matches!(
             out.poll_progress(&mut writer, &mut sock, &mut cx),
             Poll::Ready(Ok(()))
         ));
-        assert_eq!(sock.flushes, flushes);
+        assert!(!out.is_blocked());
+        assert_eq!(sock.flushes, 1);
     }
 
     #[test]
@@ -868,7 +881,7 @@ mod output_in_flight_tests {
         let mut out = OutputInFlight::default();
         let mut sock = Trickle {
             chunk: usize::MAX,
-            room: true,
+            budget: usize::MAX,
             ..Default::default()
         };
         queue(&mut writer, &[7u8; 4096]);
@@ -891,7 +904,7 @@ mod output_in_flight_tests {
         let mut out = OutputInFlight::default();
         let mut sock = Trickle {
             chunk: 7,
-            room: true,
+            budget: usize::MAX,
             ..Default::default()
         };
         let data: Vec<u8> = (0..=255u8).cycle().take(10_000).collect();

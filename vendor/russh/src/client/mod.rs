@@ -103,6 +103,9 @@ pub struct Session {
     server_sig_algs: Option<Vec<Algorithm>>,
     /// Number of EXT_INFO messages received (RFC 8308 allows at most two).
     ext_info_count: u8,
+    /// (nodetunnel patch) Packets read, shared with the handle
+    /// ([`Handle::received_packets`]); written by the session task only.
+    received_packets: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Drop for Session {
@@ -323,6 +326,24 @@ pub struct Handle<H: Handler> {
     join: russh_util::runtime::JoinHandle<Result<(), H::Error>>,
     channel_buffer_size: usize,
     agent_session_binding: Option<crate::keys::agent::AgentSessionBinding>,
+    /// (nodetunnel patch) See [`Handle::received_packets`].
+    received_packets: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl<H: Handler> Handle<H> {
+    /// (nodetunnel patch) The number of packets the session has received
+    /// from the server so far (any message, counted as it is read).
+    ///
+    /// A liveness signal that does not wait behind queued data: on a slow
+    /// link under load, the reply to a keepalive can sit behind megabytes
+    /// in the send buffers of both ends for longer than a keepalive budget,
+    /// while packets keep arriving. A caller can treat a count that moved
+    /// as "the server is alive", as OpenSSH's `ServerAliveInterval` does
+    /// with any input from the server.
+    pub fn received_packets(&self) -> u64 {
+        self.received_packets
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 impl<H: Handler> Drop for Handle<H> {
@@ -1292,6 +1313,7 @@ where
         session_sender,
     );
     session.begin_rekey()?;
+    let received_packets = session.received_packets.clone();
     let (kex_done_signal, kex_done_signal_rx) = oneshot::channel();
     // (nodetunnel patch) Boxed: `spawn` wraps the future in an async block,
     // which holds it twice over (before and while awaiting it); the session
@@ -1319,8 +1341,20 @@ where
         join,
         channel_buffer_size,
         agent_session_binding,
+        received_packets,
     })
 }
+
+/// (nodetunnel patch) While more output than this is waiting for the
+/// socket, the session loop takes no new messages from the handles
+/// (application data); it keeps reading the network.
+const OUTBOUND_BACKLOG_LIMIT: usize = 256 * 1024;
+
+/// (nodetunnel patch) While more encrypted output than this is waiting for the
+/// socket, the session loop stops reading the network too. Application
+/// output stops at [`OUTBOUND_BACKLOG_LIMIT`] (plus one message), so only
+/// replies to a peer that sends without reading get here.
+const READ_PAUSE_BACKLOG: usize = 4 * 1024 * 1024;
 
 async fn start_reading<R: AsyncRead + Unpin>(
     mut stream_read: R,
@@ -1377,6 +1411,7 @@ impl Session {
             open_global_requests: VecDeque::new(),
             server_sig_algs: None,
             ext_info_count: 0,
+            received_packets: Arc::default(),
         }
     }
 
@@ -1459,21 +1494,46 @@ impl Session {
         let reading = start_reading(stream_read, buffer, opening_cipher);
         pin!(reading);
 
+        // (nodetunnel patch) The write to the socket, polled by the loop next
+        // to the read instead of awaited after every event: while the socket
+        // does not take our output, the loop keeps reading and processing
+        // packets (keepalive replies, window adjustments, channel data), and
+        // what it produces meanwhile queues in the packet writer behind the
+        // bytes in flight.
+        let mut out = crate::sshbuffer::OutputInFlight::default();
+
         #[allow(clippy::panic)] // false positive in select! macro
         while !self.common.disconnected {
             self.common.received_data = false;
             // Set whenever the keepalive timer elapses, even if no keepalive
             // could be sent yet, so that the timer is always re-armed below.
             let mut keepalive_elapsed = false;
+            // (nodetunnel patch) The socket took some of our output during
+            // this iteration.
+            let mut wrote = false;
             // Keep reading the network for window adjustments, but leave
             // application output in its bounded receivers while a channel is
-            // window-blocked.
-            let can_receive_outbound = !self.kex.active() && !self.common.has_any_pending_data();
+            // window-blocked, or (nodetunnel patch) while the output not yet
+            // taken by the socket exceeds OUTBOUND_BACKLOG_LIMIT.
+            let can_receive_outbound = !self.kex.active()
+                && !self.common.has_any_pending_data()
+                && self.outbound_backlog(&out) < OUTBOUND_BACKLOG_LIMIT;
+            // (nodetunnel patch) Reading pauses only if what reading itself
+            // produced (replies) piles up beyond READ_PAUSE_BACKLOG: a peer
+            // that sends but never reads cannot grow it without bound.
+            let can_read = out.backlog(&self.common.packet_writer) < READ_PAUSE_BACKLOG;
+            let write_blocked = out.is_blocked();
             let rekey_timer =
                 crate::future_or_pending(self.rekey_time_remaining(), tokio::time::sleep);
             pin!(rekey_timer);
             tokio::select! {
-                r = &mut reading => {
+                r = std::future::poll_fn(|cx| {
+                    out.poll_progress(&mut self.common.packet_writer, &mut *stream_write, cx)
+                }), if write_blocked => {
+                    map_err!(r)?;
+                    wrote = true;
+                }
+                r = &mut reading, if can_read => {
                     let (stream_read, mut buffer, mut opening_cipher) = match r {
                         Ok((_, stream_read, buffer, opening_cipher)) => (stream_read, buffer, opening_cipher),
                         Err(e) => return Err(e.into())
@@ -1485,6 +1545,13 @@ impl Session {
                         break
                     }
 
+                    // (nodetunnel patch) One writer: a load and a store, no
+                    // locked read-modify-write per packet.
+                    let received = &self.received_packets;
+                    received.store(
+                        received.load(std::sync::atomic::Ordering::Relaxed).wrapping_add(1),
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
                     let mut pkt = self.maybe_decompress(&buffer)?;
                     if !pkt.buffer.is_empty() {
                         #[allow(clippy::indexing_slicing)] // length checked
@@ -1546,7 +1613,10 @@ impl Session {
                     };
 
                     // eagerly take all outgoing messages so writes are batched
-                    while !self.kex.active() && !self.common.has_any_pending_data() {
+                    while !self.kex.active()
+                        && !self.common.has_any_pending_data()
+                        && self.outbound_backlog(&out) < OUTBOUND_BACKLOG_LIMIT
+                    {
                         self.drain_priority_msgs()?;
                         match self.receiver.try_recv() {
                             Ok(next) => self.handle_msg(next)?,
@@ -1571,7 +1641,10 @@ impl Session {
                     }
 
                     // eagerly take all outgoing messages so writes are batched
-                    while !self.kex.active() && !self.common.has_any_pending_data() {
+                    while !self.kex.active()
+                        && !self.common.has_any_pending_data()
+                        && self.outbound_backlog(&out) < OUTBOUND_BACKLOG_LIMIT
+                    {
                         self.drain_priority_msgs()?;
                         match self.inbound_channel_receiver.try_recv() {
                             Ok(next) => self.handle_msg(next)?,
@@ -1582,12 +1655,22 @@ impl Session {
             };
 
             self.flush()?;
-            crate::flush_or_timeout(
-                &mut self.common.packet_writer,
-                stream_write,
-                inactivity_timer.as_mut(),
-            )
-            .await?;
+            // (nodetunnel patch) Start writing what this event produced,
+            // without waiting for the socket: if it does not take everything,
+            // the `select!` above finishes the write while the loop goes on.
+            // A write already blocked is left to the `select!` (new output
+            // queues behind it).
+            if !out.is_blocked() && out.has_work(&self.common.packet_writer) {
+                let writer = &mut self.common.packet_writer;
+                let attempt = std::future::poll_fn(|cx| {
+                    Poll::Ready(out.poll_progress(writer, &mut *stream_write, cx))
+                })
+                .await;
+                if let Poll::Ready(r) = attempt {
+                    map_err!(r)?;
+                    wrote = true;
+                }
+            }
 
             if let Some(ref mut enc) = self.common.encrypted
                 && let EncryptedState::InitCompression = enc.state
@@ -1615,7 +1698,13 @@ impl Session {
             {
                 sleep.as_mut().reset(tokio::time::Instant::now() + d);
             }
+            // (nodetunnel patch) While output is blocked, only the socket
+            // taking some of it counts as activity: as with upstream's
+            // `flush_or_timeout`, a write the peer never reads ends the
+            // session at the inactivity timeout, even if the peer keeps
+            // sending.
             if !keepalive_elapsed
+                && (wrote || !out.is_blocked())
                 && let (futures::future::Either::Right(ref mut sleep), Some(d)) = (
                     inactivity_timer.as_mut().as_pin_mut(),
                     self.common.config.inactivity_timeout,
@@ -1625,7 +1714,41 @@ impl Session {
             }
         }
 
+        // (nodetunnel patch) Leaving after a disconnect (sent or received, or
+        // the handles dropped): get the output still in flight or queued
+        // (e.g. our DISCONNECT) out first, as upstream's per-event flush did.
+        // An error or the peer's EOF returns without it, as upstream. After
+        // the peer's DISCONNECT, failing to write to it is not an error.
+        if self.common.disconnected {
+            let written = crate::write_out_or_timeout(
+                &mut out,
+                &mut self.common.packet_writer,
+                stream_write,
+                inactivity_timer.as_mut(),
+            )
+            .await;
+            match written {
+                Err(e) if result.is_ok() => {
+                    debug!("output left unwritten after the peer's disconnect: {e:?}")
+                }
+                Err(e) => return Err(e.into()),
+                Ok(()) => {}
+            }
+        }
+
         result
+    }
+
+    /// (nodetunnel patch) Output produced and not yet taken by the socket:
+    /// in flight, encrypted in the packet writer, and staged in the
+    /// connection layer's buffer.
+    fn outbound_backlog(&self, out: &crate::sshbuffer::OutputInFlight) -> usize {
+        let staged = self
+            .common
+            .encrypted
+            .as_ref()
+            .map_or(0, |enc| enc.write.len().saturating_sub(enc.write_cursor));
+        out.backlog(&self.common.packet_writer) + staged
     }
 
     fn process_disconnect(
