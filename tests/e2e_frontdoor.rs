@@ -15,24 +15,22 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::io::BufRead;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ExitStatus, Output, Stdio};
-use std::sync::{Arc, Condvar, Mutex};
+use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
 use support::clients::tls_connect_ip;
+use support::serve::{
+    keyed_testbed, node_toml, on_every_node, preflight_root, server_in_ns, write_file, ServeProcess,
+};
 use support::*;
 
 const CURL: &str = "/usr/bin/curl";
-const NODETUNNEL: &str = env!("CARGO_BIN_EXE_nodetunnel");
 
 /// Ports of the proxy listeners inside the (fresh, private) control-plane
 /// namespace of each bed: nothing else listens there.
@@ -62,14 +60,9 @@ const CONNECT_OK: &[u8] = b"HTTP/1.1 200 Connection Established\r\n\r\n";
 /// Fail (never skip) with a clear message when the environment cannot run
 /// these tests.
 fn preflight() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "e2e_frontdoor needs root (network namespaces, sshd on port 22 of every node); \
-         run `cargo test --test e2e_frontdoor` as root, as CI does"
-    );
-    assert!(
-        Path::new(SSHD_PATH).exists(),
-        "OpenSSH sshd not found at {SSHD_PATH}: apt-get install openssh-server (bash .ci/run does this)"
+    preflight_root(
+        "e2e_frontdoor",
+        "network namespaces, sshd on port 22 of every node",
     );
     assert!(
         Path::new(CURL).exists(),
@@ -96,43 +89,19 @@ struct Cluster {
 impl Cluster {
     fn up() -> Cluster {
         preflight();
-        let dir = tempfile::Builder::new()
-            .prefix("nt-e2e-")
-            .tempdir()
-            .expect("creating a temp dir");
-        let key = ClientKey::generate(dir.path()).expect("generating the client key");
-        let bed = Testbed::up(3, &key.public_line)
-            .unwrap_or_else(|e| panic!("bringing up the testbed: {e:#}"));
-        let spawn = |ns: &str, kind: ServerKind| {
-            let what = format!("{kind:?} in {ns}");
-            bed.spawn_in_ns(ns, kind)
-                .unwrap_or_else(|e| panic!("starting {what}: {e:#}"))
-        };
-        let kubelets = bed
-            .nodes()
-            .iter()
-            .map(|n| {
-                spawn(
-                    &n.ns,
-                    ServerKind::kubelet(SocketAddr::from((n.ip, KUBELET_PORT)), &n.name),
-                )
-            })
-            .collect();
+        let (dir, key, bed) = keyed_testbed("nt-e2e-", 3);
+        let kubelets = on_every_node(&bed, |n| {
+            ServerKind::kubelet(SocketAddr::from((n.ip, KUBELET_PORT)), &n.name)
+        });
         let n2 = bed.node(2);
-        let pod = spawn(
+        let pod = server_in_ns(
+            &bed,
             &n2.ns,
             ServerKind::http(SocketAddr::from((n2.pod_ip, POD_PORT)), &n2.name),
         );
-        let services = bed
-            .nodes()
-            .iter()
-            .map(|n| {
-                spawn(
-                    &n.ns,
-                    ServerKind::http(SocketAddr::from((bed.service_ip(), 80)), &n.name),
-                )
-            })
-            .collect();
+        let services = on_every_node(&bed, |n| {
+            ServerKind::http(SocketAddr::from((bed.service_ip(), 80)), &n.name)
+        });
         Cluster {
             kubelets,
             pod,
@@ -189,14 +158,9 @@ uds = {admin:?}
             admin = self.path(&format!("{tag}-admin.sock")),
         );
         for n in self.bed.nodes() {
-            text.push_str(&format!(
-                "\n[[nodes]]\nname = {:?}\naddresses = [\"{}\"]\npod_cidrs = [{:?}]\n",
-                n.name, n.ip, n.pod_cidr
-            ));
+            text.push_str(&node_toml(n, &[]));
         }
-        let path = self.path(&format!("{tag}.toml"));
-        std::fs::write(&path, text).expect("writing the config file");
-        path
+        write_file(self.path(&format!("{tag}.toml")), &text)
     }
 
     /// `ip netns exec <cp> curl -sS --max-time 20 ARGS...`, bounded.
@@ -237,89 +201,17 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
 // The process under test and its log
 // ---------------------------------------------------------------------------
 
-#[derive(Default)]
-struct LogState {
-    lines: Vec<String>,
-    eof: bool,
-}
+/// A running `nodetunnel serve` inside the control-plane namespace
+/// ([`ServeProcess`]: its log, graceful stop, and a Drop that stops it and
+/// prints its log if the test failed).
+struct NodeTunnel(ServeProcess);
 
-/// The stderr lines of a `serve` process (JSON, one event per line), filled
-/// by a reader thread; waiters are woken on every line and at EOF.
-#[derive(Clone, Default)]
-struct Log(Arc<(Mutex<LogState>, Condvar)>);
+impl std::ops::Deref for NodeTunnel {
+    type Target = ServeProcess;
 
-impl Log {
-    fn push(&self, line: Option<String>) {
-        let (m, cv) = &*self.0;
-        let mut s = m.lock().unwrap_or_else(|p| p.into_inner());
-        match line {
-            Some(l) => s.lines.push(l),
-            None => s.eof = true,
-        }
-        cv.notify_all();
+    fn deref(&self) -> &ServeProcess {
+        &self.0
     }
-
-    fn len(&self) -> usize {
-        self.0
-             .0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .lines
-            .len()
-    }
-
-    fn dump(&self) -> String {
-        self.0
-             .0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .lines
-            .join("\n")
-    }
-
-    /// Index of the first line at or after `from` that `pred` accepts;
-    /// an error when the deadline passes or the process's stderr closed.
-    fn wait(&self, from: usize, timeout: Duration, pred: impl Fn(&str) -> bool) -> Result<usize> {
-        let (m, cv) = &*self.0;
-        let deadline = Instant::now() + timeout;
-        let mut s = m.lock().unwrap_or_else(|p| p.into_inner());
-        let mut i = from;
-        loop {
-            while i < s.lines.len() {
-                if pred(&s.lines[i]) {
-                    return Ok(i);
-                }
-                i += 1;
-            }
-            if s.eof {
-                bail!("the process exited (stderr closed)");
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                bail!("not seen within {timeout:?}");
-            }
-            s = cv
-                .wait_timeout(s, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-    }
-}
-
-/// Whether a JSON log line is the event `message` (about `node`, if given).
-fn event(line: &str, message: &str, node: Option<&str>) -> bool {
-    let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-        return false;
-    };
-    v["message"] == message && node.is_none_or(|n| v["node"] == n)
-}
-
-/// A running `nodetunnel serve` inside the control-plane namespace. Drop
-/// stops it (SIGTERM, then SIGKILL) and prints its log if the test failed.
-struct NodeTunnel {
-    name: String,
-    child: Option<Child>,
-    log: Log,
 }
 
 impl NodeTunnel {
@@ -327,48 +219,12 @@ impl NodeTunnel {
     /// and return once every node logged "tunnel ready".
     fn start(cluster: &Cluster, tag: &str, proxy: &str) -> NodeTunnel {
         let config = cluster.write_config(tag, proxy);
-        let mut cmd = cluster.bed.command_in_cp(NODETUNNEL);
-        cmd.args([
-            "--log-format",
-            "json",
-            "--log-level",
-            "info",
-            "serve",
-            "--config",
-        ])
-        .arg(&config)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawning {NODETUNNEL} in {}: {e}", cluster.bed.cp_ns()));
-        let log = Log::default();
-        let stderr = child.stderr.take().expect("piped stderr");
-        let sink = log.clone();
-        std::thread::Builder::new()
-            .name(format!("log-{tag}"))
-            .spawn(move || {
-                let mut reader = std::io::BufReader::new(stderr);
-                let mut line = Vec::new();
-                loop {
-                    line.clear();
-                    match reader.read_until(b'\n', &mut line) {
-                        Ok(0) | Err(_) => break,
-                        Ok(_) => {
-                            sink.push(Some(String::from_utf8_lossy(&line).trim_end().to_owned()))
-                        }
-                    }
-                }
-                sink.push(None);
-            })
-            .expect("spawning the log reader");
-        let nt = NodeTunnel {
-            name: tag.to_owned(),
-            child: Some(child),
-            log,
-        };
+        let nt = NodeTunnel(ServeProcess::spawn(
+            &cluster.bed,
+            tag,
+            &config,
+            Duration::from_secs(5),
+        ));
         let deadline = Instant::now() + START_TIMEOUT;
         nt.expect_log(0, deadline - Instant::now(), "front door listening", None);
         for n in cluster.bed.nodes() {
@@ -378,92 +234,10 @@ impl NodeTunnel {
         nt
     }
 
-    /// Wait for an event (from line `from` on); panics with the whole log.
-    fn expect_log(
-        &self,
-        from: usize,
-        timeout: Duration,
-        message: &str,
-        node: Option<&str>,
-    ) -> usize {
-        match self.log.wait(from, timeout, |l| event(l, message, node)) {
-            Ok(i) => i,
-            Err(e) => panic!(
-                "nodetunnel {}: log event {message:?}{}: {e}; its log:\n{}",
-                self.name,
-                node.map(|n| format!(" for {n}")).unwrap_or_default(),
-                self.log.dump()
-            ),
-        }
-    }
-
-    fn line(&self, i: usize) -> serde_json::Value {
-        let (m, _) = &*self.log.0;
-        let s = m.lock().unwrap_or_else(|p| p.into_inner());
-        serde_json::from_str(&s.lines[i]).expect("a JSON log line")
-    }
-
-    /// SIGTERM, then the exit status (SIGKILL after `timeout`).
-    fn terminate(child: Child, timeout: Duration) -> Result<ExitStatus> {
-        let pid = Pid::from_raw(child.id() as i32);
-        let _ = kill(pid, Signal::SIGTERM);
-        let (tx, rx) = std::sync::mpsc::channel();
-        let mut child = child;
-        std::thread::spawn(move || {
-            let _ = tx.send(child.wait());
-        });
-        match rx.recv_timeout(timeout) {
-            Ok(status) => Ok(status?),
-            Err(_) => {
-                let _ = kill(pid, Signal::SIGKILL);
-                let _ = rx.recv_timeout(Duration::from_secs(10));
-                Err(anyhow!(
-                    "did not exit within {timeout:?} of SIGTERM (killed)"
-                ))
-            }
-        }
-    }
-
     /// Graceful shutdown: SIGTERM must make it drain and exit 0, logging
     /// "stopped" last.
-    fn stop(mut self) {
-        let child = self.child.take().expect("running");
-        let status = Self::terminate(child, EXIT_TIMEOUT);
-        // The reader thread sees EOF right after the exit: wait for it, so
-        // that the log is complete.
-        let _ = self.log.wait(0, Duration::from_secs(5), |_| false);
-        let log = self.log.dump();
-        match status {
-            Ok(s) if s.success() => {}
-            Ok(s) => panic!(
-                "nodetunnel {} exited with {s} after SIGTERM; log:\n{log}",
-                self.name
-            ),
-            Err(e) => panic!("nodetunnel {}: {e:#}; log:\n{log}", self.name),
-        }
-        let last = log.lines().last().unwrap_or_default();
-        assert!(
-            event(last, "stopped", None),
-            "nodetunnel {}: last log line after SIGTERM is {last:?}, not \"stopped\"",
-            self.name
-        );
-    }
-}
-
-impl Drop for NodeTunnel {
-    fn drop(&mut self) {
-        if let Some(child) = self.child.take() {
-            if let Err(e) = Self::terminate(child, Duration::from_secs(5)) {
-                eprintln!("nodetunnel {}: {e:#}", self.name);
-            }
-        }
-        if std::thread::panicking() {
-            eprintln!(
-                "--- nodetunnel {} log (test failed) ---\n{}\n--- end ---",
-                self.name,
-                self.log.dump()
-            );
-        }
+    fn stop(self) {
+        self.0.stop(EXIT_TIMEOUT);
     }
 }
 
@@ -971,7 +745,7 @@ async fn a_stopped_node_is_refused_without_hanging_and_comes_back() {
     // sshd back: the tunnel reconnects by itself and node 3 serves again.
     blocking(|| cluster.bed.start_node(3)).expect("starting node-3's sshd");
     let ready = blocking(|| nt.expect_log(mark, START_TIMEOUT, "tunnel ready", Some("node-3")));
-    assert_eq!(nt.line(ready)["endpoint"], format!("{}:22", n3.ip));
+    assert_eq!(nt.event(ready)["endpoint"], format!("{}:22", n3.ip));
     let r = kubelet_get(&uds, kubelet3, n3.ip, "/healthz")
         .await
         .unwrap();

@@ -3,23 +3,20 @@
 //! real binary) in the control-plane namespace with short timers, its JSON
 //! log, its admin API over a Unix socket, and /proc sampling of the process.
 
-use std::io::BufRead;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ExitStatus, Stdio};
-use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
+pub use crate::support::serve::is_event;
+use crate::support::serve::{
+    keyed_testbed, node_toml, preflight_root, server_in_ns, write_file, ServeProcess,
+};
 use crate::support::*;
-
-pub const NODETUNNEL: &str = env!("CARGO_BIN_EXE_nodetunnel");
 
 /// Where the checksum servers listen on every node IP.
 pub const SOURCE_PORT: u16 = 7001;
@@ -47,14 +44,9 @@ pub const CONNECT_OK: &[u8] = b"HTTP/1.1 200 Connection Established\r\n\r\n";
 
 /// Fail (never skip) when the machine cannot run the suite.
 pub fn preflight() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "reliability_faults needs root (network namespaces, sshd on port 22 of every node, tc); \
-         run `cargo test --test reliability_faults` as root, as CI does"
-    );
-    assert!(
-        Path::new(SSHD_PATH).exists(),
-        "OpenSSH sshd not found at {SSHD_PATH}: apt-get install openssh-server (bash .ci/run does this)"
+    preflight_root(
+        "reliability_faults",
+        "network namespaces, sshd on port 22 of every node, tc",
     );
 }
 
@@ -105,21 +97,11 @@ impl Default for ServeOptions {
 impl Cluster {
     pub fn up() -> Cluster {
         preflight();
-        let dir = tempfile::Builder::new()
-            .prefix("nt-rf-")
-            .tempdir()
-            .expect("creating a temp dir");
-        let key = ClientKey::generate(dir.path()).expect("generating the client key");
-        let bed = Testbed::up(3, &key.public_line)
-            .unwrap_or_else(|e| panic!("bringing up the testbed: {e:#}"));
-        let spawn = |ns: &str, kind: ServerKind| {
-            let what = format!("{kind:?} in {ns}");
-            bed.spawn_in_ns(ns, kind)
-                .unwrap_or_else(|e| panic!("starting {what}: {e:#}"))
-        };
+        let (dir, key, bed) = keyed_testbed("nt-rf-", 3);
         let mut servers = Vec::new();
         for n in bed.nodes() {
-            servers.push(spawn(
+            servers.push(server_in_ns(
+                &bed,
                 &n.ns,
                 ServerKind::source(
                     SocketAddr::from((n.ip, SOURCE_PORT)),
@@ -127,11 +109,13 @@ impl Cluster {
                     n.index as u64,
                 ),
             ));
-            servers.push(spawn(
+            servers.push(server_in_ns(
+                &bed,
                 &n.ns,
                 ServerKind::sink(SocketAddr::from((n.ip, SINK_PORT))),
             ));
-            servers.push(spawn(
+            servers.push(server_in_ns(
+                &bed,
                 &n.ns,
                 ServerKind::echo(SocketAddr::from((n.ip, ECHO_PORT))),
             ));
@@ -197,17 +181,9 @@ uds = {admin:?}
             admin = self.path(&format!("{tag}-admin.sock")),
         );
         for (i, extra) in &opts.nodes {
-            let n = self.bed.node(*i);
-            let mut cidrs = vec![n.pod_cidr.clone()];
-            cidrs.extend(extra.iter().cloned());
-            text.push_str(&format!(
-                "\n[[nodes]]\nname = {:?}\naddresses = [\"{}\"]\npod_cidrs = {:?}\n",
-                n.name, n.ip, cidrs
-            ));
+            text.push_str(&node_toml(self.bed.node(*i), extra));
         }
-        let path = self.path(&format!("{tag}.toml"));
-        std::fs::write(&path, text).expect("writing the config file");
-        path
+        write_file(self.path(&format!("{tag}.toml")), &text)
     }
 
     /// The directory of node `i`'s sshd (config, host key, pid file).
@@ -235,108 +211,30 @@ uds = {admin:?}
 }
 
 // ---------------------------------------------------------------------------
-// The JSON log of a `serve` process
-// ---------------------------------------------------------------------------
-
-#[derive(Default)]
-struct LogState {
-    lines: Vec<String>,
-    eof: bool,
-}
-
-/// The stderr lines of a `serve` process, filled by a reader thread.
-#[derive(Clone, Default)]
-pub struct Log(Arc<(Mutex<LogState>, Condvar)>);
-
-impl Log {
-    fn push(&self, line: Option<String>) {
-        let (m, cv) = &*self.0;
-        let mut s = m.lock().unwrap_or_else(|p| p.into_inner());
-        match line {
-            Some(l) => s.lines.push(l),
-            None => s.eof = true,
-        }
-        cv.notify_all();
-    }
-
-    pub fn len(&self) -> usize {
-        self.0
-             .0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .lines
-            .len()
-    }
-
-    pub fn dump(&self) -> String {
-        self.0
-             .0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .lines
-            .join("\n")
-    }
-
-    /// Parsed JSON lines from `from` on.
-    pub fn events(&self, from: usize) -> Vec<Value> {
-        let s = self.0 .0.lock().unwrap_or_else(|p| p.into_inner());
-        s.lines[from.min(s.lines.len())..]
-            .iter()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    }
-
-    /// Index of the first line at or after `from` that `pred` accepts.
-    pub fn wait(
-        &self,
-        from: usize,
-        timeout: Duration,
-        pred: impl Fn(&Value) -> bool,
-    ) -> Result<usize> {
-        let (m, cv) = &*self.0;
-        let deadline = Instant::now() + timeout;
-        let mut s = m.lock().unwrap_or_else(|p| p.into_inner());
-        let mut i = from;
-        loop {
-            while i < s.lines.len() {
-                if serde_json::from_str::<Value>(&s.lines[i]).is_ok_and(|v| pred(&v)) {
-                    return Ok(i);
-                }
-                i += 1;
-            }
-            if s.eof {
-                bail!("the process exited (stderr closed)");
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                bail!("not seen within {timeout:?}");
-            }
-            s = cv
-                .wait_timeout(s, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-    }
-}
-
-/// Whether a JSON log event is `message` (about `node`, if given).
-pub fn is_event(v: &Value, message: &str, node: Option<&str>) -> bool {
-    v["message"] == message && node.is_none_or(|n| v["node"] == n)
-}
-
-// ---------------------------------------------------------------------------
 // The process under test
 // ---------------------------------------------------------------------------
 
-/// A running `nodetunnel serve` in the control-plane namespace. Drop stops
-/// it (SIGTERM, then SIGKILL) and prints its log if the test failed.
+/// A running `nodetunnel serve` in the control-plane namespace
+/// ([`ServeProcess`]: its log, signals, graceful stop, Drop) with its proxy
+/// and admin sockets.
 pub struct NodeTunnel {
-    pub name: String,
     pub proxy: PathBuf,
     pub admin: PathBuf,
-    child: Option<Child>,
-    pid: i32,
-    pub log: Log,
+    serve: ServeProcess,
+}
+
+impl std::ops::Deref for NodeTunnel {
+    type Target = ServeProcess;
+
+    fn deref(&self) -> &ServeProcess {
+        &self.serve
+    }
+}
+
+impl std::ops::DerefMut for NodeTunnel {
+    fn deref_mut(&mut self) -> &mut ServeProcess {
+        &mut self.serve
+    }
 }
 
 /// /proc figures of a process.
@@ -353,51 +251,12 @@ impl NodeTunnel {
     /// "tunnel ready".
     pub fn start(cluster: &Cluster, tag: &str, opts: &ServeOptions) -> NodeTunnel {
         let config = cluster.write_config(tag, opts);
-        let mut cmd = cluster.bed.command_in_cp(NODETUNNEL);
-        cmd.args([
-            "--log-format",
-            "json",
-            "--log-level",
-            "info",
-            "serve",
-            "--config",
-        ])
-        .arg(&config)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawning {NODETUNNEL} in {}: {e}", cluster.bed.cp_ns()));
-        let log = Log::default();
-        let stderr = child.stderr.take().expect("piped stderr");
-        let sink = log.clone();
-        std::thread::Builder::new()
-            .name(format!("log-{tag}"))
-            .spawn(move || {
-                let mut reader = std::io::BufReader::new(stderr);
-                let mut line = Vec::new();
-                loop {
-                    line.clear();
-                    match reader.read_until(b'\n', &mut line) {
-                        Ok(0) | Err(_) => break,
-                        Ok(_) => {
-                            sink.push(Some(String::from_utf8_lossy(&line).trim_end().to_owned()))
-                        }
-                    }
-                }
-                sink.push(None);
-            })
-            .expect("spawning the log reader");
-        let pid = child.id() as i32;
+        let serve = ServeProcess::spawn(&cluster.bed, tag, &config, Duration::from_secs(10));
+        let pid = serve.pid();
         let nt = NodeTunnel {
-            name: tag.to_owned(),
             proxy: cluster.path(&format!("{tag}.sock")),
             admin: cluster.path(&format!("{tag}-admin.sock")),
-            child: Some(child),
-            pid,
-            log,
+            serve,
         };
         let deadline = Instant::now() + START_TIMEOUT;
         nt.expect_log(0, START_TIMEOUT, "front door listening", None);
@@ -412,60 +271,21 @@ impl NodeTunnel {
         nt
     }
 
-    /// Wait for an event (from line `from` on); panics with the whole log.
-    pub fn expect_log(
-        &self,
-        from: usize,
-        timeout: Duration,
-        message: &str,
-        node: Option<&str>,
-    ) -> usize {
-        self.expect(from, timeout, message, |v| is_event(v, message, node))
-    }
-
-    /// Wait for an event `pred` accepts; panics with `what` and the log.
-    pub fn expect(
-        &self,
-        from: usize,
-        timeout: Duration,
-        what: &str,
-        pred: impl Fn(&Value) -> bool,
-    ) -> usize {
-        match self.log.wait(from, timeout, pred) {
-            Ok(i) => i,
-            Err(e) => panic!(
-                "nodetunnel {}: log event {what:?}: {e}; its log:\n{}",
-                self.name,
-                self.log.dump()
-            ),
-        }
-    }
-
-    pub fn event(&self, i: usize) -> Value {
-        let (m, _) = &*self.log.0;
-        let s = m.lock().unwrap_or_else(|p| p.into_inner());
-        serde_json::from_str(&s.lines[i]).expect("a JSON log line")
-    }
-
-    pub fn signal(&self, sig: Signal) {
-        kill(Pid::from_raw(self.pid), sig)
-            .unwrap_or_else(|e| panic!("kill -{sig} {}: {e}", self.pid));
-    }
-
     /// /proc/<pid>: open descriptors, threads, resident set.
     pub fn sample(&self) -> ProcSample {
-        let fds = std::fs::read_dir(format!("/proc/{}/fd", self.pid))
+        let pid = self.pid();
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
             .map(|d| d.count())
-            .unwrap_or_else(|e| panic!("reading /proc/{}/fd: {e}", self.pid));
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))
-            .unwrap_or_else(|e| panic!("reading /proc/{}/status: {e}", self.pid));
+            .unwrap_or_else(|e| panic!("reading /proc/{pid}/fd: {e}"));
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_else(|e| panic!("reading /proc/{pid}/status: {e}"));
         let field = |name: &str| -> u64 {
             status
                 .lines()
                 .find_map(|l| l.strip_prefix(name))
                 .and_then(|v| v.split_whitespace().next())
                 .and_then(|v| v.parse().ok())
-                .unwrap_or_else(|| panic!("no {name} in /proc/{}/status", self.pid))
+                .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
         };
         ProcSample {
             fds,
@@ -474,34 +294,10 @@ impl NodeTunnel {
         }
     }
 
-    /// SIGTERM and wait (bounded) for the exit; the exit status and the
-    /// complete log.
-    pub fn terminate_and_wait(&mut self, timeout: Duration) -> (Result<ExitStatus>, String) {
-        let child = self.child.take().expect("running");
-        let status = terminate(child, timeout);
-        // The reader sees EOF right after the exit: wait for it.
-        let _ = self.log.wait(0, Duration::from_secs(5), |_| false);
-        (status, self.log.dump())
-    }
-
     /// Graceful shutdown: SIGTERM must make it drain and exit 0, logging
     /// "stopped" last.
-    pub fn stop(mut self) {
-        let (status, log) = self.terminate_and_wait(EXIT_TIMEOUT);
-        match status {
-            Ok(s) if s.success() => {}
-            Ok(s) => panic!(
-                "nodetunnel {} exited with {s} after SIGTERM; log:\n{log}",
-                self.name
-            ),
-            Err(e) => panic!("nodetunnel {}: {e:#}; log:\n{log}", self.name),
-        }
-        let last = log.lines().last().unwrap_or_default();
-        assert!(
-            serde_json::from_str::<Value>(last).is_ok_and(|v| is_event(&v, "stopped", None)),
-            "nodetunnel {}: last log line after SIGTERM is {last:?}, not \"stopped\"",
-            self.name
-        );
+    pub fn stop(self) {
+        self.serve.stop(EXIT_TIMEOUT);
     }
 
     // -- admin API over its Unix socket --------------------------------
@@ -603,44 +399,6 @@ impl NodeTunnel {
             pred(&v).then_some(v)
         })
         .await
-    }
-}
-
-/// SIGTERM, then the exit status (SIGKILL after `timeout`).
-fn terminate(child: Child, timeout: Duration) -> Result<ExitStatus> {
-    let pid = Pid::from_raw(child.id() as i32);
-    let _ = kill(pid, Signal::SIGTERM);
-    let (tx, rx) = std::sync::mpsc::channel();
-    let mut child = child;
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait());
-    });
-    match rx.recv_timeout(timeout) {
-        Ok(status) => Ok(status?),
-        Err(_) => {
-            let _ = kill(pid, Signal::SIGKILL);
-            let _ = rx.recv_timeout(Duration::from_secs(10));
-            Err(anyhow!(
-                "did not exit within {timeout:?} of SIGTERM (killed)"
-            ))
-        }
-    }
-}
-
-impl Drop for NodeTunnel {
-    fn drop(&mut self) {
-        if let Some(child) = self.child.take() {
-            if let Err(e) = terminate(child, Duration::from_secs(10)) {
-                eprintln!("nodetunnel {}: {e:#}", self.name);
-            }
-        }
-        if std::thread::panicking() {
-            eprintln!(
-                "--- nodetunnel {} log (test failed) ---\n{}\n--- end ---",
-                self.name,
-                self.log.dump()
-            );
-        }
     }
 }
 

@@ -2,7 +2,8 @@
 #![allow(unused_imports)]
 //! Test support for nodetunnel's end-to-end tests: a real OpenSSH sshd on
 //! loopback ([`sshd`]), a multi-node cluster in network namespaces
-//! ([`testbed`], driven by `tests/testbed/testbed.sh`), test servers
+//! ([`testbed`], driven by `tests/testbed/testbed.sh`), the real
+//! `nodetunnel serve` in that cluster ([`serve`]), test servers
 //! ([`servers`]) and small clients ([`clients`]).
 //!
 //! Include it from an integration test with `mod support;`.
@@ -14,6 +15,7 @@
 pub mod clients;
 pub mod netns;
 pub mod procs;
+pub mod serve;
 pub mod servers;
 pub mod sshd;
 pub mod testbed;
