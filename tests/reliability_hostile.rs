@@ -36,6 +36,7 @@ mod clients;
 mod fixture;
 #[path = "reliability_hostile/node.rs"]
 mod node;
+mod ssh_node;
 
 use std::future::Future;
 use std::sync::{Mutex, PoisonError};

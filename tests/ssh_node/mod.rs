@@ -1,11 +1,17 @@
-//! An in-process SSH node for unit-level and fault tests: a russh server on
-//! 127.0.0.1 that authenticates public keys and serves direct-tcpip by
-//! connecting to the destination itself, like sshd. It can be killed (every
+//! An in-process SSH node for unit-level, fault and hostile-client tests: a
+//! russh server on 127.0.0.1 that authenticates public keys and serves
+//! direct-tcpip by connecting to the destination itself, like sshd (in a
+//! task of its own, as sshd's non-blocking connect: the session keeps
+//! serving its other channels meanwhile). It can be killed (every
 //! connection dropped at once) and restarted on the same port with the same
-//! host key. End-to-end tests use real OpenSSH instead (tests/support).
+//! host key. It keeps nothing per finished connection or channel (the
+//! hostile suite's leak check opens 100,000) and counts its channels
+//! ([`SshNode::channels`]). End-to-end tests use real OpenSSH instead
+//! (tests/support).
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use nodetunnel::session::{Severable, Severance};
@@ -16,12 +22,48 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
+/// Live and total counts of one kind of connection.
+#[derive(Default)]
+pub struct Counter {
+    live: AtomicUsize,
+    total: AtomicU64,
+}
+
+impl Counter {
+    /// Connections open now.
+    pub fn live(&self) -> usize {
+        self.live.load(Ordering::SeqCst)
+    }
+
+    /// Connections ever opened.
+    pub fn total(&self) -> u64 {
+        self.total.load(Ordering::SeqCst)
+    }
+
+    /// Count one connection open until the returned guard drops.
+    pub fn open(self: &Arc<Self>) -> Live {
+        self.live.fetch_add(1, Ordering::SeqCst);
+        self.total.fetch_add(1, Ordering::SeqCst);
+        Live(self.clone())
+    }
+}
+
+/// One live connection of a [`Counter`]; counted down on drop.
+pub struct Live(Arc<Counter>);
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.live.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// A running (or killed) in-process SSH node.
 pub struct SshNode {
     addr: SocketAddr,
     host_key: PrivateKey,
     authorized: Arc<Mutex<Vec<PublicKey>>>,
-    refuse_channels: Arc<std::sync::atomic::AtomicBool>,
+    refuse_channels: Arc<AtomicBool>,
+    channels: Arc<Counter>,
     tasks: Option<Arc<Mutex<JoinSet<()>>>>,
     accept: Option<tokio::task::JoinHandle<()>>,
     /// One switch per accepted connection: russh runs server sessions in
@@ -40,7 +82,8 @@ impl SshNode {
             addr,
             host_key,
             authorized: Arc::new(Mutex::new(vec![client.clone()])),
-            refuse_channels: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            refuse_channels: Arc::new(AtomicBool::new(false)),
+            channels: Arc::new(Counter::default()),
             tasks: None,
             accept: None,
             cuts: Arc::new(Mutex::new(Vec::new())),
@@ -52,6 +95,11 @@ impl SshNode {
     /// The address sshd would listen on.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Its accepted direct-tcpip channels (connected to the destination).
+    pub fn channels(&self) -> Arc<Counter> {
+        self.channels.clone()
     }
 
     /// The host key's public half.
@@ -76,8 +124,7 @@ impl SshNode {
     /// Refuse (ConnectFailed) every direct-tcpip channel from now on, as an
     /// sshd whose node cannot reach the destination would.
     pub fn refuse_channels(&self, refuse: bool) {
-        self.refuse_channels
-            .store(refuse, std::sync::atomic::Ordering::SeqCst);
+        self.refuse_channels.store(refuse, Ordering::SeqCst);
     }
 
     /// Drop every authorized key.
@@ -121,28 +168,35 @@ impl SshNode {
             auth_rejection_time: std::time::Duration::from_millis(1),
             auth_rejection_time_initial: Some(std::time::Duration::ZERO),
             nodelay: true,
+            // No inactivity timeout: the hostile suite idles for a while.
+            inactivity_timeout: None,
             ..Default::default()
         });
         let tasks = Arc::new(Mutex::new(JoinSet::new()));
-        let authorized = self.authorized.clone();
-        let refuse = self.refuse_channels.clone();
-        let conn_tasks = tasks.clone();
+        let handler = NodeHandler {
+            authorized: self.authorized.clone(),
+            refuse: self.refuse_channels.clone(),
+            channels: self.channels.clone(),
+            tasks: tasks.clone(),
+        };
         let cuts = self.cuts.clone();
+        let sessions = tasks.clone();
         self.accept = Some(tokio::spawn(async move {
             loop {
                 let Ok((socket, _)) = listener.accept().await else {
-                    return;
+                    continue;
                 };
                 let _ = socket.set_nodelay(true);
                 let (socket, cut) = Severable::new(socket);
-                cuts.lock().unwrap().push(cut);
-                let handler = NodeHandler {
-                    authorized: authorized.clone(),
-                    refuse: refuse.clone(),
-                    tasks: conn_tasks.clone(),
-                };
+                {
+                    let mut cuts = cuts.lock().unwrap();
+                    // Forget sessions that ended (only this list holds their switch).
+                    cuts.retain(|c| Arc::strong_count(c) > 1);
+                    cuts.push(cut);
+                }
                 let config = config.clone();
-                conn_tasks.lock().unwrap().spawn(async move {
+                let handler = handler.clone();
+                spawn_in(&sessions, async move {
                     if let Ok(session) = server::run_stream(config, socket, handler).await {
                         let _ = session.await;
                     }
@@ -151,6 +205,17 @@ impl SshNode {
         }));
         self.tasks = Some(tasks);
     }
+}
+
+/// Spawn `task` in `tasks` (so that a kill aborts it), first reaping the
+/// tasks that finished: the set keeps nothing per finished task.
+fn spawn_in(
+    tasks: &Mutex<JoinSet<()>>,
+    task: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let mut set = tasks.lock().unwrap();
+    while set.try_join_next().is_some() {}
+    set.spawn(task);
 }
 
 impl Drop for SshNode {
@@ -167,9 +232,11 @@ impl Drop for SshNode {
     }
 }
 
+#[derive(Clone)]
 struct NodeHandler {
     authorized: Arc<Mutex<Vec<PublicKey>>>,
-    refuse: Arc<std::sync::atomic::AtomicBool>,
+    refuse: Arc<AtomicBool>,
+    channels: Arc<Counter>,
     tasks: Arc<Mutex<JoinSet<()>>>,
 }
 
@@ -200,44 +267,54 @@ impl server::Handler for NodeHandler {
         reply: server::ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let target = format!("{host_to_connect}:{port_to_connect}");
-        if self.refuse.load(std::sync::atomic::Ordering::SeqCst) {
+        if self.refuse.load(Ordering::SeqCst) {
             reply.reject(ChannelOpenFailure::ConnectFailed).await;
             return Ok(());
         }
-        match TcpStream::connect(&target).await {
-            Err(_) => reply.reject(ChannelOpenFailure::ConnectFailed).await,
-            Ok(mut tcp) => {
-                reply.accept().await;
-                self.tasks.lock().unwrap().spawn(async move {
-                    // Like sshd: EOF each way is forwarded as a half-close,
-                    // CLOSE once both directions are done.
-                    let (mut from_client, to_client) = channel.split();
-                    let (mut tcp_read, mut tcp_write) = tcp.split();
-                    let upstream = async {
-                        while let Some(msg) = from_client.wait().await {
-                            match msg {
-                                russh::ChannelMsg::Data { data }
-                                    if tcp_write.write_all(&data).await.is_err() =>
-                                {
-                                    break
-                                }
-                                russh::ChannelMsg::Eof | russh::ChannelMsg::Close => break,
-                                _ => {}
-                            }
-                        }
-                        let _ = tcp_write.shutdown().await;
-                    };
-                    let downstream = async {
-                        let mut writer = to_client.make_writer();
-                        let _ = tokio::io::copy(&mut tcp_read, &mut writer).await;
-                        let _ = to_client.eof().await;
-                    };
-                    tokio::join!(upstream, downstream);
-                    let _ = to_client.close().await;
-                });
-            }
-        }
+        // Connect in a task of its own, as sshd does with a non-blocking
+        // connect: the session keeps serving its other channels meanwhile.
+        let target = format!("{host_to_connect}:{port_to_connect}");
+        let channels = self.channels.clone();
+        spawn_in(&self.tasks, async move {
+            let tcp = match TcpStream::connect(&target).await {
+                Ok(tcp) => tcp,
+                Err(_) => {
+                    reply.reject(ChannelOpenFailure::ConnectFailed).await;
+                    return;
+                }
+            };
+            let _live = channels.open();
+            reply.accept().await;
+            let _ = tcp.set_nodelay(true);
+            pump(channel, tcp).await;
+        });
         Ok(())
     }
+}
+
+/// Like sshd: EOF each way is forwarded as a half-close, CLOSE once both
+/// directions are done.
+async fn pump(channel: Channel<Msg>, mut tcp: TcpStream) {
+    let (mut from_client, to_client) = channel.split();
+    let (mut tcp_read, mut tcp_write) = tcp.split();
+    let upstream = async {
+        while let Some(msg) = from_client.wait().await {
+            match msg {
+                // The guard writes; a failed write ends the direction.
+                russh::ChannelMsg::Data { data } if tcp_write.write_all(&data).await.is_err() => {
+                    break
+                }
+                russh::ChannelMsg::Eof | russh::ChannelMsg::Close => break,
+                _ => {}
+            }
+        }
+        let _ = tcp_write.shutdown().await;
+    };
+    let downstream = async {
+        let mut writer = to_client.make_writer();
+        let _ = tokio::io::copy(&mut tcp_read, &mut writer).await;
+        let _ = to_client.eof().await;
+    };
+    tokio::join!(upstream, downstream);
+    let _ = to_client.close().await;
 }
