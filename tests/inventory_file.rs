@@ -7,145 +7,20 @@
 //! (`SyncStatus::changed`, `Tunnel::changed`) with a bounded deadline.
 
 mod ssh_node;
+mod support;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeCondition, NodeSpec, NodeStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use nodetunnel::config::{Config, NodeConfig};
-use nodetunnel::inventory::{
-    self, parse_nodes_file, InventoryConfig, InventoryError, InventorySource, NodeSink, SyncStatus,
-};
-use nodetunnel::manager::{ApplySummary, TunnelManager};
-use nodetunnel::metrics::Metrics;
-use nodetunnel::shutdown::Shutdown;
-use nodetunnel::tunnel::TunnelState;
+use nodetunnel::inventory::{parse_nodes_file, InventoryConfig, InventoryError, InventorySource};
+use nodetunnel::manager::TunnelManager;
 use russh::keys::PublicKey;
 use ssh_node::SshNode;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
-use tokio::sync::Notify;
-
-const DEADLINE: Duration = Duration::from_secs(20);
-
-/// The tunnel manager, recording what each apply changed.
-struct Recorder {
-    manager: Option<Arc<TunnelManager>>,
-    applied: Mutex<Vec<(Vec<NodeConfig>, ApplySummary)>>,
-}
-
-impl Recorder {
-    fn new(manager: Option<Arc<TunnelManager>>) -> Arc<Recorder> {
-        Arc::new(Recorder {
-            manager,
-            applied: Mutex::new(Vec::new()),
-        })
-    }
-
-    fn applies(&self) -> usize {
-        self.applied.lock().unwrap().len()
-    }
-
-    fn last(&self) -> (Vec<NodeConfig>, ApplySummary) {
-        self.applied
-            .lock()
-            .unwrap()
-            .last()
-            .cloned()
-            .expect("an apply")
-    }
-
-    /// The names last applied (none before the first apply).
-    fn names(&self) -> Vec<String> {
-        let last = self.applied.lock().unwrap().last().cloned();
-        let mut names: Vec<String> = last
-            .map(|(nodes, _)| nodes.into_iter().map(|n| n.name).collect())
-            .unwrap_or_default();
-        names.sort();
-        names
-    }
-}
-
-impl NodeSink for Recorder {
-    fn apply(&self, nodes: Vec<NodeConfig>) -> ApplySummary {
-        let summary = match &self.manager {
-            Some(m) => m.apply(nodes.clone()),
-            None => ApplySummary::default(),
-        };
-        self.applied.lock().unwrap().push((nodes, summary.clone()));
-        summary
-    }
-}
-
-/// Wait (bounded) until `check` passes, re-checking after every sync or
-/// failure the inventory records.
-async fn wait_sync<T>(status: &SyncStatus, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        let changed = status.changed().notified();
-        tokio::pin!(changed);
-        changed.as_mut().enable();
-        if let Some(value) = check() {
-            return value;
-        }
-        if tokio::time::timeout_at(deadline, changed).await.is_err() {
-            panic!(
-                "timed out waiting for {what}; syncs {}, failures {}, last error {:?}",
-                status.syncs(),
-                status.failures(),
-                status.last_error()
-            );
-        }
-    }
-}
-
-/// Wait (bounded) until `node`'s tunnel is Ready.
-async fn wait_ready(manager: &TunnelManager, node: &str) {
-    let tunnel = manager.tunnel(node).expect("tunnel exists");
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        let changed = tunnel.changed().notified();
-        tokio::pin!(changed);
-        changed.as_mut().enable();
-        let status = tunnel.status();
-        if status.state == TunnelState::Ready {
-            return;
-        }
-        if tokio::time::timeout_at(deadline, changed).await.is_err() {
-            panic!("node {node} never became Ready; last status {status:?}");
-        }
-    }
-}
-
-async fn echo_server() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        loop {
-            let Ok((socket, _)) = listener.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let (mut r, mut w) = socket.into_split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    port
-}
-
-async fn ping<S: AsyncReadExt + AsyncWriteExt + Unpin>(stream: &mut S, word: &[u8]) {
-    stream.write_all(word).await.expect("write through tunnel");
-    let mut buf = vec![0u8; word.len()];
-    tokio::time::timeout(DEADLINE, stream.read_exact(&mut buf))
-        .await
-        .expect("echo in time")
-        .expect("echo");
-    assert_eq!(buf, word);
-}
+use support::inproc::{echo_server, key_dir, ping, wait_ready};
+use support::inventory::{failures_metric, inventory_manager, start, wait_sync, Recorder, Running};
 
 /// Replace the file the way editors do: write a temporary file, rename it.
 fn replace(path: &Path, text: &str) {
@@ -177,32 +52,23 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> Fixture {
-        let dir = tempfile::tempdir().unwrap();
-        let key = nodetunnel::keys::generate(dir.path(), "id_ed25519", "test").unwrap();
-        let identity = nodetunnel::keys::load_identity(&key.private_path, None).unwrap();
-        Fixture {
-            client: identity.public_key().clone(),
-            dir,
-        }
+        let (dir, client) = key_dir();
+        Fixture { dir, client }
     }
 
     fn manager(&self, nodes: &[&SshNode]) -> Arc<TunnelManager> {
         let lines: Vec<String> = nodes.iter().map(|n| n.known_hosts_line()).collect();
-        std::fs::write(self.dir.path().join("known_hosts"), lines.join("\n") + "\n").unwrap();
-        let text =
-            "[ssh]\nuser = \"test\"\nidentity = \"id_ed25519\"\nknown_hosts = \"known_hosts\"\n\
-             connect_timeout = \"5s\"\nhandshake_timeout = \"5s\"\nauth_timeout = \"5s\"\n\
-             backoff_base = \"20ms\"\nbackoff_max = \"200ms\"\nkeepalive_interval = \"1s\"\n\
-             drain_timeout = \"1s\"\n\n[inventory]\nsource = \"file\"\npath = \"nodes.toml\"\n";
-        let path = self.dir.path().join("nodetunnel.toml");
-        std::fs::write(&path, text).unwrap();
-        let config = Config::load(&path).unwrap();
+        let (config, manager) = inventory_manager(
+            self.dir.path(),
+            &lines,
+            "source = \"file\"\npath = \"nodes.toml\"\n",
+        );
         assert_eq!(config.inventory.source, InventorySource::File);
         assert_eq!(
             config.inventory.path.as_deref(),
             Some(self.nodes_path().as_path())
         );
-        TunnelManager::new(&config, config.routing.clone(), Arc::new(Metrics::new())).unwrap()
+        manager
     }
 
     fn nodes_path(&self) -> PathBuf {
@@ -210,58 +76,14 @@ impl Fixture {
     }
 }
 
-/// A running file inventory.
-struct Running {
-    status: Arc<SyncStatus>,
-    metrics: Arc<Metrics>,
-    reload: Arc<Notify>,
-    shutdown: Shutdown,
-    task: tokio::task::JoinHandle<()>,
-}
-
-fn start(path: &Path, sink: Arc<Recorder>) -> Running {
+/// A running file inventory of `path`.
+fn start_file(path: &Path, sink: Arc<Recorder>) -> Running {
     let config = InventoryConfig {
         source: InventorySource::File,
         path: Some(path.to_path_buf()),
         ..Default::default()
     };
-    let status = Arc::new(SyncStatus::default());
-    let metrics = Arc::new(Metrics::new());
-    let reload = Arc::new(Notify::new());
-    let shutdown = Shutdown::new();
-    let task = tokio::spawn(inventory::run(
-        config,
-        sink,
-        status.clone(),
-        metrics.clone(),
-        reload.clone(),
-        shutdown.clone(),
-    ));
-    Running {
-        status,
-        metrics,
-        reload,
-        shutdown,
-        task,
-    }
-}
-
-impl Running {
-    async fn stop(self) {
-        self.shutdown.trigger();
-        tokio::time::timeout(DEADLINE, self.task)
-            .await
-            .expect("the inventory task ends on shutdown")
-            .expect("the inventory task does not panic");
-    }
-}
-
-fn failures_metric(metrics: &Metrics) -> u64 {
-    let text = metrics.encode();
-    text.lines()
-        .find_map(|l| l.strip_prefix("nodetunnel_inventory_sync_failures_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no failure counter in\n{text}"))
+    start(config, sink)
 }
 
 #[tokio::test]
@@ -276,7 +98,7 @@ async fn nodes_follow_the_file_and_an_unchanged_node_keeps_its_stream() {
     replace(&path, &toml_node("node-a", p1));
 
     let sink = Recorder::new(Some(manager.clone()));
-    let inv = start(&path, sink.clone());
+    let inv = start_file(&path, sink.clone());
     let status = inv.status.clone();
 
     // Start: node-a from the file.
@@ -427,7 +249,7 @@ async fn a_missing_file_is_counted_and_picked_up_once_it_appears() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("nodes.toml");
     let sink = Recorder::new(None);
-    let inv = start(&path, sink.clone());
+    let inv = start_file(&path, sink.clone());
     let status = inv.status.clone();
     wait_sync(&status, "missing file reported", || {
         (status.failures() > 0).then_some(())
@@ -597,7 +419,7 @@ async fn a_replaced_directory_is_watched_again() {
     let path = dir.join("nodes.toml");
     replace(&path, &toml_node("node-a", 2222));
     let sink = Recorder::new(None);
-    let inv = start(&path, sink.clone());
+    let inv = start_file(&path, sink.clone());
     let status = inv.status.clone();
     wait_sync(&status, "node-a applied", || {
         (sink.names() == ["node-a"]).then_some(())

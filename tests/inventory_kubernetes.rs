@@ -12,6 +12,7 @@
 //! with a bounded deadline.
 
 mod ssh_node;
+mod support;
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
@@ -28,19 +29,15 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeCondition, NodeSpec, NodeStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
-use nodetunnel::config::{Config, NodeConfig};
-use nodetunnel::inventory::{self, InventoryConfig, InventorySource, NodeSink, SyncStatus};
-use nodetunnel::manager::{ApplySummary, TunnelManager};
-use nodetunnel::metrics::Metrics;
-use nodetunnel::shutdown::Shutdown;
-use nodetunnel::tunnel::TunnelState;
-use russh::keys::PublicKey;
+use nodetunnel::config::Config;
+use nodetunnel::inventory::{InventoryConfig, InventorySource};
+use nodetunnel::manager::TunnelManager;
 use ssh_node::SshNode;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use support::inproc::{echo_server, key_dir, ping, wait_ready, DEADLINE};
+use support::inventory::{failures_metric, inventory_manager, start, wait_sync, Recorder};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
-const DEADLINE: Duration = Duration::from_secs(20);
 const SELECTOR_LABEL: &str = "nodetunnel.dev/tunnel";
 
 // ---------------------------------------------------------------------------
@@ -476,188 +473,21 @@ fn with_annotation(mut node: Node, key: &str, value: &str) -> Node {
     node
 }
 
-/// The tunnel manager, recording what each apply changed.
-struct Recorder {
-    manager: Option<Arc<TunnelManager>>,
-    applied: Mutex<Vec<(Vec<NodeConfig>, ApplySummary)>>,
-}
-
-impl Recorder {
-    fn applies(&self) -> usize {
-        self.applied.lock().unwrap().len()
-    }
-
-    fn last(&self) -> ApplySummary {
-        self.applied
-            .lock()
-            .unwrap()
-            .last()
-            .map(|a| a.1.clone())
-            .expect("an apply")
-    }
-
-    fn names(&self) -> Vec<String> {
-        self.applied
-            .lock()
-            .unwrap()
-            .last()
-            .map(|a| a.0.iter().map(|n| n.name.clone()).collect())
-            .unwrap_or_default()
-    }
-}
-
-impl NodeSink for Recorder {
-    fn apply(&self, nodes: Vec<NodeConfig>) -> ApplySummary {
-        let summary = match &self.manager {
-            Some(m) => m.apply(nodes.clone()),
-            None => ApplySummary::default(),
-        };
-        self.applied.lock().unwrap().push((nodes, summary.clone()));
-        summary
-    }
-}
-
-async fn wait_sync<T>(status: &SyncStatus, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        let changed = status.changed().notified();
-        tokio::pin!(changed);
-        changed.as_mut().enable();
-        if let Some(value) = check() {
-            return value;
-        }
-        if tokio::time::timeout_at(deadline, changed).await.is_err() {
-            panic!(
-                "timed out waiting for {what}; syncs {}, failures {}, last error {:?}",
-                status.syncs(),
-                status.failures(),
-                status.last_error()
-            );
-        }
-    }
-}
-
-async fn wait_ready(manager: &TunnelManager, node: &str) {
-    let tunnel = manager.tunnel(node).expect("tunnel exists");
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        let changed = tunnel.changed().notified();
-        tokio::pin!(changed);
-        changed.as_mut().enable();
-        let status = tunnel.status();
-        if status.state == TunnelState::Ready {
-            return;
-        }
-        if tokio::time::timeout_at(deadline, changed).await.is_err() {
-            panic!("node {node} never became Ready; last status {status:?}");
-        }
-    }
-}
-
-async fn echo_server() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        loop {
-            let Ok((socket, _)) = listener.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let (mut r, mut w) = socket.into_split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    port
-}
-
-async fn ping<S: AsyncReadExt + AsyncWriteExt + Unpin>(stream: &mut S, word: &[u8]) {
-    stream.write_all(word).await.expect("write through tunnel");
-    let mut buf = vec![0u8; word.len()];
-    tokio::time::timeout(DEADLINE, stream.read_exact(&mut buf))
-        .await
-        .expect("echo in time")
-        .expect("echo");
-    assert_eq!(buf, word);
-}
-
-fn failures_metric(metrics: &Metrics) -> u64 {
-    let text = metrics.encode();
-    text.lines()
-        .find_map(|l| l.strip_prefix("nodetunnel_inventory_sync_failures_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no failure counter in\n{text}"))
-}
-
-struct Running {
-    status: Arc<SyncStatus>,
-    metrics: Arc<Metrics>,
-    reload: Arc<Notify>,
-    shutdown: Shutdown,
-    task: tokio::task::JoinHandle<()>,
-}
-
-fn start(config: InventoryConfig, sink: Arc<Recorder>) -> Running {
-    let status = Arc::new(SyncStatus::default());
-    let metrics = Arc::new(Metrics::new());
-    let reload = Arc::new(Notify::new());
-    let shutdown = Shutdown::new();
-    let task = tokio::spawn(inventory::run(
-        config,
-        sink,
-        status.clone(),
-        metrics.clone(),
-        reload.clone(),
-        shutdown.clone(),
-    ));
-    Running {
-        status,
-        metrics,
-        reload,
-        shutdown,
-        task,
-    }
-}
-
-impl Running {
-    async fn stop(self) {
-        self.shutdown.trigger();
-        tokio::time::timeout(DEADLINE, self.task)
-            .await
-            .expect("the inventory task ends on shutdown")
-            .expect("the inventory task does not panic");
-    }
-}
-
-fn manager(dir: &Path, client: &[&SshNode]) -> Arc<TunnelManager> {
-    let lines: Vec<String> = client.iter().map(|n| n.known_hosts_line()).collect();
-    std::fs::write(dir.join("known_hosts"), lines.join("\n") + "\n").unwrap();
-    let text = "[ssh]\nuser = \"test\"\nidentity = \"id_ed25519\"\nknown_hosts = \"known_hosts\"\n\
-         connect_timeout = \"5s\"\nhandshake_timeout = \"5s\"\nauth_timeout = \"5s\"\n\
-         backoff_base = \"20ms\"\nbackoff_max = \"200ms\"\nkeepalive_interval = \"1s\"\n\
-         drain_timeout = \"1s\"\n\n[inventory]\nsource = \"kubernetes\"\nkubeconfig = \"kubeconfig\"\n\
+/// Write `known_hosts` for `nodes` and `nodetunnel.toml` (the kubernetes
+/// source, kubeconfig `kubeconfig`, selector `nodetunnel.dev/tunnel=true`)
+/// in `dir`; the tunnel manager.
+fn manager(dir: &Path, nodes: &[&SshNode]) -> Arc<TunnelManager> {
+    let lines: Vec<String> = nodes.iter().map(|n| n.known_hosts_line()).collect();
+    let inventory = "source = \"kubernetes\"\nkubeconfig = \"kubeconfig\"\n\
          label_selector = \"nodetunnel.dev/tunnel=true\"\n";
-    let path = dir.join("nodetunnel.toml");
-    std::fs::write(&path, text).unwrap();
-    let config = Config::load(&path).unwrap();
-    TunnelManager::new(&config, config.routing.clone(), Arc::new(Metrics::new())).unwrap()
-}
-
-fn client_key(dir: &Path) -> PublicKey {
-    let key = nodetunnel::keys::generate(dir, "id_ed25519", "test").unwrap();
-    nodetunnel::keys::load_identity(&key.private_path, None)
-        .unwrap()
-        .public_key()
-        .clone()
+    inventory_manager(dir, &lines, inventory).1
 }
 
 // ---------------------------------------------------------------------------
 
 #[tokio::test]
 async fn tunnels_follow_node_objects_through_watch_errors_and_relists() {
-    let dir = tempfile::tempdir().unwrap();
-    let client = client_key(dir.path());
+    let (dir, client) = key_dir();
     let n1 = SshNode::start(&client).await;
     let n2 = SshNode::start(&client).await;
     let n3 = SshNode::start(&client).await;
@@ -677,10 +507,7 @@ async fn tunnels_follow_node_objects_through_watch_errors_and_relists() {
         .inventory;
     assert_eq!(config.source, InventorySource::Kubernetes);
     assert_eq!(config.kubeconfig.as_deref(), Some(kubeconfig.as_path()));
-    let sink = Arc::new(Recorder {
-        manager: Some(manager.clone()),
-        applied: Mutex::new(Vec::new()),
-    });
+    let sink = Recorder::new(Some(manager.clone()));
     let inv = start(config, sink.clone());
     let status = inv.status.clone();
 
@@ -719,7 +546,7 @@ async fn tunnels_follow_node_objects_through_watch_errors_and_relists() {
             .filter(|t| t.node().ssh_port == Some(p3))
     })
     .await;
-    assert_eq!(sink.last().changed, ["node-b"]);
+    assert_eq!(sink.last().1.changed, ["node-b"]);
     wait_ready(&manager, "node-b").await;
     assert!(moved.status().ssh_endpoint.contains(&p3.to_string()));
 
@@ -731,7 +558,7 @@ async fn tunnels_follow_node_objects_through_watch_errors_and_relists() {
         c.apply(with_ready(kube_node("node-c", p1, true), "False", 0));
     });
     wait_sync(&status, "node-c added", || manager.tunnel("node-c")).await;
-    let summary = sink.last();
+    let summary = sink.last().1;
     assert_eq!(summary.added, ["node-c"]);
     assert!(summary.changed.is_empty(), "{summary:?}");
     assert_eq!(summary.unchanged, 2);
@@ -760,7 +587,7 @@ async fn tunnels_follow_node_objects_through_watch_errors_and_relists() {
         manager.tunnel("node-c").is_none().then_some(())
     })
     .await;
-    assert_eq!(sink.last().removed, ["node-c"]);
+    assert_eq!(sink.last().1.removed, ["node-c"]);
     assert_eq!(manager.tunnel("node-a").unwrap().node().ssh_port, Some(p1));
 
     // 410 Gone after compaction: node-d is deleted while the watch is down
@@ -783,7 +610,7 @@ async fn tunnels_follow_node_objects_through_watch_errors_and_relists() {
         api.with(|c| c.seen.iter().any(|s| s.expired)),
         "the re-watch was answered with 410"
     );
-    assert_eq!(sink.last().removed, ["node-d"]);
+    assert_eq!(sink.last().1.removed, ["node-d"]);
 
     // 410 as an HTTP status on the watch request: node-e vanished without
     // an event; only a re-list can tell.
@@ -880,10 +707,7 @@ async fn an_unreadable_kubeconfig_is_retried_until_it_works() {
         kubeconfig: Some(dir.path().join("kubeconfig")),
         ..Default::default()
     };
-    let sink = Arc::new(Recorder {
-        manager: None,
-        applied: Mutex::new(Vec::new()),
-    });
+    let sink = Recorder::new(None);
     let inv = start(config, sink.clone());
     let status = inv.status.clone();
     wait_sync(&status, "the missing kubeconfig is reported", || {

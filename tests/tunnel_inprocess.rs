@@ -3,6 +3,7 @@
 //! head-of-line isolation between streams of one session.
 
 mod ssh_node;
+mod support;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -15,6 +16,9 @@ use nodetunnel::tunnel::TunnelState;
 use russh::keys::PublicKey;
 use sha2::{Digest, Sha256};
 use ssh_node::SshNode;
+use support::inproc::{
+    echo_server, echo_server_at, key_dir, wait_state, write_known_hosts, SSH_TOML,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -25,17 +29,12 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> Fixture {
-        let dir = tempfile::tempdir().unwrap();
-        let key = nodetunnel::keys::generate(dir.path(), "id_ed25519", "test").unwrap();
-        let identity = nodetunnel::keys::load_identity(&key.private_path, None).unwrap();
-        Fixture {
-            client: identity.public_key().clone(),
-            dir,
-        }
+        let (dir, client) = key_dir();
+        Fixture { dir, client }
     }
 
     fn known_hosts(&self, lines: &[String]) {
-        std::fs::write(self.dir.path().join("known_hosts"), lines.join("\n") + "\n").unwrap();
+        write_known_hosts(self.dir.path(), lines);
     }
 
     /// A config with `nodes` as (name, port) on 127.0.0.1 and extra [ssh] lines.
@@ -45,11 +44,7 @@ impl Fixture {
 
     /// As [`config`], with extra tables appended (e.g. `[routing]`).
     fn config_with(&self, nodes: &[(&str, u16)], ssh_extra: &str, tables: &str) -> Config {
-        let mut text = format!(
-            "[ssh]\nuser = \"test\"\nidentity = \"id_ed25519\"\nknown_hosts = \"known_hosts\"\n\
-             connect_timeout = \"5s\"\nhandshake_timeout = \"5s\"\nauth_timeout = \"5s\"\n\
-             backoff_base = \"20ms\"\nbackoff_max = \"200ms\"\nkeepalive_interval = \"1s\"\n{ssh_extra}\n"
-        );
+        let mut text = format!("{SSH_TOML}{ssh_extra}\n");
         for (name, port) in nodes {
             text.push_str(&format!(
                 "[[nodes]]\nname = \"{name}\"\naddresses = [\"127.0.0.1\"]\nssh_port = {port}\n"
@@ -70,28 +65,6 @@ impl Fixture {
 
     fn path(&self) -> &Path {
         self.dir.path()
-    }
-}
-
-/// Wait (bounded) until `node` reaches `state`; returns its last status.
-async fn wait_state(
-    manager: &TunnelManager,
-    node: &str,
-    want: TunnelState,
-) -> nodetunnel::tunnel::TunnelStatus {
-    let tunnel = manager.tunnel(node).expect("tunnel exists");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let changed = tunnel.changed().notified();
-        tokio::pin!(changed);
-        changed.as_mut().enable();
-        let status = tunnel.status();
-        if status.state == want {
-            return status;
-        }
-        if tokio::time::timeout_at(deadline, changed).await.is_err() {
-            panic!("node {node} never reached {want:?}; last status {status:?}");
-        }
     }
 }
 
@@ -116,30 +89,6 @@ async fn source_server(len: usize) -> u16 {
                     left -= n;
                 }
                 let _ = socket.shutdown().await;
-            });
-        }
-    });
-    port
-}
-
-/// An echo server that echoes until EOF, then half-closes.
-async fn echo_server() -> u16 {
-    echo_server_at("127.0.0.1").await
-}
-
-/// [`echo_server`] on another loopback address.
-async fn echo_server_at(ip: &str) -> u16 {
-    let listener = TcpListener::bind((ip, 0)).await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        loop {
-            let Ok((socket, _)) = listener.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let (mut r, mut w) = socket.into_split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
             });
         }
     });

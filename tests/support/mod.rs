@@ -4,7 +4,9 @@
 //! loopback ([`sshd`]), a multi-node cluster in network namespaces
 //! ([`testbed`], driven by `tests/testbed/testbed.sh`), the real
 //! `nodetunnel serve` in that cluster ([`serve`]), test servers
-//! ([`servers`]) and small clients ([`clients`]).
+//! ([`servers`]), small clients ([`clients`]), and for the suites that
+//! run the tunnel manager in the test process against in-process SSH nodes
+//! ([`inproc`], [`inventory`]).
 //!
 //! Include it from an integration test with `mod support;`.
 //!
@@ -13,6 +15,8 @@
 //! is polled with bounded deadlines.
 
 pub mod clients;
+pub mod inproc;
+pub mod inventory;
 pub mod netns;
 pub mod procs;
 pub mod serve;
