@@ -18,6 +18,7 @@
 //! anything and no elapsed time is asserted.
 
 mod ssh_node;
+mod support;
 
 use std::future::Future;
 use std::io;
@@ -31,16 +32,18 @@ use nodetunnel::serve::Server;
 use nodetunnel::tunnel::TunnelState;
 use serde_json::Value;
 use ssh_node::SshNode;
+use support::inproc::{source_server, PATTERN_PERIOD};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UnixStream};
+use tokio::net::{TcpStream, UnixStream};
 
 /// Bound on every wait: a hang fails the test instead of blocking it.
 const DEADLINE: Duration = Duration::from_secs(30);
 /// Pause between two polls of observable state.
 const POLL: Duration = Duration::from_millis(20);
-/// The destination pattern repeats every 251 bytes (a prime, so that a
-/// lost or repeated chunk shows); byte `i` of a stream is `i % 251`.
-const PERIOD: usize = 251;
+/// The destination pattern ([`source_server`]) repeats every 251 bytes (a
+/// prime, so that a lost or repeated chunk shows); byte `i` of a stream is
+/// `i % 251`.
+const PERIOD: usize = PATTERN_PERIOD;
 /// What each client reads before the fault: well into the stream.
 const BEFORE_FAULT: usize = 256 * 1024;
 /// Length of a finite download: more than one SSH window (2 MiB).
@@ -51,38 +54,6 @@ async fn bounded<F: Future>(what: &str, future: F) -> F::Output {
         Ok(out) => out,
         Err(_) => panic!("timed out after {DEADLINE:?}: {what}"),
     }
-}
-
-// ---- Destinations ----
-
-/// One period-aligned chunk of the pattern.
-fn chunk() -> Vec<u8> {
-    (0..PERIOD * 256).map(|i| (i % PERIOD) as u8).collect()
-}
-
-/// A server that sends the pattern to every connection: `len` bytes then
-/// a close, or without end (`None`) until the connection breaks. It never
-/// reads.
-async fn source(len: Option<usize>) -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let port = listener.local_addr().expect("addr").port();
-    tokio::spawn(async move {
-        while let Ok((mut socket, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let chunk = chunk();
-                let mut left = len.unwrap_or(usize::MAX);
-                while left > 0 {
-                    let n = left.min(chunk.len());
-                    if socket.write_all(&chunk[..n]).await.is_err() {
-                        return;
-                    }
-                    left -= n;
-                }
-                let _ = socket.shutdown().await;
-            });
-        }
-    });
-    port
 }
 
 // ---- The log ----
@@ -358,7 +329,7 @@ fn abortive_closes(log: &Log, listener: &str) -> Vec<Value> {
 async fn a_lost_session_resets_tcp_and_socks5_clients_mid_stream() {
     let (log, _capture) = Log::capture();
     let mut sidecar = Sidecar::start().await;
-    let endless = source(None).await;
+    let endless = source_server(None).await;
     let mut c = sidecar.clients(endless).await;
     let mut downloads = [
         Download::new("HTTP CONNECT over TCP"),
@@ -417,7 +388,7 @@ async fn a_lost_session_resets_tcp_and_socks5_clients_mid_stream() {
 async fn streams_that_end_normally_close_with_a_clean_eof_byte_exact() {
     let (log, _capture) = Log::capture();
     let sidecar = Sidecar::start().await;
-    let finite = source(Some(FINITE)).await;
+    let finite = source_server(Some(FINITE)).await;
     // Two ways a client ends: half-close first, then read to EOF (as
     // curl does with a request body), or read to EOF and then close.
     for half_close_first in [true, false] {
@@ -462,7 +433,7 @@ async fn streams_that_end_normally_close_with_a_clean_eof_byte_exact() {
 async fn streams_still_open_at_the_drain_deadline_are_reset() {
     let (log, _capture) = Log::capture();
     let mut sidecar = Sidecar::start().await;
-    let endless = source(None).await;
+    let endless = source_server(None).await;
     let mut c = sidecar.clients(endless).await;
     let mut tcp = Download::new("HTTP CONNECT over TCP");
     let mut socks5 = Download::new("SOCKS5");

@@ -17,10 +17,10 @@ use russh::keys::PublicKey;
 use sha2::{Digest, Sha256};
 use ssh_node::SshNode;
 use support::inproc::{
-    echo_server, echo_server_at, key_dir, wait_state, write_known_hosts, SSH_TOML,
+    echo_server, echo_server_at, key_dir, pattern_chunk, source_server, wait_state,
+    write_known_hosts, SSH_TOML,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 
 struct Fixture {
     dir: tempfile::TempDir,
@@ -68,33 +68,6 @@ impl Fixture {
     }
 }
 
-/// A TCP server that writes `len` bytes of a deterministic pattern to each
-/// connection, then closes.
-async fn source_server(len: usize) -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut socket, _)) = listener.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let chunk = pattern(64 * 1024);
-                let mut left = len;
-                while left > 0 {
-                    let n = left.min(chunk.len());
-                    if socket.write_all(&chunk[..n]).await.is_err() {
-                        return;
-                    }
-                    left -= n;
-                }
-                let _ = socket.shutdown().await;
-            });
-        }
-    });
-    port
-}
-
 /// Read `stream` to EOF: (bytes, SHA-256).
 async fn read_to_end_digest(
     stream: &mut (impl tokio::io::AsyncRead + Unpin),
@@ -115,7 +88,7 @@ async fn read_to_end_digest(
 /// SHA-256 of what [`source_server`] sends for `len` bytes.
 fn pattern_digest(len: usize) -> sha2::digest::Output<Sha256> {
     let mut expected = Sha256::new();
-    let chunk = pattern(64 * 1024);
+    let chunk = pattern_chunk();
     let mut left = len;
     while left > 0 {
         let n = left.min(chunk.len());
@@ -123,10 +96,6 @@ fn pattern_digest(len: usize) -> sha2::digest::Output<Sha256> {
         left -= n;
     }
     expected.finalize()
-}
-
-fn pattern(len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i % 251) as u8).collect()
 }
 
 #[tokio::test]
@@ -355,13 +324,13 @@ async fn a_stalled_reader_neither_stalls_its_sibling_nor_loses_bytes() {
     wait_state(&manager, "node-a", TunnelState::Ready).await;
 
     // A: 64 MiB from the node that nobody reads for now.
-    let endless = source_server(A_BYTES).await;
+    let endless = source_server(Some(A_BYTES)).await;
     let mut stalled = manager
         .dial_node("node-a", "127.0.0.1", endless)
         .await
         .unwrap();
     // B: 50 MB, read to the end on the same session.
-    let source = source_server(B_BYTES).await;
+    let source = source_server(Some(B_BYTES)).await;
     let mut moving = manager
         .dial_node("node-a", "127.0.0.1", source)
         .await

@@ -89,6 +89,42 @@ pub async fn echo_server_at(ip: &str) -> u16 {
     port
 }
 
+/// The period of [`source_server`]'s pattern: byte `i` of every stream is
+/// `i % PATTERN_PERIOD` (a prime, so that a lost or repeated chunk shows).
+pub const PATTERN_PERIOD: usize = 251;
+
+/// One period-aligned chunk of the pattern.
+pub fn pattern_chunk() -> Vec<u8> {
+    (0..PATTERN_PERIOD * 256)
+        .map(|i| (i % PATTERN_PERIOD) as u8)
+        .collect()
+}
+
+/// A server on 127.0.0.1 that sends the pattern to every connection: `len`
+/// bytes then a close, or without end (`None`) until the connection
+/// breaks. It never reads. Its port.
+pub async fn source_server(len: Option<usize>) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let chunk = pattern_chunk();
+                let mut left = len.unwrap_or(usize::MAX);
+                while left > 0 {
+                    let n = left.min(chunk.len());
+                    if socket.write_all(&chunk[..n]).await.is_err() {
+                        return;
+                    }
+                    left -= n;
+                }
+                let _ = socket.shutdown().await;
+            });
+        }
+    });
+    port
+}
+
 /// Send `word` through `stream` (to an echo server) and expect it back.
 pub async fn ping<S: AsyncReadExt + AsyncWriteExt + Unpin>(stream: &mut S, word: &[u8]) {
     stream.write_all(word).await.expect("write through tunnel");
