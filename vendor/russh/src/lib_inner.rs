@@ -42,6 +42,8 @@ pub use sshbuffer::SshId;
 
 mod helpers;
 
+mod packet_pool;
+
 pub(crate) use helpers::map_err;
 
 macro_rules! push_packet {

@@ -13,7 +13,6 @@ use tokio::sync::mpsc::error::SendError;
 use tokio::sync::mpsc::{self, OwnedPermit};
 use tokio::sync::{Mutex, Notify, OwnedMutexGuard};
 
-use bytes::Bytes;
 
 use super::ChannelMsg;
 use crate::ChannelId;
@@ -115,7 +114,8 @@ where
         let writable = ready!(self.poll_writable(cx, buf.len()));
 
         #[allow(clippy::indexing_slicing)] // Clamped to maximum `buf.len()` with `.poll_writable`
-        let data = Bytes::copy_from_slice(&buf[..writable.into()]);
+        // (nodetunnel patch) A recycled buffer: see `packet_pool`.
+        let data = crate::packet_pool::copy(&buf[..writable.into()]);
 
         let msg = match self.ext {
             None => ChannelMsg::Data { data },
