@@ -1,10 +1,13 @@
 //! Liveness of a session: SSH keepalives on a fixed interval.
 //!
 //! A keepalive is sent every `interval` while none is outstanding. Each tick
-//! that finds the previous one still unanswered counts a miss; `max` misses
-//! in a row declare the session dead. A peer that goes silent is therefore
-//! detected within `interval x (max + 1)` of its last answer, the same
-//! budget as OpenSSH's `ServerAliveInterval`/`ServerAliveCountMax`.
+//! that finds the previous one still unanswered counts a miss, unless the
+//! peer sent something since the last tick (a node busy sending data is
+//! alive even when the answer waits behind megabytes queued on a slow link);
+//! `max` misses in a row declare the session dead. A peer that goes silent
+//! is therefore detected within `interval x (max + 1)` of the last thing it
+//! sent, the same budget as OpenSSH's `ServerAliveInterval`/
+//! `ServerAliveCountMax`, which also counts any packet as a sign of life.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -16,6 +19,11 @@ use tokio::time::Instant;
 pub trait Probe: Send + Sync {
     /// Send a keepalive; `Err` means the session is gone.
     fn probe(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'static>>;
+    /// A counter that moves whenever the peer sent something (packets
+    /// received); a probe that cannot tell returns a constant.
+    fn activity(&self) -> u64 {
+        0
+    }
 }
 
 /// Why [`run`] returned.
@@ -53,10 +61,19 @@ pub async fn run<P: Probe>(
     type Pending = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
     let mut pending: Option<(Instant, Pending)> = None;
     let mut misses = 0u32;
+    let mut seen = probe.activity();
     loop {
         tokio::select! {
             _ = ticker.tick() => {
+                let now = probe.activity();
+                let heard = now != seen;
+                seen = now;
                 if pending.is_some() {
+                    if heard {
+                        // Not silent: the answer is queued behind data.
+                        misses = 0;
+                        continue;
+                    }
                     misses += 1;
                     if misses >= max {
                         return Verdict::Silent { misses };
@@ -164,6 +181,40 @@ mod tests {
             outcome.is_err(),
             "one miss at a time must not kill the session"
         );
+    }
+
+    /// Never answers a keepalive, but sends (its activity counter moves)
+    /// for `busy_for` of the test clock, then goes silent.
+    struct BusyThenSilent {
+        start: Instant,
+        busy_for: Duration,
+    }
+    impl Probe for BusyThenSilent {
+        fn probe(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'static>> {
+            Box::pin(std::future::pending())
+        }
+        fn activity(&self) -> u64 {
+            // Moves with (virtual) time while busy, then freezes.
+            let busy = self.start.elapsed().min(self.busy_for);
+            busy.as_millis() as u64
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_keeps_sending_is_alive_until_it_goes_silent() {
+        let interval = Duration::from_secs(1);
+        let start = Instant::now();
+        let probe = BusyThenSilent {
+            start,
+            busy_for: Duration::from_secs(30),
+        };
+        let verdict = run(&probe, interval, 2, |_| {}).await;
+        assert_eq!(verdict, Verdict::Silent { misses: 2 });
+        let took = start.elapsed();
+        // Alive for all 30 s of sending (no answer ever came), then dead
+        // within interval x (max + 1) of the last thing it sent.
+        assert!(took >= Duration::from_secs(30) + interval * 2, "{took:?}");
+        assert!(took <= Duration::from_secs(30) + interval * 3, "{took:?}");
     }
 
     #[tokio::test(start_paused = true)]

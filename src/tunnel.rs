@@ -686,6 +686,10 @@ impl Tunnel {
 struct SessionProbe(Arc<LiveSession>);
 
 impl keepalive::Probe for SessionProbe {
+    fn activity(&self) -> u64 {
+        self.0.session.handle.received_packets()
+    }
+
     fn probe(
         &self,
     ) -> Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + 'static>> {

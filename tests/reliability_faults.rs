@@ -556,16 +556,13 @@ async fn delay_jitter_loss_and_duplication_slow_streams_but_lose_nothing() {
     delay_line_case("delay_line", &default_keepalive()).await;
 }
 
-/// Known gap 3 (docs/reliability.md): the same link with the suite's
-/// keepalive of 1 s x 2. The session must survive (the node keeps sending
-/// data). The vendored russh session loop now reads while its writes are
-/// blocked, but nodetunnel's keepalive still wants each probe answered
-/// within 2 s, and on this link the probe and its reply wait behind
-/// megabytes queued in the send buffers of both ends: the verdict still
-/// comes within seconds. Passes once the keepalive counts packets received
-/// (`Handle::received_packets`) as a sign of life.
+/// The same link with the suite's keepalive of 1 s x 2 (formerly known gap
+/// 3 of docs/reliability.md). The session must survive: the node keeps
+/// sending data, while each keepalive and its answer wait behind megabytes
+/// queued in the send buffers of both ends. Needs both fixes: the vendored
+/// russh session loop reads while its writes are blocked, and the keepalive
+/// counts packets received (`Handle::received_packets`) as a sign of life.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known gap 3 in docs/reliability.md: on a slow link under load, keepalive 1s x 2 declares a live node dead (the reply waits behind seconds of queued data; the keepalive does not count received packets yet); run with --ignored"]
 async fn latency_under_load_is_not_mistaken_for_a_dead_node_with_short_keepalives() {
     delay_line_case("short_keepalive", &ServeOptions::default()).await;
 }
