@@ -292,6 +292,13 @@ impl StreamInbound {
         }
     }
 
+    /// Nobody will read this stream (the opener gave up before the channel
+    /// was confirmed): whatever the node sends for it is dropped, not held
+    /// against the buffer budget.
+    pub fn abandon(&self) {
+        self.release();
+    }
+
     /// The consumer went away: drop what it will never read.
     fn release(&self) {
         if let Ok(mut inbound) = self.inbound.lock() {
@@ -667,6 +674,19 @@ mod tests {
         assert!(complete.inbound.lock().unwrap().reset.is_none());
         assert_eq!(counters.resets.load(Ordering::Acquire), 0);
         assert_eq!(read_all(&complete), b"all of it");
+    }
+
+    #[test]
+    fn an_abandoned_open_keeps_nothing_the_node_sends_late() {
+        let (s, limits, counters) = inbound(1 << 20);
+        s.abandon(); // the dial timed out before the confirmation
+        s.deliver(ChannelMsg::Data {
+            data: Bytes::from(vec![1u8; 40_000]),
+        });
+        s.detached();
+        assert_eq!(limits.in_use.load(Ordering::Acquire), 0);
+        assert_eq!(s.inbound.lock().unwrap().buffered, 0);
+        assert_eq!(counters.resets.load(Ordering::Acquire), 0);
     }
 
     #[test]

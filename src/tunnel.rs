@@ -445,7 +445,15 @@ impl Tunnel {
         metrics
             .stream_open_duration
             .observe(started.elapsed().as_secs_f64());
-        result.map(|channel| TunnelStream::new(channel, slot, inbound))
+        match result {
+            Ok(channel) => Ok(TunnelStream::new(channel, slot, inbound)),
+            Err(e) => {
+                // A confirmation may still come after a timeout: its data
+                // must not be kept for a reader that does not exist.
+                inbound.abandon();
+                Err(e)
+            }
+        }
     }
 
     fn least_loaded_session(&self) -> Option<Arc<LiveSession>> {
