@@ -441,10 +441,14 @@ impl<S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static> ChannelWriteHalf<
             Ok(()) | Err(TrySendError::Closed(_)) => {}
             Err(TrySendError::Full(msg)) => {
                 let sender = self.sender.clone();
+                // Outside a runtime (a drop during shutdown) the session is
+                // going away anyway: nothing to wait for.
                 #[cfg(not(target_arch = "wasm32"))]
-                tokio::spawn(async move {
-                    let _ = sender.send(msg).await;
-                });
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    runtime.spawn(async move {
+                        let _ = sender.send(msg).await;
+                    });
+                }
                 #[cfg(target_arch = "wasm32")]
                 drop((sender, msg));
             }
