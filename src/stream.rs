@@ -14,8 +14,8 @@
 //!   between (one wake-up per packet, not three).
 //! - The channel's receive window is re-opened only when our consumer has
 //!   read the bytes (the vendored russh's `adjust_window_on_consume`, see
-//!   `vendor/russh/PATCHES.md`), not on arrival, reported in batches of an
-//!   eighth of the window. So the node may have at most one window
+//!   `vendor/russh/PATCHES.md`), not on arrival, reported in batches of a
+//!   32nd of the window (64 KiB by default). So the node may have at most one window
 //!   (`ssh.window_size`) of unread data in flight per stream: a consumer
 //!   that reads slowly slows its own sender, exactly as with OpenSSH, and
 //!   loses nothing; a consumer that stops reading stops only its own stream.
@@ -391,8 +391,11 @@ pub struct TunnelStream {
     tx: Pin<Box<dyn AsyncWrite + Send + Sync>>,
     /// Bytes read since the last consumption report to the session.
     unreported: usize,
-    /// Report consumption once this many bytes were read (an eighth of the
-    /// window: the node always has most of its window to send into).
+    /// Report consumption once this many bytes were read: a 32nd of the
+    /// window (64 KiB of the default 2 MiB, about two packets; OpenSSH
+    /// re-opens after three). Rarer reports (an eighth) let the node's
+    /// window run low and cost single-stream downloads 15-20% of their
+    /// throughput (docs/benchmarks.md).
     report_every: usize,
     _guard: OpenGuard,
 }
@@ -419,7 +422,7 @@ impl TunnelStream {
         // The read half receives nothing once the sink is in place.
         let (_read, write) = channel.split();
         let tx = Box::pin(write.make_writer());
-        let report_every = (inbound.limits.window / 8).max(1);
+        let report_every = (inbound.limits.window / 32).max(1);
         TunnelStream {
             shared: inbound,
             write,

@@ -317,7 +317,7 @@ impl Encrypted {
     /// (nodetunnel patch) The local consumer took `amount` bytes of
     /// `channel`: give them back to the peer with CHANNEL_WINDOW_ADJUST,
     /// batched so that an adjust is sent when the peer's remaining window
-    /// fell below half of `target` or a quarter of `target` was consumed.
+    /// fell below half of `target` or a 32nd of `target` was consumed.
     pub fn grant_consumed(
         &mut self,
         channel: ChannelId,
@@ -331,7 +331,7 @@ impl Encrypted {
                 .saturating_sub(channel.consumed);
             channel.consumed = channel.consumed.saturating_add(amount.min(room));
             if channel.consumed > 0
-                && (channel.sender_window_size < target / 2 || channel.consumed >= target / 4)
+                && (channel.sender_window_size < target / 2 || channel.consumed >= target / 32)
             {
                 let grant = channel.consumed;
                 push_packet!(self.write, {
