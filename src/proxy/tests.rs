@@ -1143,6 +1143,21 @@ async fn http_tunnel<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, target: 
     assert!(head.starts_with("HTTP/1.1 200 "), "{target}: {head:?}");
 }
 
+/// One tunnel to the held destination through each listener: HTTP CONNECT
+/// over TCP, SOCKS5, HTTP CONNECT over the Unix socket.
+async fn held_tunnels(h: &Harness) -> (TcpStream, TcpStream, UnixStream) {
+    let mut tcp = TcpStream::connect(h.tcp.expect("tcp listener"))
+        .await
+        .expect("connect tcp");
+    http_tunnel(&mut tcp, "held.test:80").await;
+    let mut socks = h.socks().await;
+    let reply = socks_exchange(&mut socks, &socks_domain_request("held.test", 80)).await;
+    assert_eq!(reply[1], socks5::reply::SUCCEEDED);
+    let mut uds = h.uds().await;
+    http_tunnel(&mut uds, "held.test:80").await;
+    (tcp, socks, uds)
+}
+
 /// The far end's bytes that were sent before the cut arrive first.
 async fn read_held_prefix<S: AsyncRead + Unpin>(stream: &mut S) {
     let mut prefix = vec![0u8; HELD_PREFIX.len()];
@@ -1155,15 +1170,7 @@ async fn read_held_prefix<S: AsyncRead + Unpin>(stream: &mut S) {
 #[tokio::test]
 async fn a_cut_tunnel_resets_tcp_and_socks5_clients_and_a_unix_socket_client_reads_eof() {
     let h = start(|c| c.tcp = Some("127.0.0.1:0".parse().expect("addr"))).await;
-    let mut tcp = TcpStream::connect(h.tcp.expect("tcp listener"))
-        .await
-        .expect("connect tcp");
-    http_tunnel(&mut tcp, "held.test:80").await;
-    let mut socks = h.socks().await;
-    let reply = socks_exchange(&mut socks, &socks_domain_request("held.test", 80)).await;
-    assert_eq!(reply[1], socks5::reply::SUCCEEDED);
-    let mut uds = h.uds().await;
-    http_tunnel(&mut uds, "held.test:80").await;
+    let (mut tcp, mut socks, mut uds) = held_tunnels(&h).await;
     read_held_prefix(&mut tcp).await;
     read_held_prefix(&mut socks).await;
     read_held_prefix(&mut uds).await;
@@ -1237,15 +1244,7 @@ async fn a_unix_socket_client_whose_bytes_were_left_unread_gets_econnreset_at_th
 #[tokio::test]
 async fn tunnels_aborted_at_the_drain_deadline_reset_tcp_and_socks5_clients() {
     let h = start(|c| c.tcp = Some("127.0.0.1:0".parse().expect("addr"))).await;
-    let mut tcp = TcpStream::connect(h.tcp.expect("tcp listener"))
-        .await
-        .expect("connect tcp");
-    http_tunnel(&mut tcp, "held.test:80").await;
-    let mut socks = h.socks().await;
-    let reply = socks_exchange(&mut socks, &socks_domain_request("held.test", 80)).await;
-    assert_eq!(reply[1], socks5::reply::SUCCEEDED);
-    let mut uds = h.uds().await;
-    http_tunnel(&mut uds, "held.test:80").await;
+    let (mut tcp, mut socks, mut uds) = held_tunnels(&h).await;
     for stream in [&mut tcp, &mut socks] {
         read_held_prefix(stream).await;
     }
