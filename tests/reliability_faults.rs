@@ -526,6 +526,11 @@ fn netem_like_spec() -> delayline::DelaySpec {
 
 /// The delay line on node 2's link with the netem case's spec.
 async fn delay_line_case(tag: &'static str, opts: &ServeOptions) {
+    // One delay line at a time: each is a Python process relaying every
+    // frame of node 2's link, and two of them next to two testbeds' worth
+    // of traffic on 2 cores starve each other.
+    static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _turn = ONE_AT_A_TIME.lock().await;
     if let Err(e) = delayline::python3() {
         panic!("{e:#}");
     }
