@@ -66,7 +66,11 @@ if [ $QUICK = 1 ]; then
 else
     SIZES=()
 fi
+# The command as run, with the knobs that change what is measured.
 COMMAND="bash bench/run.sh $*"
+for v in BENCH_REPS BENCH_SESSIONS BENCH_SCALE BENCH_SCALE_SSH_MAX BENCH_ONLY NODETUNNEL_WORKER_THREADS; do
+    [ -z "${!v:-}" ] || COMMAND="$v=${!v} $COMMAND"
+done
 
 note() { echo "[run.sh] $*" >&2; }
 die() {
