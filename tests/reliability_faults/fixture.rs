@@ -31,8 +31,8 @@ pub const SOURCE_LEN: u64 = 6 * 1024 * 1024;
 pub const START_TIMEOUT: Duration = Duration::from_secs(40);
 /// Bound on any state the sidecar must reach (a log line, an admin state).
 pub const STATE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Bound on the answer to a CONNECT. dial_timeout is 3 s and the front door
-/// adds 1 s: anything slower than this is a hang.
+/// Bound on the answer to a CONNECT. dial_timeout is 3 s (12 s on the
+/// delay line) and the front door adds 1 s: anything slower is a hang.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// Bound on the exit after SIGTERM (drain_timeout is at most 15 s here).
 pub const EXIT_TIMEOUT: Duration = Duration::from_secs(40);
@@ -78,6 +78,9 @@ pub struct ServeOptions {
     /// `ssh.keepalive_interval` and `ssh.keepalive_max`: the suite's short
     /// `1s` x 2 unless a test needs nodetunnel's defaults.
     pub keepalive: (&'static str, u32),
+    /// `proxy.dial_timeout`: the suite's `3s` unless a test's link is so
+    /// slow that a channel open waits seconds behind queued data.
+    pub dial_timeout: &'static str,
     /// `[[nodes]]` entries: (node index, extra pod CIDRs).
     pub nodes: Vec<(usize, Vec<String>)>,
 }
@@ -89,6 +92,7 @@ impl Default for ServeOptions {
             known_hosts: None,
             drain_timeout: "5s",
             keepalive: ("1s", 2),
+            dial_timeout: "3s",
             nodes: vec![(1, vec![]), (2, vec![]), (3, vec![])],
         }
     }
@@ -165,7 +169,7 @@ drain_timeout = "{drain}"
 
 [proxy]
 uds = {proxy:?}
-dial_timeout = "3s"
+dial_timeout = "{dial_timeout}"
 
 [admin]
 listen = ""
@@ -175,6 +179,7 @@ uds = {admin:?}
             identity = self.key.private_path,
             policy = opts.host_key_policy,
             drain = opts.drain_timeout,
+            dial_timeout = opts.dial_timeout,
             keepalive_interval = opts.keepalive.0,
             keepalive_max = opts.keepalive.1,
             proxy = self.path(&format!("{tag}.sock")),
