@@ -292,15 +292,11 @@ impl StreamInbound {
         }
     }
 
-    /// Nobody will read this stream (the opener gave up before the channel
-    /// was confirmed): whatever the node sends for it is dropped, not held
+    /// Nobody will read this stream any more (its consumer was dropped, or
+    /// the opener gave up before the channel was confirmed): what is queued
+    /// and whatever the node still sends for it is dropped, not held
     /// against the buffer budget.
     pub fn abandon(&self) {
-        self.release();
-    }
-
-    /// The consumer went away: drop what it will never read.
-    fn release(&self) {
         if let Ok(mut inbound) = self.inbound.lock() {
             inbound.consumer_gone = true;
             let held = inbound.clear();
@@ -558,7 +554,7 @@ impl AsyncWrite for TunnelStream {
 
 impl Drop for TunnelStream {
     fn drop(&mut self) {
-        self.shared.release();
+        self.shared.abandon();
         // Closing a channel the node already closed is answered by russh
         // as a no-op; one the node still has open is closed.
         self.write.close_now();
@@ -698,7 +694,7 @@ mod tests {
         s.deliver(ChannelMsg::Data {
             data: Bytes::from(vec![1u8; 5000]),
         });
-        s.release();
+        s.abandon();
         s.deliver(ChannelMsg::Data {
             data: Bytes::from(vec![1u8; 5000]),
         });

@@ -236,24 +236,18 @@ async fn json(addr: SocketAddr, path: &str) -> Value {
 }
 
 /// Poll `probe` until it returns `Some`, within [`DEADLINE`].
-async fn until<T, F, Fut>(what: &str, sidecar: &Sidecar, mut probe: F) -> T
+async fn until<T, F, Fut>(what: &str, sidecar: &Sidecar, probe: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        if let Some(v) = probe().await {
-            return v;
-        }
-        if Instant::now() >= deadline {
-            panic!(
-                "{what}: not within {DEADLINE:?}; serve log:\n{}",
-                sidecar.log()
-            );
-        }
-        tokio::time::sleep(POLL).await;
-    }
+    support::poll::until(
+        what,
+        DEADLINE,
+        || format!("serve log:\n{}", sidecar.log()),
+        probe,
+    )
+    .await
 }
 
 async fn readyz(addr: SocketAddr) -> Option<(u16, String)> {

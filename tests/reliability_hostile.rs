@@ -36,6 +36,8 @@ mod clients;
 mod fixture;
 #[path = "reliability_hostile/node.rs"]
 mod node;
+#[path = "support/poll.rs"]
+mod poll;
 mod ssh_node;
 
 use std::future::Future;

@@ -36,8 +36,6 @@ pub const STATE_TIMEOUT: Duration = Duration::from_secs(30);
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// Bound on the exit after SIGTERM (drain_timeout is at most 15 s here).
 pub const EXIT_TIMEOUT: Duration = Duration::from_secs(40);
-/// Pause between two polls of the admin API.
-pub const POLL: Duration = Duration::from_millis(50);
 
 /// What kube-apiserver requires after its CONNECT, with nothing after it.
 pub const CONNECT_OK: &[u8] = b"HTTP/1.1 200 Connection Established\r\n\r\n";
@@ -371,25 +369,13 @@ impl NodeTunnel {
 
     /// Poll `probe` until it returns `Some`, within `timeout`; panics with
     /// `what` and the log.
-    pub async fn until<T, F, Fut>(&self, what: &str, timeout: Duration, mut probe: F) -> T
+    pub async fn until<T, F, Fut>(&self, what: &str, timeout: Duration, probe: F) -> T
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Option<T>>,
     {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(v) = probe().await {
-                return v;
-            }
-            if Instant::now() >= deadline {
-                panic!(
-                    "nodetunnel {}: {what}: not within {timeout:?}; its log:\n{}",
-                    self.name,
-                    self.log.dump()
-                );
-            }
-            tokio::time::sleep(POLL).await;
-        }
+        let context = || format!("nodetunnel {}: its log:\n{}", self.name, self.log.dump());
+        crate::support::poll::until(what, timeout, context, probe).await
     }
 
     /// Wait until `node`'s tunnel document satisfies `pred`; returns it.

@@ -324,23 +324,13 @@ ssh_port = {port}
 
     /// Poll `probe` until it returns `Some`, within [`DEADLINE`]; panics
     /// with the sidecar's log otherwise.
-    pub async fn until<T, F, Fut>(&self, what: &str, mut probe: F) -> T
+    pub async fn until<T, F, Fut>(&self, what: &str, probe: F) -> T
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Option<T>>,
     {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            if let Some(v) = probe().await {
-                return v;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{what}: not within {DEADLINE:?}; serve log:\n{}",
-                self.tail()
-            );
-            tokio::time::sleep(POLL).await;
-        }
+        let context = || format!("serve log:\n{}", self.tail());
+        crate::poll::until(what, DEADLINE, context, probe).await
     }
 
     /// Wait until no client connection and no stream is open.

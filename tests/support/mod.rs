@@ -18,6 +18,7 @@ pub mod clients;
 pub mod inproc;
 pub mod inventory;
 pub mod netns;
+pub mod poll;
 pub mod procs;
 pub mod serve;
 pub mod servers;
