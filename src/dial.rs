@@ -6,10 +6,14 @@
 //! against in-memory dialers and run in production against the
 //! [`TunnelManager`](crate::manager::TunnelManager).
 
+use std::collections::VecDeque;
 use std::future::Future;
+use std::io;
 use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 /// A destination as a client asked for it: a host name or IP literal (IPv6
@@ -136,6 +140,27 @@ pub trait TunnelIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// stream that ends only by EOF or I/O error.
     fn cut(&self) -> Pin<Box<dyn Future<Output = String> + Send + 'static>> {
         Box::pin(std::future::pending())
+    }
+
+    /// Move up to `max` bytes the stream has received onto `out`, as
+    /// chunks; `Ready(Ok(0))` is the end of the stream. The splice writes
+    /// these chunks to the client with vectored writes, so a stream that
+    /// already holds its data as [`Bytes`] (a
+    /// [`TunnelStream`](crate::stream::TunnelStream) holds the decrypted
+    /// packets) hands them over without a copy. The default reads into a
+    /// fresh buffer of at most `max` bytes.
+    fn poll_read_chunks(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut VecDeque<Bytes>,
+        max: usize,
+    ) -> Poll<io::Result<usize>> {
+        let mut buf = BytesMut::with_capacity(max);
+        let n = std::task::ready!(tokio_util::io::poll_read_buf(Pin::new(self), cx, &mut buf))?;
+        if n > 0 {
+            out.push_back(buf.freeze());
+        }
+        Poll::Ready(Ok(n))
     }
 }
 

@@ -162,6 +162,34 @@ impl Inbound {
         taken
     }
 
+    /// Move up to `max` bytes out as chunks, without copying; returns how
+    /// many.
+    fn take_chunks(&mut self, out: &mut VecDeque<Bytes>, max: usize) -> usize {
+        let mut taken = 0;
+        while taken < max {
+            let Some(front) = self.queue.front_mut() else {
+                break;
+            };
+            let room = max - taken;
+            if front.len() <= room {
+                taken += front.len();
+                if let Some(chunk) = self.queue.pop_front() {
+                    out.push_back(chunk);
+                }
+            } else {
+                out.push_back(front.split_to(room));
+                taken += room;
+            }
+        }
+        if self.queue.is_empty() && taken < max && !self.tail.is_empty() {
+            let n = self.tail.len().min(max - taken);
+            out.push_back(self.tail.split_to(n).freeze());
+            taken += n;
+        }
+        self.buffered -= taken;
+        taken
+    }
+
     /// Forget every queued byte; returns how many there were.
     fn clear(&mut self) -> usize {
         let held = self.buffered;
@@ -460,41 +488,55 @@ impl crate::dial::TunnelIo for TunnelStream {
             }
         })
     }
+
+    fn poll_read_chunks(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut VecDeque<Bytes>,
+        max: usize,
+    ) -> Poll<io::Result<usize>> {
+        if max == 0 {
+            return Poll::Ready(Ok(0));
+        }
+        self.poll_take(cx, |inbound| inbound.take_chunks(out, max))
+    }
 }
 
-impl AsyncRead for TunnelStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
+impl TunnelStream {
+    /// Take what the node sent with `take` (which returns the bytes it
+    /// took), account for it, and give the window back in batches;
+    /// `Ready(Ok(0))` at the end of the stream.
+    fn poll_take(
+        &mut self,
         cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let Ok(mut inbound) = this.shared.inbound.lock() else {
+        take: impl FnOnce(&mut Inbound) -> usize,
+    ) -> Poll<io::Result<usize>> {
+        let Ok(mut inbound) = self.shared.inbound.lock() else {
             return Poll::Ready(Err(io::Error::other("stream state poisoned")));
         };
-        let taken = inbound.take_into(buf);
+        let taken = take(&mut inbound);
         if taken > 0 {
             drop(inbound);
-            this.shared.limits.in_use.fetch_sub(taken, Ordering::AcqRel);
+            self.shared.limits.in_use.fetch_sub(taken, Ordering::AcqRel);
             // Give the window back in batches: the node may send as much again.
-            this.unreported += taken;
-            if this.unreported >= this.report_every {
-                let amount = u32::try_from(this.unreported).unwrap_or(u32::MAX);
-                this.unreported = 0;
-                this.write.consumed_now(amount);
+            self.unreported += taken;
+            if self.unreported >= self.report_every {
+                let amount = u32::try_from(self.unreported).unwrap_or(u32::MAX);
+                self.unreported = 0;
+                self.write.consumed_now(amount);
             }
-            this._guard
+            self._guard
                 .node_counters
                 .bytes_from_node
                 .fetch_add(taken as u64, Ordering::Relaxed);
-            this._guard
+            self._guard
                 .metrics
                 .bytes
                 .get_or_create(&crate::metrics::DirectionLabel {
                     direction: "from_node".into(),
                 })
                 .inc_by(taken as u64);
-            return Poll::Ready(Ok(()));
+            return Poll::Ready(Ok(taken));
         }
         if let Some((reason, message)) = &inbound.reset {
             let kind = match reason {
@@ -504,10 +546,25 @@ impl AsyncRead for TunnelStream {
             return Poll::Ready(Err(io::Error::new(kind, message.clone())));
         }
         if inbound.eof {
-            return Poll::Ready(Ok(()));
+            return Poll::Ready(Ok(0));
         }
         inbound.waker = Some(cx.waker().clone());
         Poll::Pending
+    }
+}
+
+impl AsyncRead for TunnelStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        self.get_mut()
+            .poll_take(cx, |inbound| inbound.take_into(buf))
+            .map_ok(|_| ())
     }
 }
 
@@ -611,6 +668,36 @@ mod tests {
         assert_eq!(limits.in_use.load(Ordering::Acquire), sent.len());
         assert_eq!(read_all(&s), sent);
         assert_eq!(s.inbound.lock().unwrap().buffered, 0);
+    }
+
+    #[test]
+    fn chunks_are_handed_out_in_order_and_never_more_than_asked() {
+        let (s, limits, _) = inbound(1 << 20);
+        let mut sent = Vec::new();
+        for (i, len) in [40_000usize, 3, 2047, 70_000, 9, 32_768]
+            .into_iter()
+            .enumerate()
+        {
+            let data: Vec<u8> = (0..len).map(|j| (i * 17 + j) as u8).collect();
+            sent.extend_from_slice(&data);
+            s.deliver(ChannelMsg::Data { data: data.into() });
+        }
+        let mut got = Vec::new();
+        loop {
+            let mut out = VecDeque::new();
+            let n = s.inbound.lock().unwrap().take_chunks(&mut out, 25_000);
+            if n == 0 {
+                break;
+            }
+            assert!(n <= 25_000, "took {n}");
+            assert_eq!(out.iter().map(Bytes::len).sum::<usize>(), n);
+            assert!(out.iter().all(|c| !c.is_empty()));
+            out.iter().for_each(|c| got.extend_from_slice(c));
+        }
+        assert_eq!(got, sent);
+        assert_eq!(s.inbound.lock().unwrap().buffered, 0);
+        // The stream's reader accounts for what it takes, not the buffer.
+        assert_eq!(limits.in_use.load(Ordering::Acquire), sent.len());
     }
 
     #[test]

@@ -244,6 +244,22 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TunnelSide<T> {
     }
 }
 
+impl<T: TunnelIo> TunnelIo for TunnelSide<T> {
+    fn cut(&self) -> Pin<Box<dyn std::future::Future<Output = String> + Send + 'static>> {
+        self.inner.cut()
+    }
+
+    fn poll_read_chunks(
+        &mut self,
+        cx: &mut TaskContext<'_>,
+        out: &mut std::collections::VecDeque<bytes::Bytes>,
+        max: usize,
+    ) -> Poll<io::Result<usize>> {
+        let poll = self.inner.poll_read_chunks(cx, out, max);
+        self.note(poll)
+    }
+}
+
 /// The log fields of one tunnel.
 #[derive(Clone, Copy)]
 pub(crate) struct TunnelLog<'a> {
