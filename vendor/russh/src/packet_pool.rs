@@ -21,7 +21,7 @@ use bytes::Bytes;
 /// headers) fits.
 pub(crate) const CAPACITY: usize = 36 * 1024;
 /// Below this a plain allocation is as cheap (small-size bins are reused).
-const MIN_POOLED: usize = 4 * 1024;
+pub(crate) const MIN_POOLED: usize = 4 * 1024;
 /// Free buffers kept at most.
 pub(crate) const MAX_FREE: usize = 64;
 
@@ -54,13 +54,18 @@ pub(crate) fn vec_copy(data: &[u8]) -> Vec<u8> {
     if data.len() < MIN_POOLED || data.len() > CAPACITY {
         return data.to_vec();
     }
-    let mut buf = FREE
-        .lock()
-        .ok()
-        .and_then(|mut free| free.pop())
-        .unwrap_or_else(|| Vec::with_capacity(CAPACITY));
+    let mut buf = take();
     buf.extend_from_slice(data);
     buf
+}
+
+/// An empty buffer of [`CAPACITY`], a recycled one if the pool has one (it
+/// goes back to the pool only through [`into_bytes`]).
+pub(crate) fn take() -> Vec<u8> {
+    FREE.lock()
+        .ok()
+        .and_then(|mut free| free.pop())
+        .unwrap_or_else(|| Vec::with_capacity(CAPACITY))
 }
 
 /// `buf` as a `Bytes` that gives it back to the pool when the last clone is

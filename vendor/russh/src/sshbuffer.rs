@@ -385,9 +385,12 @@ impl PacketBytesWriter {
 
 /// Incoming SSH packet after decryption and optional decompression.
 /// Uses Vec<u8> (not CryptoVec/mlocked) because incoming network data is not secret.
+///
+/// (nodetunnel patch) A `Bytes`, so that the client can hand the read buffer
+/// itself over as the packet (see `client::Session::maybe_decompress`).
 #[derive(Debug)]
 pub(crate) struct IncomingSshPacket {
-    pub buffer: Vec<u8>,
+    pub buffer: bytes::Bytes,
     pub seqn: Wrapping<u32>,
 }
 

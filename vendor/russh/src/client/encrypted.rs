@@ -80,7 +80,7 @@ impl Session {
                 Some(EncryptedState::Authenticated)
             )
         {
-            let packet = crate::packet_pool::into_bytes(std::mem::take(&mut pkt.buffer));
+            let packet = std::mem::take(&mut pkt.buffer);
             let (channel_num, len) = match packet.get(1..9) {
                 Some(head) => (
                     ChannelId(u32::from_be_bytes([head[0], head[1], head[2], head[3]])),

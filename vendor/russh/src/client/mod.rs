@@ -1367,13 +1367,26 @@ async fn start_reading<R: AsyncRead + Unpin>(
 }
 
 impl Session {
-    fn maybe_decompress(&mut self, buffer: &SSHBuffer) -> Result<IncomingSshPacket, Error> {
+    fn maybe_decompress(&mut self, buffer: &mut SSHBuffer) -> Result<IncomingSshPacket, Error> {
         if let Some(ref mut enc) = self.common.encrypted {
+            // (nodetunnel patch) Without compression, a packet-sized payload
+            // is not copied out of the read buffer: the read buffer becomes
+            // the packet, and the next packet is read into a recycled one
+            // (see `packet_pool`).
+            if matches!(enc.decompress, crate::compression::Decompress::None)
+                && buffer.buffer.len() >= 5 + crate::packet_pool::MIN_POOLED
+            {
+                let packet = std::mem::replace(&mut buffer.buffer, crate::packet_pool::take());
+                return Ok(IncomingSshPacket {
+                    buffer: crate::packet_pool::into_bytes(packet).slice(5..),
+                    seqn: buffer.seqn,
+                });
+            }
             let mut decomp = Vec::new();
             Ok(IncomingSshPacket {
                 #[allow(clippy::indexing_slicing)] // length checked
                 // (nodetunnel patch) A recycled buffer: see `packet_pool`.
-                buffer: crate::packet_pool::vec_copy(enc.decompress.decompress(
+                buffer: crate::packet_pool::copy(enc.decompress.decompress(
                     &buffer.buffer[5..],
                     &mut decomp,
                 )?),
@@ -1382,7 +1395,7 @@ impl Session {
         } else {
             Ok(IncomingSshPacket {
                 #[allow(clippy::indexing_slicing)] // length checked
-                buffer: buffer.buffer[5..].into(),
+                buffer: bytes::Bytes::copy_from_slice(&buffer.buffer[5..]),
                 seqn: buffer.seqn,
             })
         }
@@ -1553,7 +1566,7 @@ impl Session {
                         received.load(std::sync::atomic::Ordering::Relaxed).wrapping_add(1),
                         std::sync::atomic::Ordering::Relaxed,
                     );
-                    let mut pkt = self.maybe_decompress(&buffer)?;
+                    let mut pkt = self.maybe_decompress(&mut buffer)?;
                     if !pkt.buffer.is_empty() {
                         #[allow(clippy::indexing_slicing)] // length checked
                         if pkt.buffer[0] == crate::msg::DISCONNECT {
