@@ -111,7 +111,22 @@ pub struct SshConfig {
     /// shuts down.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// Bytes sent, or received, on one session before nodetunnel renegotiates
+    /// its keys (OpenSSH's `RekeyLimit`); 64 KiB to 1 GiB. Cost: one key
+    /// exchange (about a millisecond of CPU) and one round trip during which
+    /// the session's streams send nothing.
+    pub rekey_limit: u64,
+    /// Time after which a session's keys are renegotiated whatever it moved.
+    #[serde(with = "humantime_serde")]
+    pub rekey_interval: Duration,
 }
+
+/// Smallest `ssh.rekey_limit`: below it sessions would spend their time in
+/// key exchanges.
+const MIN_REKEY_LIMIT: u64 = 64 * 1024;
+/// Largest (and default) `ssh.rekey_limit`: russh refuses more between key
+/// exchanges.
+const MAX_REKEY_LIMIT: u64 = 1024 * 1024 * 1024;
 
 impl Default for SshConfig {
     fn default() -> Self {
@@ -137,6 +152,8 @@ impl Default for SshConfig {
             window_size: 2 * 1024 * 1024,
             max_buffered_bytes: 1024 * 1024 * 1024,
             drain_timeout: Duration::from_secs(30),
+            rekey_limit: MAX_REKEY_LIMIT,
+            rekey_interval: Duration::from_secs(3600),
         }
     }
 }
@@ -343,6 +360,7 @@ impl Config {
             ("ssh.keepalive_interval", ssh.keepalive_interval),
             ("ssh.backoff_base", ssh.backoff_base),
             ("ssh.backoff_max", ssh.backoff_max),
+            ("ssh.rekey_interval", ssh.rekey_interval),
         ] {
             if value.is_zero() {
                 return err(key, "must be greater than zero");
@@ -375,6 +393,12 @@ impl Config {
         }
         if ssh.window_size > 64 * 1024 * 1024 {
             return err("ssh.window_size", "must be at most 67108864 bytes (64 MiB)");
+        }
+        if !(MIN_REKEY_LIMIT..=MAX_REKEY_LIMIT).contains(&ssh.rekey_limit) {
+            return err(
+                "ssh.rekey_limit",
+                "must be between 65536 bytes (64 KiB) and 1073741824 bytes (1 GiB, the most russh allows between key exchanges)",
+            );
         }
         if let Some(proxy) = &self.proxy {
             proxy
@@ -551,6 +575,24 @@ pod_cidrs = ["10.244.1.0/24"]
             let e = error(&format!("[ssh]\n{line}\n"));
             assert!(e.contains(&format!(": {key}: ")), "{key}: {e}");
         }
+    }
+
+    #[test]
+    fn rekey_limits_out_of_range_are_refused_with_the_range() {
+        for line in [
+            "rekey_limit = 65535",
+            "rekey_limit = 1073741825",
+            "rekey_interval = \"0s\"",
+        ] {
+            let e = error(&format!("[ssh]\n{line}\n"));
+            let key = line.split(' ').next().unwrap_or_default();
+            assert!(e.contains(&format!(": ssh.{key}: ")), "{line}: {e}");
+        }
+        let e = error("[ssh]\nrekey_limit = 1024\n");
+        assert!(
+            e.contains("between 65536 bytes (64 KiB) and 1073741824"),
+            "{e}"
+        );
     }
 
     #[test]

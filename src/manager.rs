@@ -82,7 +82,7 @@ impl TunnelManager {
         }
         let settings = Arc::new(SessionSettings {
             russh: Arc::new(session::russh_config(
-                ssh.window_size,
+                ssh,
                 known_hosts.has_cert_authorities(),
             )),
             identity: RwLock::new(identity),

@@ -383,8 +383,9 @@ impl client::Handler for ClientHandler {
 }
 
 /// The russh client configuration nodetunnel uses: TCP_NODELAY, our own
-/// keepalives (russh's are off), AES-256-GCM first where the CPU has AES-NI.
-pub fn russh_config(window_size: u32, host_key_certificates: bool) -> client::Config {
+/// keepalives (russh's are off), AES-256-GCM first where the CPU has AES-NI,
+/// the window and rekey limits of `ssh`.
+pub fn russh_config(ssh: &crate::config::SshConfig, host_key_certificates: bool) -> client::Config {
     let aes_first = cpu_has_aes();
     let cipher: &'static [russh::cipher::Name] = if aes_first {
         &[
@@ -408,8 +409,13 @@ pub fn russh_config(window_size: u32, host_key_certificates: bool) -> client::Co
     if host_key_certificates {
         preferred.host_key_certificates = preferred.key.clone();
     }
+    // Validated to at most 1 GiB (config.rs), which russh requires.
+    let rekey_limit = usize::try_from(ssh.rekey_limit)
+        .unwrap_or(1 << 30)
+        .min(1 << 30);
     client::Config {
-        window_size,
+        window_size: ssh.window_size,
+        limits: russh::Limits::new(rekey_limit, rekey_limit, ssh.rekey_interval),
         maximum_packet_size: 32768,
         nodelay: true,
         // Per-channel flow control (vendored russh patch): a stream's window
@@ -575,11 +581,18 @@ pub fn config_for_host(
             order.push(algorithm.clone());
         }
     }
-    let mut config = russh_config(
-        base.window_size,
-        !base.preferred.host_key_certificates.is_empty(),
-    );
-    config.adjust_window_on_consume = base.adjust_window_on_consume;
+    // russh's Config is not Clone: copy every field `russh_config` sets.
+    let mut config = client::Config {
+        window_size: base.window_size,
+        limits: base.limits.clone(),
+        maximum_packet_size: base.maximum_packet_size,
+        nodelay: base.nodelay,
+        adjust_window_on_consume: base.adjust_window_on_consume,
+        keepalive_interval: base.keepalive_interval,
+        inactivity_timeout: base.inactivity_timeout,
+        preferred: base.preferred.clone(),
+        ..client::Config::default()
+    };
     config.preferred.key = Cow::Owned(order);
     Some(config)
 }

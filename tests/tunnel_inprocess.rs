@@ -511,3 +511,151 @@ async fn a_service_destination_retries_once_on_another_node_when_the_first_refus
         .contains("nodetunnel_policy_denials_total{reason=\"link_local\"} 1"));
     manager.shutdown(Duration::from_secs(1)).await;
 }
+
+/// A TCP link to a node whose node-to-client direction can be held: while
+/// held, what the node sends is kept (and counted) instead of forwarded; on
+/// release it is forwarded at once, then everything after it.
+struct HoldableLink {
+    port: u16,
+    held: tokio::sync::watch::Sender<bool>,
+    kept: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl HoldableLink {
+    async fn to(node: std::net::SocketAddr) -> HoldableLink {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (held, gate) = tokio::sync::watch::channel(false);
+        let kept = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = kept.clone();
+        tokio::spawn(async move {
+            let Ok((client, _)) = listener.accept().await else {
+                return;
+            };
+            let node = tokio::net::TcpStream::connect(node).await.unwrap();
+            let (mut client_rd, mut client_wr) = client.into_split();
+            let (mut node_rd, mut node_wr) = node.into_split();
+            tokio::spawn(async move { tokio::io::copy(&mut client_rd, &mut node_wr).await });
+            let mut gate = gate;
+            let mut queue = Vec::new();
+            let mut buf = vec![0u8; 256 * 1024];
+            loop {
+                tokio::select! {
+                    read = node_rd.read(&mut buf) => match read {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => queue.extend_from_slice(&buf[..n]),
+                    },
+                    changed = gate.changed() => if changed.is_err() { return },
+                }
+                if *gate.borrow() {
+                    counter.store(queue.len(), std::sync::atomic::Ordering::Release);
+                } else if !queue.is_empty() {
+                    if client_wr.write_all(&queue).await.is_err() {
+                        return;
+                    }
+                    queue.clear();
+                }
+            }
+        });
+        HoldableLink { port, held, kept }
+    }
+
+    fn hold(&self, hold: bool) {
+        self.held.send_replace(hold);
+    }
+
+    fn kept(&self) -> usize {
+        self.kept.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+/// A server on 127.0.0.1 that waits for one byte on each connection, then
+/// sends `len` bytes of the pattern and closes. Its port.
+async fn source_on_request(len: usize) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut request = [0u8; 1];
+                if socket.read_exact(&mut request).await.is_err() {
+                    return;
+                }
+                let chunk = pattern_chunk();
+                let mut left = len;
+                while left > 0 {
+                    let n = left.min(chunk.len());
+                    if socket.write_all(&chunk[..n]).await.is_err() {
+                        return;
+                    }
+                    left -= n;
+                }
+                let _ = socket.shutdown().await;
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn a_rekey_while_many_streams_have_their_windows_in_flight_keeps_the_session() {
+    // Eight streams, each sent a whole 2 MiB window by the node while the
+    // link holds it back: 16 MiB in flight. On release nodetunnel reads
+    // 1 MiB, reaches its rekey limit and sends KEXINIT; the node's KEXINIT
+    // comes only after the other 15 MiB, all of it legal (within each
+    // stream's window). The session must take it and stay up.
+    const STREAMS: usize = 8;
+    const WINDOW: usize = 2 * 1024 * 1024;
+    let fx = Fixture::new();
+    let node = SshNode::start(&fx.client).await;
+    let link = HoldableLink::to(node.addr()).await;
+    fx.known_hosts(&[format!(
+        "[127.0.0.1]:{} {}",
+        link.port,
+        node.host_public_key().to_openssh().unwrap()
+    )]);
+    let config = fx.config(
+        &[("node-a", link.port)],
+        &format!("window_size = {WINDOW}\nrekey_limit = 1048576\n"),
+    );
+    let manager = fx.manager(&config);
+    wait_state(&manager, "node-a", TunnelState::Ready).await;
+    let source = source_on_request(WINDOW).await;
+    let mut streams = Vec::new();
+    for _ in 0..STREAMS {
+        streams.push(
+            manager
+                .dial_node("node-a", "127.0.0.1", source)
+                .await
+                .unwrap(),
+        );
+    }
+
+    link.hold(true);
+    for stream in &mut streams {
+        stream.write_all(b"?").await.unwrap();
+    }
+    // Every window is on its way: the node has sent it all into the link.
+    support::poll::until(
+        "the node to send every stream's window",
+        support::inproc::DEADLINE,
+        || format!("{} bytes held", link.kept()),
+        || std::future::ready((link.kept() >= STREAMS * WINDOW).then_some(())),
+    )
+    .await;
+    link.hold(false);
+
+    for (i, stream) in streams.iter_mut().enumerate() {
+        let (total, digest) = read_to_end_digest(stream).await;
+        assert_eq!(total, WINDOW, "stream {i}");
+        assert_eq!(digest, pattern_digest(WINDOW), "stream {i} byte-exact");
+    }
+    let status = manager.tunnel("node-a").unwrap().status();
+    assert_eq!(status.stream_resets, 0, "{status:?}");
+    assert_eq!(
+        status.handshakes, 1,
+        "the session was never lost: {status:?}"
+    );
+    assert_eq!(status.last_error, None, "{status:?}");
+    manager.shutdown(Duration::from_secs(1)).await;
+}

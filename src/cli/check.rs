@@ -390,10 +390,8 @@ impl Checker {
                 w.reason
             );
         }
-        let mut russh = crate::session::russh_config(
-            config.ssh.window_size,
-            known_hosts.has_cert_authorities(),
-        );
+        let mut russh =
+            crate::session::russh_config(&config.ssh, known_hosts.has_cert_authorities());
         // The check reads its one channel directly, not through the
         // stream layer that reports consumption.
         russh.adjust_window_on_consume = false;

@@ -2188,8 +2188,14 @@ async fn reply<H: Handler>(
                     return Err(crate::Error::Inconsistent.into());
                 }
                 session.pending_len = session.pending_len.saturating_add(pkt.buffer.len() as u32);
-                if u64::from(session.pending_len) > 2 * u64::from(session.common.config.window_size)
-                {
+                // (nodetunnel patch) What the peer may legitimately have in
+                // flight is up to one receive window per open channel, not
+                // two windows per session: with 64 busy channels, a rekey we
+                // started killed a healthy session ("Pending buffer limit
+                // reached"). Two windows of slack stay for everything else.
+                let in_flight_bound = u64::from(session.common.config.window_size)
+                    .saturating_mul(session.channels.len() as u64 + 2);
+                if u64::from(session.pending_len) > in_flight_bound {
                     return Err(crate::Error::Pending.into());
                 }
             }
