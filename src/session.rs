@@ -444,6 +444,15 @@ fn cpu_has_aes() -> bool {
     }
 }
 
+/// Unsent bytes the kernel holds for a session's socket at most
+/// (`TCP_NOTSENT_LOWAT`); what the streams send beyond that waits in the
+/// session (at most 256 KiB, see vendor/russh/PATCHES.md) and in their own
+/// queues. A channel open skips those queues but not the kernel's, so this
+/// bounds how long an open waits behind bulk uploads on a slow link:
+/// without it the kernel took up to its whole send buffer (megabytes).
+/// Throughput is not limited by it: bytes in flight are not counted.
+const UNSENT_LOWAT: u32 = 128 * 1024;
+
 /// Connect, verify and authenticate one session to `target`.
 pub async fn connect(
     settings: Arc<SessionSettings>,
@@ -464,6 +473,11 @@ pub async fn connect(
         reason: e.to_string(),
     })?;
     let _ = tcp.set_nodelay(true);
+    // Best effort: without it a new stream's open may queue behind
+    // megabytes of other streams' data in the kernel (see UNSENT_LOWAT).
+    if let Err(error) = socket2::SockRef::from(&tcp).set_tcp_notsent_lowat(UNSENT_LOWAT) {
+        tracing::debug!(node = %target.node, %error, "cannot set TCP_NOTSENT_LOWAT");
+    }
     let (stream, cut) = Severable::new(crate::read_buffer::ElasticReader::new(tcp));
     let result = establish(settings, target, stream, cut.clone()).await;
     if result.is_err() {

@@ -659,3 +659,176 @@ async fn a_rekey_while_many_streams_have_their_windows_in_flight_keeps_the_sessi
     assert_eq!(status.last_error, None, "{status:?}");
     manager.shutdown(Duration::from_secs(1)).await;
 }
+
+/// A TCP link to a node that carries the client-to-node direction at `rate`
+/// bytes per second through a small receive buffer (a slow network path
+/// without bufferbloat); the node-to-client direction is not limited.
+struct SlowLink {
+    port: u16,
+    /// Bytes forwarded to the node so far.
+    forwarded: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl SlowLink {
+    async fn to(node: std::net::SocketAddr, rate: u64) -> SlowLink {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(64 * 1024).unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(16).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let forwarded = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = forwarded.clone();
+        tokio::spawn(async move {
+            let Ok((client, _)) = listener.accept().await else {
+                return;
+            };
+            let node = tokio::net::TcpStream::connect(node).await.unwrap();
+            let (mut client_rd, mut client_wr) = client.into_split();
+            let (mut node_rd, mut node_wr) = node.into_split();
+            tokio::spawn(async move { tokio::io::copy(&mut node_rd, &mut client_wr).await });
+            let mut buf = vec![0u8; 8 * 1024];
+            let start = tokio::time::Instant::now();
+            let mut sent = 0u64;
+            loop {
+                let n = match client_rd.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                if node_wr.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+                sent += n as u64;
+                counter.store(sent, std::sync::atomic::Ordering::Release);
+                // Pace: the next byte may leave once `sent` bytes took their time.
+                tokio::time::sleep_until(
+                    start + Duration::from_secs_f64(sent as f64 / rate as f64),
+                )
+                .await;
+            }
+        });
+        SlowLink { port, forwarded }
+    }
+
+    fn forwarded(&self) -> u64 {
+        self.forwarded.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+/// A server on 127.0.0.1 that reads and discards everything. Its port.
+async fn sink_server() -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n) = socket.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn a_channel_open_overtakes_the_bulk_data_queued_for_a_slow_link() {
+    // Four uploads fill every queue on the way to a node behind a 4 MB/s
+    // link: the streams' queue into the session, the session's output
+    // backlog (256 KiB at most) and the kernel's send buffer. A new
+    // stream's CHANNEL_OPEN skips the first (vendored russh: the session's
+    // priority queue) and the kernel holds at most 128 KiB unsent
+    // (TCP_NOTSENT_LOWAT), so at most backlog + unsent + what the link
+    // holds (its 64 KiB receive buffer, doubled by the kernel) + slack
+    // crosses the link before the open does: 768 KiB. Without either fix
+    // it was 0.9 MB (priority only) to 4.3 MB (neither). Measured in bytes
+    // that had crossed the link when the node connected to the open's
+    // destination, not in time.
+    const AHEAD_AT_MOST: u64 = 768 * 1024;
+    const RATE: u64 = 1_000_000;
+    const BULK: usize = 4;
+    let fx = Fixture::new();
+    let node = SshNode::start(&fx.client).await;
+    let link = SlowLink::to(node.addr(), RATE).await;
+    fx.known_hosts(&[format!(
+        "[127.0.0.1]:{} {}",
+        link.port,
+        node.host_public_key().to_openssh().unwrap()
+    )]);
+    let config = fx.config(&[("node-a", link.port)], "keepalive_max = 10\n");
+    let manager = fx.manager(&config);
+    wait_state(&manager, "node-a", TunnelState::Ready).await;
+    let sink = sink_server().await;
+    // The open's destination: notes how much had crossed the link when the
+    // node connected to it, then echoes.
+    let crossed_at_open = Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
+    let echo = {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (forwarded, noted) = (link.forwarded.clone(), crossed_at_open.clone());
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            noted.store(
+                forwarded.load(std::sync::atomic::Ordering::Acquire),
+                std::sync::atomic::Ordering::Release,
+            );
+            let (mut rd, mut wr) = socket.split();
+            let _ = tokio::io::copy(&mut rd, &mut wr).await;
+        });
+        port
+    };
+
+    let written = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut uploads = Vec::new();
+    for _ in 0..BULK {
+        let mut stream = manager
+            .dial_node("node-a", "127.0.0.1", sink)
+            .await
+            .unwrap();
+        let written = written.clone();
+        uploads.push(tokio::spawn(async move {
+            let chunk = vec![0x5au8; 64 * 1024];
+            while stream.write_all(&chunk).await.is_ok() {
+                written.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::AcqRel);
+            }
+        }));
+    }
+    let queued = || {
+        written
+            .load(std::sync::atomic::Ordering::Acquire)
+            .saturating_sub(link.forwarded())
+    };
+    // Wait for the queues to fill: megabytes accepted and not yet across.
+    support::poll::until(
+        "the uploads to queue 400 kB",
+        support::inproc::DEADLINE,
+        || format!("{} bytes queued", queued()),
+        || std::future::ready((queued() >= 400_000).then_some(())),
+    )
+    .await;
+
+    let queued_before = queued();
+    let crossed_before = link.forwarded();
+    let started = std::time::Instant::now();
+    let mut stream = manager
+        .dial_node("node-a", "127.0.0.1", echo)
+        .await
+        .unwrap();
+    let open_took = started.elapsed();
+    let crossed_first = crossed_at_open.load(std::sync::atomic::Ordering::Acquire) - crossed_before;
+    support::inproc::ping(&mut stream, b"under load").await;
+    eprintln!(
+        "open behind bulk uploads on a {RATE} B/s link: {queued_before} bytes queued, \
+         {crossed_first} crossed before the open, confirmed after {open_took:?}"
+    );
+    assert!(
+        crossed_first <= AHEAD_AT_MOST,
+        "the open waited for {crossed_first} bytes to cross the link ({queued_before} were queued)"
+    );
+    for upload in uploads {
+        upload.abort();
+    }
+    manager.shutdown(Duration::ZERO).await;
+}

@@ -328,6 +328,9 @@ pub struct Handle<H: Handler> {
     agent_session_binding: Option<crate::keys::agent::AgentSessionBinding>,
     /// (nodetunnel patch) See [`Handle::received_packets`].
     received_packets: Arc<std::sync::atomic::AtomicU64>,
+    /// (nodetunnel patch) The session's priority queue: channel opens go
+    /// there, ahead of channel data queued by the handles.
+    priority: UnboundedSender<Msg>,
 }
 
 impl<H: Handler> Handle<H> {
@@ -951,7 +954,12 @@ impl<H: Handler> Handle<H> {
         let channel_ref = ChannelRef::with_sink(sender, sink);
         let window_size_ref = channel_ref.window_size().clone();
 
-        self.sender
+        // (nodetunnel patch) Through the priority queue: the session takes
+        // it even while it takes no channel data from the handles (its
+        // output backlog is full), so an open does not wait behind the bulk
+        // data other channels queued. No channel data can precede it: the
+        // channel has none until it is confirmed.
+        self.priority
             .send(Msg::ChannelOpenDirectTcpIp {
                 host_to_connect: host_to_connect.into(),
                 port_to_connect,
@@ -959,7 +967,6 @@ impl<H: Handler> Handle<H> {
                 originator_port,
                 channel_ref,
             })
-            .await
             .map_err(|_| crate::Error::SendError)?;
         self.wait_channel_confirmation(receiver, window_size_ref)
             .await
@@ -1314,6 +1321,7 @@ where
     );
     session.begin_rekey()?;
     let received_packets = session.received_packets.clone();
+    let priority = session.priority_sender.clone();
     let (kex_done_signal, kex_done_signal_rx) = oneshot::channel();
     // (nodetunnel patch) Boxed: `spawn` wraps the future in an async block,
     // which holds it twice over (before and while awaiting it); the session
@@ -1342,6 +1350,7 @@ where
         channel_buffer_size,
         agent_session_binding,
         received_packets,
+        priority,
     })
 }
 
