@@ -148,7 +148,8 @@ pub trait TunnelIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// already holds its data as [`Bytes`] (a
     /// [`TunnelStream`](crate::stream::TunnelStream) holds the decrypted
     /// packets) hands them over without a copy. The default reads into a
-    /// fresh buffer of at most `max` bytes.
+    /// fresh buffer of at most `max` bytes (allocated on every call: for
+    /// streams off the hot path). `max` is greater than zero.
     fn poll_read_chunks(
         &mut self,
         cx: &mut Context<'_>,

@@ -451,6 +451,8 @@ fn cpu_has_aes() -> bool {
 /// bounds how long an open waits behind bulk uploads on a slow link:
 /// without it the kernel took up to its whole send buffer (megabytes).
 /// Throughput is not limited by it: bytes in flight are not counted.
+/// Linux only (elsewhere the kernel's queue is not bounded).
+#[cfg(any(target_os = "linux", target_os = "android"))]
 const UNSENT_LOWAT: u32 = 128 * 1024;
 
 /// Connect, verify and authenticate one session to `target`.
@@ -475,6 +477,7 @@ pub async fn connect(
     let _ = tcp.set_nodelay(true);
     // Best effort: without it a new stream's open may queue behind
     // megabytes of other streams' data in the kernel (see UNSENT_LOWAT).
+    #[cfg(any(target_os = "linux", target_os = "android"))]
     if let Err(error) = socket2::SockRef::from(&tcp).set_tcp_notsent_lowat(UNSENT_LOWAT) {
         tracing::debug!(node = %target.node, %error, "cannot set TCP_NOTSENT_LOWAT");
     }

@@ -169,6 +169,11 @@ impl Upstream {
                 self.need_flush = true;
             }
             if self.read_done {
+                // As tokio's copy: flush, then half-close.
+                if self.need_flush {
+                    ready!(Pin::new(&mut *writer).poll_flush(cx))?;
+                    self.need_flush = false;
+                }
                 ready!(Pin::new(&mut *writer).poll_shutdown(cx))?;
                 self.done = true;
                 return Poll::Ready(Ok(()));
@@ -219,11 +224,11 @@ impl Downstream {
             while !self.pending.is_empty() {
                 let n = {
                     let mut slices = [IoSlice::new(&[]); MAX_SLICES];
-                    let mut used = 0;
-                    for (slot, chunk) in slices.iter_mut().zip(&self.pending) {
-                        *slot = IoSlice::new(chunk);
-                        used += 1;
-                    }
+                    let used = slices
+                        .iter_mut()
+                        .zip(&self.pending)
+                        .map(|(slot, chunk)| *slot = IoSlice::new(chunk))
+                        .count();
                     ready!(Pin::new(&mut *writer).poll_write_vectored(cx, &slices[..used]))?
                 };
                 if n == 0 {
@@ -233,6 +238,11 @@ impl Downstream {
                 self.need_flush = true;
             }
             if self.read_done {
+                // As tokio's copy: flush, then half-close.
+                if self.need_flush {
+                    ready!(Pin::new(&mut *writer).poll_flush(cx))?;
+                    self.need_flush = false;
+                }
                 ready!(Pin::new(&mut *writer).poll_shutdown(cx))?;
                 self.done = true;
                 return Poll::Ready(Ok(()));
@@ -315,6 +325,147 @@ mod tests {
         let moved = task.await.unwrap().unwrap();
         assert_eq!(moved.tunnel_to_client, payload.len() as u64);
         drop(writer.await.unwrap());
+    }
+
+    /// A tunnel that hands out its data in chunks of the given sizes, and
+    /// takes nothing.
+    struct Chunked {
+        chunks: VecDeque<Bytes>,
+    }
+
+    impl AsyncRead for Chunked {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            unreachable!("the splice reads chunks")
+        }
+    }
+
+    impl AsyncWrite for Chunked {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            b: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Ok(b.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl TunnelIo for Chunked {
+        fn poll_read_chunks(
+            &mut self,
+            _: &mut Context<'_>,
+            out: &mut VecDeque<Bytes>,
+            max: usize,
+        ) -> Poll<io::Result<usize>> {
+            let mut taken = 0;
+            while let Some(chunk) = self.chunks.pop_front() {
+                if taken + chunk.len() > max {
+                    self.chunks.push_front(chunk);
+                    break;
+                }
+                taken += chunk.len();
+                out.push_back(chunk);
+            }
+            Poll::Ready(Ok(taken))
+        }
+    }
+
+    /// A client that takes at most `per_write` bytes per write, from
+    /// however many slices, and records what it got.
+    struct Trickle {
+        got: Vec<u8>,
+        per_write: usize,
+        vectored_writes: usize,
+    }
+
+    impl AsyncRead for Trickle {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(())) // EOF at once: nothing goes up
+        }
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let this = self.get_mut();
+            let n = buf.len().min(this.per_write);
+            this.got.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+        fn poll_write_vectored(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let this = self.get_mut();
+            this.vectored_writes += 1;
+            let mut left = this.per_write;
+            for buf in bufs {
+                let n = buf.len().min(left);
+                this.got.extend_from_slice(&buf[..n]);
+                left -= n;
+                if left == 0 {
+                    break;
+                }
+            }
+            Poll::Ready(Ok(this.per_write - left))
+        }
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn chunks_written_partially_across_slices_arrive_whole_and_in_order() {
+        // Chunks of odd sizes (some empty), a client that takes 1,000
+        // bytes per write: writes end inside chunks and span several.
+        let mut sent = Vec::new();
+        let mut chunks = VecDeque::new();
+        for (i, len) in [1usize, 0, 4096, 33, 32_768, 7, 0, 65_536, 999, 20_000]
+            .into_iter()
+            .enumerate()
+        {
+            let data: Vec<u8> = (0..len).map(|j| (i * 41 + j) as u8).collect();
+            sent.extend_from_slice(&data);
+            chunks.push_back(Bytes::from(data));
+        }
+        let mut tunnel = Chunked { chunks };
+        let mut client = Trickle {
+            got: Vec::new(),
+            per_write: 1000,
+            vectored_writes: 0,
+        };
+        let moved = splice(&mut client, &mut tunnel).await.unwrap();
+        assert!(
+            client.got == sent,
+            "{} of {} bytes",
+            client.got.len(),
+            sent.len()
+        );
+        assert_eq!(moved.tunnel_to_client, sent.len() as u64);
+        assert!(client.vectored_writes >= sent.len() / 1000);
     }
 
     #[tokio::test]

@@ -597,6 +597,42 @@ async fn source_on_request(len: usize) -> u16 {
     port
 }
 
+/// Counts the rekeys russh clients in this process start because they read
+/// their `rekey_limit` (russh's debug line `rekey read limit reached`; only
+/// the rekey test reads that much).
+struct ReadLimitRekeys;
+
+static READ_LIMIT_REKEYS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+impl log::Log for ReadLimitRekeys {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.target().starts_with("russh") && metadata.level() <= log::Level::Debug
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if self.enabled(record.metadata())
+            && record
+                .args()
+                .to_string()
+                .starts_with("rekey read limit reached")
+        {
+            READ_LIMIT_REKEYS.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+fn read_limit_rekeys() -> usize {
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        if log::set_logger(&ReadLimitRekeys).is_ok() {
+            log::set_max_level(log::LevelFilter::Debug);
+        }
+    });
+    READ_LIMIT_REKEYS.load(std::sync::atomic::Ordering::Acquire)
+}
+
 #[tokio::test]
 async fn a_rekey_while_many_streams_have_their_windows_in_flight_keeps_the_session() {
     // Eight streams, each sent a whole 2 MiB window by the node while the
@@ -606,6 +642,7 @@ async fn a_rekey_while_many_streams_have_their_windows_in_flight_keeps_the_sessi
     // stream's window). The session must take it and stay up.
     const STREAMS: usize = 8;
     const WINDOW: usize = 2 * 1024 * 1024;
+    let rekeys_before = read_limit_rekeys();
     let fx = Fixture::new();
     let node = SshNode::start(&fx.client).await;
     let link = HoldableLink::to(node.addr()).await;
@@ -616,7 +653,8 @@ async fn a_rekey_while_many_streams_have_their_windows_in_flight_keeps_the_sessi
     )]);
     let config = fx.config(
         &[("node-a", link.port)],
-        &format!("window_size = {WINDOW}\nrekey_limit = 1048576\n"),
+        // The held link holds the node's keepalive replies too.
+        &format!("window_size = {WINDOW}\nrekey_limit = 1048576\nkeepalive_max = 10\n"),
     );
     let manager = fx.manager(&config);
     wait_state(&manager, "node-a", TunnelState::Ready).await;
@@ -657,6 +695,10 @@ async fn a_rekey_while_many_streams_have_their_windows_in_flight_keeps_the_sessi
         "the session was never lost: {status:?}"
     );
     assert_eq!(status.last_error, None, "{status:?}");
+    assert!(
+        read_limit_rekeys() > rekeys_before,
+        "no rekey happened: the test proves nothing"
+    );
     manager.shutdown(Duration::from_secs(1)).await;
 }
 
@@ -735,7 +777,7 @@ async fn sink_server() -> u16 {
 
 #[tokio::test]
 async fn a_channel_open_overtakes_the_bulk_data_queued_for_a_slow_link() {
-    // Four uploads fill every queue on the way to a node behind a 4 MB/s
+    // Four uploads fill every queue on the way to a node behind a 1 MB/s
     // link: the streams' queue into the session, the session's output
     // backlog (256 KiB at most) and the kernel's send buffer. A new
     // stream's CHANNEL_OPEN skips the first (vendored russh: the session's
@@ -817,8 +859,9 @@ async fn a_channel_open_overtakes_the_bulk_data_queued_for_a_slow_link() {
         .await
         .unwrap();
     let open_took = started.elapsed();
-    let crossed_first = crossed_at_open.load(std::sync::atomic::Ordering::Acquire) - crossed_before;
+    // The echo noted its count before it echoed anything.
     support::inproc::ping(&mut stream, b"under load").await;
+    let crossed_first = crossed_at_open.load(std::sync::atomic::Ordering::Acquire) - crossed_before;
     eprintln!(
         "open behind bulk uploads on a {RATE} B/s link: {queued_before} bytes queued, \
          {crossed_first} crossed before the open, confirmed after {open_took:?}"

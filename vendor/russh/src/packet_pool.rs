@@ -1,14 +1,20 @@
 //! (nodetunnel patch) Recycled buffers for packet-sized payloads.
 //!
-//! Every decrypted packet is copied out of the session's reused read buffer
-//! (`client::Session::maybe_decompress`), and every chunk an application
-//! writes to a channel is copied into a `Bytes` (`ChannelTx`). Both are
-//! about 32 KiB and live only until consumed, so with the system allocator
-//! each one came from freshly faulted pages: a `perf record -e page-faults`
-//! of a 1 GiB download found all of the process's page faults (about 2.5 per
-//! packet) in that copy. Buffers of that size are taken from and given back
-//! to a small shared free list instead; the `Bytes` handed out returns its
-//! buffer when its last clone is dropped.
+//! Each decrypted packet of at least half a buffer becomes its own `Bytes`:
+//! the client's read buffer itself (`client::Session::maybe_decompress`,
+//! which reads the next packet into a buffer from here), or a copy (the
+//! server side, and every chunk an application writes to a channel through
+//! `ChannelTx`). Both are about 32 KiB and live only until consumed, so
+//! with the system allocator each one came from freshly faulted pages: a
+//! `perf record -e page-faults` of a 1 GiB download found all of the
+//! process's page faults (about 2.5 per packet) in that copy. Buffers of
+//! that size are taken from and given back to a small shared free list
+//! instead; the `Bytes` handed out returns its buffer when its last clone
+//! is dropped.
+//!
+//! Smaller payloads get a buffer of their own size: a 36 KiB buffer held
+//! for a 5 KiB packet would multiply the memory a stalled stream holds
+//! (up to one receive window of packets) by seven.
 //!
 //! Memory: at most [`MAX_FREE`] x [`CAPACITY`] bytes (2.3 MiB) are kept free
 //! after a burst; buffers beyond that are released to the allocator.
@@ -20,8 +26,9 @@ use bytes::Bytes;
 /// Capacity of a pooled buffer: a maximum-size packet (32 KiB of data plus
 /// headers) fits.
 pub(crate) const CAPACITY: usize = 36 * 1024;
-/// Below this a plain allocation is as cheap (small-size bins are reused).
-pub(crate) const MIN_POOLED: usize = 4 * 1024;
+/// Below this a payload gets a buffer of its own size (see the module
+/// docs): half a pooled buffer.
+pub(crate) const MIN_POOLED: usize = CAPACITY / 2;
 /// Free buffers kept at most.
 pub(crate) const MAX_FREE: usize = 64;
 

@@ -94,7 +94,11 @@ pub struct Session {
     channels: HashMap<ChannelId, ChannelRef>,
     target_window_size: u32,
     pending_reads: Vec<Vec<u8>>,
-    pending_len: u32,
+    /// (nodetunnel patch) u64: the bound below can exceed 4 GiB.
+    pending_len: u64,
+    /// (nodetunnel patch) Bound on `pending_len` for the current rekey: one
+    /// receive window per channel open when it began, plus two.
+    pending_bound: u64,
     priority_sender: UnboundedSender<Msg>,
     priority_receiver: UnboundedReceiver<Msg>,
     inbound_channel_sender: Sender<Msg>,
@@ -1431,6 +1435,7 @@ impl Session {
             channels: HashMap::new(),
             pending_reads: Vec::new(),
             pending_len: 0,
+            pending_bound: 0,
             open_global_requests: VecDeque::new(),
             server_sig_algs: None,
             ext_info_count: 0,
@@ -2068,6 +2073,11 @@ impl Session {
     fn begin_rekey(&mut self) -> Result<(), crate::Error> {
         debug!("beginning re-key");
         self.pending_len = 0;
+        // (nodetunnel patch) Fixed when the rekey begins: a channel that
+        // closes during it keeps its data counted, so the bound must not
+        // shrink with it.
+        self.pending_bound = u64::from(self.common.config.window_size)
+            .saturating_mul(self.channels.len() as u64 + 2);
         let mut kex = ClientKex::new(
             self.common.config.clone(),
             &self.common.config.client_id,
@@ -2196,15 +2206,14 @@ async fn reply<H: Handler>(
                 if kex.peer_kexinit_received() {
                     return Err(crate::Error::Inconsistent.into());
                 }
-                session.pending_len = session.pending_len.saturating_add(pkt.buffer.len() as u32);
+                session.pending_len = session.pending_len.saturating_add(pkt.buffer.len() as u64);
                 // (nodetunnel patch) What the peer may legitimately have in
                 // flight is up to one receive window per open channel, not
                 // two windows per session: with 64 busy channels, a rekey we
                 // started killed a healthy session ("Pending buffer limit
-                // reached"). Two windows of slack stay for everything else.
-                let in_flight_bound = u64::from(session.common.config.window_size)
-                    .saturating_mul(session.channels.len() as u64 + 2);
-                if u64::from(session.pending_len) > in_flight_bound {
+                // reached"). Two windows of slack stay for everything else;
+                // the bound is set when the rekey begins (`begin_rekey`).
+                if session.pending_len > session.pending_bound {
                     return Err(crate::Error::Pending.into());
                 }
             }
