@@ -581,8 +581,11 @@ fn host_config(settings: &SessionSettings, target: &Target) -> Arc<client::Confi
     }
 }
 
-/// `base` with the host key algorithms that `known_hosts` lists for
-/// `host:port` moved to the front; `None` when it lists none (use `base`).
+/// `base` adjusted to what `known_hosts` says now about `host:port`: the
+/// host key algorithms it lists for the host moved to the front (as
+/// OpenSSH orders HostKeyAlgorithms), and host certificates asked for
+/// exactly when it has an `@cert-authority` line (a line added by a reload
+/// counts from the next connection). `None` when `base` is right as it is.
 pub fn config_for_host(
     base: &client::Config,
     known_hosts: &KnownHosts,
@@ -590,7 +593,9 @@ pub fn config_for_host(
     port: u16,
 ) -> Option<client::Config> {
     let mut order = known_hosts.key_algorithms_for(host, port);
-    if order.is_empty() {
+    let certificates = known_hosts.has_cert_authorities();
+    let base_asks_certificates = !base.preferred.host_key_certificates.is_empty();
+    if order.is_empty() && certificates == base_asks_certificates {
         return None;
     }
     for algorithm in base.preferred.key.iter() {
@@ -611,6 +616,11 @@ pub fn config_for_host(
         ..client::Config::default()
     };
     config.preferred.key = Cow::Owned(order);
+    config.preferred.host_key_certificates = if certificates {
+        base.preferred.key.clone()
+    } else {
+        Cow::Borrowed(&[])
+    };
     Some(config)
 }
 
@@ -719,5 +729,61 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Severable<S> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use russh::keys::key::safe_rng;
+    use russh::keys::{Algorithm, PrivateKey};
+
+    fn key_line(prefix: &str) -> String {
+        key_line_of(prefix, Algorithm::Ed25519)
+    }
+
+    fn key_line_of(prefix: &str, algorithm: Algorithm) -> String {
+        let key = PrivateKey::random(&mut safe_rng(), algorithm).expect("generate key");
+        format!(
+            "{prefix} {}\n",
+            key.public_key().to_openssh().expect("encode key")
+        )
+    }
+
+    #[test]
+    fn a_cert_authority_added_after_start_asks_for_host_certificates() {
+        // Started without any @cert-authority line: no certificates asked.
+        let base = russh_config(&crate::config::SshConfig::default(), false);
+        assert!(base.preferred.host_key_certificates.is_empty());
+        // A reload brought one in: the next connection asks for them.
+        let reloaded = KnownHosts::parse(&key_line("@cert-authority 10.240.*"), "known_hosts");
+        let config = config_for_host(&base, &reloaded, "10.240.0.11", 22).expect("a new config");
+        assert_eq!(
+            config.preferred.host_key_certificates, base.preferred.key,
+            "certificates for every key algorithm"
+        );
+        // And a reload that removed the last one stops asking.
+        let with_ca = config;
+        let plain = KnownHosts::parse(&key_line("10.240.0.11"), "known_hosts");
+        let config = config_for_host(&with_ca, &plain, "10.240.0.11", 22).expect("a new config");
+        assert!(config.preferred.host_key_certificates.is_empty());
+    }
+
+    #[test]
+    fn known_host_key_algorithms_come_first_and_nothing_else_changes() {
+        let base = russh_config(&crate::config::SshConfig::default(), false);
+        let unrelated = KnownHosts::parse(&key_line("10.9.9.9"), "known_hosts");
+        assert!(config_for_host(&base, &unrelated, "10.240.0.11", 22).is_none());
+        let ecdsa = Algorithm::Ecdsa {
+            curve: russh::keys::EcdsaCurve::NistP256,
+        };
+        assert_ne!(base.preferred.key.first(), Some(&ecdsa));
+        let known = KnownHosts::parse(&key_line_of("10.240.0.11", ecdsa.clone()), "known_hosts");
+        let config = config_for_host(&base, &known, "10.240.0.11", 22).expect("a new config");
+        assert_eq!(config.preferred.key.first(), Some(&ecdsa));
+        assert_eq!(config.preferred.key.len(), base.preferred.key.len());
+        assert_eq!(config.window_size, base.window_size);
+        assert!(config.adjust_window_on_consume);
+        assert!(config.preferred.host_key_certificates.is_empty());
     }
 }
