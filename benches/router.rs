@@ -31,6 +31,7 @@ fn inventory() -> (Vec<RouteNode>, RoutingConfig) {
             // 10.64.0.0/24, 10.64.1.0/24, ... one /24 per node.
             pod_cidrs: vec![v4net(u32::from(Ipv4Addr::new(10, 64, 0, 0)) + (i << 8), 24)],
             ssh_port: 22,
+            ssh_address: None,
         })
         .collect();
     // One /10 covering every pod CIDR, then 5,000 disjoint service CIDRs of

@@ -43,6 +43,7 @@ fn router() -> Router {
         addresses: vec!["10.240.0.11".into(), "node-1.example".into()],
         pod_cidrs: vec!["10.244.1.0/24".parse().expect("cidr")],
         ssh_port: 22,
+        ssh_address: Some("192.168.5.11".into()),
     };
     let config = RoutingConfig {
         service_cidrs: vec!["10.96.0.0/12".parse().expect("cidr")],
@@ -246,6 +247,7 @@ pub fn config(data: &[u8]) {
                     addresses: node.addresses.clone(),
                     pod_cidrs: node.pod_cidrs.clone(),
                     ssh_port: node.ssh_port.unwrap_or(config.ssh.port),
+                    ssh_address: node.ssh_address.clone(),
                 })
                 .collect();
             let router = Router::new(&nodes, &config.routing);

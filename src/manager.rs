@@ -217,6 +217,7 @@ impl TunnelManager {
                     addresses: n.addresses.clone(),
                     pod_cidrs: n.pod_cidrs.clone(),
                     ssh_port: n.ssh_port.unwrap_or(self.ctx.default_port),
+                    ssh_address: n.ssh_address.clone(),
                 }
             })
             .collect();

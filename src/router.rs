@@ -142,6 +142,10 @@ pub struct RouteNode {
     pub pod_cidrs: Vec<IpNet>,
     /// The port its sshd listens on; tunnelling to it is denied.
     pub ssh_port: u16,
+    /// Where its sshd is dialled when that is not one of `addresses`
+    /// (`nodes[].ssh_address`): not routed to the node, but denied at
+    /// `ssh_port` like the node's own addresses.
+    pub ssh_address: Option<String>,
 }
 
 /// Where a destination goes.
@@ -475,6 +479,10 @@ pub struct Router {
     claims_v6: FastMap<u128, Claim>,
     /// Node addresses and names that are DNS names, lowercase, no trailing dot.
     claims_name: HashMap<Box<str>, Claim>,
+    /// SSH addresses that are not among their node's addresses (canonical:
+    /// IPs as [`IpAddr`] prints them, names lowercase without a trailing
+    /// dot), with (node, SSH port): denied at that port, never routed.
+    ssh_only: HashMap<Box<str>, Vec<(Arc<str>, u16)>>,
     /// Pod and service CIDRs.
     routes: PrefixMap<Target>,
     /// Built-in denials, `deny_cidrs` and `allow_cidrs`.
@@ -593,6 +601,7 @@ impl Router {
         let mut claims_v4: FastMap<u32, Claim> = FastMap::default();
         let mut claims_v6: FastMap<u128, Claim> = FastMap::default();
         let mut claims_name: HashMap<Box<str>, Claim> = HashMap::new();
+        let mut ssh_only: HashMap<Box<str>, Vec<(Arc<str>, u16)>> = HashMap::new();
         let mut routes: PrefixMap<Target> = PrefixMap::default();
         let mut pod_conflicts: BTreeMap<IpNet, Vec<usize>> = BTreeMap::new();
 
@@ -627,6 +636,20 @@ impl Router {
                     }
                 };
                 claim.add(name, node.ssh_port);
+            }
+
+            if let Some(ssh_address) = &node.ssh_address {
+                let key = host_key(ssh_address);
+                let among_addresses = node
+                    .addresses
+                    .iter()
+                    .any(|a| key.is_some() && host_key(a) == key);
+                if let (Some(key), false) = (key, among_addresses) {
+                    let entry = ssh_only.entry(key).or_default();
+                    if !entry.iter().any(|(n, _)| Arc::ptr_eq(n, name)) {
+                        entry.push((name.clone(), node.ssh_port));
+                    }
+                }
             }
 
             for cidr in &node.pod_cidrs {
@@ -719,12 +742,14 @@ impl Router {
         claims_v4.shrink_to_fit();
         claims_v6.shrink_to_fit();
         claims_name.shrink_to_fit();
+        ssh_only.shrink_to_fit();
 
         Router {
             names,
             claims_v4,
             claims_v6,
             claims_name,
+            ssh_only,
             routes,
             policy,
             allow_ports: allow_ports.into_boxed_slice(),
@@ -763,6 +788,9 @@ impl Router {
                 if !self.port_allowed(port) {
                     return Err(deny(DenyReason::Port(port)));
                 }
+                if !self.ssh_only.is_empty() {
+                    self.deny_ssh_only(&ip.to_string(), port).map_err(deny)?;
+                }
                 let claim = match ip {
                     IpAddr::V4(v4) => self.claims_v4.get(&u32::from(v4)),
                     IpAddr::V6(v6) => self.claims_v6.get(&u128::from(v6)),
@@ -794,6 +822,7 @@ impl Router {
                 if !self.port_allowed(port) {
                     return Err(deny(DenyReason::Port(port)));
                 }
+                self.deny_ssh_only(&name, port).map_err(deny)?;
                 match self.claims_name.get(&*name) {
                     Some(claim) => claim.route(port).map_err(deny),
                     None => self.default_route_for(host),
@@ -818,6 +847,22 @@ impl Router {
     /// `routing.default` as configured.
     pub fn default_route(&self) -> DefaultRoute {
         self.default
+    }
+
+    /// The denial if `key` (canonical, see `ssh_only`) is a node's SSH
+    /// address outside its addresses and `port` that node's SSH port.
+    fn deny_ssh_only(&self, key: &str, port: u16) -> Result<(), DenyReason> {
+        match self
+            .ssh_only
+            .get(key)
+            .and_then(|nodes| nodes.iter().find(|(_, ssh_port)| *ssh_port == port))
+        {
+            Some((node, _)) => Err(DenyReason::NodeSshPort {
+                node: node.clone(),
+                port,
+            }),
+            None => Ok(()),
+        }
     }
 
     fn port_allowed(&self, port: u16) -> bool {
@@ -902,6 +947,14 @@ enum Host<'a> {
 /// Parse a host: an IP literal (IPv6 optionally with a `%zone`), a legacy
 /// IPv4 number the node's resolver would accept (`127.1`, `0x7f.1`), or a
 /// DNS name. `None` if it is none of these.
+/// `host` in the canonical form `ssh_only` is keyed by, if it is a host.
+fn host_key(host: &str) -> Option<Box<str>> {
+    match parse_host(host)? {
+        Host::Ip(ip) => Some(ip.to_string().into_boxed_str()),
+        Host::Name(name) => Some(name.into_owned().into_boxed_str()),
+    }
+}
+
 fn parse_host(host: &str) -> Option<Host<'_>> {
     if let Ok(ip) = host.parse::<IpAddr>() {
         return Some(Host::Ip(canonical_ip(ip)));
@@ -1237,6 +1290,7 @@ mod tests {
             addresses: addresses.iter().map(|a| (*a).to_owned()).collect(),
             pod_cidrs: pod_cidrs.iter().map(|c| net(c)).collect(),
             ssh_port,
+            ssh_address: None,
         }
     }
 
@@ -1957,12 +2011,73 @@ mod tests {
     }
 
     #[test]
+    fn an_ssh_address_outside_the_addresses_is_denied_at_the_ssh_port_and_not_routed() {
+        let mut by_ip = node("a", &["10.240.0.11"], &[], 2222);
+        by_ip.ssh_address = Some("192.168.5.11".into());
+        let mut by_name = node("b", &["10.240.0.12"], &[], 22);
+        by_name.ssh_address = Some("b-mgmt.example.".into());
+        let mut among = node("c", &["10.240.0.13"], &[], 22);
+        among.ssh_address = Some("10.240.0.13".into());
+        let router = Router::new(
+            &[by_ip, by_name, among],
+            &config(&[], DefaultRoute::AnyNode),
+        );
+        let ssh_port = |node: &str, port| {
+            Err(RouteError::Denied {
+                host: String::new(),
+                port,
+                reason: DenyReason::NodeSshPort {
+                    node: node.into(),
+                    port,
+                },
+            })
+        };
+        let without_host = |r: Result<Route, RouteError>| match r {
+            Err(RouteError::Denied { port, reason, .. }) => Err(RouteError::Denied {
+                host: String::new(),
+                port,
+                reason,
+            }),
+            other => other,
+        };
+        assert_eq!(
+            without_host(router.route("192.168.5.11", 2222)),
+            ssh_port("a", 2222)
+        );
+        assert_eq!(
+            without_host(router.route("::ffff:192.168.5.11", 2222)),
+            ssh_port("a", 2222)
+        );
+        assert_eq!(
+            without_host(router.route("B-MGMT.example", 22)),
+            ssh_port("b", 22)
+        );
+        // Other ports of an SSH address are not the node's: the default.
+        assert_eq!(
+            router.route("192.168.5.11", 22),
+            Ok(Route::AnyNode {
+                rule: RouteRule::Default
+            })
+        );
+        // An SSH address among the addresses is covered as an address.
+        assert_eq!(
+            without_host(router.route("10.240.0.13", 22)),
+            ssh_port("c", 22)
+        );
+        assert_eq!(
+            router.route("10.240.0.13", 80),
+            to_node("c", RouteRule::NodeAddress)
+        );
+    }
+
+    #[test]
     fn cidrs_are_canonicalised() {
         let nodes = [RouteNode {
             name: "n".to_owned(),
             addresses: Vec::new(),
             pod_cidrs: vec![net("10.244.1.77/24"), net("::ffff:10.245.0.0/112")],
             ssh_port: 22,
+            ssh_address: None,
         }];
         let router = Router::new(&nodes, &RoutingConfig::default());
         assert_eq!(
@@ -2062,6 +2177,7 @@ mod tests {
                     addresses,
                     pod_cidrs,
                     ssh_port,
+                    ssh_address: None,
                 })
         }
 

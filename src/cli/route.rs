@@ -72,6 +72,7 @@ pub fn decide(config: &Config, dest: &str) -> Result<RouteAnswer, String> {
             addresses: n.addresses.clone(),
             pod_cidrs: n.pod_cidrs.clone(),
             ssh_port: n.ssh_port.unwrap_or(config.ssh.port),
+            ssh_address: n.ssh_address.clone(),
         })
         .collect();
     let router = Router::new(&nodes, &config.routing);
