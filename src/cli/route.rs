@@ -1,6 +1,8 @@
 //! `nodetunnel route DEST`: the routing decision for a destination, offline,
-//! from the configuration file's `[routing]` and `[[nodes]]` (no sidecar,
-//! no SSH, no key needed).
+//! from the configuration file's `[routing]` and its nodes: `[[nodes]]`, or
+//! with `inventory.source = "file"` the nodes file (no sidecar, no SSH, no
+//! key needed). With the `kubernetes` source only `[[nodes]]` is known
+//! offline, and the command says so.
 //!
 //! ```text
 //! 10.244.1.7:8080 -> node node-a (rule pod-cidr 10.244.1.0/24)
@@ -15,7 +17,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use crate::admin::api::RouteAnswer;
-use crate::config::Config;
+use crate::config::{Config, NodeConfig};
 use crate::inventory::InventorySource;
 use crate::router::{RouteNode, Router};
 
@@ -28,16 +30,23 @@ pub fn run(config_path: &Path, dest: &str, json: bool) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let answer = match decide(&config, dest) {
+    let nodes = match offline_nodes(&config) {
+        Ok(nodes) => nodes,
+        Err(e) => {
+            eprintln!("nodetunnel route: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let answer = match decide_with(&config, &nodes, dest) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("nodetunnel route: {e}");
             return ExitCode::from(2);
         }
     };
-    if config.inventory.source != InventorySource::Static {
+    if config.inventory.source == InventorySource::Kubernetes {
         eprintln!(
-            "note: inventory.source is not \"static\": only the [[nodes]] of {} are known offline; \
+            "note: inventory.source is \"kubernetes\": only the [[nodes]] of {} are known offline; \
              ask the running sidecar (GET /api/v1/route?dest=...) for its live inventory",
             config_path.display()
         );
@@ -60,12 +69,37 @@ pub fn run(config_path: &Path, dest: &str, json: bool) -> ExitCode {
     }
 }
 
-/// The decision for `dest` (`host:port`, `[v6]:port`) under `config`;
-/// conflicts found while building the router are printed to stderr.
+/// The nodes a sidecar with `config` would route over, as far as they are
+/// known offline: the nodes file for the `file` source (read and parsed as
+/// the sidecar does), `[[nodes]]` otherwise.
+pub fn offline_nodes(config: &Config) -> Result<Vec<NodeConfig>, String> {
+    if config.inventory.source != InventorySource::File {
+        return Ok(config.nodes.clone());
+    }
+    let Some(path) = &config.inventory.path else {
+        return Err("inventory.source is \"file\" but inventory.path is not set".into());
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("inventory file {}: {e}", path.display()))?;
+    crate::inventory::file::parse_nodes_file_with(&text, path, &config.inventory.address_types)
+        .map_err(|e| e.to_string())
+}
+
+/// The decision for `dest` (`host:port`, `[v6]:port`) under `config` and
+/// its `[[nodes]]`; conflicts found while building the router are printed
+/// to stderr.
 pub fn decide(config: &Config, dest: &str) -> Result<RouteAnswer, String> {
+    decide_with(config, &config.nodes, dest)
+}
+
+/// [`decide`] over `nodes` instead of the config's `[[nodes]]`.
+pub fn decide_with(
+    config: &Config,
+    nodes: &[NodeConfig],
+    dest: &str,
+) -> Result<RouteAnswer, String> {
     let dest = crate::proxy::parse_connect_target(dest).map_err(|e| format!("{dest:?}: {e}"))?;
-    let nodes: Vec<RouteNode> = config
-        .nodes
+    let nodes: Vec<RouteNode> = nodes
         .iter()
         .map(|n| RouteNode {
             name: n.name.clone(),
@@ -124,6 +158,31 @@ pod_cidrs = ["10.244.1.0/24"]
             Path::new("/etc/nodetunnel/nodetunnel.toml"),
         )
         .unwrap()
+    }
+
+    #[test]
+    fn the_file_source_routes_over_the_nodes_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("nodes.toml"),
+            "[[nodes]]\nname = \"node-f\"\naddresses = [\"10.240.0.21\"]\npod_cidrs = [\"10.244.9.0/24\"]\n",
+        )
+        .unwrap();
+        let config_path = dir.path().join("nodetunnel.toml");
+        let c = Config::parse_str(
+            "[inventory]\nsource = \"file\"\npath = \"nodes.toml\"\n",
+            &config_path,
+        )
+        .unwrap();
+        let nodes = offline_nodes(&c).unwrap();
+        let pod = decide_with(&c, &nodes, "10.244.9.7:8080").unwrap();
+        assert_eq!(
+            render(&pod),
+            "10.244.9.7:8080 -> node node-f (rule pod-cidr 10.244.9.0/24)"
+        );
+        std::fs::remove_file(dir.path().join("nodes.toml")).unwrap();
+        let e = offline_nodes(&c).unwrap_err();
+        assert!(e.contains("nodes.toml"), "{e}");
     }
 
     #[test]
