@@ -174,6 +174,24 @@ fn a_healthy_node_passes_every_step() {
     assert!(stdout.contains("all 8 steps passed"), "{stdout}");
     assert!(!stdout.contains('\x1b'), "no colour without a terminal");
 
+    // --json: one document, the same verdict.
+    let (code, stdout, stderr) = check(&config, &["node-1", "--kubelet-port", &port, "--json"]);
+    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect("one JSON document");
+    assert_eq!(report["target"], "node-1", "{stdout}");
+    assert_eq!(report["passed"], true, "{stdout}");
+    assert_eq!(report["exit_code"], 0, "{stdout}");
+    assert!(report["failed_step"].is_null(), "{stdout}");
+    let steps = report["steps"].as_array().expect("steps");
+    assert_eq!(steps.len(), 8, "{stdout}");
+    assert!(
+        steps
+            .iter()
+            .all(|s| s["outcome"] == "passed" && s["duration_ms"].is_number()),
+        "{stdout}"
+    );
+    assert_eq!(steps[7]["step"], "kubelet /healthz", "{stdout}");
+
     // The same node by address:port.
     let by_address = format!("127.0.0.1:{}", sshd.port());
     let (code, stdout, _) = check(&config, &[&by_address, "--kubelet-port", &port]);
@@ -330,6 +348,21 @@ fn all_checks_every_node_and_ends_with_a_summary() {
         "{stdout}"
     );
     assert_eq!(rows[3], "1/2 nodes passed every step", "{stdout}");
+
+    // --json: every node and the count, the same exit status.
+    let (code, stdout, _) = check(&config, &["--all", "--kubelet-port", &port, "--json"]);
+    assert_eq!(code, 1, "{stdout}");
+    let all: serde_json::Value = serde_json::from_str(&stdout).expect("one JSON document");
+    assert_eq!(all["passed"], 1, "{stdout}");
+    assert_eq!(all["total"], 2, "{stdout}");
+    let node_b = &all["nodes"][1];
+    assert_eq!(node_b["target"], "node-b", "{stdout}");
+    assert_eq!(node_b["failed_step"], "tcp connect", "{stdout}");
+    assert_eq!(node_b["exit_code"], 4, "{stdout}");
+    assert_eq!(node_b["steps"][1]["outcome"], "failed", "{stdout}");
+    assert!(node_b["steps"][1]["hint"].is_string(), "{stdout}");
+    assert_eq!(node_b["steps"][2]["outcome"], "skipped", "{stdout}");
+    assert!(node_b["steps"][2]["duration_ms"].is_null(), "{stdout}");
 
     // Every node fine: exit 0.
     let config = setup.config(

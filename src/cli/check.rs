@@ -231,6 +231,41 @@ impl Report {
         }
     }
 
+    /// The report for `--json`: `target`, `endpoint`, `user`, `passed`,
+    /// `exit_code`, `failed_step` (its name or null), `elapsed_ms` and
+    /// `steps` (each `step`, `outcome` = passed, failed or skipped,
+    /// `duration_ms` (null when skipped), `detail`, `hint` or null).
+    pub fn to_json(&self) -> serde_json::Value {
+        let millis = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
+        let steps: Vec<serde_json::Value> = self
+            .steps
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "step": s.step.name(),
+                    "outcome": match s.outcome {
+                        Outcome::Passed => "passed",
+                        Outcome::Failed => "failed",
+                        Outcome::Skipped => "skipped",
+                    },
+                    "duration_ms": (s.outcome != Outcome::Skipped).then(|| millis(s.duration)),
+                    "detail": s.detail,
+                    "hint": s.hint,
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "target": self.label,
+            "endpoint": self.endpoint,
+            "user": self.user,
+            "passed": self.passed(),
+            "exit_code": self.exit_code(),
+            "failed_step": self.failure().map(|f| f.step.name()),
+            "elapsed_ms": millis(self.elapsed),
+            "steps": steps,
+        })
+    }
+
     /// Heading, every step and the closing line.
     pub fn render(&self, colour: bool) -> String {
         let mut out = self.header();
@@ -1306,6 +1341,8 @@ pub struct CheckOptions {
     pub kubelet_host: String,
     /// Kubelet port.
     pub kubelet_port: u16,
+    /// Print one JSON document at the end instead of the steps as they run.
+    pub json: bool,
 }
 
 /// Run `check` as the command line asked; the exit status as documented
@@ -1327,7 +1364,14 @@ pub async fn run(config_path: &Path, options: CheckOptions) -> ExitCode {
     };
     let colour = format::stdout_colour();
     if options.all {
-        return run_all(&config, &checker, options.parallel.max(1), colour).await;
+        return run_all(
+            &config,
+            &checker,
+            options.parallel.max(1),
+            colour,
+            options.json,
+        )
+        .await;
     }
     let Some(what) = options.target.as_deref() else {
         eprintln!("nodetunnel check: name a node or an address, or use --all");
@@ -1340,6 +1384,10 @@ pub async fn run(config_path: &Path, options: CheckOptions) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    if options.json {
+        let report = checker.check(&target, &mut |_| {}).await;
+        return print_json(&report.to_json(), report.exit_code());
+    }
     let endpoint = format!("{}:{}", bracket(&target.host), target.port);
     if target.label == endpoint {
         println!("nodetunnel check {endpoint} as {}", target.user);
@@ -1355,7 +1403,28 @@ pub async fn run(config_path: &Path, options: CheckOptions) -> ExitCode {
     ExitCode::from(report.exit_code())
 }
 
-async fn run_all(config: &Config, checker: &Checker, parallel: usize, colour: bool) -> ExitCode {
+/// Print `value` as pretty JSON and exit with `code` (2 if it cannot be
+/// written).
+fn print_json(value: &serde_json::Value, code: u8) -> ExitCode {
+    match serde_json::to_string_pretty(value) {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::from(code)
+        }
+        Err(e) => {
+            eprintln!("nodetunnel check: {e}");
+            ExitCode::from(EXIT_USAGE)
+        }
+    }
+}
+
+async fn run_all(
+    config: &Config,
+    checker: &Checker,
+    parallel: usize,
+    colour: bool,
+    json: bool,
+) -> ExitCode {
     if config.nodes.is_empty() {
         eprintln!(
             "nodetunnel check --all: {} lists no [[nodes]] (with inventory.source = kubernetes \
@@ -1375,12 +1444,22 @@ async fn run_all(config: &Config, checker: &Checker, parallel: usize, colour: bo
         .collect()
         .await;
     reports.sort_by(|a, b| a.label.cmp(&b.label));
-    print!("{}", render_all(&reports, colour));
-    if reports.iter().all(Report::passed) {
-        ExitCode::SUCCESS
+    let code = if reports.iter().all(Report::passed) {
+        0
     } else {
-        ExitCode::from(EXIT_SOME_FAILED)
+        EXIT_SOME_FAILED
+    };
+    if json {
+        let passed = reports.iter().filter(|r| r.passed()).count();
+        let value = serde_json::json!({
+            "passed": passed,
+            "total": reports.len(),
+            "nodes": reports.iter().map(Report::to_json).collect::<Vec<_>>(),
+        });
+        return print_json(&value, code);
     }
+    print!("{}", render_all(&reports, colour));
+    ExitCode::from(code)
 }
 
 /// `--all` output: every failed node step by step, then the summary table

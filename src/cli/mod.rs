@@ -125,6 +125,11 @@ pub enum Command {
         /// Kubelet port.
         #[arg(long, default_value_t = 10250)]
         kubelet_port: u16,
+        /// Print one JSON document (the steps, or with --all every node and
+        /// the count) when done, instead of the steps as they run; same
+        /// exit status.
+        #[arg(long)]
+        json: bool,
     },
     /// Show where a destination would be tunnelled (rule and node), offline
     /// from the configuration file. Exit 0 when routed, 1 when refused.
@@ -227,8 +232,10 @@ pub async fn run(cli: Cli) -> ExitCode {
             parallel,
             kubelet_host,
             kubelet_port,
+            json,
         } => {
             let options = check::CheckOptions {
+                json,
                 target,
                 all,
                 parallel,
