@@ -99,6 +99,20 @@ where
     .await
 }
 
+/// The end of a direction, as tokio's copy ends it: flush what was
+/// written, then half-close (TCP FIN, SSH CHANNEL_EOF).
+fn poll_half_close<W: AsyncWrite + Unpin + ?Sized>(
+    cx: &mut Context<'_>,
+    writer: &mut W,
+    need_flush: &mut bool,
+) -> Poll<io::Result<()>> {
+    if *need_flush {
+        ready!(Pin::new(&mut *writer).poll_flush(cx))?;
+        *need_flush = false;
+    }
+    Pin::new(&mut *writer).poll_shutdown(cx)
+}
+
 /// Client to tunnel: through a buffer.
 struct Upstream {
     buf: Box<[u8]>,
@@ -169,12 +183,7 @@ impl Upstream {
                 self.need_flush = true;
             }
             if self.read_done {
-                // As tokio's copy: flush, then half-close.
-                if self.need_flush {
-                    ready!(Pin::new(&mut *writer).poll_flush(cx))?;
-                    self.need_flush = false;
-                }
-                ready!(Pin::new(&mut *writer).poll_shutdown(cx))?;
+                ready!(poll_half_close(cx, writer, &mut self.need_flush))?;
                 self.done = true;
                 return Poll::Ready(Ok(()));
             }
@@ -238,12 +247,7 @@ impl Downstream {
                 self.need_flush = true;
             }
             if self.read_done {
-                // As tokio's copy: flush, then half-close.
-                if self.need_flush {
-                    ready!(Pin::new(&mut *writer).poll_flush(cx))?;
-                    self.need_flush = false;
-                }
-                ready!(Pin::new(&mut *writer).poll_shutdown(cx))?;
+                ready!(poll_half_close(cx, writer, &mut self.need_flush))?;
                 self.done = true;
                 return Poll::Ready(Ok(()));
             }

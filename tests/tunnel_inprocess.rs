@@ -512,6 +512,22 @@ async fn a_service_destination_retries_once_on_another_node_when_the_first_refus
     manager.shutdown(Duration::from_secs(1)).await;
 }
 
+type Halves = (
+    tokio::net::tcp::OwnedReadHalf,
+    tokio::net::tcp::OwnedWriteHalf,
+);
+
+/// A link's one connection: the client's, accepted on `listener`, and one
+/// to `node`, each split.
+async fn accept_one_to(
+    listener: &tokio::net::TcpListener,
+    node: std::net::SocketAddr,
+) -> Option<(Halves, Halves)> {
+    let (client, _) = listener.accept().await.ok()?;
+    let node = tokio::net::TcpStream::connect(node).await.ok()?;
+    Some((client.into_split(), node.into_split()))
+}
+
 /// A TCP link to a node whose node-to-client direction can be held: while
 /// held, what the node sends is kept (and counted) instead of forwarded; on
 /// release it is forwarded at once, then everything after it.
@@ -529,12 +545,11 @@ impl HoldableLink {
         let kept = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counter = kept.clone();
         tokio::spawn(async move {
-            let Ok((client, _)) = listener.accept().await else {
+            let Some(((mut client_rd, mut client_wr), (mut node_rd, mut node_wr))) =
+                accept_one_to(&listener, node).await
+            else {
                 return;
             };
-            let node = tokio::net::TcpStream::connect(node).await.unwrap();
-            let (mut client_rd, mut client_wr) = client.into_split();
-            let (mut node_rd, mut node_wr) = node.into_split();
             tokio::spawn(async move { tokio::io::copy(&mut client_rd, &mut node_wr).await });
             let mut gate = gate;
             let mut queue = Vec::new();
@@ -578,19 +593,9 @@ async fn source_on_request(len: usize) -> u16 {
         while let Ok((mut socket, _)) = listener.accept().await {
             tokio::spawn(async move {
                 let mut request = [0u8; 1];
-                if socket.read_exact(&mut request).await.is_err() {
-                    return;
+                if socket.read_exact(&mut request).await.is_ok() {
+                    support::inproc::send_pattern(&mut socket, Some(len)).await;
                 }
-                let chunk = pattern_chunk();
-                let mut left = len;
-                while left > 0 {
-                    let n = left.min(chunk.len());
-                    if socket.write_all(&chunk[..n]).await.is_err() {
-                        return;
-                    }
-                    left -= n;
-                }
-                let _ = socket.shutdown().await;
             });
         }
     });
@@ -721,12 +726,11 @@ impl SlowLink {
         let forwarded = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let counter = forwarded.clone();
         tokio::spawn(async move {
-            let Ok((client, _)) = listener.accept().await else {
+            let Some(((mut client_rd, mut client_wr), (mut node_rd, mut node_wr))) =
+                accept_one_to(&listener, node).await
+            else {
                 return;
             };
-            let node = tokio::net::TcpStream::connect(node).await.unwrap();
-            let (mut client_rd, mut client_wr) = client.into_split();
-            let (mut node_rd, mut node_wr) = node.into_split();
             tokio::spawn(async move { tokio::io::copy(&mut node_rd, &mut client_wr).await });
             let mut buf = vec![0u8; 8 * 1024];
             let start = tokio::time::Instant::now();

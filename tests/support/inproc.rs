@@ -108,21 +108,25 @@ pub async fn source_server(len: Option<usize>) -> u16 {
     let port = listener.local_addr().expect("addr").port();
     tokio::spawn(async move {
         while let Ok((mut socket, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let chunk = pattern_chunk();
-                let mut left = len.unwrap_or(usize::MAX);
-                while left > 0 {
-                    let n = left.min(chunk.len());
-                    if socket.write_all(&chunk[..n]).await.is_err() {
-                        return;
-                    }
-                    left -= n;
-                }
-                let _ = socket.shutdown().await;
-            });
+            tokio::spawn(async move { send_pattern(&mut socket, len).await });
         }
     });
     port
+}
+
+/// Send `len` bytes of the pattern (without end: `None`) to `socket`, then
+/// half-close it; stops quietly when the peer goes away.
+pub async fn send_pattern(socket: &mut tokio::net::TcpStream, len: Option<usize>) {
+    let chunk = pattern_chunk();
+    let mut left = len.unwrap_or(usize::MAX);
+    while left > 0 {
+        let n = left.min(chunk.len());
+        if socket.write_all(&chunk[..n]).await.is_err() {
+            return;
+        }
+        left -= n;
+    }
+    let _ = socket.shutdown().await;
 }
 
 /// Send `word` through `stream` (to an echo server) and expect it back.
