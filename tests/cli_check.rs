@@ -192,6 +192,45 @@ fn a_healthy_node_passes_every_step() {
     );
     assert_eq!(steps[7]["step"], "kubelet /healthz", "{stdout}");
 
+    // --kubelet-ca: the kubelet's certificate verified, as the apiserver
+    // does with --kubelet-certificate-authority.
+    let ca = setup.dir.path().join("kubelet-ca.pem");
+    std::fs::write(&ca, kubelet.tls_cert_pem().expect("kubelet cert")).unwrap();
+    let ca_arg = ca.to_str().unwrap();
+    let (code, stdout, stderr) = check(
+        &config,
+        &["node-1", "--kubelet-port", &port, "--kubelet-ca", ca_arg],
+    );
+    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(
+        stdout.contains(&format!("certificate verified against {ca_arg}")),
+        "{stdout}"
+    );
+    // A CA that did not sign it: step 8 fails and says why.
+    let other = setup.dir.path().join("other-ca.pem");
+    let other_cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    std::fs::write(&other, other_cert.cert.pem()).unwrap();
+    let (code, stdout, _) = check(
+        &config,
+        &[
+            "node-1",
+            "--kubelet-port",
+            &port,
+            "--kubelet-ca",
+            other.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 10, "{stdout}");
+    assert_eq!(marks(&stdout), "✓✓✓✓✓✓✓✗", "{stdout}");
+    assert!(stdout.contains("does not verify against"), "{stdout}");
+    // No such file: a usage error naming it.
+    let (code, _, stderr) = check(&config, &["node-1", "--kubelet-ca", "/nonexistent/ca.pem"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("--kubelet-ca /nonexistent/ca.pem"),
+        "{stderr}"
+    );
+
     // The same node by address:port.
     let by_address = format!("127.0.0.1:{}", sshd.port());
     let (code, stdout, _) = check(&config, &[&by_address, "--kubelet-port", &port]);

@@ -16,10 +16,13 @@
 //! 6. public-key authentication (`ssh.auth_timeout`);
 //! 7. a direct-tcpip channel to the kubelet port as seen from the node
 //!    (`ssh.channel_open_timeout`);
-//! 8. `GET /healthz` over TLS through that channel, the certificate not
-//!    verified, as kube-apiserver does without `--kubelet-certificate-authority`
-//!    (`ssh.channel_open_timeout`). A 401 or 403 passes: the kubelet is
-//!    there and wants the apiserver's client certificate.
+//! 8. `GET /healthz` over TLS through that channel
+//!    (`ssh.channel_open_timeout`). The certificate is not verified, as
+//!    kube-apiserver does without `--kubelet-certificate-authority`; with
+//!    `--kubelet-ca` it is verified against that bundle for the name
+//!    `--kubelet-host`, as kube-apiserver does with it. A 401 or 403
+//!    passes: the kubelet is there and wants the apiserver's client
+//!    certificate.
 //!
 //! The exit status is 0 when every step passed, otherwise it names the
 //! first failed step ([`Step::exit_code`], 3 to 10); 2 is a usage or
@@ -406,12 +409,21 @@ pub struct Checker {
     kubelet_host: String,
     kubelet_port: u16,
     tls: TlsConnector,
+    /// The `--kubelet-ca` bundle the kubelet's certificate is verified
+    /// against, if any.
+    kubelet_ca: Option<std::path::PathBuf>,
 }
 
 impl Checker {
     /// A checker for `config` (loaded with its identity) probing the
-    /// kubelet at `kubelet_host:kubelet_port` as seen from the node.
-    pub fn new(config: &Config, kubelet_host: &str, kubelet_port: u16) -> Result<Self, String> {
+    /// kubelet at `kubelet_host:kubelet_port` as seen from the node,
+    /// verifying its certificate against `kubelet_ca` (PEM) if given.
+    pub fn new(
+        config: &Config,
+        kubelet_host: &str,
+        kubelet_port: u16,
+        kubelet_ca: Option<&Path>,
+    ) -> Result<Self, String> {
         let identity = config
             .identity
             .clone()
@@ -431,12 +443,18 @@ impl Checker {
         // stream layer that reports consumption.
         russh.adjust_window_on_consume = false;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+        let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
-            .map_err(|e| format!("TLS setup: {e}"))?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(Unverified(provider)))
-            .with_no_client_auth();
+            .map_err(|e| format!("TLS setup: {e}"))?;
+        let tls = match kubelet_ca {
+            None => builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(Unverified(provider)))
+                .with_no_client_auth(),
+            Some(path) => builder
+                .with_root_certificates(load_ca_bundle(path)?)
+                .with_no_client_auth(),
+        };
         Ok(Checker {
             identity,
             known_hosts,
@@ -449,6 +467,7 @@ impl Checker {
             kubelet_host: kubelet_host.to_string(),
             kubelet_port,
             tls: TlsConnector::from(Arc::new(tls)),
+            kubelet_ca: kubelet_ca.map(Path::to_path_buf),
         })
     }
 
@@ -812,13 +831,26 @@ impl Checker {
                 .connect(server_name, channel.into_stream())
                 .await
                 .map_err(|e| {
-                    Failure::new(
-                        format!("TLS handshake failed: {e}"),
-                        format!(
+                    let certificate = e
+                        .get_ref()
+                        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                        .is_some_and(|tls| matches!(tls, rustls::Error::InvalidCertificate(_)));
+                    let hint = match (&self.kubelet_ca, certificate) {
+                        (Some(ca), true) => format!(
+                            "the kubelet's certificate does not verify against {} for the name \
+                             {:?}: kube-apiserver with --kubelet-certificate-authority would \
+                             refuse it too. Check that the bundle is the kubelet's CA and that \
+                             --kubelet-host is the address the apiserver uses for this node \
+                             (its certificate must name it)",
+                            ca.display(),
+                            self.kubelet_host
+                        ),
+                        _ => format!(
                             "{kubelet} does not speak TLS: is it the kubelet's port \
                              (--kubelet-port, default 10250)?"
                         ),
-                    )
+                    };
+                    Failure::new(format!("TLS handshake failed: {e}"), hint)
                 })?;
             let version = match tls.get_ref().1.protocol_version() {
                 Some(rustls::ProtocolVersion::TLSv1_3) => "TLS 1.3",
@@ -851,17 +883,21 @@ impl Checker {
         let text = String::from_utf8_lossy(&body);
         let excerpt = format::truncate(text.trim(), 60);
         let code = status.as_u16();
+        let verified = match &self.kubelet_ca {
+            None => "certificate not verified".to_string(),
+            Some(ca) => format!("certificate verified against {}", ca.display()),
+        };
         if status.is_success() {
             Ok((
                 (),
-                format!("HTTP {code} {excerpt:?} over {version} (certificate not verified)"),
+                format!("HTTP {code} {excerpt:?} over {version} ({verified})"),
             ))
         } else if code == 401 || code == 403 {
             Ok((
                 (),
                 format!(
                     "HTTP {code} over {version}: the kubelet answers and wants the client \
-                     certificate the apiserver presents (certificate not verified)"
+                     certificate the apiserver presents ({verified})"
                 ),
             ))
         } else {
@@ -1283,6 +1319,29 @@ impl client::Handler for Recorder {
 #[derive(Debug)]
 struct Unverified(Arc<CryptoProvider>);
 
+/// The certificates of a PEM bundle as trust anchors; errors name the file.
+fn load_ca_bundle(path: &Path) -> Result<rustls::RootCertStore, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("--kubelet-ca {}: {e}", path.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        let cert =
+            cert.map_err(|e| format!("--kubelet-ca {}: invalid PEM: {e}", path.display()))?;
+        roots.add(cert).map_err(|e| {
+            format!(
+                "--kubelet-ca {}: unusable CA certificate: {e}",
+                path.display()
+            )
+        })?;
+    }
+    if roots.is_empty() {
+        return Err(format!(
+            "--kubelet-ca {}: no CERTIFICATE found",
+            path.display()
+        ));
+    }
+    Ok(roots)
+}
+
 impl ServerCertVerifier for Unverified {
     fn verify_server_cert(
         &self,
@@ -1343,6 +1402,8 @@ pub struct CheckOptions {
     pub kubelet_port: u16,
     /// Print one JSON document at the end instead of the steps as they run.
     pub json: bool,
+    /// Verify the kubelet's certificate against this PEM bundle.
+    pub kubelet_ca: Option<std::path::PathBuf>,
 }
 
 /// Run `check` as the command line asked; the exit status as documented
@@ -1355,7 +1416,12 @@ pub async fn run(config_path: &Path, options: CheckOptions) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    let checker = match Checker::new(&config, &options.kubelet_host, options.kubelet_port) {
+    let checker = match Checker::new(
+        &config,
+        &options.kubelet_host,
+        options.kubelet_port,
+        options.kubelet_ca.as_deref(),
+    ) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("nodetunnel check: {e}");

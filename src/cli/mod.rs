@@ -125,6 +125,12 @@ pub enum Command {
         /// Kubelet port.
         #[arg(long, default_value_t = 10250)]
         kubelet_port: u16,
+        /// Verify the kubelet's serving certificate against this CA bundle
+        /// (PEM), for the name --kubelet-host, as kube-apiserver does with
+        /// --kubelet-certificate-authority; without it the certificate is
+        /// not verified.
+        #[arg(long, value_name = "FILE")]
+        kubelet_ca: Option<PathBuf>,
         /// Print one JSON document (the steps, or with --all every node and
         /// the count) when done, instead of the steps as they run; same
         /// exit status.
@@ -232,10 +238,12 @@ pub async fn run(cli: Cli) -> ExitCode {
             parallel,
             kubelet_host,
             kubelet_port,
+            kubelet_ca,
             json,
         } => {
             let options = check::CheckOptions {
                 json,
+                kubelet_ca,
                 target,
                 all,
                 parallel,
