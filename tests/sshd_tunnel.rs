@@ -1,5 +1,6 @@
 //! Tunnel core against real OpenSSH sshd on loopback: many parallel streams
-//! with byte-exact checksums, half-close, and `nodetunnel dial` as `ssh -W`.
+//! with byte-exact checksums (also across dozens of key exchanges started by
+//! either end), half-close, and `nodetunnel dial` as `ssh -W`.
 
 mod support;
 
@@ -23,10 +24,17 @@ struct Bed {
 }
 
 fn bed() -> Bed {
+    bed_with(&[], "")
+}
+
+/// A bed whose sshd has `sshd_extra` config lines and whose nodetunnel
+/// config has `ssh_extra` lines in its `[ssh]` table.
+fn bed_with(sshd_extra: &[&str], ssh_extra: &str) -> Bed {
     let dir = tempfile::tempdir().unwrap();
     let key = ClientKey::generate(dir.path()).unwrap();
     let sshd = Sshd::start(SshdOptions {
         authorized_keys: vec![key.public_line.clone()],
+        extra_config: sshd_extra.iter().map(|l| (*l).to_string()).collect(),
         ..SshdOptions::default()
     })
     .expect("start OpenSSH sshd (bash .ci/run installs openssh-server)");
@@ -35,7 +43,7 @@ fn bed() -> Bed {
         &config_path,
         format!(
             "[ssh]\nuser = \"{user}\"\nidentity = \"{identity}\"\nknown_hosts = \"{kh}\"\n\
-             keepalive_interval = \"5s\"\n\n[[nodes]]\nname = \"local\"\naddresses = [\"127.0.0.1\"]\nssh_port = {port}\n",
+             keepalive_interval = \"5s\"\n{ssh_extra}\n[[nodes]]\nname = \"local\"\naddresses = [\"127.0.0.1\"]\nssh_port = {port}\n",
             user = Sshd::user(),
             identity = key.private_path.display(),
             kh = sshd.known_hosts_path().display(),
@@ -68,17 +76,15 @@ fn local(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn thirty_two_parallel_streams_move_100_mb_byte_exact() {
-    const STREAMS: usize = 32;
-    const TOTAL: usize = 100 * 1000 * 1000;
-    let bed = bed();
-    let manager = ready_manager(&bed).await;
+/// `streams` streams of `len` bytes each through `manager`'s node: every
+/// fourth to an echo server (checked on the way back), the rest to a sink
+/// (which reports count and checksum). Panics on any difference; the bytes
+/// sent.
+async fn move_byte_exact(manager: &Arc<TunnelManager>, streams: usize, len: usize) -> usize {
     let sink = spawn_local(ServerKind::sink(local(0))).unwrap();
     let echo = spawn_local(ServerKind::echo(local(0))).unwrap();
-
     let mut tasks = Vec::new();
-    for i in 0..STREAMS {
+    for i in 0..streams {
         let manager = manager.clone();
         let (port, is_echo) = if i % 4 == 0 {
             (echo.port(), true)
@@ -86,7 +92,6 @@ async fn thirty_two_parallel_streams_move_100_mb_byte_exact() {
             (sink.port(), false)
         };
         tasks.push(tokio::spawn(async move {
-            let len = TOTAL / STREAMS;
             let data = support::pattern_bytes(i as u64, len);
             let expected = hex(&Sha256::digest(&data));
             let stream = manager.dial_node("local", "127.0.0.1", port).await.unwrap();
@@ -120,12 +125,58 @@ async fn thirty_two_parallel_streams_move_100_mb_byte_exact() {
     for t in tasks {
         moved += t.await.unwrap();
     }
+    moved
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_two_parallel_streams_move_100_mb_byte_exact() {
+    const STREAMS: usize = 32;
+    const TOTAL: usize = 100 * 1000 * 1000;
+    let bed = bed();
+    let manager = ready_manager(&bed).await;
+    let moved = move_byte_exact(&manager, STREAMS, TOTAL / STREAMS).await;
     assert_eq!(moved, TOTAL / STREAMS * STREAMS);
     let status = manager.tunnel("local").unwrap().status();
     assert_eq!(status.streams_total, STREAMS as u64);
     assert!(status.bytes_to_node >= moved as u64);
     assert_eq!(status.stream_resets, 0);
     manager.shutdown(Duration::from_secs(2)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_cross_key_exchanges_started_by_either_end_byte_exact() {
+    // Eight streams move 4 MB each while keys are renegotiated over and
+    // over: first sshd starts them (RekeyLimit 256K), then nodetunnel
+    // (ssh.rekey_limit = 512 KiB). Nothing may be lost, no stream reset,
+    // the session never re-established.
+    support::russh_log::install();
+    for (sshd_extra, ssh_extra, by) in [
+        (&["RekeyLimit 256K"][..], "", "sshd"),
+        (&[][..], "rekey_limit = 524288\n", "nodetunnel"),
+    ] {
+        let by_server = support::russh_log::count("server has initiated re-key");
+        let began = support::russh_log::count("beginning re-key");
+        let bed = bed_with(sshd_extra, ssh_extra);
+        let manager = ready_manager(&bed).await;
+        let moved = move_byte_exact(&manager, 8, 4 * 1000 * 1000).await;
+        assert_eq!(moved, 8 * 4 * 1000 * 1000);
+        let status = manager.tunnel("local").unwrap().status();
+        assert_eq!(status.stream_resets, 0, "rekeys by {by}: {status:?}");
+        assert_eq!(
+            status.handshakes, 1,
+            "rekeys by {by}: the session was never lost: {status:?}"
+        );
+        let by_server = support::russh_log::count("server has initiated re-key") - by_server;
+        // Other tests of this binary add their sessions' first key
+        // exchange (a handful) to this count; ours add dozens.
+        let began = support::russh_log::count("beginning re-key") - began;
+        eprintln!("rekeys by {by}: {began} key exchanges began, {by_server} started by sshd");
+        match by {
+            "sshd" => assert!(by_server >= 10, "only {by_server} rekeys started by sshd"),
+            _ => assert!(began >= 20, "only {began} key exchanges began"),
+        }
+        manager.shutdown(Duration::from_secs(2)).await;
+    }
 }
 
 #[tokio::test]

@@ -602,42 +602,6 @@ async fn source_on_request(len: usize) -> u16 {
     port
 }
 
-/// Counts the rekeys russh clients in this process start because they read
-/// their `rekey_limit` (russh's debug line `rekey read limit reached`; only
-/// the rekey test reads that much).
-struct ReadLimitRekeys;
-
-static READ_LIMIT_REKEYS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
-impl log::Log for ReadLimitRekeys {
-    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
-        metadata.target().starts_with("russh") && metadata.level() <= log::Level::Debug
-    }
-
-    fn log(&self, record: &log::Record<'_>) {
-        if self.enabled(record.metadata())
-            && record
-                .args()
-                .to_string()
-                .starts_with("rekey read limit reached")
-        {
-            READ_LIMIT_REKEYS.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        }
-    }
-
-    fn flush(&self) {}
-}
-
-fn read_limit_rekeys() -> usize {
-    static INSTALL: std::sync::Once = std::sync::Once::new();
-    INSTALL.call_once(|| {
-        if log::set_logger(&ReadLimitRekeys).is_ok() {
-            log::set_max_level(log::LevelFilter::Debug);
-        }
-    });
-    READ_LIMIT_REKEYS.load(std::sync::atomic::Ordering::Acquire)
-}
-
 #[tokio::test]
 async fn a_rekey_while_many_streams_have_their_windows_in_flight_keeps_the_session() {
     // Eight streams, each sent a whole 2 MiB window by the node while the
@@ -647,7 +611,8 @@ async fn a_rekey_while_many_streams_have_their_windows_in_flight_keeps_the_sessi
     // stream's window). The session must take it and stay up.
     const STREAMS: usize = 8;
     const WINDOW: usize = 2 * 1024 * 1024;
-    let rekeys_before = read_limit_rekeys();
+    support::russh_log::install();
+    let rekeys_before = support::russh_log::count("rekey read limit reached");
     let fx = Fixture::new();
     let node = SshNode::start(&fx.client).await;
     let link = HoldableLink::to(node.addr()).await;
@@ -701,7 +666,7 @@ async fn a_rekey_while_many_streams_have_their_windows_in_flight_keeps_the_sessi
     );
     assert_eq!(status.last_error, None, "{status:?}");
     assert!(
-        read_limit_rekeys() > rekeys_before,
+        support::russh_log::count("rekey read limit reached") > rekeys_before,
         "no rekey happened: the test proves nothing"
     );
     manager.shutdown(Duration::from_secs(1)).await;

@@ -20,6 +20,7 @@ pub mod inventory;
 pub mod netns;
 pub mod poll;
 pub mod procs;
+pub mod russh_log;
 pub mod serve;
 pub mod servers;
 pub mod sshd;
