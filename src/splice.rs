@@ -218,8 +218,11 @@ impl Downstream {
         for _ in 0..ROUNDS_PER_POLL {
             if self.pending.is_empty() && !self.read_done {
                 match tunnel.poll_read_chunks(cx, &mut self.pending, SPLICE_BUFFER) {
-                    Poll::Ready(Ok(0)) => self.read_done = true,
-                    Poll::Ready(Ok(_)) => self.pending.retain(|chunk| !chunk.is_empty()),
+                    Poll::Ready(Ok(n)) => {
+                        // Empty chunks would make an empty vectored write.
+                        self.pending.retain(|chunk| !chunk.is_empty());
+                        self.read_done = n == 0;
+                    }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Pending => {
                         if self.need_flush {
@@ -370,11 +373,15 @@ mod tests {
             out: &mut VecDeque<Bytes>,
             max: usize,
         ) -> Poll<io::Result<usize>> {
+            // As TunnelStream: whole chunks while they fit, the last one
+            // split at `max`.
             let mut taken = 0;
-            while let Some(chunk) = self.chunks.pop_front() {
-                if taken + chunk.len() > max {
-                    self.chunks.push_front(chunk);
+            while taken < max {
+                let Some(mut chunk) = self.chunks.pop_front() else {
                     break;
+                };
+                if chunk.len() > max - taken {
+                    self.chunks.push_front(chunk.split_off(max - taken));
                 }
                 taken += chunk.len();
                 out.push_back(chunk);
@@ -470,6 +477,35 @@ mod tests {
         );
         assert_eq!(moved.tunnel_to_client, sent.len() as u64);
         assert!(client.vectored_writes >= sent.len() / 1000);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// Whatever the chunk sizes and however little the client takes per
+        /// write, every byte arrives once and in order.
+        #[test]
+        fn any_chunks_through_any_writes_arrive_whole_and_in_order(
+            sizes in proptest::collection::vec(0usize..70_000, 0..24),
+            per_write in 1usize..100_000,
+        ) {
+            let mut sent = Vec::new();
+            let mut chunks = VecDeque::new();
+            for (i, len) in sizes.iter().enumerate() {
+                let data: Vec<u8> = (0..*len).map(|j| (i * 7 + j * 13) as u8).collect();
+                sent.extend_from_slice(&data);
+                chunks.push_back(Bytes::from(data));
+            }
+            let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let (got, moved) = runtime.block_on(async {
+                let mut tunnel = Chunked { chunks };
+                let mut client = Trickle { got: Vec::new(), per_write, vectored_writes: 0 };
+                let moved = splice(&mut client, &mut tunnel).await.unwrap();
+                (client.got, moved)
+            });
+            proptest::prop_assert!(got == sent, "{} of {} bytes", got.len(), sent.len());
+            proptest::prop_assert_eq!(moved.tunnel_to_client, sent.len() as u64);
+        }
     }
 
     #[tokio::test]
