@@ -259,6 +259,20 @@ mod tests {
     }
 
     #[test]
+    fn a_pkcs8_pem_key_loads_too() {
+        // The vendored russh reads PEM framing by label (PATCHES.md): a
+        // key written as PKCS#8 PEM at test time loads back.
+        let dir = tempfile::tempdir().unwrap();
+        let key = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519).unwrap();
+        let mut pem = Vec::new();
+        russh::keys::encode_pkcs8_pem(&key, &mut pem).unwrap();
+        let path = dir.path().join("pkcs8");
+        write_new(&path, &pem, 0o600).unwrap();
+        let identity = load_identity(&path, None).unwrap();
+        assert_eq!(identity.fingerprint(), fingerprint(key.public_key()));
+    }
+
+    #[test]
     fn a_world_writable_key_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let generated = generate(dir.path(), "k", "t").unwrap();
