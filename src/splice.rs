@@ -74,8 +74,12 @@ where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     T: TunnelIo + ?Sized,
 {
-    let mut up = Upstream::new();
-    let mut down = Downstream::default();
+    let mut up = Direction::new(Buffered {
+        buf: vec![0; SPLICE_BUFFER].into_boxed_slice(),
+        pos: 0,
+        filled: 0,
+    });
+    let mut down = Direction::new(Chunks::default());
     std::future::poll_fn(|cx| {
         if !up.done {
             if let Poll::Ready(Err(e)) = up.poll_copy(cx, client, tunnel) {
@@ -99,38 +103,33 @@ where
     .await
 }
 
-/// The end of a direction, as tokio's copy ends it: flush what was
-/// written, then half-close (TCP FIN, SSH CHANNEL_EOF).
-fn poll_half_close<W: AsyncWrite + Unpin + ?Sized>(
-    cx: &mut Context<'_>,
-    writer: &mut W,
-    need_flush: &mut bool,
-) -> Poll<io::Result<()>> {
-    if *need_flush {
-        ready!(Pin::new(&mut *writer).poll_flush(cx))?;
-        *need_flush = false;
-    }
-    Pin::new(&mut *writer).poll_shutdown(cx)
+/// What one direction holds between taking it from its source (`R`) and
+/// writing it to its destination (`W`).
+trait Held<R: ?Sized, W: ?Sized> {
+    /// Nothing is left to write.
+    fn is_empty(&self) -> bool;
+    /// Take more from `reader` (only called when empty); `Ready(Ok(0))` at
+    /// its end.
+    fn poll_fill(&mut self, cx: &mut Context<'_>, reader: &mut R) -> Poll<io::Result<usize>>;
+    /// Write some of what is held to `writer`; the bytes written.
+    fn poll_drain(&mut self, cx: &mut Context<'_>, writer: &mut W) -> Poll<io::Result<usize>>;
 }
 
-/// Client to tunnel: through a buffer.
-struct Upstream {
-    buf: Box<[u8]>,
-    /// `buf[pos..filled]` is still to be written.
-    pos: usize,
-    filled: usize,
+/// One direction of the splice: what it holds, and the copy loop around
+/// it (tokio's copy: flush while the source has nothing, half-close at its
+/// end).
+struct Direction<H> {
+    held: H,
     read_done: bool,
     need_flush: bool,
     done: bool,
     moved: u64,
 }
 
-impl Upstream {
-    fn new() -> Self {
-        Upstream {
-            buf: vec![0; SPLICE_BUFFER].into_boxed_slice(),
-            pos: 0,
-            filled: 0,
+impl<H> Direction<H> {
+    fn new(held: H) -> Self {
+        Direction {
+            held,
             read_done: false,
             need_flush: false,
             done: false,
@@ -145,22 +144,14 @@ impl Upstream {
         writer: &mut W,
     ) -> Poll<io::Result<()>>
     where
-        R: AsyncRead + Unpin + ?Sized,
+        H: Held<R, W>,
+        R: ?Sized,
         W: AsyncWrite + Unpin + ?Sized,
     {
         for _ in 0..ROUNDS_PER_POLL {
-            if self.pos == self.filled && !self.read_done {
-                let mut read = ReadBuf::new(&mut self.buf);
-                match Pin::new(&mut *reader).poll_read(cx, &mut read) {
-                    Poll::Ready(Ok(())) => {
-                        let n = read.filled().len();
-                        if n == 0 {
-                            self.read_done = true;
-                        } else {
-                            self.pos = 0;
-                            self.filled = n;
-                        }
-                    }
+            if self.held.is_empty() && !self.read_done {
+                match self.held.poll_fill(cx, reader) {
+                    Poll::Ready(Ok(n)) => self.read_done = n == 0,
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Pending => {
                         if self.need_flush {
@@ -171,19 +162,20 @@ impl Upstream {
                     }
                 }
             }
-            while self.pos < self.filled {
-                let n = ready!(
-                    Pin::new(&mut *writer).poll_write(cx, &self.buf[self.pos..self.filled])
-                )?;
+            while !self.held.is_empty() {
+                let n = ready!(self.held.poll_drain(cx, writer))?;
                 if n == 0 {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
-                self.pos += n;
                 self.moved += n as u64;
                 self.need_flush = true;
             }
             if self.read_done {
-                ready!(poll_half_close(cx, writer, &mut self.need_flush))?;
+                if self.need_flush {
+                    ready!(Pin::new(&mut *writer).poll_flush(cx))?;
+                    self.need_flush = false;
+                }
+                ready!(Pin::new(&mut *writer).poll_shutdown(cx))?;
                 self.done = true;
                 return Poll::Ready(Ok(()));
             }
@@ -193,87 +185,85 @@ impl Upstream {
     }
 }
 
-/// Tunnel to client: the stream's own chunks, in vectored writes.
+/// Client to tunnel: through a buffer; `buf[pos..filled]` is still to be
+/// written.
+struct Buffered {
+    buf: Box<[u8]>,
+    pos: usize,
+    filled: usize,
+}
+
+impl<R, W> Held<R, W> for Buffered
+where
+    R: AsyncRead + Unpin + ?Sized,
+    W: AsyncWrite + Unpin + ?Sized,
+{
+    fn is_empty(&self) -> bool {
+        self.pos == self.filled
+    }
+
+    fn poll_fill(&mut self, cx: &mut Context<'_>, reader: &mut R) -> Poll<io::Result<usize>> {
+        let mut read = ReadBuf::new(&mut self.buf);
+        ready!(Pin::new(&mut *reader).poll_read(cx, &mut read))?;
+        let n = read.filled().len();
+        self.pos = 0;
+        self.filled = n;
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_drain(&mut self, cx: &mut Context<'_>, writer: &mut W) -> Poll<io::Result<usize>> {
+        let n = ready!(Pin::new(&mut *writer).poll_write(cx, &self.buf[self.pos..self.filled]))?;
+        self.pos += n;
+        Poll::Ready(Ok(n))
+    }
+}
+
+/// Tunnel to client: the stream's own chunks, at most [`SPLICE_BUFFER`],
+/// in vectored writes.
 #[derive(Default)]
-struct Downstream {
-    /// Taken from the stream, not yet written; at most [`SPLICE_BUFFER`].
+struct Chunks {
     pending: VecDeque<Bytes>,
-    read_done: bool,
-    need_flush: bool,
-    done: bool,
-    moved: u64,
 }
 
-impl Downstream {
-    fn poll_copy<T, W>(
-        &mut self,
-        cx: &mut Context<'_>,
-        tunnel: &mut T,
-        writer: &mut W,
-    ) -> Poll<io::Result<()>>
-    where
-        T: TunnelIo + ?Sized,
-        W: AsyncWrite + Unpin + ?Sized,
-    {
-        for _ in 0..ROUNDS_PER_POLL {
-            if self.pending.is_empty() && !self.read_done {
-                match tunnel.poll_read_chunks(cx, &mut self.pending, SPLICE_BUFFER) {
-                    Poll::Ready(Ok(n)) => {
-                        // Empty chunks would make an empty vectored write.
-                        self.pending.retain(|chunk| !chunk.is_empty());
-                        self.read_done = n == 0;
-                    }
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Pending => {
-                        if self.need_flush {
-                            ready!(Pin::new(&mut *writer).poll_flush(cx))?;
-                            self.need_flush = false;
-                        }
-                        return Poll::Pending;
-                    }
-                }
-            }
-            while !self.pending.is_empty() {
-                let n = {
-                    let mut slices = [IoSlice::new(&[]); MAX_SLICES];
-                    let used = slices
-                        .iter_mut()
-                        .zip(&self.pending)
-                        .map(|(slot, chunk)| *slot = IoSlice::new(chunk))
-                        .count();
-                    ready!(Pin::new(&mut *writer).poll_write_vectored(cx, &slices[..used]))?
-                };
-                if n == 0 {
-                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-                }
-                self.advance(n);
-                self.need_flush = true;
-            }
-            if self.read_done {
-                ready!(poll_half_close(cx, writer, &mut self.need_flush))?;
-                self.done = true;
-                return Poll::Ready(Ok(()));
-            }
-        }
-        cx.waker().wake_by_ref();
-        Poll::Pending
+impl<T, W> Held<T, W> for Chunks
+where
+    T: TunnelIo + ?Sized,
+    W: AsyncWrite + Unpin + ?Sized,
+{
+    fn is_empty(&self) -> bool {
+        self.pending.is_empty()
     }
 
-    /// Drop `n` written bytes from the front of `pending`.
-    fn advance(&mut self, mut n: usize) {
-        self.moved += n as u64;
-        while n > 0 {
+    fn poll_fill(&mut self, cx: &mut Context<'_>, tunnel: &mut T) -> Poll<io::Result<usize>> {
+        let n = ready!(tunnel.poll_read_chunks(cx, &mut self.pending, SPLICE_BUFFER))?;
+        // Empty chunks would make an empty vectored write.
+        self.pending.retain(|chunk| !chunk.is_empty());
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_drain(&mut self, cx: &mut Context<'_>, writer: &mut W) -> Poll<io::Result<usize>> {
+        let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+        let used = slices
+            .iter_mut()
+            .zip(&self.pending)
+            .map(|(slot, chunk)| *slot = IoSlice::new(chunk))
+            .count();
+        let n = ready!(Pin::new(&mut *writer).poll_write_vectored(cx, &slices[..used]))?;
+        // Drop the written bytes from the front.
+        let mut left = n;
+        while left > 0 {
             let Some(front) = self.pending.front_mut() else {
-                return;
+                break;
             };
-            if front.len() <= n {
-                n -= front.len();
+            if front.len() <= left {
+                left -= front.len();
                 self.pending.pop_front();
             } else {
-                front.advance(n);
-                n = 0;
+                front.advance(left);
+                left = 0;
             }
         }
+        Poll::Ready(Ok(n))
     }
 }
 
