@@ -137,14 +137,7 @@ impl Sidecar {
         let log = fx.dir.path().join("serve.log");
         let file = std::fs::File::create(&log).expect("log file");
         let child = Command::new(NODETUNNEL)
-            .args([
-                "--log-format",
-                "json",
-                "--log-level",
-                "info",
-                "serve",
-                "--config",
-            ])
+            .args(support::serve::SERVE_ARGS)
             .arg(&fx.config)
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())

@@ -1143,18 +1143,19 @@ async fn http_tunnel<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, target: 
     assert!(head.starts_with("HTTP/1.1 200 "), "{target}: {head:?}");
 }
 
-/// One tunnel to the held destination through each listener: HTTP CONNECT
-/// over TCP, SOCKS5, HTTP CONNECT over the Unix socket.
-async fn held_tunnels(h: &Harness) -> (TcpStream, TcpStream, UnixStream) {
+/// One tunnel to `host`:80 through each listener: HTTP CONNECT over TCP,
+/// SOCKS5, HTTP CONNECT over the Unix socket.
+async fn tunnels_on_every_listener(h: &Harness, host: &str) -> (TcpStream, TcpStream, UnixStream) {
+    let target = format!("{host}:80");
     let mut tcp = TcpStream::connect(h.tcp.expect("tcp listener"))
         .await
         .expect("connect tcp");
-    http_tunnel(&mut tcp, "held.test:80").await;
+    http_tunnel(&mut tcp, &target).await;
     let mut socks = h.socks().await;
-    let reply = socks_exchange(&mut socks, &socks_domain_request("held.test", 80)).await;
+    let reply = socks_exchange(&mut socks, &socks_domain_request(host, 80)).await;
     assert_eq!(reply[1], socks5::reply::SUCCEEDED);
     let mut uds = h.uds().await;
-    http_tunnel(&mut uds, "held.test:80").await;
+    http_tunnel(&mut uds, &target).await;
     (tcp, socks, uds)
 }
 
@@ -1170,7 +1171,7 @@ async fn read_held_prefix<S: AsyncRead + Unpin>(stream: &mut S) {
 #[tokio::test]
 async fn a_cut_tunnel_resets_tcp_and_socks5_clients_and_a_unix_socket_client_reads_eof() {
     let h = start(|c| c.tcp = Some("127.0.0.1:0".parse().expect("addr"))).await;
-    let (mut tcp, mut socks, mut uds) = held_tunnels(&h).await;
+    let (mut tcp, mut socks, mut uds) = tunnels_on_every_listener(&h, "held.test").await;
     read_held_prefix(&mut tcp).await;
     read_held_prefix(&mut socks).await;
     read_held_prefix(&mut uds).await;
@@ -1244,7 +1245,7 @@ async fn a_unix_socket_client_whose_bytes_were_left_unread_gets_econnreset_at_th
 #[tokio::test]
 async fn tunnels_aborted_at_the_drain_deadline_reset_tcp_and_socks5_clients() {
     let h = start(|c| c.tcp = Some("127.0.0.1:0".parse().expect("addr"))).await;
-    let (mut tcp, mut socks, mut uds) = held_tunnels(&h).await;
+    let (mut tcp, mut socks, mut uds) = tunnels_on_every_listener(&h, "held.test").await;
     for stream in [&mut tcp, &mut socks] {
         read_held_prefix(stream).await;
     }
@@ -1271,15 +1272,7 @@ async fn tunnels_aborted_at_the_drain_deadline_reset_tcp_and_socks5_clients() {
 async fn a_tunnel_that_ends_cleanly_closes_with_eof_on_every_listener() {
     let h = start(|c| c.tcp = Some("127.0.0.1:0".parse().expect("addr"))).await;
     let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
-    let mut tcp = TcpStream::connect(h.tcp.expect("tcp listener"))
-        .await
-        .expect("connect tcp");
-    http_tunnel(&mut tcp, "a.test:80").await;
-    let mut socks = h.socks().await;
-    let reply = socks_exchange(&mut socks, &socks_domain_request("a.test", 80)).await;
-    assert_eq!(reply[1], socks5::reply::SUCCEEDED);
-    let mut uds = h.uds().await;
-    http_tunnel(&mut uds, "a.test:80").await;
+    let (mut tcp, mut socks, mut uds) = tunnels_on_every_listener(&h, "a.test").await;
 
     async fn echo_whole<S: AsyncRead + AsyncWrite + Unpin>(what: &str, s: &mut S, payload: &[u8]) {
         let (mut rd, mut wr) = tokio::io::split(s);

@@ -18,6 +18,17 @@ use serde_json::Value;
 
 use super::{ClientKey, ServerHandle, ServerKind, Testbed, SSHD_PATH};
 
+/// `nodetunnel` arguments of a sidecar the suites run: JSON log lines at
+/// info level, `serve --config` (the config path follows).
+pub const SERVE_ARGS: [&str; 6] = [
+    "--log-format",
+    "json",
+    "--log-level",
+    "info",
+    "serve",
+    "--config",
+];
+
 /// The binary under test.
 pub const NODETUNNEL: &str = env!("CARGO_BIN_EXE_nodetunnel");
 
@@ -197,19 +208,12 @@ impl ServeProcess {
     /// events that make it ready.
     pub fn spawn(bed: &Testbed, name: &str, config: &Path, drop_timeout: Duration) -> ServeProcess {
         let mut cmd = bed.command_in_cp(NODETUNNEL);
-        cmd.args([
-            "--log-format",
-            "json",
-            "--log-level",
-            "info",
-            "serve",
-            "--config",
-        ])
-        .arg(config)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+        cmd.args(SERVE_ARGS)
+            .arg(config)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("spawning {NODETUNNEL} in {}: {e}", bed.cp_ns()));
