@@ -76,12 +76,16 @@ fn run_script(args: &[&str], envs: &[(&str, String)]) -> Result<String> {
         .with_context(|| format!("running bash {} {}", script.display(), args.join(" ")))?;
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     if !out.status.success() {
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let said = if stdout.trim().is_empty() && stderr.trim().is_empty() {
+            "(it printed nothing)".to_owned()
+        } else {
+            format!("{stdout}{stderr}")
+        };
         bail!(
-            "testbed.sh {} failed ({}):\n{}{}",
+            "testbed.sh {} failed ({}):\n{said}",
             args.join(" "),
             out.status,
-            String::from_utf8_lossy(&out.stdout),
-            stderr
         );
     }
     Ok(stderr)

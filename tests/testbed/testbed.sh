@@ -9,6 +9,9 @@
 #   testbed.sh link-down DIR I   set node I's link down on the bridge (blackhole)
 #   testbed.sh link-up DIR I     undo link-down
 #   testbed.sh gc                remove beds (and their DIRs) left by crashed runs
+#   testbed.sh purge             remove every bed of this script, owned or not, and
+#                                its owner directory: for CI before the tests, when
+#                                no test can be running
 #
 # Environment for `up`:
 #   NT_PREFIX           namespace prefix, ^nt[a-z0-9]{1,20}$ (default nt$$)
@@ -18,6 +21,10 @@
 #                       bed once it is gone (default: the caller, $PPID)
 #   NT_READY_TIMEOUT    seconds to wait for each sshd (default 20)
 #   NT_SSHD             sshd binary (default /usr/sbin/sshd)
+# Environment for every command:
+#   NT_OWNER_DIR        where beds record their owners (default
+#                       /run/nodetunnel-testbed; created on first `up`, so it
+#                       is missing on a fresh machine and after a reboot)
 #
 # Layout (nothing is added to the root namespace but the namespace files):
 #   PREFIX-fab  bridge br0; ports v-cp, v-n1..v-nN (veth peers of each eth0)
@@ -29,10 +36,10 @@
 #
 # `up` writes DIR/testbed.env (KEY='VALUE' lines, values never contain a
 # quote) and DIR/known_hosts (`10.240.0.11 ssh-ed25519 AAAA...` lines).
-set -euo pipefail
+set -Eeuo pipefail
 
 SSHD=${NT_SSHD:-/usr/sbin/sshd}
-OWNER_DIR=/run/nodetunnel-testbed
+OWNER_DIR=${NT_OWNER_DIR:-/run/nodetunnel-testbed}
 NETNS_DIR=/var/run/netns
 CP_IP=10.240.0.1
 NODE_NET=10.240.0.0/24
@@ -44,6 +51,15 @@ die() {
     exit 1
 }
 note() { echo "testbed.sh: $*" >&2; }
+
+# Any command that fails outside a condition ends the script (set -e); say
+# which one, where, and with what status, so that a failure is never silent.
+# (The command's own stderr has already gone to ours.)
+on_err() {
+    local rc=$1 line=$2 cmd=$3
+    echo "testbed.sh: error: command failed with exit status $rc at line $line: $cmd" >&2
+}
+trap 'on_err $? $LINENO "$BASH_COMMAND"' ERR
 
 require_root() {
     [ "$(id -u)" -eq 0 ] ||
@@ -398,15 +414,8 @@ cmd_down() {
 cmd_gc() {
     [ $# -eq 0 ] || die "usage: testbed.sh gc"
     require_root
-    local prefixes prefix dir f pid st
-    prefixes=$(
-        {
-            ip netns list 2>/dev/null | awk '{print $1}' |
-                sed -nE 's/^(nt[a-z0-9]+)-(fab|cp|n[0-9]+)$/\1/p'
-            [ -d "$OWNER_DIR" ] && ls "$OWNER_DIR"
-        } | sort -u
-    )
-    for prefix in $prefixes; do
+    local prefix dir f pid st
+    for prefix in $(all_prefixes); do
         [[ $prefix =~ ^nt[a-z0-9]+$ ]] || continue
         if owner_alive "$prefix"; then
             continue
@@ -421,6 +430,35 @@ cmd_gc() {
             rm -rf -- "$dir"
         fi
     done
+}
+
+# Every bed this script ever made on this machine, owned or not: the prefixes
+# of its namespaces and of its owner files.
+all_prefixes() {
+    {
+        ip netns list 2>/dev/null | awk '{print $1}' |
+            sed -nE 's/^(nt[a-z0-9]+)-(fab|cp|n[0-9]+)$/\1/p'
+        if [ -d "$OWNER_DIR" ]; then ls "$OWNER_DIR"; fi
+    } | sort -u
+}
+
+cmd_purge() {
+    [ $# -eq 0 ] || die "usage: testbed.sh purge"
+    require_root
+    local prefix dir f pid st
+    for prefix in $(all_prefixes); do
+        [[ $prefix =~ ^nt[a-z0-9]+$ ]] || continue
+        dir=
+        f=$OWNER_DIR/$prefix
+        if [ -f "$f" ]; then read -r pid st dir <"$f" || true; fi
+        note "purge: removing testbed $prefix"
+        down_prefix "$prefix" "$dir"
+        if [ -n "$dir" ] && [ -f "$dir/prefix" ] && [ "$(cat "$dir/prefix")" = "$prefix" ]; then
+            rm -rf -- "$dir"
+        fi
+    done
+    rm -rf -- "$OWNER_DIR"
+    note "purge: no testbed left; $OWNER_DIR removed"
 }
 
 node_cmd() {
@@ -442,13 +480,14 @@ node_cmd() {
 }
 
 main() {
-    [ $# -ge 1 ] || die "usage: testbed.sh up|down|gc|stop-node|start-node|link-down|link-up ..."
+    [ $# -ge 1 ] || die "usage: testbed.sh up|down|gc|purge|stop-node|start-node|link-down|link-up ..."
     local cmd=$1
     shift
     case $cmd in
     up) cmd_up "$@" ;;
     down) cmd_down "$@" ;;
     gc) cmd_gc "$@" ;;
+    purge) cmd_purge "$@" ;;
     stop-node | start-node | link-down | link-up) node_cmd "$cmd" "$@" ;;
     *) die "unknown command '$cmd'" ;;
     esac
