@@ -8,6 +8,7 @@ use std::net::Ipv4Addr;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use ipnet::{IpNet, Ipv4Net};
+use nodetunnel::destination::{Destination, Host};
 use nodetunnel::router::{DefaultRoute, Route, RouteNode, Router, RoutingConfig};
 
 const NODES: u32 = 5_000;
@@ -49,8 +50,17 @@ fn inventory() -> (Vec<RouteNode>, RoutingConfig) {
     (nodes, config)
 }
 
+/// `host:443`, parsed as the front door parses it (once per connection,
+/// before routing).
+fn dest(host: &str) -> Destination {
+    match Host::parse(host) {
+        Ok(host) => Destination::new(host, 443),
+        Err(err) => panic!("bench host {host}: {err}"),
+    }
+}
+
 fn expect_route(router: &Router, host: &str, want_node: bool) {
-    match router.route(host, 443) {
+    match router.route(&dest(host)) {
         Ok(Route::Node { .. }) if want_node => {}
         Ok(Route::AnyNode { .. }) if !want_node => {}
         other => panic!("bench query {host}: unexpected {other:?}"),
@@ -74,32 +84,40 @@ fn lookups(c: &mut Criterion) {
     expect_route(&router, node_address, true);
     expect_route(&router, node_name, true);
     expect_route(&router, node_dns, true);
-    assert!(router.route("192.0.2.1", 443).is_err());
+    assert!(router.route(&dest("192.0.2.1")).is_err());
 
     let mut group = c.benchmark_group("route");
     group.bench_function("pod_ip", |b| {
-        b.iter(|| router.route(black_box(pod_ip), black_box(443)))
+        let d = dest(pod_ip);
+        b.iter(|| router.route(black_box(&d)))
     });
     group.bench_function("service_ip", |b| {
-        b.iter(|| router.route(black_box(service_ip), black_box(443)))
+        let d = dest(service_ip);
+        b.iter(|| router.route(black_box(&d)))
     });
     group.bench_function("node_address", |b| {
-        b.iter(|| router.route(black_box(node_address), black_box(443)))
+        let d = dest(node_address);
+        b.iter(|| router.route(black_box(&d)))
     });
     group.bench_function("node_name", |b| {
-        b.iter(|| router.route(black_box(node_name), black_box(443)))
+        let d = dest(node_name);
+        b.iter(|| router.route(black_box(&d)))
     });
     group.bench_function("node_dns_mixed_case", |b| {
-        b.iter(|| router.route(black_box(node_dns), black_box(443)))
+        let d = dest(node_dns);
+        b.iter(|| router.route(black_box(&d)))
     });
     group.bench_function("miss_ip", |b| {
-        b.iter(|| router.route(black_box("192.0.2.1"), black_box(443)))
+        let d = dest("192.0.2.1");
+        b.iter(|| router.route(black_box(&d)))
     });
     group.bench_function("miss_name", |b| {
-        b.iter(|| router.route(black_box("example.org"), black_box(443)))
+        let d = dest("example.org");
+        b.iter(|| router.route(black_box(&d)))
     });
     group.bench_function("denied_loopback", |b| {
-        b.iter(|| router.route(black_box("127.0.0.1"), black_box(443)))
+        let d = dest("127.0.0.1");
+        b.iter(|| router.route(black_box(&d)))
     });
     group.finish();
 }

@@ -25,7 +25,7 @@
 use std::path::Path;
 
 use nodetunnel::config::Config;
-use nodetunnel::dial::Destination;
+use nodetunnel::dial::{Destination, Host};
 use nodetunnel::known_hosts::{HostKeyStatus, KnownHosts};
 use nodetunnel::proxy::{parse_connect_target, parse_greeting, parse_request, Parsed, Socks5Error};
 use nodetunnel::router::{RouteNode, Router, RoutingConfig};
@@ -54,7 +54,7 @@ fn router() -> Router {
 
 /// Route `dest`; the answer does not matter, only that it is given.
 fn route(dest: &Destination) {
-    match router().route(&dest.host, dest.port) {
+    match router().route(dest) {
         Ok(route) => {
             let _ = route.to_string();
         }
@@ -71,7 +71,10 @@ pub fn connect_target(data: &[u8]) {
     };
     match parse_connect_target(text) {
         Ok(dest) => {
-            assert!(!dest.host.is_empty(), "{text:?}: empty host accepted");
+            assert!(
+                !dest.host.to_string().is_empty(),
+                "{text:?}: empty host accepted"
+            );
             assert_ne!(dest.port, 0, "{text:?}: port 0 accepted");
             let normalised = dest.to_string();
             assert_eq!(
@@ -152,7 +155,7 @@ pub fn socks5(data: &[u8]) {
     for bytes in requests {
         if let Some(request) = socks5_message(bytes, parse_request) {
             let dest = request.destination;
-            assert!(!dest.host.is_empty(), "empty host accepted");
+            assert!(!dest.host.to_string().is_empty(), "empty host accepted");
             if dest.port != 0 {
                 let target = dest.to_string();
                 assert_eq!(
@@ -254,11 +257,13 @@ pub fn config(data: &[u8]) {
             for conflict in router.conflicts() {
                 let _ = conflict.to_string();
             }
-            for (host, port) in [("10.244.1.10", 80), ("10.96.0.1", 443), ("node-1", 10250)] {
-                let _ = router.route(host, port);
-            }
-            for node in &config.nodes {
-                let _ = router.route(node.ssh_address(), 10250);
+            let hosts = ["10.244.1.10", "10.96.0.1", "node-1"]
+                .into_iter()
+                .chain(config.nodes.iter().map(|node| node.ssh_address()));
+            for host in hosts {
+                if let Ok(host) = Host::parse(host) {
+                    let _ = router.route(&Destination::new(host, 10250));
+                }
             }
         }
         Err(error) => {

@@ -10,52 +10,119 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-/// A destination as a client asked for it: a host name or IP literal (IPv6
-/// without brackets) and a port.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct Destination {
-    /// Host name or IP address literal, IPv6 without brackets.
-    pub host: String,
-    /// TCP port.
-    pub port: u16,
+pub use crate::destination::{Destination, Host};
+use crate::router::RouteError;
+
+/// Why a node could not take a stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NodeDownCause {
+    /// The inventory has no tunnel for it (yet, or any more).
+    NoTunnel,
+    /// It is being removed, or the process is shutting down.
+    Draining,
+    /// None of its sessions is Ready.
+    NotReady {
+        /// The tunnel state (`connecting`, `backoff`, ...).
+        state: &'static str,
+        /// For how long it has been in that state.
+        for_: Duration,
+        /// The last error of its sessions, if any.
+        last_error: Option<String>,
+    },
 }
 
-impl std::fmt::Display for Destination {
+impl std::fmt::Display for NodeDownCause {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.host.contains(':') {
-            write!(f, "[{}]:{}", self.host, self.port)
-        } else {
-            write!(f, "{}:{}", self.host, self.port)
+        match self {
+            NodeDownCause::NoTunnel => f.write_str("has no tunnel"),
+            NodeDownCause::Draining => f.write_str("is draining (removed or shutting down)"),
+            NodeDownCause::NotReady {
+                state,
+                for_,
+                last_error,
+            } => {
+                let for_ = Duration::from_secs(for_.as_secs());
+                write!(
+                    f,
+                    "has no ready SSH session ({state} for {}",
+                    humantime::format_duration(for_)
+                )?;
+                if let Some(e) = last_error {
+                    write!(f, "; last error: {e}")?;
+                }
+                f.write_str(")")
+            }
         }
     }
 }
 
+/// Which limit refused a stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LimitKind {
+    /// `ssh.max_streams_per_node` streams are open on the node.
+    StreamsPerNode {
+        /// The limit.
+        max: usize,
+    },
+    /// Bytes from nodes that clients have not read exceed
+    /// `ssh.max_buffered_bytes`.
+    BufferedBytes {
+        /// The limit.
+        max: usize,
+    },
+}
+
 /// Why a dial failed. Every variant maps to one HTTP status and one SOCKS5
-/// reply code, and to one `reason` label in metrics and logs.
+/// reply code, and to one `reason` label in metrics and logs. The text is
+/// rendered where it is shown (HTTP body, SOCKS reply log, admin API).
 #[derive(Debug, thiserror::Error)]
 pub enum DialError {
-    /// The destination policy refuses this destination (HTTP 403, SOCKS5
-    /// 0x02 "connection not allowed by ruleset").
-    #[error("denied by policy: {0}")]
-    Denied(String),
-    /// No rule routes this destination and the default is deny (HTTP 403,
-    /// SOCKS5 0x02).
-    #[error("no route: {0}")]
-    NoRoute(String),
-    /// The route's node (or every candidate node) has no Ready session
-    /// (HTTP 503, SOCKS5 0x03 "network unreachable").
-    #[error("node unavailable: {0}")]
-    NodeDown(String),
-    /// A limit was reached: streams per node, connections in flight (HTTP
-    /// 503, SOCKS5 0x01 "general failure").
-    #[error("limit reached: {0}")]
-    Limit(String),
+    /// The router refused: the policy denies the destination (HTTP 403,
+    /// SOCKS5 0x02 "connection not allowed by ruleset"), no rule routes it
+    /// and the default is deny (HTTP 403, SOCKS5 0x02), or several nodes
+    /// claim it (HTTP 503, SOCKS5 0x02).
+    #[error("{}", route_message(.0))]
+    Route(#[from] RouteError),
+    /// No node has this name (`nodetunnel dial --node`; HTTP 403, SOCKS5
+    /// 0x02).
+    #[error("no route: no node named {node:?}")]
+    UnknownNode {
+        /// The name asked for.
+        node: String,
+    },
+    /// The route's node cannot take a stream (HTTP 503, SOCKS5 0x03
+    /// "network unreachable").
+    #[error("node unavailable: node {node} {cause}")]
+    NodeDown {
+        /// The node.
+        node: Arc<str>,
+        /// Why.
+        cause: NodeDownCause,
+    },
+    /// The destination may go through any Ready node and none is (HTTP 503,
+    /// SOCKS5 0x03).
+    #[error("node unavailable: {dest} ({rule}) needs a Ready node and none is")]
+    NoReadyNode {
+        /// The destination.
+        dest: Destination,
+        /// The rule that sent it to any node.
+        rule: crate::router::RouteRule,
+    },
+    /// A limit was reached (HTTP 503, SOCKS5 0x01 "general failure").
+    #[error("{}", limit_message(.node, .kind))]
+    Limit {
+        /// The node the stream was for.
+        node: Arc<str>,
+        /// Which limit.
+        kind: LimitKind,
+    },
     /// The node's sshd refused the direct-tcpip channel, usually because
     /// nothing listens at the destination or its policy forbids forwarding
     /// (HTTP 502, SOCKS5 0x05 "connection refused").
@@ -90,13 +157,37 @@ pub enum DialError {
     ShuttingDown,
 }
 
+fn route_message(e: &RouteError) -> String {
+    match e {
+        RouteError::Denied { .. } => format!("denied by policy: {e}"),
+        RouteError::NoRoute { .. } => format!("no route: {e}"),
+        RouteError::Conflict { .. } => format!("address conflict: {e}"),
+    }
+}
+
+fn limit_message(node: &str, kind: &LimitKind) -> String {
+    match kind {
+        LimitKind::StreamsPerNode { max } => {
+            format!("limit reached: node {node} has {max} streams open (ssh.max_streams_per_node)")
+        }
+        LimitKind::BufferedBytes { max } => format!(
+            "limit reached: more than {max} bytes from nodes are waiting for clients to read \
+             them (ssh.max_buffered_bytes)"
+        ),
+    }
+}
+
 impl DialError {
     /// The HTTP status a CONNECT refused with this error answers with.
     pub fn http_status(&self) -> u16 {
         match self {
-            DialError::Denied(_) | DialError::NoRoute(_) => 403,
+            DialError::Route(RouteError::Conflict { .. }) => 503,
+            DialError::Route(_) | DialError::UnknownNode { .. } => 403,
             DialError::Refused { .. } | DialError::Session { .. } => 502,
-            DialError::NodeDown(_) | DialError::Limit(_) | DialError::ShuttingDown => 503,
+            DialError::NodeDown { .. }
+            | DialError::NoReadyNode { .. }
+            | DialError::Limit { .. }
+            | DialError::ShuttingDown => 503,
             DialError::Timeout { .. } => 504,
         }
     }
@@ -105,25 +196,36 @@ impl DialError {
     /// with this error.
     pub fn socks5_reply(&self) -> u8 {
         match self {
-            DialError::Denied(_) | DialError::NoRoute(_) => 0x02,
-            DialError::NodeDown(_) => 0x03,
+            DialError::Route(_) | DialError::UnknownNode { .. } => 0x02,
+            DialError::NodeDown { .. } | DialError::NoReadyNode { .. } => 0x03,
             DialError::Refused { .. } => 0x05,
             DialError::Timeout { .. } => 0x06,
-            DialError::Limit(_) | DialError::Session { .. } | DialError::ShuttingDown => 0x01,
+            DialError::Limit { .. } | DialError::Session { .. } | DialError::ShuttingDown => 0x01,
         }
     }
 
     /// A short, stable label for metrics (`reason` / `result`).
     pub fn reason(&self) -> &'static str {
         match self {
-            DialError::Denied(_) => "denied",
-            DialError::NoRoute(_) => "no_route",
-            DialError::NodeDown(_) => "node_down",
-            DialError::Limit(_) => "limit",
+            DialError::Route(e) => e.label(),
+            DialError::UnknownNode { .. } => "no_route",
+            DialError::NodeDown { .. } | DialError::NoReadyNode { .. } => "node_down",
+            DialError::Limit { .. } => "limit",
             DialError::Refused { .. } => "refused",
             DialError::Timeout { .. } => "timeout",
             DialError::Session { .. } => "session",
             DialError::ShuttingDown => "shutting_down",
+        }
+    }
+
+    /// The node this error is about, for the `node` log field.
+    pub fn node(&self) -> Option<&str> {
+        match self {
+            DialError::Refused { node, .. }
+            | DialError::Timeout { node, .. }
+            | DialError::Session { node, .. } => Some(node),
+            DialError::NodeDown { node, .. } | DialError::Limit { node, .. } => Some(node),
+            _ => None,
         }
     }
 }

@@ -13,6 +13,8 @@
 //!
 //! # Layout
 //!
+//! - [`destination`]: a destination host and port, parsed and canonical
+//!   once, for every layer after the front door.
 //! - [`config`]: the TOML file, defaults and validation.
 //! - [`keys`]: the client identity (load, generate); [`known_hosts`]: host
 //!   key trust (OpenSSH known_hosts, hashed names, wildcards, CAs, revocation).
@@ -37,6 +39,7 @@ pub mod admin;
 pub mod backoff;
 pub mod cli;
 pub mod config;
+pub mod destination;
 pub mod dev;
 pub mod dial;
 pub mod inventory;

@@ -15,11 +15,11 @@ use rand::RngExt;
 use tokio::sync::Semaphore;
 
 use crate::config::{Config, HostKeyPolicy, NodeConfig};
-use crate::dial::{Destination, DialError, Dialer};
+use crate::dial::{Destination, DialError, Dialer, NodeDownCause};
 use crate::keys::Identity;
 use crate::known_hosts::KnownHosts;
 use crate::metrics::Metrics;
-use crate::router::{Route, RouteError, RouteNode, Router, RoutingConfig};
+use crate::router::{Conflict, DenyReason, Route, RouteNode, Router, RoutingConfig};
 use crate::session::{self, SessionSettings};
 use crate::stream::{StreamLimits, TunnelStream};
 use crate::tunnel::{Tunnel, TunnelContext, TunnelState, TunnelStatus};
@@ -222,9 +222,25 @@ impl TunnelManager {
             })
             .collect();
         let router = Router::new(&route_nodes, &self.routing);
+        // Warn once per change: a conflict that the previous router had
+        // already reported is not logged again on every inventory update.
+        let previous = self.router();
         for conflict in router.conflicts() {
-            tracing::warn!("routing conflict: {conflict}");
+            if !previous.conflicts().contains(conflict) {
+                tracing::warn!(kind = conflict.label(), "routing conflict: {conflict}");
+            }
         }
+        for conflict in previous.conflicts() {
+            if !router.conflicts().contains(conflict) {
+                tracing::info!(
+                    kind = conflict.label(),
+                    "routing conflict resolved: {conflict}"
+                );
+            }
+        }
+        self.ctx
+            .metrics
+            .set_route_conflicts(router.conflicts().iter().map(Conflict::label));
         if let Ok(mut slot) = self.router.write() {
             *slot = Arc::new(router);
         }
@@ -281,9 +297,9 @@ impl TunnelManager {
         host: &str,
         port: u16,
     ) -> Result<TunnelStream, DialError> {
-        let tunnel = self
-            .tunnel(node)
-            .ok_or_else(|| DialError::NoRoute(format!("no node named {node:?}")))?;
+        let tunnel = self.tunnel(node).ok_or_else(|| DialError::UnknownNode {
+            node: node.to_owned(),
+        })?;
         tunnel.open_stream(host, port, self.dial_timeout).await
     }
 
@@ -411,43 +427,43 @@ impl Dialer for TunnelManager {
 
     async fn dial(&self, dest: &Destination) -> Result<TunnelStream, DialError> {
         let router = self.router();
-        let route = router.route(&dest.host, dest.port).map_err(|e| match e {
-            RouteError::Denied { .. } => {
-                if let Some(reason) = e.deny_reason() {
-                    self.ctx.metrics.policy_denial(reason.label());
-                }
-                DialError::Denied(e.to_string())
-            }
-            RouteError::NoRoute { .. } => {
-                self.ctx.metrics.policy_denial("no_route");
-                DialError::NoRoute(e.to_string())
-            }
+        let route = router.route(dest).map_err(|e| {
+            self.ctx
+                .metrics
+                .policy_denial(e.deny_reason().map_or(e.label(), DenyReason::label));
+            DialError::Route(e)
         })?;
+        let host = dest.host.to_string();
         match route {
-            Route::Node { node, rule } => {
-                let tunnel = self.tunnel(&node).ok_or_else(|| {
-                    DialError::NodeDown(format!("node {node} ({rule}) has no tunnel"))
+            Route::Node {
+                node,
+                rule,
+                connect_to,
+            } => {
+                let tunnel = self.tunnel(&node).ok_or_else(|| DialError::NodeDown {
+                    node: node.clone(),
+                    cause: NodeDownCause::NoTunnel,
                 })?;
-                tracing::debug!(dest = %dest, node = %node, rule = %rule, "route");
+                // A route chosen by a name connects to the node's address:
+                // the node's resolver never decides where the name goes.
+                let host = connect_to.map_or(host, |ip| ip.to_string());
+                tracing::debug!(dest = %dest, node = %node, rule = %rule, connect_to = %host, "route");
                 tunnel
-                    .open_stream(&dest.host, dest.port, self.dial_timeout)
+                    .open_stream(&host, dest.port, self.dial_timeout)
                     .await
             }
             Route::AnyNode { rule } => {
-                let first = self.pick_any_node(None).ok_or_else(|| {
-                    DialError::NodeDown(format!("{dest} ({rule}) needs a Ready node and none is"))
-                })?;
+                let first = self
+                    .pick_any_node(None)
+                    .ok_or_else(|| DialError::NoReadyNode {
+                        dest: dest.clone(),
+                        rule: rule.clone(),
+                    })?;
                 tracing::debug!(dest = %dest, node = %first.name(), rule = %rule, "route");
                 let started = tokio::time::Instant::now();
-                match first
-                    .open_stream(&dest.host, dest.port, self.dial_timeout)
-                    .await
-                {
+                match first.open_stream(&host, dest.port, self.dial_timeout).await {
                     Ok(stream) => Ok(stream),
-                    Err(
-                        e
-                        @ (DialError::Denied(_) | DialError::NoRoute(_) | DialError::ShuttingDown),
-                    ) => Err(e),
+                    Err(e @ (DialError::Route(_) | DialError::ShuttingDown)) => Err(e),
                     Err(e) => {
                         // Nothing flowed yet: one other node gets a chance,
                         // within what is left of the same dial timeout.
@@ -459,7 +475,7 @@ impl Dialer for TunnelManager {
                             return Err(e);
                         };
                         tracing::info!(dest = %dest, node = %first.name(), retry = %second.name(), error = %e, "dial failed; trying another node");
-                        second.open_stream(&dest.host, dest.port, left).await
+                        second.open_stream(&host, dest.port, left).await
                     }
                 }
             }

@@ -40,6 +40,13 @@ pub struct ReasonLabel {
     pub reason: String,
 }
 
+/// `{kind}` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    /// What kind of thing.
+    pub kind: String,
+}
+
 /// `{state}` label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabel {
@@ -168,6 +175,10 @@ pub struct Metrics {
     pub policy_denials: Family<ReasonLabel, Counter>,
     /// `nodetunnel_stream_resets_total{reason}`.
     pub stream_resets: Family<ReasonLabel, Counter>,
+    /// `nodetunnel_route_conflicts{kind}`: routing conflicts in the current
+    /// inventory (addresses or pod CIDR ranges several nodes claim, which
+    /// route to none of them; node addresses ignored), by kind.
+    pub route_conflicts: Family<KindLabel, Gauge>,
     /// `nodetunnel_inventory_last_sync_timestamp_seconds`.
     pub inventory_last_sync: Gauge,
     /// `nodetunnel_inventory_sync_failures_total`: inventory syncs that
@@ -243,6 +254,12 @@ impl Metrics {
             "Destinations refused by policy, by reason",
             policy_denials.clone(),
         );
+        let route_conflicts = Family::<KindLabel, Gauge>::default();
+        registry.register(
+            "route_conflicts",
+            "Routing conflicts in the current inventory, by kind (claimed twice: routed to none; ignored node addresses)",
+            route_conflicts.clone(),
+        );
         let stream_resets = Family::<ReasonLabel, Counter>::default();
         registry.register(
             "stream_resets",
@@ -276,6 +293,7 @@ impl Metrics {
             proxy_connections_open,
             policy_denials,
             stream_resets,
+            route_conflicts,
             inventory_last_sync,
             inventory_sync_failures,
         }
@@ -302,6 +320,32 @@ impl Metrics {
                 reason: reason.to_string(),
             })
             .inc();
+    }
+
+    /// Set `nodetunnel_route_conflicts` from the labels of the current
+    /// router's conflicts: every kind seen so far is exported, at zero when
+    /// it no longer occurs.
+    pub fn set_route_conflicts<'a>(&self, kinds: impl Iterator<Item = &'a str>) {
+        let mut counts: std::collections::BTreeMap<&str, i64> = [
+            "pod_cidr",
+            "pod_and_service_cidr",
+            "shared_address",
+            "unusable_address",
+            "ignored_address",
+        ]
+        .into_iter()
+        .map(|k| (k, 0))
+        .collect();
+        for kind in kinds {
+            *counts.entry(kind).or_default() += 1;
+        }
+        for (kind, n) in counts {
+            self.route_conflicts
+                .get_or_create(&KindLabel {
+                    kind: kind.to_string(),
+                })
+                .set(n);
+        }
     }
 
     /// Count a policy denial.

@@ -11,36 +11,42 @@
 //! [`Router::new`], swaps it atomically when the inventory changes, and asks
 //! it [`Router::route`] for every stream.
 //!
-//! Rules, in order:
+//! The destination arrives parsed ([`Destination`]): IP literals canonical,
+//! names validated and lower case (see [`crate::destination`]). Rules, in
+//! order:
 //!
-//! 0. Policy: the host must be an IP literal or a valid DNS name; IP
-//!    destinations are checked against the built-in denials, `deny_cidrs` and
-//!    `allow_cidrs` (most specific prefix wins, `allow` wins ties); localhost
-//!    and cloud-metadata names are denied; the port must be in `allow_ports`
-//!    when that list is non-empty; a node's own SSH port on that node is
-//!    denied.
-//! 1. The host is one of a node's addresses or its name: that node.
+//! 0. Policy: IP destinations are checked against the built-in denials
+//!    ([`BUILTIN_DENIALS`]), `deny_cidrs` and `allow_cidrs` (most specific
+//!    prefix wins, `allow` wins ties); an IPv6 destination that leads to an
+//!    IPv4 address (IPv4-compatible, NAT64, 6to4) is checked as that IPv4
+//!    address too; localhost and cloud-metadata names are denied; the port
+//!    must be in `allow_ports` when that list is non-empty; a node's own SSH
+//!    port on that node is denied.
+//! 1. The host is one of a node's addresses or its name: that node. A
+//!    route chosen by a name connects to the node's first usable IP address
+//!    that no other node claims, never to the name
+//!    (`Route::Node::connect_to`).
 //! 2. The host is an IP in a node's pod CIDR: that node.
 //! 3. The host is an IP in a service CIDR: any Ready node. The longest prefix
-//!    across pod and service CIDRs decides between rules 2 and 3; identical
-//!    pod CIDRs of several nodes go to the first node by name.
+//!    across pod and service CIDRs decides between rules 2 and 3.
 //! 4. Otherwise `routing.default`: deny, or any Ready node (DNS names are
-//!    passed to the node unresolved).
+//!    then passed to that node unresolved).
 //!
-//! IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`) are treated as their IPv4
-//! address everywhere, and DNS-looking hosts that the node's resolver would
-//! read as legacy IPv4 numbers (`127.1`, `0x7f000001`, `017700000001`) are
-//! treated as those addresses, so neither form bypasses the policy. The IP
-//! policy sees IP literals only: a DNS name that the node resolves to a denied
-//! address is not caught here (only the well-known localhost and metadata
-//! names are), so deployments that must rule that out keep
+//! Ownership is exclusive, because a compromised node controls its own Node
+//! object: an address or name that several nodes claim, and a pod CIDR
+//! range that several nodes' CIDRs cover, route to none of them
+//! ([`RouteError::Conflict`]) for as long as the conflict lasts; a node
+//! address inside a service CIDR, inside another node's pod CIDR or refused
+//! by the policy is no node address ([`Conflict::IgnoredAddress`]). The IP
+//! policy sees IP literals only: a DNS name that the node resolves to a
+//! denied address is not caught here (only the well-known localhost and
+//! metadata names are), so deployments that must rule that out keep
 //! `routing.default = "deny"`.
 //!
 //! Lookups cost one hash probe per distinct prefix length present in a table
 //! (at most 33 for IPv4, 129 for IPv6), independent of the number of nodes and
 //! CIDRs.
 
-use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::hash::{BuildHasherDefault, Hash, Hasher};
@@ -49,6 +55,8 @@ use std::sync::Arc;
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
+
+use crate::destination::{Destination, Host};
 
 /// The `[routing]` table of the configuration file.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -136,7 +144,9 @@ impl RoutingConfig {
 pub struct RouteNode {
     /// The node's name (Kubernetes node name).
     pub name: String,
-    /// Its addresses as configured: IP literals or DNS names.
+    /// Its addresses as configured, in order of preference: IP literals or
+    /// DNS names. The first usable IP address is what a route chosen by
+    /// the node's name dials.
     pub addresses: Vec<String>,
     /// The pod CIDRs assigned to it.
     pub pod_cidrs: Vec<IpNet>,
@@ -157,6 +167,13 @@ pub enum Route {
         node: Arc<str>,
         /// The rule that picked it.
         rule: RouteRule,
+        /// The address the node connects to instead of the destination's
+        /// host: set when the route was chosen by a name (the node's name,
+        /// or a DNS name among its addresses), so that the node's own
+        /// resolver never decides where a name goes (an image mapping its
+        /// hostname to 127.0.1.1 would otherwise turn `node-1:10250` into
+        /// the node's loopback).
+        connect_to: Option<IpAddr>,
     },
     /// Through any Ready node.
     AnyNode {
@@ -177,7 +194,16 @@ impl Route {
 impl fmt::Display for Route {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Route::Node { node, rule } => write!(f, "node {node} by {rule}"),
+            Route::Node {
+                node,
+                rule,
+                connect_to: None,
+            } => write!(f, "node {node} by {rule}"),
+            Route::Node {
+                node,
+                rule,
+                connect_to: Some(ip),
+            } => write!(f, "node {node} by {rule}, connecting to {ip}"),
             Route::AnyNode { rule } => write!(f, "any node by {rule}"),
         }
     }
@@ -235,12 +261,22 @@ pub enum DenyReason {
     Unspecified,
     /// 224.0.0.0/4 or ff00::/8.
     Multicast,
-    /// A cloud metadata endpoint outside the link-local ranges: the AWS IPv6
-    /// endpoint fd00:ec2::254, or a name such as `metadata.google.internal`
-    /// that the node resolves to its metadata server.
+    /// A cloud metadata endpoint outside the link-local ranges (see
+    /// [`BUILTIN_DENIALS`] and [`METADATA_NAMES`]), or a name such as
+    /// `metadata.google.internal` that the node resolves to its metadata
+    /// server.
     CloudMetadata,
     /// The destination is in this `routing.deny_cidrs` entry.
     DenyCidr(IpNet),
+    /// An IPv6 destination that leads to this IPv4 address (IPv4-compatible,
+    /// NAT64 or 6to4: [`Host::embedded_ipv4`]), which the policy refuses
+    /// for the inner reason.
+    EmbeddedIpv4 {
+        /// The IPv4 address it leads to.
+        ipv4: Ipv4Addr,
+        /// Why that address is refused.
+        reason: Box<DenyReason>,
+    },
     /// The port is not in `routing.allow_ports`.
     Port(u16),
     /// The destination is this node's own sshd.
@@ -253,15 +289,21 @@ pub enum DenyReason {
     /// `localhost`, `*.localhost` or another name the node resolves to its
     /// own loopback.
     LocalhostName,
-    /// The host is neither an IP literal nor a valid DNS name.
-    InvalidHost,
+    /// The destination is a node's name (or a DNS name among its
+    /// addresses), and that node has no IP address to connect to instead:
+    /// the name is not handed to the node's resolver.
+    NodeWithoutAddress {
+        /// The node.
+        node: Arc<str>,
+    },
 }
 
 impl DenyReason {
     /// A short, stable label for metrics (`nodetunnel_policy_denials_total`):
     /// `loopback`, `link_local`, `unspecified`, `multicast`,
     /// `cloud_metadata`, `deny_cidr`, `port`, `node_ssh_port`,
-    /// `localhost_name` or `invalid_host`.
+    /// `localhost_name` or `node_without_address`; an embedded IPv4
+    /// address has the label of its inner reason.
     pub fn label(&self) -> &'static str {
         match self {
             DenyReason::Loopback => "loopback",
@@ -270,10 +312,11 @@ impl DenyReason {
             DenyReason::Multicast => "multicast",
             DenyReason::CloudMetadata => "cloud_metadata",
             DenyReason::DenyCidr(_) => "deny_cidr",
+            DenyReason::EmbeddedIpv4 { reason, .. } => reason.label(),
             DenyReason::Port(_) => "port",
             DenyReason::NodeSshPort { .. } => "node_ssh_port",
             DenyReason::LocalhostName => "localhost_name",
-            DenyReason::InvalidHost => "invalid_host",
+            DenyReason::NodeWithoutAddress { .. } => "node_without_address",
         }
     }
 }
@@ -287,12 +330,17 @@ impl fmt::Display for DenyReason {
             DenyReason::Multicast => f.write_str("multicast address"),
             DenyReason::CloudMetadata => f.write_str("cloud metadata endpoint"),
             DenyReason::DenyCidr(net) => write!(f, "in routing.deny_cidrs {net}"),
+            DenyReason::EmbeddedIpv4 { ipv4, reason } => {
+                write!(f, "leads to IPv4 {ipv4}: {reason}")
+            }
             DenyReason::Port(port) => write!(f, "port {port} not in routing.allow_ports"),
             DenyReason::NodeSshPort { node, port } => {
                 write!(f, "SSH port {port} of node {node}")
             }
             DenyReason::LocalhostName => f.write_str("localhost name"),
-            DenyReason::InvalidHost => f.write_str("invalid host"),
+            DenyReason::NodeWithoutAddress { node } => {
+                write!(f, "node {node} has no IP address to connect to")
+            }
         }
     }
 }
@@ -301,35 +349,66 @@ impl fmt::Display for DenyReason {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum RouteError {
     /// The policy refuses the destination.
-    #[error("{}", denied_message(.host, *.port, .reason))]
+    #[error("{}", denied_message(.dest, .reason))]
     Denied {
-        /// The host as asked for (cut to 255 bytes when invalid).
-        host: String,
-        /// The port as asked for.
-        port: u16,
+        /// The destination as asked for.
+        dest: Destination,
         /// Why it is refused.
         reason: DenyReason,
     },
     /// No rule routes the destination and `routing.default` is `deny`.
     #[error(
-        "no route to {host}: it is no node address or name and in no pod or service CIDR, \
-         and routing.default is \"deny\""
+        "no route to {}: it is no node address or name and in no pod or service CIDR, \
+         and routing.default is \"deny\"", .dest.host
     )]
     NoRoute {
-        /// The host as asked for.
-        host: String,
+        /// The destination as asked for.
+        dest: Destination,
     },
+    /// More than one node claims the destination (the same address, or
+    /// overlapping pod CIDRs): it goes to none of them while that lasts.
+    #[error(
+        "{} is claimed by nodes {} ({}); it is routed to none of them until the conflict is \
+         resolved", .dest.host, join(.nodes), .claim
+    )]
+    Conflict {
+        /// The destination as asked for.
+        dest: Destination,
+        /// What is claimed twice.
+        claim: ClaimKind,
+        /// The nodes claiming it, sorted by name.
+        nodes: Vec<Arc<str>>,
+    },
+}
+
+/// What several nodes claim in a [`RouteError::Conflict`].
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum ClaimKind {
+    /// The same address or name.
+    Address,
+    /// Overlapping or identical pod CIDRs; this is the overlapped range.
+    PodCidr(IpNet),
+}
+
+impl fmt::Display for ClaimKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ClaimKind::Address => f.write_str("as a node address or name"),
+            ClaimKind::PodCidr(net) => write!(f, "by overlapping pod CIDRs on {net}"),
+        }
+    }
 }
 
 impl RouteError {
     /// A short, stable label for metrics, the same as
     /// [`DialError::reason`](crate::dial::DialError::reason) of the dial error
-    /// this becomes: `denied` or `no_route`. The finer reason of a denial is
-    /// [`DenyReason::label`].
+    /// this becomes: `denied`, `no_route` or `conflict`. The finer reason of
+    /// a denial is [`DenyReason::label`].
     pub fn label(&self) -> &'static str {
         match self {
             RouteError::Denied { .. } => "denied",
             RouteError::NoRoute { .. } => "no_route",
+            RouteError::Conflict { .. } => "conflict",
         }
     }
 
@@ -337,24 +416,25 @@ impl RouteError {
     pub fn deny_reason(&self) -> Option<&DenyReason> {
         match self {
             RouteError::Denied { reason, .. } => Some(reason),
-            RouteError::NoRoute { .. } => None,
+            RouteError::NoRoute { .. } | RouteError::Conflict { .. } => None,
         }
     }
 }
 
 /// The one-line message of [`RouteError::Denied`].
-fn denied_message(host: &str, port: u16, reason: &DenyReason) -> String {
+fn denied_message(dest: &Destination, reason: &DenyReason) -> String {
     const ALLOW_HINT: &str = "add it to routing.allow_cidrs to allow";
+    let host = &dest.host;
+    let port = dest.port;
     match reason {
         DenyReason::Loopback => {
             format!("destination {host} is a loopback address; {ALLOW_HINT}")
         }
         DenyReason::LinkLocal => {
-            let metadata = match parse_host(host) {
-                Some(Host::Ip(ip)) if ip == IpAddr::V4(Ipv4Addr::new(169, 254, 169, 254)) => {
-                    " (cloud metadata)"
-                }
-                _ => "",
+            let metadata = if host.ip() == Some(IpAddr::V4(Ipv4Addr::new(169, 254, 169, 254))) {
+                " (cloud metadata)"
+            } else {
+                ""
             };
             format!("destination {host} is link-local{metadata}; {ALLOW_HINT}")
         }
@@ -364,11 +444,11 @@ fn denied_message(host: &str, port: u16, reason: &DenyReason) -> String {
         DenyReason::Multicast => {
             format!("destination {host} is a multicast address; {ALLOW_HINT}")
         }
-        DenyReason::CloudMetadata => match parse_host(host) {
-            Some(Host::Ip(_)) => {
+        DenyReason::CloudMetadata => match host {
+            Host::Ip(_) => {
                 format!("destination {host} is a cloud metadata endpoint; {ALLOW_HINT}")
             }
-            _ => format!(
+            Host::Name(_) => format!(
                 "destination {host} is a cloud metadata name, which the node would resolve to \
                  its metadata endpoint"
             ),
@@ -376,6 +456,10 @@ fn denied_message(host: &str, port: u16, reason: &DenyReason) -> String {
         DenyReason::DenyCidr(net) => format!(
             "destination {host} is in routing.deny_cidrs ({net}); add a more specific \
              routing.allow_cidrs entry to allow"
+        ),
+        DenyReason::EmbeddedIpv4 { ipv4, reason } => format!(
+            "destination {host} leads to IPv4 address {ipv4} (IPv4-compatible, NAT64 or 6to4), \
+             which is refused: {reason}; add the IPv6 address to routing.allow_cidrs to allow"
         ),
         DenyReason::Port(port) => {
             format!("destination {host} port {port} is not in routing.allow_ports")
@@ -388,21 +472,22 @@ fn denied_message(host: &str, port: u16, reason: &DenyReason) -> String {
             "destination {host} is a localhost name, which the node would resolve to its own \
              loopback"
         ),
-        DenyReason::InvalidHost => format!(
-            "destination host {host:?} (port {port}) is neither an IP address nor a valid DNS \
-             name"
+        DenyReason::NodeWithoutAddress { node } => format!(
+            "destination {host} (port {port}) names node {node}, which has no usable IP \
+             address; names are not handed to the node's resolver"
         ),
     }
 }
 
-/// Something in the inventory or the configuration the router resolved by a
-/// deterministic choice or ignored; the caller should log it as a warning.
+/// Something in the inventory or the configuration the router refused to
+/// route or ignored; the caller logs each new one as a warning and exports
+/// their count (`nodetunnel_route_conflicts`).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Conflict {
-    /// Several nodes have the same pod CIDR; it routes to the first of
-    /// `nodes` (sorted by name).
+    /// Several nodes' pod CIDRs cover this range (identical or nested
+    /// CIDRs): it routes to none of them.
     PodCidr {
-        /// The CIDR.
+        /// The overlapped range (the narrower CIDR).
         cidr: IpNet,
         /// The nodes claiming it, sorted by name.
         nodes: Vec<Arc<str>>,
@@ -411,11 +496,11 @@ pub enum Conflict {
     PodAndServiceCidr {
         /// The CIDR.
         cidr: IpNet,
-        /// The node it routes to (the first by name if several claim it).
+        /// The node it routes to.
         node: Arc<str>,
     },
-    /// Several nodes have the same address or name; it routes to the first
-    /// of `nodes` (sorted by name), and the SSH ports of all are denied.
+    /// Several nodes have the same address or name; it routes to none of
+    /// them, and the SSH ports of all are denied.
     SharedAddress {
         /// The address or name, normalised.
         address: String,
@@ -430,6 +515,49 @@ pub enum Conflict {
         /// The address as configured.
         address: String,
     },
+    /// A node's IP address that cannot be a node address (it is in a
+    /// service CIDR, in another node's pod CIDR, or denied by the policy):
+    /// ignored for routing, so that a node cannot claim a service's or
+    /// another node's traffic, or make a denied address reachable.
+    IgnoredAddress {
+        /// The node.
+        node: Arc<str>,
+        /// The address.
+        address: IpAddr,
+        /// Why it is ignored.
+        why: IgnoredWhy,
+    },
+}
+
+/// Why a node address is [`Conflict::IgnoredAddress`].
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum IgnoredWhy {
+    /// It is in this service CIDR.
+    ServiceCidr(IpNet),
+    /// It is in this pod CIDR of another node.
+    PodCidr {
+        /// The CIDR.
+        cidr: IpNet,
+        /// Its node.
+        node: Arc<str>,
+    },
+    /// The destination policy refuses it.
+    Denied(DenyReason),
+}
+
+impl Conflict {
+    /// A short, stable label for metrics: `pod_cidr`,
+    /// `pod_and_service_cidr`, `shared_address`, `unusable_address` or
+    /// `ignored_address`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Conflict::PodCidr { .. } => "pod_cidr",
+            Conflict::PodAndServiceCidr { .. } => "pod_and_service_cidr",
+            Conflict::SharedAddress { .. } => "shared_address",
+            Conflict::UnusableAddress { .. } => "unusable_address",
+            Conflict::IgnoredAddress { .. } => "ignored_address",
+        }
+    }
 }
 
 impl fmt::Display for Conflict {
@@ -437,9 +565,8 @@ impl fmt::Display for Conflict {
         match self {
             Conflict::PodCidr { cidr, nodes } => write!(
                 f,
-                "pod CIDR {cidr} is assigned to nodes {}; routing it to {}",
+                "pod CIDR range {cidr} is claimed by nodes {}; routing it to none of them",
                 join(nodes),
-                first(nodes)
             ),
             Conflict::PodAndServiceCidr { cidr, node } => write!(
                 f,
@@ -447,15 +574,25 @@ impl fmt::Display for Conflict {
             ),
             Conflict::SharedAddress { address, nodes } => write!(
                 f,
-                "address {address} belongs to nodes {}; routing it to {}",
+                "address {address} is claimed by nodes {}; routing it to none of them",
                 join(nodes),
-                first(nodes)
             ),
             Conflict::UnusableAddress { node, address } => write!(
                 f,
                 "address {address:?} of node {node} is neither an IP address nor a valid DNS \
                  name; ignoring it"
             ),
+            Conflict::IgnoredAddress { node, address, why } => {
+                write!(f, "address {address} of node {node} ")?;
+                match why {
+                    IgnoredWhy::ServiceCidr(net) => write!(f, "is in service CIDR {net}")?,
+                    IgnoredWhy::PodCidr { cidr, node } => {
+                        write!(f, "is in pod CIDR {cidr} of node {node}")?
+                    }
+                    IgnoredWhy::Denied(reason) => write!(f, "is refused by policy ({reason})")?,
+                }
+                f.write_str("; it is not a node address: ignoring it")
+            }
         }
     }
 }
@@ -464,15 +601,14 @@ fn join(nodes: &[Arc<str>]) -> String {
     nodes.iter().map(|n| &**n).collect::<Vec<&str>>().join(", ")
 }
 
-fn first(nodes: &[Arc<str>]) -> &str {
-    nodes.first().map_or("", |n| n)
-}
-
 /// The routing and policy indexes built from one node inventory and one
 /// [`RoutingConfig`]. Immutable, `Send + Sync`, cheap to query.
 pub struct Router {
     /// Node names, sorted.
     names: Vec<Arc<str>>,
+    /// The address a route by name connects to, by index in `names`: the
+    /// node's first usable IP address.
+    dial_ips: Vec<Option<IpAddr>>,
     /// Node addresses and names that are IPv4 literals.
     claims_v4: FastMap<u32, Claim>,
     /// Node addresses and names that are IPv6 literals.
@@ -498,12 +634,11 @@ pub struct Router {
 /// The nodes that have one address or name.
 #[derive(Debug)]
 struct Claim {
-    /// How the winning node (the first by name) has it.
+    /// How the first node (by name) has it.
     rule: RouteRule,
-    /// The winning node and its SSH port.
-    first: (Arc<str>, u16),
-    /// The other nodes that have it (name, SSH port), sorted by name.
-    others: Vec<(Arc<str>, u16)>,
+    /// Every node that has it (index in `Router::names`, SSH port), sorted
+    /// by name. More than one is a conflict: it routes to none.
+    nodes: Vec<(usize, u16)>,
 }
 
 /// What a pod or service CIDR routes to.
@@ -511,6 +646,9 @@ struct Claim {
 enum Target {
     /// The node with this index in `Router::names`.
     Pod(usize),
+    /// Several nodes' pod CIDRs cover this range (indexes in
+    /// `Router::names`, sorted): routed to none.
+    Contested(Vec<usize>),
     /// Any node.
     Service,
 }
@@ -522,53 +660,54 @@ enum Policy {
     Allow,
 }
 
-/// The built-in denials for IP destinations.
-const BUILTIN_DENIALS: [(IpNet, DenyReason); 9] = [
+const fn v4net(a: u8, b: u8, c: u8, d: u8, len: u8) -> IpNet {
+    IpNet::V4(Ipv4Net::new_assert(Ipv4Addr::new(a, b, c, d), len))
+}
+
+const fn v6net(segments: [u16; 8], len: u8) -> IpNet {
+    let [a, b, c, d, e, f, g, h] = segments;
+    IpNet::V6(Ipv6Net::new_assert(
+        Ipv6Addr::new(a, b, c, d, e, f, g, h),
+        len,
+    ))
+}
+
+/// The built-in denials for IP destinations, one entry per range, each
+/// with why it is there. `routing.allow_cidrs` lifts any of them.
+pub const BUILTIN_DENIALS: [(IpNet, DenyReason); 11] = [
+    // The node's own loopback: its kubelet's read-only and debug ports,
+    // local admin sockets, anything bound to 127.0.0.1.
+    (v4net(127, 0, 0, 0, 8), DenyReason::Loopback),
+    (v6net([0, 0, 0, 0, 0, 0, 0, 1], 128), DenyReason::Loopback),
+    // Link-local, which includes the cloud metadata endpoint
+    // 169.254.169.254 (AWS, GCP, Azure IMDS, OpenStack, ...): node
+    // credentials.
+    (v4net(169, 254, 0, 0, 16), DenyReason::LinkLocal),
     (
-        IpNet::V4(Ipv4Net::new_assert(Ipv4Addr::new(127, 0, 0, 0), 8)),
-        DenyReason::Loopback,
-    ),
-    (
-        IpNet::V6(Ipv6Net::new_assert(Ipv6Addr::LOCALHOST, 128)),
-        DenyReason::Loopback,
-    ),
-    (
-        IpNet::V4(Ipv4Net::new_assert(Ipv4Addr::new(169, 254, 0, 0), 16)),
+        v6net([0xfe80, 0, 0, 0, 0, 0, 0, 0], 10),
         DenyReason::LinkLocal,
     ),
+    // "This host": connects to the node itself on Linux.
+    (v4net(0, 0, 0, 0, 32), DenyReason::Unspecified),
     (
-        IpNet::V6(Ipv6Net::new_assert(
-            Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0),
-            10,
-        )),
-        DenyReason::LinkLocal,
-    ),
-    (
-        IpNet::V4(Ipv4Net::new_assert(Ipv4Addr::UNSPECIFIED, 32)),
+        v6net([0, 0, 0, 0, 0, 0, 0, 0], 128),
         DenyReason::Unspecified,
     ),
+    // Multicast: never a TCP destination.
+    (v4net(224, 0, 0, 0, 4), DenyReason::Multicast),
     (
-        IpNet::V6(Ipv6Net::new_assert(Ipv6Addr::UNSPECIFIED, 128)),
-        DenyReason::Unspecified,
-    ),
-    (
-        IpNet::V4(Ipv4Net::new_assert(Ipv4Addr::new(224, 0, 0, 0), 4)),
+        v6net([0xff00, 0, 0, 0, 0, 0, 0, 0], 8),
         DenyReason::Multicast,
     ),
+    // AWS IMDS over IPv6 (Nitro instances).
     (
-        IpNet::V6(Ipv6Net::new_assert(
-            Ipv6Addr::new(0xff00, 0, 0, 0, 0, 0, 0, 0),
-            8,
-        )),
-        DenyReason::Multicast,
-    ),
-    (
-        IpNet::V6(Ipv6Net::new_assert(
-            Ipv6Addr::new(0xfd00, 0x0ec2, 0, 0, 0, 0, 0, 0x0254),
-            128,
-        )),
+        v6net([0xfd00, 0x0ec2, 0, 0, 0, 0, 0, 0x0254], 128),
         DenyReason::CloudMetadata,
     ),
+    // Alibaba Cloud metadata service.
+    (v4net(100, 100, 100, 200, 32), DenyReason::CloudMetadata),
+    // Azure WireServer (VM agent, extensions and their settings).
+    (v4net(168, 63, 129, 16, 32), DenyReason::CloudMetadata),
 ];
 
 /// Names the node resolves to its own loopback (besides `*.localhost`):
@@ -583,92 +722,82 @@ const LOCALHOST_NAMES: [&str; 7] = [
     "ip6-loopback",
 ];
 
-/// Names that resolve to the cloud metadata server on the node.
-const METADATA_NAMES: [&str; 2] = ["metadata.google.internal", "metadata"];
+/// Names that resolve to a cloud metadata server on the node. A name that
+/// is one of these or ends in one (`x.metadata.google.internal`) is denied,
+/// see [`is_metadata_name`].
+pub const METADATA_NAMES: [&str; 5] = [
+    // GCP: metadata.google.internal, and the short name in its search path.
+    "metadata.google.internal",
+    "metadata",
+    // AWS: the instance metadata service by name, in EC2's own domain and
+    // by the short name the VPC resolver answers.
+    "instance-data",
+    "instance-data.ec2.internal",
+    // Azure: the name of its Instance Metadata Service.
+    "metadata.azure.com",
+];
+
+/// A name that is, or ends in, a [`METADATA_NAMES`] entry, or is
+/// `instance-data.<region>.compute.internal` (AWS outside us-east-1).
+fn is_metadata_name(name: &str) -> bool {
+    METADATA_NAMES
+        .iter()
+        .any(|m| name == *m || name.strip_suffix(m).is_some_and(|p| p.ends_with('.')))
+        || (name.starts_with("instance-data.") && name.ends_with(".compute.internal"))
+}
 
 impl Router {
-    /// Build the indexes for `nodes` and `config`. Never fails: duplicate pod
-    /// CIDRs or addresses are resolved deterministically (the first node by
-    /// name wins) and unusable addresses are skipped; both are reported by
+    /// Build the indexes for `nodes` and `config`. Never fails: addresses
+    /// and pod CIDR ranges that several nodes claim route to none of them,
+    /// and unusable or ignored addresses are skipped; all are reported by
     /// [`Router::conflicts`]. CIDRs with host bits set are truncated, and
     /// IPv4-mapped IPv6 CIDRs are treated as their IPv4 CIDR.
     pub fn new(nodes: &[RouteNode], config: &RoutingConfig) -> Router {
         let mut sorted: Vec<&RouteNode> = nodes.iter().collect();
         sorted.sort_by(|a, b| a.name.cmp(&b.name));
         let names: Vec<Arc<str>> = sorted.iter().map(|n| Arc::from(n.name.as_str())).collect();
-
         let mut conflicts = Vec::new();
-        let mut claims_v4: FastMap<u32, Claim> = FastMap::default();
-        let mut claims_v6: FastMap<u128, Claim> = FastMap::default();
-        let mut claims_name: HashMap<Box<str>, Claim> = HashMap::new();
-        let mut ssh_only: HashMap<Box<str>, Vec<(Arc<str>, u16)>> = HashMap::new();
-        let mut routes: PrefixMap<Target> = PrefixMap::default();
-        let mut pod_conflicts: BTreeMap<IpNet, Vec<usize>> = BTreeMap::new();
 
-        for (index, (node, name)) in sorted.iter().zip(&names).enumerate() {
-            let keys = node
-                .addresses
-                .iter()
-                .map(|a| (a.as_str(), RouteRule::NodeAddress))
-                .chain(std::iter::once((node.name.as_str(), RouteRule::NodeName)));
-            for (key, rule) in keys {
-                let new_claim = || Claim {
-                    rule,
-                    first: (name.clone(), node.ssh_port),
-                    others: Vec::new(),
-                };
-                let claim = match parse_host(key) {
-                    Some(Host::Ip(IpAddr::V4(ip))) => {
-                        claims_v4.entry(u32::from(ip)).or_insert_with(new_claim)
-                    }
-                    Some(Host::Ip(IpAddr::V6(ip))) => {
-                        claims_v6.entry(u128::from(ip)).or_insert_with(new_claim)
-                    }
-                    Some(Host::Name(n)) => claims_name
-                        .entry(n.into_owned().into_boxed_str())
-                        .or_insert_with(new_claim),
-                    None => {
-                        conflicts.push(Conflict::UnusableAddress {
-                            node: name.clone(),
-                            address: key.to_owned(),
-                        });
-                        continue;
-                    }
-                };
-                claim.add(name, node.ssh_port);
-            }
+        let policy = build_policy(config);
 
-            if let Some(ssh_address) = &node.ssh_address {
-                let key = host_key(ssh_address);
-                let among_addresses = node
-                    .addresses
-                    .iter()
-                    .any(|a| key.is_some() && host_key(a) == key);
-                if let (Some(key), false) = (key, among_addresses) {
-                    let entry = ssh_only.entry(key).or_default();
-                    if !entry.iter().any(|(n, _)| Arc::ptr_eq(n, name)) {
-                        entry.push((name.clone(), node.ssh_port));
-                    }
-                }
-            }
-
+        // Pod CIDRs: every range claimed by more than one node (identical
+        // or nested CIDRs) is contested and routes to none of them.
+        let mut pod_owners: BTreeMap<IpNet, Vec<usize>> = BTreeMap::new();
+        for (index, node) in sorted.iter().enumerate() {
             for cidr in &node.pod_cidrs {
-                let net = canonical_net(*cidr);
-                match routes.get(net) {
-                    None => routes.insert(net, Target::Pod(index)),
-                    Some(Target::Pod(owner)) if *owner == index => {}
-                    Some(Target::Pod(owner)) => {
-                        let owner = *owner;
-                        let claimants = pod_conflicts.entry(net).or_insert_with(|| vec![owner]);
-                        if !claimants.contains(&index) {
-                            claimants.push(index);
-                        }
-                    }
-                    Some(Target::Service) => {}
+                let owners = pod_owners.entry(canonical_net(*cidr)).or_default();
+                if !owners.contains(&index) {
+                    owners.push(index);
                 }
             }
         }
-
+        let mut routes: PrefixMap<Target> = PrefixMap::default();
+        for (net, owners) in &pod_owners {
+            let mut claimants = owners.clone();
+            for len in 0..net.prefix_len() {
+                let wider = IpNet::new(net.addr(), len).map(|n| n.trunc());
+                if let Some(wider_owners) = wider.ok().and_then(|w| pod_owners.get(&w)) {
+                    for owner in wider_owners {
+                        if !claimants.contains(owner) {
+                            claimants.push(*owner);
+                        }
+                    }
+                }
+            }
+            if claimants.len() == 1 {
+                routes.insert(*net, Target::Pod(claimants[0]));
+            } else {
+                claimants.sort_unstable();
+                conflicts.push(Conflict::PodCidr {
+                    cidr: *net,
+                    nodes: claimants
+                        .iter()
+                        .filter_map(|i| names.get(*i).cloned())
+                        .collect(),
+                });
+                routes.insert(*net, Target::Contested(claimants));
+            }
+        }
         for cidr in &config.service_cidrs {
             let net = canonical_net(*cidr);
             match routes.get(net) {
@@ -684,20 +813,91 @@ impl Router {
                         }
                     }
                 }
-                Some(Target::Service) => {}
+                Some(Target::Contested(_) | Target::Service) => {}
             }
         }
         routes.finish();
 
-        for (cidr, claimants) in pod_conflicts {
-            conflicts.push(Conflict::PodCidr {
-                cidr,
-                nodes: claimants
+        // Addresses and names. An IP address is a node address only if no
+        // other rule owns it: not in a service CIDR, not in another node's
+        // pod CIDR, not refused by the policy.
+        let mut claims_v4: FastMap<u32, Claim> = FastMap::default();
+        let mut claims_v6: FastMap<u128, Claim> = FastMap::default();
+        let mut claims_name: HashMap<Box<str>, Claim> = HashMap::new();
+        let mut ssh_only: HashMap<Box<str>, Vec<(Arc<str>, u16)>> = HashMap::new();
+        // Each node's usable IP addresses in order: the first that no other
+        // node claims is what a route by name connects to.
+        let mut candidates: Vec<Vec<IpAddr>> = vec![Vec::new(); names.len()];
+        for (index, (node, name)) in sorted.iter().zip(&names).enumerate() {
+            let keys = node
+                .addresses
+                .iter()
+                .map(|a| (a.as_str(), RouteRule::NodeAddress))
+                .chain(std::iter::once((node.name.as_str(), RouteRule::NodeName)));
+            for (key, rule) in keys {
+                let claim = match Host::parse(key) {
+                    Ok(Host::Ip(ip)) => {
+                        if let Some(why) = ignored_address(ip, index, &routes, &policy, &names) {
+                            conflicts.push(Conflict::IgnoredAddress {
+                                node: name.clone(),
+                                address: ip,
+                                why,
+                            });
+                            continue;
+                        }
+                        if let Some(list) = candidates.get_mut(index) {
+                            list.push(ip);
+                        }
+                        match ip {
+                            IpAddr::V4(v4) => claims_v4
+                                .entry(u32::from(v4))
+                                .or_insert_with(|| Claim::new(rule)),
+                            IpAddr::V6(v6) => claims_v6
+                                .entry(u128::from(v6))
+                                .or_insert_with(|| Claim::new(rule)),
+                        }
+                    }
+                    Ok(Host::Name(n)) => claims_name
+                        .entry(Box::from(n.as_str()))
+                        .or_insert_with(|| Claim::new(rule)),
+                    Err(_) => {
+                        conflicts.push(Conflict::UnusableAddress {
+                            node: name.clone(),
+                            address: key.to_owned(),
+                        });
+                        continue;
+                    }
+                };
+                claim.add(index, node.ssh_port);
+            }
+
+            if let Some(ssh_address) = &node.ssh_address {
+                let key = host_key(ssh_address);
+                let among_addresses = node
+                    .addresses
                     .iter()
-                    .filter_map(|i| names.get(*i).cloned())
-                    .collect(),
-            });
+                    .any(|a| key.is_some() && host_key(a) == key);
+                if let (Some(key), false) = (key, among_addresses) {
+                    let entry = ssh_only.entry(key).or_default();
+                    if !entry.iter().any(|(n, _)| Arc::ptr_eq(n, name)) {
+                        entry.push((name.clone(), node.ssh_port));
+                    }
+                }
+            }
         }
+
+        let dial_ips: Vec<Option<IpAddr>> = candidates
+            .iter()
+            .map(|ips| {
+                ips.iter().copied().find(|ip| {
+                    let claim = match ip {
+                        IpAddr::V4(v4) => claims_v4.get(&u32::from(*v4)),
+                        IpAddr::V6(v6) => claims_v6.get(&u128::from(*v6)),
+                    };
+                    claim.is_some_and(|c| c.nodes.len() == 1)
+                })
+            })
+            .collect();
         let mut shared: Vec<(String, &Claim)> = claims_v4
             .iter()
             .map(|(ip, claim)| (IpAddr::V4(Ipv4Addr::from(*ip)).to_string(), claim))
@@ -707,33 +907,19 @@ impl Router {
                     .map(|(ip, claim)| (IpAddr::V6(Ipv6Addr::from(*ip)).to_string(), claim)),
             )
             .chain(claims_name.iter().map(|(n, claim)| (n.to_string(), claim)))
-            .filter(|(_, claim)| !claim.others.is_empty())
+            .filter(|(_, claim)| claim.nodes.len() > 1)
             .collect();
         shared.sort_by(|a, b| a.0.cmp(&b.0));
-        conflicts.extend(
-            shared
-                .into_iter()
-                .map(|(address, claim)| Conflict::SharedAddress {
-                    address,
-                    nodes: claim.nodes().map(|(n, _)| n.clone()).collect(),
-                }),
-        );
-
-        let mut policy: PrefixMap<Policy> = PrefixMap::default();
-        for (net, reason) in BUILTIN_DENIALS {
-            policy.insert(net, Policy::Deny(reason));
-        }
-        for cidr in &config.deny_cidrs {
-            let net = canonical_net(*cidr);
-            if policy.get(net).is_none() {
-                policy.insert(net, Policy::Deny(DenyReason::DenyCidr(net)));
+        conflicts.extend(shared.into_iter().map(|(address, claim)| {
+            Conflict::SharedAddress {
+                address,
+                nodes: claim
+                    .nodes
+                    .iter()
+                    .filter_map(|(i, _)| names.get(*i).cloned())
+                    .collect(),
             }
-        }
-        for cidr in &config.allow_cidrs {
-            // On equal prefix length allow wins: it replaces any denial.
-            policy.insert(canonical_net(*cidr), Policy::Allow);
-        }
-        policy.finish();
+        }));
 
         let mut allow_ports = config.allow_ports.clone();
         allow_ports.sort_unstable();
@@ -746,6 +932,7 @@ impl Router {
 
         Router {
             names,
+            dial_ips,
             claims_v4,
             claims_v6,
             claims_name,
@@ -758,33 +945,25 @@ impl Router {
         }
     }
 
-    /// Route `host:port`. `host` is an IP literal (IPv6 without brackets,
-    /// optionally with a `%zone`) or a DNS name (case-insensitive, a trailing
-    /// dot ignored). See the [module documentation](self) for the rules.
+    /// Route `dest`. See the [module documentation](self) for the rules.
     ///
     /// # Errors
     ///
-    /// [`RouteError::Denied`] when the policy refuses the destination (an
-    /// invalid host included), [`RouteError::NoRoute`] when no rule matches
-    /// and `routing.default` is `deny`.
-    pub fn route(&self, host: &str, port: u16) -> Result<Route, RouteError> {
+    /// [`RouteError::Denied`] when the policy refuses the destination,
+    /// [`RouteError::Conflict`] when several nodes claim it,
+    /// [`RouteError::NoRoute`] when no rule matches and `routing.default`
+    /// is `deny`.
+    pub fn route(&self, dest: &Destination) -> Result<Route, RouteError> {
+        let port = dest.port;
         let deny = |reason: DenyReason| RouteError::Denied {
-            host: host.to_owned(),
-            port,
+            dest: dest.clone(),
             reason,
         };
-        let Some(parsed) = parse_host(host) else {
-            return Err(RouteError::Denied {
-                host: truncate(host, 255).to_owned(),
-                port,
-                reason: DenyReason::InvalidHost,
-            });
-        };
-        match parsed {
+        match &dest.host {
             Host::Ip(ip) => {
-                if let Some((_, Policy::Deny(reason))) = self.policy.longest(ip) {
-                    return Err(deny(reason.clone()));
-                }
+                let ip = *ip;
+                self.check_ip_policy(ip, dest.host.embedded_ipv4())
+                    .map_err(deny)?;
                 if !self.port_allowed(port) {
                     return Err(deny(DenyReason::Port(port)));
                 }
@@ -796,45 +975,52 @@ impl Router {
                     IpAddr::V6(v6) => self.claims_v6.get(&u128::from(v6)),
                 };
                 if let Some(claim) = claim {
-                    return claim.route(port).map_err(deny);
+                    return self.route_claim(claim, dest, false);
                 }
                 match self.routes.longest(ip) {
                     Some((net, Target::Pod(index))) => match self.names.get(*index) {
                         Some(node) => Ok(Route::Node {
                             node: node.clone(),
                             rule: RouteRule::PodCidr(*net),
+                            connect_to: None,
                         }),
-                        None => self.default_route_for(host),
+                        None => self.default_route_for(dest),
                     },
+                    Some((net, Target::Contested(nodes))) => Err(RouteError::Conflict {
+                        dest: dest.clone(),
+                        claim: ClaimKind::PodCidr(*net),
+                        nodes: self.names_of(nodes.iter().copied()),
+                    }),
                     Some((net, Target::Service)) => Ok(Route::AnyNode {
                         rule: RouteRule::ServiceCidr(*net),
                     }),
-                    None => self.default_route_for(host),
+                    None => self.default_route_for(dest),
                 }
             }
             Host::Name(name) => {
-                if is_localhost_name(&name) {
+                let name = name.as_str();
+                if is_localhost_name(name) {
                     return Err(deny(DenyReason::LocalhostName));
                 }
-                if METADATA_NAMES.contains(&&*name) {
+                if is_metadata_name(name) {
                     return Err(deny(DenyReason::CloudMetadata));
                 }
                 if !self.port_allowed(port) {
                     return Err(deny(DenyReason::Port(port)));
                 }
-                self.deny_ssh_only(&name, port).map_err(deny)?;
-                match self.claims_name.get(&*name) {
-                    Some(claim) => claim.route(port).map_err(deny),
-                    None => self.default_route_for(host),
+                self.deny_ssh_only(name, port).map_err(deny)?;
+                match self.claims_name.get(name) {
+                    Some(claim) => self.route_claim(claim, dest, true),
+                    None => self.default_route_for(dest),
                 }
             }
         }
     }
 
     /// Deterministic choices and ignored entries made while building, to be
-    /// logged as warnings: identical pod CIDRs of several nodes, pod CIDRs
-    /// that are also service CIDRs, addresses shared by several nodes,
-    /// unusable addresses.
+    /// logged as warnings: contested pod CIDR ranges, pod CIDRs that are
+    /// also service CIDRs, addresses shared by several nodes, unusable and
+    /// ignored addresses.
     pub fn conflicts(&self) -> &[Conflict] {
         &self.conflicts
     }
@@ -847,6 +1033,75 @@ impl Router {
     /// `routing.default` as configured.
     pub fn default_route(&self) -> DefaultRoute {
         self.default
+    }
+
+    /// The built-in denials, `deny_cidrs` and `allow_cidrs` for an IP
+    /// destination, and for the IPv4 address an IPv6 destination leads to
+    /// (unless `allow_cidrs` allows the IPv6 address itself).
+    fn check_ip_policy(&self, ip: IpAddr, embedded: Option<Ipv4Addr>) -> Result<(), DenyReason> {
+        match self.policy.longest(ip) {
+            Some((_, Policy::Deny(reason))) => return Err(reason.clone()),
+            Some((_, Policy::Allow)) => return Ok(()),
+            None => {}
+        }
+        if let Some(ipv4) = embedded {
+            if let Some((_, Policy::Deny(reason))) = self.policy.longest(IpAddr::V4(ipv4)) {
+                return Err(DenyReason::EmbeddedIpv4 {
+                    ipv4,
+                    reason: Box::new(reason.clone()),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The route for an address or name the nodes claim.
+    fn route_claim(
+        &self,
+        claim: &Claim,
+        dest: &Destination,
+        by_name: bool,
+    ) -> Result<Route, RouteError> {
+        let port = dest.port;
+        if let Some((index, _)) = claim.nodes.iter().find(|(_, ssh_port)| *ssh_port == port) {
+            return Err(RouteError::Denied {
+                dest: dest.clone(),
+                reason: DenyReason::NodeSshPort {
+                    node: self.names.get(*index).cloned().unwrap_or_default(),
+                    port,
+                },
+            });
+        }
+        let [(index, _)] = claim.nodes[..] else {
+            return Err(RouteError::Conflict {
+                dest: dest.clone(),
+                claim: ClaimKind::Address,
+                nodes: self.names_of(claim.nodes.iter().map(|(i, _)| *i)),
+            });
+        };
+        let node = self.names.get(index).cloned().unwrap_or_default();
+        let connect_to = if by_name {
+            match self.dial_ips.get(index).copied().flatten() {
+                Some(ip) => Some(ip),
+                None => {
+                    return Err(RouteError::Denied {
+                        dest: dest.clone(),
+                        reason: DenyReason::NodeWithoutAddress { node },
+                    })
+                }
+            }
+        } else {
+            None
+        };
+        Ok(Route::Node {
+            node,
+            rule: claim.rule.clone(),
+            connect_to,
+        })
+    }
+
+    fn names_of(&self, indexes: impl Iterator<Item = usize>) -> Vec<Arc<str>> {
+        indexes.filter_map(|i| self.names.get(i).cloned()).collect()
     }
 
     /// The denial if `key` (canonical, see `ssh_only`) is a node's SSH
@@ -869,15 +1124,61 @@ impl Router {
         self.allow_ports.is_empty() || self.allow_ports.binary_search(&port).is_ok()
     }
 
-    fn default_route_for(&self, host: &str) -> Result<Route, RouteError> {
+    fn default_route_for(&self, dest: &Destination) -> Result<Route, RouteError> {
         match self.default {
-            DefaultRoute::Deny => Err(RouteError::NoRoute {
-                host: host.to_owned(),
-            }),
+            DefaultRoute::Deny => Err(RouteError::NoRoute { dest: dest.clone() }),
             DefaultRoute::AnyNode => Ok(Route::AnyNode {
                 rule: RouteRule::Default,
             }),
         }
+    }
+}
+
+/// Built-in denials, then `deny_cidrs`, then `allow_cidrs` (on equal
+/// prefix length allow wins).
+fn build_policy(config: &RoutingConfig) -> PrefixMap<Policy> {
+    let mut policy: PrefixMap<Policy> = PrefixMap::default();
+    for (net, reason) in BUILTIN_DENIALS {
+        policy.insert(net, Policy::Deny(reason));
+    }
+    for cidr in &config.deny_cidrs {
+        let net = canonical_net(*cidr);
+        if policy.get(net).is_none() {
+            policy.insert(net, Policy::Deny(DenyReason::DenyCidr(net)));
+        }
+    }
+    for cidr in &config.allow_cidrs {
+        policy.insert(canonical_net(*cidr), Policy::Allow);
+    }
+    policy.finish();
+    policy
+}
+
+/// Why node `index`'s address `ip` cannot be a node address, if it cannot.
+fn ignored_address(
+    ip: IpAddr,
+    index: usize,
+    routes: &PrefixMap<Target>,
+    policy: &PrefixMap<Policy>,
+    names: &[Arc<str>],
+) -> Option<IgnoredWhy> {
+    if let Some((_, Policy::Deny(reason))) = policy.longest(ip) {
+        return Some(IgnoredWhy::Denied(reason.clone()));
+    }
+    match routes.longest(ip) {
+        Some((net, Target::Service)) => Some(IgnoredWhy::ServiceCidr(*net)),
+        Some((net, Target::Pod(owner))) if *owner != index => Some(IgnoredWhy::PodCidr {
+            cidr: *net,
+            node: names.get(*owner).cloned().unwrap_or_default(),
+        }),
+        Some((net, Target::Contested(owners))) => {
+            let other = owners.iter().find(|o| **o != index)?;
+            Some(IgnoredWhy::PodCidr {
+                cidr: *net,
+                node: names.get(*other).cloned().unwrap_or_default(),
+            })
+        }
+        _ => None,
     }
 }
 
@@ -907,155 +1208,34 @@ impl fmt::Debug for Router {
 }
 
 impl Claim {
-    /// Record that `node` has this address too (nodes come sorted by name).
-    fn add(&mut self, node: &Arc<str>, ssh_port: u16) {
-        if !self.nodes().any(|(n, _)| Arc::ptr_eq(n, node)) {
-            self.others.push((node.clone(), ssh_port));
+    fn new(rule: RouteRule) -> Claim {
+        Claim {
+            rule,
+            nodes: Vec::new(),
         }
     }
 
-    /// Every node that has it, the winner first.
-    fn nodes(&self) -> impl Iterator<Item = &(Arc<str>, u16)> {
-        std::iter::once(&self.first).chain(&self.others)
-    }
-
-    /// The route to this address at `port`, or the denial if `port` is the
-    /// SSH port of a node that has it.
-    fn route(&self, port: u16) -> Result<Route, DenyReason> {
-        if let Some((node, _)) = self.nodes().find(|(_, ssh_port)| *ssh_port == port) {
-            return Err(DenyReason::NodeSshPort {
-                node: node.clone(),
-                port,
-            });
+    /// Record that node `index` has this address too (nodes come sorted
+    /// by name).
+    fn add(&mut self, index: usize, ssh_port: u16) {
+        if !self.nodes.iter().any(|(i, _)| *i == index) {
+            self.nodes.push((index, ssh_port));
         }
-        Ok(Route::Node {
-            node: self.first.0.clone(),
-            rule: self.rule.clone(),
-        })
     }
 }
 
-/// A host as the router understands it.
-#[derive(Debug, PartialEq, Eq)]
-enum Host<'a> {
-    /// An IP address, IPv4-mapped IPv6 turned into IPv4.
-    Ip(IpAddr),
-    /// A DNS name, lowercase, without a trailing dot.
-    Name(Cow<'a, str>),
-}
-
-/// Parse a host: an IP literal (IPv6 optionally with a `%zone`), a legacy
-/// IPv4 number the node's resolver would accept (`127.1`, `0x7f.1`), or a
-/// DNS name. `None` if it is none of these.
 /// `host` in the canonical form `ssh_only` is keyed by, if it is a host.
 fn host_key(host: &str) -> Option<Box<str>> {
-    match parse_host(host)? {
+    match Host::parse(host).ok()? {
         Host::Ip(ip) => Some(ip.to_string().into_boxed_str()),
-        Host::Name(name) => Some(name.into_owned().into_boxed_str()),
+        Host::Name(name) => Some(Box::from(name.as_str())),
     }
-}
-
-fn parse_host(host: &str) -> Option<Host<'_>> {
-    if let Ok(ip) = host.parse::<IpAddr>() {
-        return Some(Host::Ip(canonical_ip(ip)));
-    }
-    if host.contains(':') {
-        let (addr, zone) = host.split_once('%')?;
-        let zone_ok = !zone.is_empty()
-            && zone
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-        if !zone_ok {
-            return None;
-        }
-        let ip = addr.parse::<Ipv6Addr>().ok()?;
-        return Some(Host::Ip(canonical_ip(IpAddr::V6(ip))));
-    }
-    let name = host.strip_suffix('.').unwrap_or(host);
-    let valid = !name.is_empty()
-        && name.len() <= 253
-        && name.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
-        });
-    if !valid {
-        return None;
-    }
-    if let Some(ip) = parse_legacy_ipv4(name) {
-        return Some(Host::Ip(IpAddr::V4(ip)));
-    }
-    if name.bytes().any(|b| b.is_ascii_uppercase()) {
-        Some(Host::Name(Cow::Owned(name.to_ascii_lowercase())))
-    } else {
-        Some(Host::Name(Cow::Borrowed(name)))
-    }
-}
-
-/// Parse the IPv4 forms of `inet_aton(3)` as glibc accepts them: one to four
-/// dot-separated parts, each decimal, octal (leading `0`) or hexadecimal
-/// (`0x`), the last part filling the remaining bytes.
-fn parse_legacy_ipv4(s: &str) -> Option<Ipv4Addr> {
-    let mut parts = [0u32; 4];
-    let mut count = 0;
-    for part in s.split('.') {
-        let slot = parts.get_mut(count)?;
-        *slot = parse_legacy_ipv4_part(part)?;
-        count += 1;
-    }
-    let (last, init) = parts.get(..count)?.split_last()?;
-    if init.iter().any(|p| *p > 0xff) {
-        return None;
-    }
-    let max = match init.len() {
-        0 => u32::MAX,
-        1 => 0x00ff_ffff,
-        2 => 0xffff,
-        _ => 0xff,
-    };
-    if *last > max {
-        return None;
-    }
-    let mut value = *last;
-    for (i, part) in init.iter().enumerate() {
-        value |= part << (24 - 8 * i);
-    }
-    Some(Ipv4Addr::from(value))
-}
-
-/// One part of [`parse_legacy_ipv4`].
-fn parse_legacy_ipv4_part(part: &str) -> Option<u32> {
-    if !part.as_bytes().first()?.is_ascii_digit() {
-        return None;
-    }
-    let (digits, radix) =
-        if let Some(hex) = part.strip_prefix("0x").or_else(|| part.strip_prefix("0X")) {
-            (hex, 16)
-        } else if let Some(octal) = part.strip_prefix('0').filter(|rest| !rest.is_empty()) {
-            (octal, 8)
-        } else {
-            (part, 10)
-        };
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
-    }
-    u32::from_str_radix(digits, radix).ok()
 }
 
 /// `localhost`, `*.localhost` and the other names [`LOCALHOST_NAMES`] lists;
 /// `name` is already lowercase without a trailing dot.
 fn is_localhost_name(name: &str) -> bool {
     name == "localhost" || name.ends_with(".localhost") || LOCALHOST_NAMES.contains(&name)
-}
-
-/// An IPv4-mapped IPv6 address becomes its IPv4 address.
-fn canonical_ip(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        IpAddr::V4(_) => ip,
-    }
 }
 
 /// Host bits cleared; an IPv4-mapped IPv6 CIDR (`::ffff:10.0.0.0/104`)
@@ -1072,15 +1252,6 @@ fn canonical_net(net: IpNet) -> IpNet {
         }
     }
     net
-}
-
-/// `s` cut to at most `max` bytes on a character boundary.
-fn truncate(s: &str, max: usize) -> &str {
-    let mut end = max.min(s.len());
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    s.get(..end).unwrap_or_default()
 }
 
 /// A hash map with [`FastHasher`].
@@ -1280,6 +1451,23 @@ impl<V> PrefixMap<V> {
 mod tests {
     use super::*;
 
+    /// Tests write destinations as text; the front door parses them the
+    /// same way ([`Host::parse`]).
+    trait RouteText {
+        fn route_str(&self, host: &str, port: u16) -> Result<Route, RouteError>;
+    }
+
+    impl RouteText for Router {
+        fn route_str(&self, host: &str, port: u16) -> Result<Route, RouteError> {
+            let host = Host::parse(host).unwrap_or_else(|e| panic!("test host {host:?}: {e}"));
+            self.route(&Destination::new(host, port))
+        }
+    }
+
+    fn dest(host: &str, port: u16) -> Destination {
+        Destination::new(Host::parse(host).expect("test host"), port)
+    }
+
     fn net(s: &str) -> IpNet {
         s.parse().expect("test CIDR")
     }
@@ -1306,6 +1494,16 @@ mod tests {
         Ok(Route::Node {
             node: Arc::from(node),
             rule,
+            connect_to: None,
+        })
+    }
+
+    /// A route chosen by a name, connecting to the node's address `ip`.
+    fn to_node_at(node: &str, rule: RouteRule, ip: &str) -> Result<Route, RouteError> {
+        Ok(Route::Node {
+            node: Arc::from(node),
+            rule,
+            connect_to: Some(ip.parse().expect("test IP")),
         })
     }
 
@@ -1347,9 +1545,9 @@ mod tests {
         assert_send_sync::<Router>();
         let router = Router::default();
         assert_eq!(
-            router.route("10.0.0.1", 80),
+            router.route_str("10.0.0.1", 80),
             Err(RouteError::NoRoute {
-                host: "10.0.0.1".to_owned()
+                dest: dest("10.0.0.1", 80),
             })
         );
         assert_eq!(router.default_route(), DefaultRoute::Deny);
@@ -1421,7 +1619,6 @@ mod tests {
             ("169.254.0.1", DenyReason::LinkLocal),
             ("::ffff:169.254.169.254", DenyReason::LinkLocal),
             ("fe80::1", DenyReason::LinkLocal),
-            ("fe80::1%eth0", DenyReason::LinkLocal),
             ("febf:ffff::1", DenyReason::LinkLocal),
             ("0.0.0.0", DenyReason::Unspecified),
             ("::", DenyReason::Unspecified),
@@ -1433,7 +1630,7 @@ mod tests {
         ];
         for (host, want) in cases {
             assert_eq!(
-                reason(router.route(host, 80)).as_ref(),
+                reason(router.route_str(host, 80)).as_ref(),
                 Some(want),
                 "{host}"
             );
@@ -1453,7 +1650,7 @@ mod tests {
             "2001:db8::1",
         ] {
             assert_eq!(
-                router.route(host, 80),
+                router.route_str(host, 80),
                 any_node(RouteRule::Default),
                 "{host}"
             );
@@ -1461,8 +1658,31 @@ mod tests {
     }
 
     #[test]
-    fn legacy_ipv4_numbers_are_addresses_not_names() {
-        let router = open();
+    fn cidrs_are_canonicalised() {
+        let nodes = [RouteNode {
+            name: "n".to_owned(),
+            addresses: Vec::new(),
+            pod_cidrs: vec![net("10.244.1.77/24"), net("::ffff:10.245.0.0/112")],
+            ssh_port: 22,
+            ssh_address: None,
+        }];
+        let router = Router::new(&nodes, &RoutingConfig::default());
+        assert_eq!(
+            router.route_str("10.244.1.1", 80),
+            to_node("n", RouteRule::PodCidr(net("10.244.1.0/24")))
+        );
+        assert_eq!(
+            router.route_str("10.245.0.1", 80),
+            to_node("n", RouteRule::PodCidr(net("10.245.0.0/16")))
+        );
+        assert_eq!(canonical_net(net("::ffff:0:0/96")), net("0.0.0.0/0"));
+        assert_eq!(canonical_net(net("::ffff:0:0/95")), net("::fffe:0:0/95"));
+    }
+
+    #[test]
+    fn legacy_ipv4_numbers_never_reach_the_router() {
+        // The node's resolver reads these as addresses (inet_aton); the
+        // front door refuses them, so the router never has to guess.
         for host in [
             "127.1",
             "127.0.1",
@@ -1474,36 +1694,27 @@ mod tests {
             "0x7f.0x0.0x0.0x1",
             "127.0.0.1.",
             "127.1.",
+            "0",
+            "0xa9fea9fe",
         ] {
             assert_eq!(
-                reason(router.route(host, 80)),
-                Some(DenyReason::Loopback),
+                Host::parse(host),
+                Err(crate::destination::HostError::AmbiguousNumeric),
                 "{host}"
             );
         }
-        assert_eq!(reason(router.route("0", 80)), Some(DenyReason::Unspecified));
-        assert_eq!(
-            reason(router.route("0xa9fea9fe", 80)),
-            Some(DenyReason::LinkLocal)
+        // A node address written that way is unusable, not a claim.
+        let router = Router::new(
+            &[node("n1", &["10.1"], &[], 22)],
+            &config(&[], DefaultRoute::Deny),
         );
-        assert_eq!(parse_legacy_ipv4("1.2.3"), Some(Ipv4Addr::new(1, 2, 0, 3)));
         assert_eq!(
-            parse_legacy_ipv4("10.65535"),
-            Some(Ipv4Addr::new(10, 0, 255, 255))
+            router.conflicts(),
+            &[Conflict::UnusableAddress {
+                node: Arc::from("n1"),
+                address: "10.1".into()
+            }]
         );
-        // Forms inet_aton rejects stay names (the node would look them up).
-        for name in [
-            "0x",
-            "08",
-            "1.2.3.4.5",
-            "256.1.1.1",
-            "1.16777216",
-            "4294967296",
-            "1a",
-        ] {
-            assert_eq!(parse_legacy_ipv4(name), None, "{name}");
-            assert!(matches!(parse_host(name), Some(Host::Name(_))), "{name}");
-        }
     }
 
     #[test]
@@ -1520,7 +1731,7 @@ mod tests {
             "localhost6",
         ] {
             assert_eq!(
-                reason(router.route(host, 80)),
+                reason(router.route_str(host, 80)),
                 Some(DenyReason::LocalhostName),
                 "{host}"
             );
@@ -1531,7 +1742,7 @@ mod tests {
             "metadata",
         ] {
             assert_eq!(
-                reason(router.route(host, 80)),
+                reason(router.route_str(host, 80)),
                 Some(DenyReason::CloudMetadata),
                 "{host}"
             );
@@ -1543,7 +1754,7 @@ mod tests {
             "metadata.example",
         ] {
             assert_eq!(
-                router.route(host, 80),
+                router.route_str(host, 80),
                 any_node(RouteRule::Default),
                 "{host}"
             );
@@ -1556,19 +1767,18 @@ mod tests {
         };
         let router = Router::new(&[], &allow_all);
         assert_eq!(
-            reason(router.route("localhost", 80)),
+            reason(router.route_str("localhost", 80)),
             Some(DenyReason::LocalhostName)
         );
         // ... nor does a /0 override the more specific built-in denials.
         assert_eq!(
-            reason(router.route("127.0.0.1", 80)),
+            reason(router.route_str("127.0.0.1", 80)),
             Some(DenyReason::Loopback)
         );
     }
 
     #[test]
-    fn invalid_hosts_are_denied() {
-        let router = open();
+    fn invalid_hosts_never_reach_the_router() {
         let long = "a".repeat(300);
         for host in [
             "",
@@ -1586,23 +1796,12 @@ mod tests {
             "evil\r\nhost",
             long.as_str(),
         ] {
-            let err = router.route(host, 80).expect_err(host);
-            assert_eq!(
-                err.deny_reason(),
-                Some(&DenyReason::InvalidHost),
-                "{host:?}"
-            );
-            let message = err.to_string();
-            assert!(
-                !message.contains('\n') && !message.contains('\r'),
-                "{message}"
-            );
-            assert!(message.len() < 400, "{message}");
+            assert!(Host::parse(host).is_err(), "{host:?}");
         }
         let label = format!("{}.example", "a".repeat(64));
-        assert!(router.route(&label, 80).is_err());
+        assert!(Host::parse(&label).is_err());
         assert_eq!(
-            router.route("under_score.example", 80),
+            open().route_str("under_score.example", 80),
             any_node(RouteRule::Default)
         );
     }
@@ -1628,47 +1827,56 @@ mod tests {
         };
         let router = Router::new(&[], &cfg);
         assert_eq!(
-            reason(router.route("10.2.0.1", 80)),
+            reason(router.route_str("10.2.0.1", 80)),
             Some(DenyReason::DenyCidr(net("10.0.0.0/8")))
         );
-        assert_eq!(router.route("10.1.3.4", 80), any_node(RouteRule::Default));
         assert_eq!(
-            reason(router.route("10.1.2.3", 80)),
+            router.route_str("10.1.3.4", 80),
+            any_node(RouteRule::Default)
+        );
+        assert_eq!(
+            reason(router.route_str("10.1.2.3", 80)),
             Some(DenyReason::DenyCidr(net("10.1.2.0/24")))
         );
         assert_eq!(
-            reason(router.route("::ffff:10.9.9.9", 80)),
+            reason(router.route_str("::ffff:10.9.9.9", 80)),
             Some(DenyReason::DenyCidr(net("10.0.0.0/8")))
         );
         // A mapped deny CIDR is its IPv4 CIDR.
         assert_eq!(
-            reason(router.route("192.168.3.4", 80)),
+            reason(router.route_str("192.168.3.4", 80)),
             Some(DenyReason::DenyCidr(net("192.168.0.0/16")))
         );
         assert_eq!(
-            router.route("169.254.169.254", 80),
+            router.route_str("169.254.169.254", 80),
             any_node(RouteRule::Default)
         );
         assert_eq!(
-            reason(router.route("169.254.169.253", 80)),
+            reason(router.route_str("169.254.169.253", 80)),
             Some(DenyReason::LinkLocal)
         );
         // Equal length: allow wins over built-in and deny_cidrs alike.
-        assert_eq!(router.route("127.0.0.1", 80), any_node(RouteRule::Default));
         assert_eq!(
-            reason(router.route("fd00::1", 80)),
+            router.route_str("127.0.0.1", 80),
+            any_node(RouteRule::Default)
+        );
+        assert_eq!(
+            reason(router.route_str("fd00::1", 80)),
             Some(DenyReason::DenyCidr(net("fd00::/8")))
         );
-        assert_eq!(router.route("fd00:1::1", 80), any_node(RouteRule::Default));
+        assert_eq!(
+            router.route_str("fd00:1::1", 80),
+            any_node(RouteRule::Default)
+        );
         // Policy comes before node routing.
         let nodes = [node("n1", &["10.2.0.1"], &[], 22)];
         let router = Router::new(&nodes, &cfg);
         assert_eq!(
-            reason(router.route("10.2.0.1", 80)),
+            reason(router.route_str("10.2.0.1", 80)),
             Some(DenyReason::DenyCidr(net("10.0.0.0/8")))
         );
         assert_eq!(
-            reason(router.route("n1", 22)),
+            reason(router.route_str("n1", 22)),
             Some(DenyReason::NodeSshPort {
                 node: Arc::from("n1"),
                 port: 22
@@ -1686,26 +1894,29 @@ mod tests {
         let nodes = [node("n1", &["10.0.0.1"], &["10.244.0.0/24"], 22)];
         let router = Router::new(&nodes, &cfg);
         assert_eq!(
-            router.route("10.0.0.1", 10250),
+            router.route_str("10.0.0.1", 10250),
             to_node("n1", RouteRule::NodeAddress)
         );
         assert_eq!(
-            router.route("example.com", 443),
+            router.route_str("example.com", 443),
             any_node(RouteRule::Default)
         );
         for host in ["10.0.0.1", "n1", "10.244.0.5", "example.com", "192.0.2.1"] {
             assert_eq!(
-                reason(router.route(host, 80)),
+                reason(router.route_str(host, 80)),
                 Some(DenyReason::Port(80)),
                 "{host}"
             );
         }
         // The port denial of the SSH port comes first when 22 is not allowed.
-        assert_eq!(reason(router.route("n1", 22)), Some(DenyReason::Port(22)));
+        assert_eq!(
+            reason(router.route_str("n1", 22)),
+            Some(DenyReason::Port(22))
+        );
         // Empty allows every port.
         let router = open();
         for port in [1, 22, 80, 65535] {
-            assert!(router.route("192.0.2.1", port).is_ok());
+            assert!(router.route_str("192.0.2.1", port).is_ok());
         }
     }
 
@@ -1718,59 +1929,66 @@ mod tests {
                 port,
             })
         };
-        assert_eq!(reason(router.route("10.0.0.1", 22)), ssh("w1", 22));
-        assert_eq!(reason(router.route("w1", 22)), ssh("w1", 22));
-        assert_eq!(reason(router.route("W1.example.com.", 22)), ssh("w1", 22));
-        assert_eq!(reason(router.route("2001:db8::1", 22)), ssh("w1", 22));
-        assert_eq!(reason(router.route("::ffff:10.0.0.1", 22)), ssh("w1", 22));
-        assert_eq!(reason(router.route("10.0.0.3", 2222)), ssh("w3", 2222));
+        assert_eq!(reason(router.route_str("10.0.0.1", 22)), ssh("w1", 22));
+        assert_eq!(reason(router.route_str("w1", 22)), ssh("w1", 22));
         assert_eq!(
-            router.route("10.0.0.3", 22),
+            reason(router.route_str("W1.example.com.", 22)),
+            ssh("w1", 22)
+        );
+        assert_eq!(reason(router.route_str("2001:db8::1", 22)), ssh("w1", 22));
+        assert_eq!(
+            reason(router.route_str("::ffff:10.0.0.1", 22)),
+            ssh("w1", 22)
+        );
+        assert_eq!(reason(router.route_str("10.0.0.3", 2222)), ssh("w3", 2222));
+        assert_eq!(
+            router.route_str("10.0.0.3", 22),
             to_node("w3", RouteRule::NodeAddress)
         );
         // A pod or service IP at port 22 is not a node's sshd.
         assert_eq!(
-            router.route("10.244.1.9", 22),
+            router.route_str("10.244.1.9", 22),
             to_node("w1", RouteRule::PodCidr(net("10.244.1.0/24")))
         );
-        assert!(router.route("10.96.0.1", 22).is_ok());
+        assert!(router.route_str("10.96.0.1", 22).is_ok());
     }
 
     #[test]
     fn node_addresses_and_names() {
         let router = cluster();
         assert_eq!(
-            router.route("10.0.0.1", 10250),
+            router.route_str("10.0.0.1", 10250),
             to_node("w1", RouteRule::NodeAddress)
         );
         assert_eq!(
-            router.route("::ffff:10.0.0.2", 10250),
+            router.route_str("::ffff:10.0.0.2", 10250),
             to_node("w2", RouteRule::NodeAddress)
         );
         assert_eq!(
-            router.route("2001:0db8:0:0::1", 10250),
+            router.route_str("2001:0db8:0:0::1", 10250),
             to_node("w1", RouteRule::NodeAddress)
         );
+        // Routes chosen by a name connect to the node's first address.
         assert_eq!(
-            router.route("w1.example.com", 10250),
-            to_node("w1", RouteRule::NodeAddress)
+            router.route_str("w1.example.com", 10250),
+            to_node_at("w1", RouteRule::NodeAddress, "10.0.0.1")
         );
         assert_eq!(
-            router.route("W2.EXAMPLE.COM.", 10250),
-            to_node("w2", RouteRule::NodeAddress)
+            router.route_str("W2.EXAMPLE.COM.", 10250),
+            to_node_at("w2", RouteRule::NodeAddress, "10.0.0.2")
         );
         assert_eq!(
-            router.route("w3", 10250),
-            to_node("w3", RouteRule::NodeName)
+            router.route_str("w3", 10250),
+            to_node_at("w3", RouteRule::NodeName, "10.0.0.3")
         );
         assert_eq!(
-            router.route("W3.", 10250),
-            to_node("w3", RouteRule::NodeName)
+            router.route_str("W3.", 10250),
+            to_node_at("w3", RouteRule::NodeName, "10.0.0.3")
         );
         assert_eq!(
-            router.route("w4", 10250),
+            router.route_str("w4", 10250),
             Err(RouteError::NoRoute {
-                host: "w4".to_owned()
+                dest: dest("w4", 10250),
             })
         );
         let names: Vec<&str> = router.node_names().map(|n| &**n).collect();
@@ -1780,7 +1998,7 @@ mod tests {
         // A node named by its IP.
         let router = Router::new(&[node("10.0.0.9", &[], &[], 22)], &RoutingConfig::default());
         assert_eq!(
-            router.route("10.0.0.9", 80),
+            router.route_str("10.0.0.9", 80),
             to_node("10.0.0.9", RouteRule::NodeName)
         );
     }
@@ -1800,56 +2018,61 @@ mod tests {
         );
         // A pod /24 inside a service /12 goes to the node.
         assert_eq!(
-            router.route("10.96.5.7", 80),
+            router.route_str("10.96.5.7", 80),
             to_node("a", RouteRule::PodCidr(net("10.96.5.0/24")))
         );
         assert_eq!(
-            router.route("10.96.6.7", 80),
+            router.route_str("10.96.6.7", 80),
             any_node(RouteRule::ServiceCidr(net("10.96.0.0/12")))
         );
-        // A node's /24 inside another node's /16.
+        // A node's /24 inside another node's /16: the overlapped range
+        // goes to neither, the rest of the /16 to its node.
         assert_eq!(
-            router.route("10.244.7.1", 80),
-            to_node("b", RouteRule::PodCidr(net("10.244.7.0/24")))
+            router.route_str("10.244.7.1", 80),
+            Err(RouteError::Conflict {
+                dest: dest("10.244.7.1", 80),
+                claim: ClaimKind::PodCidr(net("10.244.7.0/24")),
+                nodes: vec![Arc::from("a"), Arc::from("b")],
+            })
         );
         assert_eq!(
-            router.route("10.244.8.1", 80),
+            router.route_str("10.244.8.1", 80),
             to_node("a", RouteRule::PodCidr(net("10.244.0.0/16")))
         );
         // A more specific service CIDR inside a pod CIDR goes to any node.
         assert_eq!(
-            router.route("10.244.7.200", 80),
+            router.route_str("10.244.7.200", 80),
             any_node(RouteRule::ServiceCidr(net("10.244.7.128/25")))
         );
         assert_eq!(
-            router.route("fd00:244::5", 80),
+            router.route_str("fd00:244::5", 80),
             to_node("b", RouteRule::PodCidr(net("fd00:244::/64")))
         );
         assert_eq!(
-            router.route("fd00:96::1", 80),
+            router.route_str("fd00:96::1", 80),
             any_node(RouteRule::ServiceCidr(net("fd00:96::/108")))
         );
         assert_eq!(
-            router.route("::ffff:10.96.6.7", 80),
+            router.route_str("::ffff:10.96.6.7", 80),
             any_node(RouteRule::ServiceCidr(net("10.96.0.0/12")))
         );
         assert_eq!(
-            router.route("fd00:245::1", 80),
+            router.route_str("fd00:245::1", 80),
             Err(RouteError::NoRoute {
-                host: "fd00:245::1".to_owned()
+                dest: dest("fd00:245::1", 80),
             })
         );
         // DNS names never match CIDRs.
         assert_eq!(
-            router.route("svc.ns.svc.cluster.local", 80),
+            router.route_str("svc.ns.svc.cluster.local", 80),
             Err(RouteError::NoRoute {
-                host: "svc.ns.svc.cluster.local".to_owned()
+                dest: dest("svc.ns.svc.cluster.local", 80),
             })
         );
     }
 
     #[test]
-    fn identical_cidrs_pick_first_node_by_name_and_are_reported() {
+    fn claimed_twice_routes_to_none_and_is_reported() {
         let nodes = [
             node("zeta", &["10.0.0.1"], &["10.244.1.0/24"], 22),
             node(
@@ -1861,32 +2084,51 @@ mod tests {
             node(
                 "mid",
                 &["bad host"],
-                &["10.244.1.0/24", "10.244.9.0/24"],
+                &["10.244.1.0/24", "10.244.9.0/24", "10.244.20.0/24"],
                 22,
             ),
         ];
-        let router = Router::new(&nodes, &config(&["10.244.9.0/24"], DefaultRoute::Deny));
+        let router = Router::new(&nodes, &config(&["10.244.20.0/24"], DefaultRoute::Deny));
+        let names = |list: &[&str]| list.iter().map(|n| Arc::from(*n)).collect::<Vec<_>>();
         assert_eq!(
-            router.route("10.244.1.1", 80),
-            to_node("alpha", RouteRule::PodCidr(net("10.244.1.0/24")))
+            router.route_str("10.244.1.1", 80),
+            Err(RouteError::Conflict {
+                dest: dest("10.244.1.1", 80),
+                claim: ClaimKind::PodCidr(net("10.244.1.0/24")),
+                nodes: names(&["alpha", "mid", "zeta"]),
+            })
         );
         assert_eq!(
-            router.route("10.244.9.1", 80),
-            to_node("alpha", RouteRule::PodCidr(net("10.244.9.0/24")))
+            router.route_str("10.244.9.1", 80),
+            Err(RouteError::Conflict {
+                dest: dest("10.244.9.1", 80),
+                claim: ClaimKind::PodCidr(net("10.244.9.0/24")),
+                nodes: names(&["alpha", "mid"]),
+            })
+        );
+        let err = router.route_str("10.0.0.1", 80).expect_err("conflict");
+        assert_eq!(
+            err,
+            RouteError::Conflict {
+                dest: dest("10.0.0.1", 80),
+                claim: ClaimKind::Address,
+                nodes: names(&["alpha", "zeta"]),
+            }
         );
         assert_eq!(
-            router.route("10.0.0.1", 80),
-            to_node("alpha", RouteRule::NodeAddress)
+            err.to_string(),
+            "10.0.0.1 is claimed by nodes alpha, zeta (as a node address or name); it is routed \
+             to none of them until the conflict is resolved"
         );
-        // Every claimant's SSH port is denied.
+        assert_eq!(err.label(), "conflict");
+        // Every claimant's SSH port is still denied.
         for port in [22, 2222] {
             assert!(matches!(
-                reason(router.route("10.0.0.1", port)),
+                reason(router.route_str("10.0.0.1", port)),
                 Some(DenyReason::NodeSshPort { .. })
             ));
         }
         let conflicts = router.conflicts();
-        let names = |list: &[&str]| list.iter().map(|n| Arc::from(*n)).collect::<Vec<_>>();
         assert!(conflicts.contains(&Conflict::PodCidr {
             cidr: net("10.244.1.0/24"),
             nodes: names(&["alpha", "mid", "zeta"]),
@@ -1896,8 +2138,8 @@ mod tests {
             nodes: names(&["alpha", "mid"]),
         }));
         assert!(conflicts.contains(&Conflict::PodAndServiceCidr {
-            cidr: net("10.244.9.0/24"),
-            node: Arc::from("alpha"),
+            cidr: net("10.244.20.0/24"),
+            node: Arc::from("mid"),
         }));
         assert!(conflicts.contains(&Conflict::SharedAddress {
             address: "10.0.0.1".to_owned(),
@@ -1913,34 +2155,299 @@ mod tests {
             assert!(!text.contains('\n'), "{text}");
         }
         assert_eq!(
-            Conflict::PodAndServiceCidr {
-                cidr: net("10.244.9.0/24"),
-                node: Arc::from("alpha"),
-            }
-            .to_string(),
-            "pod CIDR 10.244.9.0/24 of node alpha is also a service CIDR; routing it to node alpha"
+            conflicts
+                .iter()
+                .find(|c| c.label() == "shared_address")
+                .map(ToString::to_string)
+                .as_deref(),
+            Some("address 10.0.0.1 is claimed by nodes alpha, zeta; routing it to none of them")
         );
+    }
+
+    /// A compromised node controls its own Node object: whatever it adds
+    /// to its addresses, it gets no traffic that another rule owns.
+    #[test]
+    fn a_node_cannot_claim_services_other_nodes_or_denied_addresses() {
+        let nodes = [
+            node("good", &["10.0.0.1"], &["10.244.1.0/24"], 22),
+            node(
+                "evil",
+                &[
+                    "10.0.0.2",
+                    "10.96.0.10",
+                    "10.244.1.5",
+                    "127.0.0.1",
+                    "169.254.169.254",
+                    "100.100.100.200",
+                    "10.99.0.1",
+                    "10.244.2.9",
+                ],
+                &["10.244.2.0/24"],
+                22,
+            ),
+        ];
+        let cfg = RoutingConfig {
+            deny_cidrs: vec![net("10.99.0.0/16")],
+            ..config(&["10.96.0.0/12"], DefaultRoute::Deny)
+        };
+        let router = Router::new(&nodes, &cfg);
+        // A ClusterIP stays a service, another node's pod stays its pod.
+        assert_eq!(
+            router.route_str("10.96.0.10", 443),
+            any_node(RouteRule::ServiceCidr(net("10.96.0.0/12")))
+        );
+        assert_eq!(
+            router.route_str("10.244.1.5", 8080),
+            to_node("good", RouteRule::PodCidr(net("10.244.1.0/24")))
+        );
+        // Denied addresses stay denied.
+        assert_eq!(
+            reason(router.route_str("127.0.0.1", 10250)),
+            Some(DenyReason::Loopback)
+        );
+        assert_eq!(
+            reason(router.route_str("169.254.169.254", 80)),
+            Some(DenyReason::LinkLocal)
+        );
+        assert_eq!(
+            reason(router.route_str("100.100.100.200", 80)),
+            Some(DenyReason::CloudMetadata)
+        );
+        assert_eq!(
+            reason(router.route_str("10.99.0.1", 80)),
+            Some(DenyReason::DenyCidr(net("10.99.0.0/16")))
+        );
+        // Its own address and its own pod CIDR are still its own.
+        assert_eq!(
+            router.route_str("10.0.0.2", 10250),
+            to_node("evil", RouteRule::NodeAddress)
+        );
+        assert_eq!(
+            router.route_str("10.244.2.9", 10250),
+            to_node("evil", RouteRule::NodeAddress)
+        );
+        let ignored: Vec<String> = router
+            .conflicts()
+            .iter()
+            .filter(|c| c.label() == "ignored_address")
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            ignored,
+            [
+                "address 10.96.0.10 of node evil is in service CIDR 10.96.0.0/12; it is not a node \
+                 address: ignoring it",
+                "address 10.244.1.5 of node evil is in pod CIDR 10.244.1.0/24 of node good; it is \
+                 not a node address: ignoring it",
+                "address 127.0.0.1 of node evil is refused by policy (loopback address); it is not \
+                 a node address: ignoring it",
+                "address 169.254.169.254 of node evil is refused by policy (link-local address); \
+                 it is not a node address: ignoring it",
+                "address 100.100.100.200 of node evil is refused by policy (cloud metadata \
+                 endpoint); it is not a node address: ignoring it",
+                "address 10.99.0.1 of node evil is refused by policy (in routing.deny_cidrs \
+                 10.99.0.0/16); it is not a node address: ignoring it",
+            ]
+        );
+        // An ignored address is not the address a name connects to either.
+        let first_ignored = node("n", &["127.0.0.1", "10.0.0.7"], &[], 22);
+        let router = Router::new(&[first_ignored], &config(&[], DefaultRoute::Deny));
+        assert_eq!(
+            router.route_str("n", 10250),
+            to_node_at("n", RouteRule::NodeName, "10.0.0.7")
+        );
+    }
+
+    /// The node's resolver never sees a name chosen for routing: an image
+    /// that maps its hostname to 127.0.1.1 would turn `node:10250` into
+    /// its own loopback.
+    #[test]
+    fn a_route_by_name_connects_to_the_address_not_the_name() {
+        let nodes = [
+            node(
+                "node-1",
+                &["node-1.internal", "10.0.0.1", "fd00::1"],
+                &[],
+                22,
+            ),
+            node("node-2", &["node-2.internal"], &[], 22),
+        ];
+        let router = Router::new(&nodes, &config(&[], DefaultRoute::AnyNode));
+        assert_eq!(
+            router.route_str("node-1", 10250),
+            to_node_at("node-1", RouteRule::NodeName, "10.0.0.1")
+        );
+        assert_eq!(
+            router.route_str("NODE-1.internal.", 10250),
+            to_node_at("node-1", RouteRule::NodeAddress, "10.0.0.1")
+        );
+        // An address another node claims too is not connected to by name.
+        let mut with_claimant = nodes.to_vec();
+        with_claimant.push(node("node-3", &["10.0.0.1", "10.0.0.3"], &[], 22));
+        let contested = Router::new(&with_claimant, &config(&[], DefaultRoute::AnyNode));
+        assert_eq!(
+            contested.route_str("node-1", 10250),
+            to_node_at("node-1", RouteRule::NodeName, "fd00::1")
+        );
+        assert_eq!(
+            contested.route_str("node-3", 10250),
+            to_node_at("node-3", RouteRule::NodeName, "10.0.0.3")
+        );
+        // An address routes as itself.
+        assert_eq!(
+            router.route_str("fd00::1", 10250),
+            to_node("node-1", RouteRule::NodeAddress)
+        );
+        // A node with no IP address is not reached by name at all.
+        let err = router.route_str("node-2", 10250).expect_err("no address");
+        assert_eq!(
+            err.deny_reason(),
+            Some(&DenyReason::NodeWithoutAddress {
+                node: Arc::from("node-2")
+            })
+        );
+        assert!(
+            err.to_string()
+                .contains("not handed to the node's resolver"),
+            "{err}"
+        );
+        // Names nobody owns go to any node, unresolved (routing.default).
+        assert_eq!(
+            router.route_str("example.org", 443),
+            any_node(RouteRule::Default)
+        );
+    }
+
+    #[test]
+    fn ipv4_inside_ipv6_gets_the_ipv4_policy() {
+        let router = open();
+        for (host, ipv4, inner) in [
+            ("::127.0.0.1", "127.0.0.1", DenyReason::Loopback),
+            ("::a9fe:a9fe", "169.254.169.254", DenyReason::LinkLocal),
+            (
+                "64:ff9b::a9fe:a9fe",
+                "169.254.169.254",
+                DenyReason::LinkLocal,
+            ),
+            ("64:ff9b::7f00:1", "127.0.0.1", DenyReason::Loopback),
+            (
+                "64:ff9b:1:2::a9fe:a9fe",
+                "169.254.169.254",
+                DenyReason::LinkLocal,
+            ),
+            (
+                "2002:a9fe:a9fe::1",
+                "169.254.169.254",
+                DenyReason::LinkLocal,
+            ),
+            ("2002:7f00:1::", "127.0.0.1", DenyReason::Loopback),
+            (
+                "64:ff9b::6464:64c8",
+                "100.100.100.200",
+                DenyReason::CloudMetadata,
+            ),
+        ] {
+            let err = router.route_str(host, 80).expect_err(host);
+            assert_eq!(
+                err.deny_reason(),
+                Some(&DenyReason::EmbeddedIpv4 {
+                    ipv4: ipv4.parse().expect("IPv4"),
+                    reason: Box::new(inner.clone()),
+                }),
+                "{host}"
+            );
+            assert_eq!(
+                err.deny_reason().map(DenyReason::label),
+                Some(inner.label())
+            );
+            assert!(err.to_string().contains(ipv4), "{err}");
+        }
+        // The same forms around an allowed address go through, and an
+        // explicit allow of the IPv6 address wins.
+        for host in ["::a00:1", "64:ff9b::a00:1", "2002:a00:1::1"] {
+            assert_eq!(
+                router.route_str(host, 80),
+                any_node(RouteRule::Default),
+                "{host}"
+            );
+        }
+        let cfg = RoutingConfig {
+            allow_cidrs: vec![net("64:ff9b::/96")],
+            ..config(&[], DefaultRoute::AnyNode)
+        };
+        assert_eq!(
+            Router::new(&[], &cfg).route_str("64:ff9b::7f00:1", 80),
+            any_node(RouteRule::Default)
+        );
+    }
+
+    #[test]
+    fn cloud_metadata_endpoints_of_every_provider_are_denied() {
+        let router = open();
+        for host in [
+            "100.100.100.200",
+            "168.63.129.16",
+            "fd00:ec2::254",
+            "::ffff:168.63.129.16",
+        ] {
+            assert_eq!(
+                reason(router.route_str(host, 80)),
+                Some(DenyReason::CloudMetadata),
+                "{host}"
+            );
+        }
+        for host in [
+            "metadata",
+            "metadata.google.internal",
+            "METADATA.google.internal.",
+            "instance-data",
+            "instance-data.ec2.internal",
+            "instance-data.eu-west-1.compute.internal",
+            "metadata.azure.com",
+        ] {
+            assert_eq!(
+                reason(router.route_str(host, 80)),
+                Some(DenyReason::CloudMetadata),
+                "{host}"
+            );
+        }
+        for host in [
+            "mymetadata.example",
+            "instance-data-x.example",
+            "metadata.example",
+        ] {
+            assert_eq!(
+                router.route_str(host, 80),
+                any_node(RouteRule::Default),
+                "{host}"
+            );
+        }
     }
 
     #[test]
     fn default_route() {
         let deny = Router::new(&[], &config(&[], DefaultRoute::Deny));
-        let err = deny.route("example.com", 443).expect_err("deny");
+        let err = deny.route_str("example.com", 443).expect_err("deny");
         assert_eq!(err.label(), "no_route");
         assert_eq!(err.deny_reason(), None);
         assert!(err.to_string().starts_with("no route to example.com"));
         let open = open();
         assert_eq!(
-            open.route("Example.COM.", 443),
+            open.route_str("Example.COM.", 443),
             any_node(RouteRule::Default)
         );
-        assert_eq!(open.route("192.0.2.1", 443), any_node(RouteRule::Default));
+        assert_eq!(
+            open.route_str("192.0.2.1", 443),
+            any_node(RouteRule::Default)
+        );
     }
 
     #[test]
     fn messages_and_labels() {
         let router = open();
-        let err = router.route("169.254.169.254", 80).expect_err("metadata");
+        let err = router
+            .route_str("169.254.169.254", 80)
+            .expect_err("metadata");
         assert_eq!(
             err.to_string(),
             "destination 169.254.169.254 is link-local (cloud metadata); add it to \
@@ -1948,7 +2455,10 @@ mod tests {
         );
         assert_eq!(err.label(), "denied");
         assert_eq!(
-            router.route("169.254.1.1", 80).expect_err("ll").to_string(),
+            router
+                .route_str("169.254.1.1", 80)
+                .expect_err("ll")
+                .to_string(),
             "destination 169.254.1.1 is link-local; add it to routing.allow_cidrs to allow"
         );
         let labels = [
@@ -1967,15 +2477,26 @@ mod tests {
                 "node_ssh_port",
             ),
             (DenyReason::LocalhostName, "localhost_name"),
-            (DenyReason::InvalidHost, "invalid_host"),
+            (
+                DenyReason::NodeWithoutAddress {
+                    node: Arc::from("n"),
+                },
+                "node_without_address",
+            ),
+            (
+                DenyReason::EmbeddedIpv4 {
+                    ipv4: Ipv4Addr::LOCALHOST,
+                    reason: Box::new(DenyReason::Loopback),
+                },
+                "loopback",
+            ),
         ];
         for (reason, label) in labels {
             assert_eq!(reason.label(), label);
             assert!(!reason.to_string().is_empty());
             for host in ["10.1.2.3", "fd00:ec2::254", "metadata", "a.example"] {
                 let err = RouteError::Denied {
-                    host: host.to_owned(),
-                    port: 22,
+                    dest: dest(host, 22),
                     reason: reason.clone(),
                 };
                 let message = err.to_string();
@@ -1998,8 +2519,18 @@ mod tests {
         let route = Route::Node {
             node: Arc::from("w1"),
             rule: RouteRule::NodeName,
+            connect_to: None,
         };
         assert_eq!(route.to_string(), "node w1 by node-name");
+        let route = Route::Node {
+            node: Arc::from("w1"),
+            rule: RouteRule::NodeName,
+            connect_to: Some("10.0.0.1".parse().expect("IP")),
+        };
+        assert_eq!(
+            route.to_string(),
+            "node w1 by node-name, connecting to 10.0.0.1"
+        );
         assert_eq!(route.rule(), &RouteRule::NodeName);
         assert_eq!(
             Route::AnyNode {
@@ -2023,75 +2554,44 @@ mod tests {
             &config(&[], DefaultRoute::AnyNode),
         );
         let ssh_port = |node: &str, port| {
-            Err(RouteError::Denied {
-                host: String::new(),
+            Err(DenyReason::NodeSshPort {
+                node: node.into(),
                 port,
-                reason: DenyReason::NodeSshPort {
-                    node: node.into(),
-                    port,
-                },
             })
         };
         let without_host = |r: Result<Route, RouteError>| match r {
-            Err(RouteError::Denied { port, reason, .. }) => Err(RouteError::Denied {
-                host: String::new(),
-                port,
-                reason,
-            }),
-            other => other,
+            Err(RouteError::Denied { reason, .. }) => Err(reason),
+            Ok(route) => Ok(route),
+            Err(other) => panic!("{other}"),
         };
         assert_eq!(
-            without_host(router.route("192.168.5.11", 2222)),
+            without_host(router.route_str("192.168.5.11", 2222)),
             ssh_port("a", 2222)
         );
         assert_eq!(
-            without_host(router.route("::ffff:192.168.5.11", 2222)),
+            without_host(router.route_str("::ffff:192.168.5.11", 2222)),
             ssh_port("a", 2222)
         );
         assert_eq!(
-            without_host(router.route("B-MGMT.example", 22)),
+            without_host(router.route_str("B-MGMT.example", 22)),
             ssh_port("b", 22)
         );
         // Other ports of an SSH address are not the node's: the default.
         assert_eq!(
-            router.route("192.168.5.11", 22),
+            router.route_str("192.168.5.11", 22),
             Ok(Route::AnyNode {
                 rule: RouteRule::Default
             })
         );
         // An SSH address among the addresses is covered as an address.
         assert_eq!(
-            without_host(router.route("10.240.0.13", 22)),
+            without_host(router.route_str("10.240.0.13", 22)),
             ssh_port("c", 22)
         );
         assert_eq!(
-            router.route("10.240.0.13", 80),
+            router.route_str("10.240.0.13", 80),
             to_node("c", RouteRule::NodeAddress)
         );
-    }
-
-    #[test]
-    fn cidrs_are_canonicalised() {
-        let nodes = [RouteNode {
-            name: "n".to_owned(),
-            addresses: Vec::new(),
-            pod_cidrs: vec![net("10.244.1.77/24"), net("::ffff:10.245.0.0/112")],
-            ssh_port: 22,
-            ssh_address: None,
-        }];
-        let router = Router::new(&nodes, &RoutingConfig::default());
-        assert_eq!(
-            router.route("10.244.1.1", 80),
-            to_node("n", RouteRule::PodCidr(net("10.244.1.0/24")))
-        );
-        assert_eq!(
-            router.route("10.245.0.1", 80),
-            to_node("n", RouteRule::PodCidr(net("10.245.0.0/16")))
-        );
-        assert_eq!(canonical_net(net("::ffff:0:0/96")), net("0.0.0.0/0"));
-        assert_eq!(canonical_net(net("::ffff:0:0/95")), net("::fffe:0:0/95"));
-        assert_eq!(truncate("h\u{e9}llo", 2), "h");
-        assert_eq!(truncate("abc", 10), "abc");
     }
 
     #[test]
@@ -2106,6 +2606,7 @@ mod tests {
 
     mod prop {
         use super::super::*;
+        use super::RouteText;
         use proptest::prelude::*;
 
         /// Ports the tables and queries draw from.
@@ -2227,10 +2728,10 @@ mod tests {
             host: &str,
             port: u16,
         ) -> Result<Route, RouteError> {
+            let dest = Destination::new(Host::parse(host).expect("queries are valid hosts"), port);
             let deny = |reason| {
                 Err(RouteError::Denied {
-                    host: host.to_owned(),
-                    port,
+                    dest: dest.clone(),
                     reason,
                 })
             };
@@ -2241,65 +2742,14 @@ mod tests {
                 IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
                 IpAddr::V4(_) => ip,
             };
-            // (node, via address?) for every node that has `matches`.
-            let claimants = |matches: &dyn Fn(&str) -> bool| -> Vec<(&RouteNode, bool)> {
-                sorted
-                    .iter()
-                    .filter_map(|n| {
-                        if n.addresses.iter().any(|a| matches(a)) {
-                            Some((*n, true))
-                        } else if matches(&n.name) {
-                            Some((*n, false))
-                        } else {
-                            None
-                        }
-                    })
+            let names_of = |idx: &[usize]| -> Vec<Arc<str>> {
+                idx.iter()
+                    .map(|i| Arc::from(sorted[*i].name.as_str()))
                     .collect()
             };
-            let node_route = |claimants: Vec<(&RouteNode, bool)>| {
-                let (first, by_address) = claimants.first()?;
-                if let Some((n, _)) = claimants.iter().find(|(n, _)| n.ssh_port == port) {
-                    return Some(deny(DenyReason::NodeSshPort {
-                        node: Arc::from(n.name.as_str()),
-                        port,
-                    }));
-                }
-                Some(Ok(Route::Node {
-                    node: Arc::from(first.name.as_str()),
-                    rule: if *by_address {
-                        RouteRule::NodeAddress
-                    } else {
-                        RouteRule::NodeName
-                    },
-                }))
-            };
-            let default = || match cfg.default {
-                DefaultRoute::Deny => Err(RouteError::NoRoute {
-                    host: host.to_owned(),
-                }),
-                DefaultRoute::AnyNode => Ok(Route::AnyNode {
-                    rule: RouteRule::Default,
-                }),
-            };
 
-            let Ok(ip) = host.parse::<IpAddr>() else {
-                let name = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
-                if name == "localhost" {
-                    return deny(DenyReason::LocalhostName);
-                }
-                if name == "metadata" {
-                    return deny(DenyReason::CloudMetadata);
-                }
-                if !port_ok {
-                    return deny(DenyReason::Port(port));
-                }
-                let found = claimants(&|a: &str| {
-                    a.strip_suffix('.').unwrap_or(a).eq_ignore_ascii_case(&name)
-                });
-                return node_route(found).unwrap_or_else(default);
-            };
-            let ip = canonical(ip);
-
+            // The policy: Some(Some(reason)) denies, Some(None) allows,
+            // None: no entry.
             let builtin = [
                 ("127.0.0.0/8", DenyReason::Loopback),
                 ("::1/128", DenyReason::Loopback),
@@ -2310,70 +2760,202 @@ mod tests {
                 ("224.0.0.0/4", DenyReason::Multicast),
                 ("ff00::/8", DenyReason::Multicast),
                 ("fd00:ec2::254/128", DenyReason::CloudMetadata),
+                ("100.100.100.200/32", DenyReason::CloudMetadata),
+                ("168.63.129.16/32", DenyReason::CloudMetadata),
             ];
-            let mut best: Option<(u8, Option<DenyReason>)> = None;
-            let candidates = builtin
-                .iter()
-                .filter_map(|(n, r)| n.parse::<IpNet>().ok().map(|n| (n, Some(r.clone()))))
-                .chain(
-                    cfg.deny_cidrs
-                        .iter()
-                        .map(|n| (*n, Some(DenyReason::DenyCidr(*n)))),
-                )
-                .chain(cfg.allow_cidrs.iter().map(|n| (*n, None)));
-            for (n, verdict) in candidates {
-                if !n.contains(&ip) {
-                    continue;
-                }
-                let better = match &best {
-                    None => true,
-                    Some((len, current)) => {
-                        n.prefix_len() > *len
-                            || (n.prefix_len() == *len && verdict.is_none() && current.is_some())
+            let verdict = |ip: IpAddr| -> Option<Option<DenyReason>> {
+                let mut best: Option<(u8, Option<DenyReason>)> = None;
+                let candidates = builtin
+                    .iter()
+                    .filter_map(|(n, r)| n.parse::<IpNet>().ok().map(|n| (n, Some(r.clone()))))
+                    .chain(
+                        cfg.deny_cidrs
+                            .iter()
+                            .map(|n| (*n, Some(DenyReason::DenyCidr(*n)))),
+                    )
+                    .chain(cfg.allow_cidrs.iter().map(|n| (*n, None)));
+                for (n, v) in candidates {
+                    if !n.contains(&ip) {
+                        continue;
                     }
-                };
-                if better {
-                    best = Some((n.prefix_len(), verdict));
+                    let better = match &best {
+                        None => true,
+                        Some((len, current)) => {
+                            n.prefix_len() > *len
+                                || (n.prefix_len() == *len && v.is_none() && current.is_some())
+                        }
+                    };
+                    if better {
+                        best = Some((n.prefix_len(), v));
+                    }
                 }
-            }
-            if let Some((_, Some(reason))) = best {
+                best.map(|(_, v)| v)
+            };
+
+            // The best pod or service CIDR for an IP: (CIDR, None for a
+            // service CIDR or the indexes of every node whose pod CIDRs
+            // cover the IP).
+            let cidr_route = |ip: IpAddr| -> Option<(IpNet, Option<Vec<usize>>)> {
+                let mut best: Option<(IpNet, Option<Vec<usize>>)> = None;
+                for (i, n) in sorted.iter().enumerate() {
+                    for c in &n.pod_cidrs {
+                        if c.contains(&ip)
+                            && best
+                                .as_ref()
+                                .is_none_or(|(b, _)| c.prefix_len() > b.prefix_len())
+                        {
+                            best = Some((*c, Some(vec![i])));
+                        }
+                    }
+                }
+                if let Some((_, Some(owners))) = &mut best {
+                    *owners = sorted
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, n)| n.pod_cidrs.iter().any(|c| c.contains(&ip)))
+                        .map(|(i, _)| i)
+                        .collect();
+                }
+                for c in &cfg.service_cidrs {
+                    if c.contains(&ip)
+                        && best
+                            .as_ref()
+                            .is_none_or(|(b, _)| c.prefix_len() > b.prefix_len())
+                    {
+                        best = Some((*c, None));
+                    }
+                }
+                best
+            };
+            // Whether node `i` may have IP address `a` as a node address.
+            let usable = |i: usize, a: IpAddr| -> bool {
+                if matches!(verdict(a), Some(Some(_))) {
+                    return false;
+                }
+                match cidr_route(a) {
+                    Some((_, None)) => false,
+                    Some((_, Some(owners))) => owners == [i],
+                    None => true,
+                }
+            };
+            // (node index, via address?) for every node that has `matches`.
+            let claimants = |matches: &dyn Fn(&Host) -> bool| -> Vec<(usize, bool)> {
+                let has = |i: usize, text: &str| match Host::parse(text) {
+                    Ok(Host::Ip(ip)) => usable(i, ip) && matches(&Host::Ip(ip)),
+                    Ok(h) => matches(&h),
+                    Err(_) => false,
+                };
+                (0..sorted.len())
+                    .filter_map(|i| {
+                        if sorted[i].addresses.iter().any(|a| has(i, a)) {
+                            Some((i, true))
+                        } else if has(i, &sorted[i].name) {
+                            Some((i, false))
+                        } else {
+                            None
+                        }
+                    })
+                    .collect()
+            };
+            // The first usable address of node `i` that no other node claims.
+            let dial_ip = |i: usize| -> Option<IpAddr> {
+                sorted[i]
+                    .addresses
+                    .iter()
+                    .find_map(|a| match Host::parse(a) {
+                        Ok(Host::Ip(ip))
+                            if usable(i, ip)
+                                && claimants(&|h: &Host| *h == Host::Ip(ip)).len() == 1 =>
+                        {
+                            Some(ip)
+                        }
+                        _ => None,
+                    })
+            };
+            let node_route = |claimants: Vec<(usize, bool)>, by_name: bool| {
+                let (first, by_address) = *claimants.first()?;
+                if let Some((i, _)) = claimants.iter().find(|(i, _)| sorted[*i].ssh_port == port) {
+                    return Some(deny(DenyReason::NodeSshPort {
+                        node: Arc::from(sorted[*i].name.as_str()),
+                        port,
+                    }));
+                }
+                if claimants.len() > 1 {
+                    let idx: Vec<usize> = claimants.iter().map(|(i, _)| *i).collect();
+                    return Some(Err(RouteError::Conflict {
+                        dest: dest.clone(),
+                        claim: ClaimKind::Address,
+                        nodes: names_of(&idx),
+                    }));
+                }
+                let node: Arc<str> = Arc::from(sorted[first].name.as_str());
+                let connect_to = if by_name {
+                    match dial_ip(first) {
+                        Some(ip) => Some(ip),
+                        None => return Some(deny(DenyReason::NodeWithoutAddress { node })),
+                    }
+                } else {
+                    None
+                };
+                Some(Ok(Route::Node {
+                    node,
+                    rule: if by_address {
+                        RouteRule::NodeAddress
+                    } else {
+                        RouteRule::NodeName
+                    },
+                    connect_to,
+                }))
+            };
+            let default = || match cfg.default {
+                DefaultRoute::Deny => Err(RouteError::NoRoute { dest: dest.clone() }),
+                DefaultRoute::AnyNode => Ok(Route::AnyNode {
+                    rule: RouteRule::Default,
+                }),
+            };
+
+            let ip = match &dest.host {
+                Host::Name(name) => {
+                    let name = name.as_str();
+                    if name == "localhost" {
+                        return deny(DenyReason::LocalhostName);
+                    }
+                    if name == "metadata" {
+                        return deny(DenyReason::CloudMetadata);
+                    }
+                    if !port_ok {
+                        return deny(DenyReason::Port(port));
+                    }
+                    let found =
+                        claimants(&|h: &Host| matches!(h, Host::Name(n) if n.as_str() == name));
+                    return node_route(found, true).unwrap_or_else(default);
+                }
+                Host::Ip(ip) => canonical(*ip),
+            };
+            if let Some(Some(reason)) = verdict(ip) {
                 return deny(reason);
             }
             if !port_ok {
                 return deny(DenyReason::Port(port));
             }
-            let found = claimants(&|a: &str| a.parse::<IpAddr>().is_ok_and(|a| canonical(a) == ip));
-            if let Some(result) = node_route(found) {
+            let found = claimants(&|h: &Host| *h == Host::Ip(ip));
+            if let Some(result) = node_route(found, false) {
                 return result;
             }
-            // (prefix length, is service, node) of the best CIDR.
-            let mut best: Option<(u8, Route)> = None;
-            let pods = sorted.iter().flat_map(|n| {
-                n.pod_cidrs.iter().map(move |c| {
-                    (
-                        *c,
-                        Route::Node {
-                            node: Arc::from(n.name.as_str()),
-                            rule: RouteRule::PodCidr(*c),
-                        },
-                    )
-                })
-            });
-            let services = cfg.service_cidrs.iter().map(|c| {
-                (
-                    *c,
-                    Route::AnyNode {
-                        rule: RouteRule::ServiceCidr(*c),
-                    },
-                )
-            });
-            for (c, route) in pods.chain(services) {
-                if c.contains(&ip) && best.as_ref().is_none_or(|(len, _)| c.prefix_len() > *len) {
-                    best = Some((c.prefix_len(), route));
-                }
-            }
-            match best {
-                Some((_, route)) => Ok(route),
+            match cidr_route(ip) {
+                Some((c, None)) => Ok(Route::AnyNode {
+                    rule: RouteRule::ServiceCidr(c),
+                }),
+                Some((c, Some(owners))) if owners.len() == 1 => Ok(Route::Node {
+                    node: Arc::from(sorted[owners[0]].name.as_str()),
+                    rule: RouteRule::PodCidr(c),
+                    connect_to: None,
+                }),
+                Some((c, Some(owners))) => Err(RouteError::Conflict {
+                    dest: dest.clone(),
+                    claim: ClaimKind::PodCidr(c),
+                    nodes: names_of(&owners),
+                }),
                 None => default(),
             }
         }
@@ -2394,7 +2976,7 @@ mod tests {
             ) {
                 let router = Router::new(&nodes, &cfg);
                 for (host, port) in &queries {
-                    let got = router.route(host, *port);
+                    let got = router.route_str(host, *port);
                     let want = reference(&nodes, &cfg, host, *port);
                     prop_assert_eq!(got, want, "host {} port {}", host, port);
                 }

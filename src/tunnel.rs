@@ -27,7 +27,7 @@ use tokio::sync::{Notify, Semaphore};
 
 use crate::backoff::Backoff;
 use crate::config::NodeConfig;
-use crate::dial::DialError;
+use crate::dial::{DialError, LimitKind, NodeDownCause};
 use crate::keepalive;
 use crate::metrics::{Metrics, StateLabel};
 use crate::session::{self, ConnectError, SessionSettings, Target};
@@ -391,19 +391,21 @@ impl Tunnel {
         timeout: Duration,
     ) -> Result<TunnelStream, DialError> {
         if self.draining.load(Ordering::Acquire) {
-            return Err(DialError::NodeDown(format!(
-                "node {} is draining (removed or shutting down)",
-                self.name
-            )));
+            return Err(DialError::NodeDown {
+                node: self.name.clone(),
+                cause: NodeDownCause::Draining,
+            });
         }
         let live = self
             .least_loaded_session()
             .ok_or_else(|| self.not_ready_error())?;
         if self.ctx.limits.over_budget() {
-            return Err(DialError::Limit(format!(
-                "more than {} bytes from nodes are waiting for clients to read them (ssh.max_buffered_bytes)",
-                self.ctx.limits.max_in_use
-            )));
+            return Err(DialError::Limit {
+                node: self.name.clone(),
+                kind: LimitKind::BufferedBytes {
+                    max: self.ctx.limits.max_in_use,
+                },
+            });
         }
         let metrics = &self.ctx.metrics;
         let slot = StreamSlot::try_take(
@@ -412,11 +414,11 @@ impl Tunnel {
             live.streams.clone(),
             metrics.clone(),
         )
-        .ok_or_else(|| {
-            DialError::Limit(format!(
-                "node {} has {} streams open (ssh.max_streams_per_node)",
-                self.name, self.ctx.max_streams_per_node
-            ))
+        .ok_or_else(|| DialError::Limit {
+            node: self.name.clone(),
+            kind: LimitKind::StreamsPerNode {
+                max: self.ctx.max_streams_per_node,
+            },
         })?;
         let started = Instant::now();
         let inbound = slot.inbound(self.name.clone(), self.ctx.limits.clone());
@@ -469,19 +471,14 @@ impl Tunnel {
 
     fn not_ready_error(&self) -> DialError {
         let status = self.status();
-        let since = status
-            .since
-            .elapsed()
-            .map(|d| humantime::format_duration(Duration::from_secs(d.as_secs())).to_string())
-            .unwrap_or_default();
-        let last = status
-            .last_error
-            .map(|e| format!("; last error: {e}"))
-            .unwrap_or_default();
-        DialError::NodeDown(format!(
-            "node {} has no ready SSH session ({} for {since}{last})",
-            self.name, status.state
-        ))
+        DialError::NodeDown {
+            node: self.name.clone(),
+            cause: NodeDownCause::NotReady {
+                state: status.state.as_str(),
+                for_: status.since.elapsed().unwrap_or_default(),
+                last_error: status.last_error,
+            },
+        }
     }
 
     /// Stop taking streams, give open ones up to `grace`, then close the

@@ -95,9 +95,13 @@ per_node_metrics = {per_node_metrics}
             proxy = dir.path().join("proxy.sock"),
             admin_uds = dir.path().join("admin.sock"),
         );
+        // Every sshd listens on 127.0.0.1; node-1 has that address, the
+        // others addresses of their own (an address claimed by two nodes
+        // routes to neither), and reach their sshd at 127.0.0.1.
         for (i, n) in nodes.iter().enumerate() {
             text.push_str(&format!(
-                "\n[[nodes]]\nname = \"node-{}\"\naddresses = [\"127.0.0.1\"]\nssh_port = {}\n",
+                "\n[[nodes]]\nname = \"node-{}\"\naddresses = [\"127.0.0.{}\"]\nssh_address = \"127.0.0.1\"\nssh_port = {}\n",
+                i + 1,
                 i + 1,
                 n.port()
             ));

@@ -479,7 +479,7 @@ async fn a_service_destination_retries_once_on_another_node_when_the_first_refus
     // 127.0.0.2: a "service IP", not one of the nodes' addresses.
     let echo = echo_server_at("127.0.0.2").await;
     let dest = Destination {
-        host: "127.0.0.2".into(),
+        host: "127.0.0.2".parse().unwrap(),
         port: echo,
     };
     for _ in 0..20 {
@@ -499,7 +499,7 @@ async fn a_service_destination_retries_once_on_another_node_when_the_first_refus
     // A denied destination never reaches a node.
     let err = manager
         .dial(&Destination {
-            host: "169.254.169.254".into(),
+            host: "169.254.169.254".parse().unwrap(),
             port: 80,
         })
         .await

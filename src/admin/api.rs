@@ -200,10 +200,17 @@ pub struct ReconnectAnswer {
 pub struct RouteAnswer {
     /// The destination as normalised (`host:port`, IPv6 in brackets).
     pub dest: String,
-    /// `node`, `any-node`, `denied` or `no-route`.
+    /// `node`, `any-node`, `denied`, `no-route` or `conflict`.
     pub decision: String,
     /// The node, for `node`.
     pub node: Option<String>,
+    /// The address the node connects to instead of the destination host,
+    /// for a `node` route chosen by a name.
+    #[serde(default)]
+    pub connect_to: Option<String>,
+    /// The nodes that claim the destination, for `conflict`.
+    #[serde(default)]
+    pub conflict_nodes: Option<Vec<String>>,
     /// That node's tunnel state, when a running sidecar answers.
     pub node_state: Option<String>,
     /// The rule that matched (`pod-cidr 10.244.1.0/24`), for routed
@@ -228,6 +235,8 @@ impl RouteAnswer {
             dest,
             decision: String::new(),
             node: None,
+            connect_to: None,
+            conflict_nodes: None,
             node_state: None,
             rule: None,
             rule_label: None,
@@ -240,10 +249,20 @@ impl RouteAnswer {
                 answer.rule = Some(route.rule().to_string());
                 answer.rule_label = Some(route.rule().label().to_string());
                 match route {
-                    Route::Node { node, rule } => {
+                    Route::Node {
+                        node,
+                        rule,
+                        connect_to,
+                    } => {
                         answer.decision = "node".into();
                         answer.node = Some(node.to_string());
-                        answer.message = format!("through node {node} (rule {rule})");
+                        answer.connect_to = connect_to.map(|ip| ip.to_string());
+                        answer.message = match connect_to {
+                            Some(ip) => {
+                                format!("through node {node} to {ip}, its address (rule {rule})")
+                            }
+                            None => format!("through node {node} (rule {rule})"),
+                        };
                     }
                     Route::AnyNode { rule } => {
                         answer.decision = "any-node".into();
@@ -258,6 +277,10 @@ impl RouteAnswer {
                 answer.decision = match e {
                     RouteError::Denied { .. } => "denied".into(),
                     RouteError::NoRoute { .. } => "no-route".into(),
+                    RouteError::Conflict { nodes, .. } => {
+                        answer.conflict_nodes = Some(nodes.iter().map(|n| n.to_string()).collect());
+                        "conflict".into()
+                    }
                 };
                 answer.reason = e.deny_reason().map(|r| r.label().to_string());
                 answer.message = e.to_string();

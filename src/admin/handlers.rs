@@ -150,7 +150,7 @@ fn route(state: &AdminState, query: Option<&str>) -> Answer {
         Ok(d) => d,
         Err(e) => return bad_request(&format!("dest {text:?}: {e}")),
     };
-    let result = state.manager.router().route(&dest.host, dest.port);
+    let result = state.manager.router().route(&dest);
     let mut answer = RouteAnswer::new(dest.to_string(), &result);
     if let Some(node) = &answer.node {
         answer.node_state = Some(match state.manager.tunnel(node) {

@@ -311,7 +311,10 @@ async fn dial(config_path: &std::path::Path, node: &str, target: &str) -> ExitCo
         manager.shutdown(Duration::ZERO).await;
         return fail(format!("node {node}: {e}"));
     }
-    let mut stream = match manager.dial_node(node, &dest.host, dest.port).await {
+    let mut stream = match manager
+        .dial_node(node, &dest.host.to_string(), dest.port)
+        .await
+    {
         Ok(s) => s,
         Err(e) => {
             manager.shutdown(Duration::ZERO).await;

@@ -113,10 +113,7 @@ pub fn decide_with(
     for conflict in router.conflicts() {
         eprintln!("warning: routing conflict: {conflict}");
     }
-    Ok(RouteAnswer::new(
-        dest.to_string(),
-        &router.route(&dest.host, dest.port),
-    ))
+    Ok(RouteAnswer::new(dest.to_string(), &router.route(&dest)))
 }
 
 /// One line: `DEST -> node N (rule R)`, `DEST -> any Ready node (rule R)`,
@@ -124,10 +121,21 @@ pub fn decide_with(
 pub fn render(answer: &RouteAnswer) -> String {
     let rule = answer.rule.as_deref().unwrap_or("-");
     match answer.decision.as_str() {
-        "node" => format!(
-            "{} -> node {} (rule {rule})",
-            answer.dest,
-            answer.node.as_deref().unwrap_or("?")
+        "node" => match &answer.connect_to {
+            Some(ip) => format!(
+                "{} -> node {}, connecting to {ip} (rule {rule})",
+                answer.dest,
+                answer.node.as_deref().unwrap_or("?")
+            ),
+            None => format!(
+                "{} -> node {} (rule {rule})",
+                answer.dest,
+                answer.node.as_deref().unwrap_or("?")
+            ),
+        },
+        "conflict" => format!(
+            "{} -> conflict, routed to no node: {}",
+            answer.dest, answer.message
         ),
         "any-node" => format!("{} -> any Ready node (rule {rule})", answer.dest),
         "denied" => format!(
@@ -206,5 +214,48 @@ pod_cidrs = ["10.244.1.0/24"]
         let other = decide(&c, "192.0.2.1:80").unwrap();
         assert_eq!(other.decision, "no-route");
         assert!(decide(&c, "no-port").is_err());
+    }
+
+    #[test]
+    fn conflicts_and_routes_by_name_are_shown() {
+        let c = Config::parse_str(
+            r#"
+[[nodes]]
+name = "node-a"
+addresses = ["10.240.0.11", "node-a.internal"]
+
+[[nodes]]
+name = "node-b"
+addresses = ["10.240.0.11"]
+"#,
+            Path::new("/etc/nodetunnel/nodetunnel.toml"),
+        )
+        .unwrap();
+        let nodes = offline_nodes(&c).unwrap();
+        let shared = decide_with(&c, &nodes, "10.240.0.11:10250").unwrap();
+        assert_eq!(shared.decision, "conflict");
+        assert_eq!(
+            shared.conflict_nodes,
+            Some(vec!["node-a".to_string(), "node-b".to_string()])
+        );
+        assert!(!shared.is_routed());
+        assert!(render(&shared).starts_with("10.240.0.11:10250 -> conflict, routed to no node:"));
+        // node-a's only IP is the shared one: a route by name does not
+        // connect to an address another node claims.
+        let by_name = decide_with(&c, &nodes, "node-a:10250").unwrap();
+        assert_eq!(by_name.decision, "denied");
+        assert_eq!(by_name.reason.as_deref(), Some("node_without_address"));
+        let c = Config::parse_str(
+            "[[nodes]]\nname = \"node-a\"\naddresses = [\"node-a.internal\", \"10.240.0.11\"]\n",
+            Path::new("/etc/nodetunnel/nodetunnel.toml"),
+        )
+        .unwrap();
+        let nodes = offline_nodes(&c).unwrap();
+        let by_name = decide_with(&c, &nodes, "node-a:10250").unwrap();
+        assert_eq!(by_name.connect_to.as_deref(), Some("10.240.0.11"));
+        assert_eq!(
+            render(&by_name),
+            "node-a:10250 -> node node-a, connecting to 10.240.0.11 (rule node-name)"
+        );
     }
 }

@@ -31,8 +31,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::relay::{relay, ClientIo, TunnelLog};
-use super::{canonical_ip, error_node, normalize_host, Context, HostError, Listener};
-use crate::dial::{Destination, Dialer};
+use super::{error_node, Context, HostError, Listener};
+use crate::dial::{Destination, Dialer, Host};
 use crate::metrics::Metrics;
 
 /// Largest request head accepted (hyper's read buffer); beyond it hyper
@@ -79,7 +79,7 @@ pub fn parse_connect_target(target: &str) -> Result<Destination, TargetError> {
             None if after.is_empty() => return Err(TargetError::MissingPort),
             None => return Err(TargetError::NotAuthorityForm),
         };
-        (canonical_ip(IpAddr::V6(ip)), port)
+        (Host::from(IpAddr::V6(ip)), port)
     } else {
         let Some((host, port)) = target.rsplit_once(':') else {
             return Err(TargetError::MissingPort);
@@ -87,7 +87,7 @@ pub fn parse_connect_target(target: &str) -> Result<Destination, TargetError> {
         if host.contains(':') {
             return Err(TargetError::UnbracketedIpv6);
         }
-        (normalize_host(host)?, port)
+        (Host::parse(host)?, port)
     };
     Ok(Destination {
         host,
@@ -264,19 +264,40 @@ async fn answer<D: Dialer>(
     let label = listener.as_str();
     if req.method() != Method::CONNECT {
         ctx.metrics.proxy_request(label, "405");
-        tracing::info!(listener = label, client, method = %req.method(), "not CONNECT: 405");
+        ctx.log_refusal("405", || {
+            tracing::info!(listener = label, client, method = %req.method(), "not CONNECT: 405");
+        });
         let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "only CONNECT is supported");
         response
             .headers_mut()
             .insert(header::ALLOW, HeaderValue::from_static("CONNECT"));
         return response;
     }
+    // A CONNECT request has no body (RFC 9110 9.3.6); one that announces
+    // one is refused rather than having its "body" read as tunnel bytes or
+    // silently eaten.
+    if let Some(name) = [header::CONTENT_LENGTH, header::TRANSFER_ENCODING]
+        .into_iter()
+        .find(|name| req.headers().contains_key(name))
+    {
+        ctx.metrics.proxy_request(label, "400");
+        ctx.log_refusal("400", || {
+            tracing::info!(listener = label, client, header = %name,
+                "CONNECT with a request body: 400");
+        });
+        return text(
+            StatusCode::BAD_REQUEST,
+            &format!("a CONNECT request has no body; {name} is not accepted"),
+        );
+    }
     let dest = match connect_destination(req.uri()) {
         Ok(dest) => dest,
         Err(error) => {
             ctx.metrics.proxy_request(label, "400");
-            tracing::info!(listener = label, client, dest = ?req.uri().to_string(),
-                error = %error, "malformed CONNECT target: 400");
+            ctx.log_refusal("400", || {
+                tracing::info!(listener = label, client, dest = ?req.uri().to_string(),
+                    error = %error, "malformed CONNECT target: 400");
+            });
             return text(StatusCode::BAD_REQUEST, &error.to_string());
         }
     };
@@ -300,8 +321,10 @@ async fn answer<D: Dialer>(
             let status =
                 StatusCode::from_u16(error.http_status()).unwrap_or(StatusCode::BAD_GATEWAY);
             ctx.count_refusal(listener, status.as_str());
-            tracing::info!(listener = label, client, dest = %dest, node = error_node(&error),
-                error = %error, status = status.as_u16(), "CONNECT refused");
+            ctx.log_refusal(error.reason(), || {
+                tracing::info!(listener = label, client, dest = %dest, node = error_node(&error),
+                    error = %error, status = status.as_u16(), "CONNECT refused");
+            });
             text(status, &error.to_string())
         }
     }
@@ -370,7 +393,7 @@ mod tests {
 
     fn dest(host: &str, port: u16) -> Destination {
         Destination {
-            host: host.to_string(),
+            host: host.parse().expect("test host"),
             port,
         }
     }

@@ -28,6 +28,7 @@
 //! normal negotiation. Beyond that they are closed right after accept.
 
 pub mod http_connect;
+mod refusal_log;
 mod relay;
 pub mod socks5;
 mod tls;
@@ -38,7 +39,7 @@ mod tests;
 
 use std::future::Future;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -300,6 +301,8 @@ pub(crate) struct Context<D> {
     pub(crate) dial_timeout: Duration,
     pub(crate) header_read_timeout: Duration,
     pub(crate) shutdown: Shutdown,
+    /// The per-reason budget of refusal log lines.
+    pub(crate) refusals: refusal_log::RefusalLog,
 }
 
 impl<D: Dialer> Context<D> {
@@ -316,6 +319,22 @@ impl<D: Dialer> Context<D> {
         }
     }
 
+    /// Log one refusal of `reason` with `line`, within the per-reason
+    /// budget ([`refusal_log::RefusalLog`]): a flood of refusals writes a
+    /// few lines and a summary, not one line each.
+    pub(crate) fn log_refusal(&self, reason: &'static str, line: impl FnOnce()) {
+        if let refusal_log::Admit::Log { suppressed } = self.refusals.admit(reason) {
+            if suppressed > 0 {
+                tracing::warn!(
+                    reason,
+                    suppressed,
+                    "{suppressed} more refusals ({reason}) were not logged; the metrics count them all"
+                );
+            }
+            line();
+        }
+    }
+
     /// Count a refused dial by its answer code. Policy denials are counted
     /// by the dialer, which knows their reason (the manager asks the router).
     pub(crate) fn count_refusal(&self, listener: Listener, code: &str) {
@@ -325,72 +344,10 @@ impl<D: Dialer> Context<D> {
 
 /// The node a dial error names, for the `node` log field.
 pub(crate) fn error_node(err: &DialError) -> Option<&str> {
-    match err {
-        DialError::Refused { node, .. }
-        | DialError::Timeout { node, .. }
-        | DialError::Session { node, .. } => Some(node),
-        _ => None,
-    }
+    err.node()
 }
 
-/// Why a destination host was refused before any dial.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum HostError {
-    /// The host is empty.
-    #[error("empty host")]
-    Empty,
-    /// Longer than 255 bytes.
-    #[error("host longer than 255 bytes")]
-    TooLong,
-    /// A character outside ASCII letters, digits, `-`, `.` and `_`.
-    #[error("invalid character in host")]
-    InvalidCharacter,
-    /// Numeric but not a dotted-quad IPv4 address (`127.1`, `0x7f000001`,
-    /// `2130706433`): resolvers read these as addresses, policies might not.
-    #[error("numeric host that is not a dotted-quad IPv4 address")]
-    AmbiguousNumeric,
-}
-
-/// An IP address as destination host: canonical text, IPv4-mapped IPv6
-/// addresses as the IPv4 address they are (so an IPv4 policy sees them).
-pub(crate) fn canonical_ip(ip: IpAddr) -> String {
-    ip.to_canonical().to_string()
-}
-
-/// Check and normalize a destination host given without brackets: IP
-/// literals are written in canonical form ([`canonical_ip`]), names in
-/// lower case.
-pub(crate) fn normalize_host(host: &str) -> Result<String, HostError> {
-    if host.is_empty() {
-        return Err(HostError::Empty);
-    }
-    if host.len() > 255 {
-        return Err(HostError::TooLong);
-    }
-    if let Ok(ip) = host.parse::<IpAddr>() {
-        return Ok(canonical_ip(ip));
-    }
-    // ASCII only: a name is sent to the node's resolver as is, where an
-    // internationalised name must be in its ASCII (punycode) form; and
-    // Unicode lower-casing can lengthen a name or turn a letter into a
-    // combining mark, so the normalised host would not parse again.
-    if !host
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
-    {
-        return Err(HostError::InvalidCharacter);
-    }
-    let last_label = host
-        .strip_suffix('.')
-        .unwrap_or(host)
-        .rsplit('.')
-        .next()
-        .unwrap_or_default();
-    if last_label.starts_with(|c: char| c.is_ascii_digit()) && host.parse::<Ipv4Addr>().is_err() {
-        return Err(HostError::AmbiguousNumeric);
-    }
-    Ok(host.to_ascii_lowercase())
-}
+pub use crate::destination::HostError;
 
 /// A client connection of any listener.
 trait Accept: Send + 'static {
@@ -540,6 +497,7 @@ impl FrontDoor {
             dial_timeout: self.dial_timeout,
             header_read_timeout: self.header_read_timeout,
             shutdown,
+            refusals: refusal_log::RefusalLog::default(),
         });
         let limits = Limits {
             admitted: Arc::new(Semaphore::new(self.max_connections)),

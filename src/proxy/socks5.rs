@@ -20,13 +20,13 @@
 //! are bounded by `header_read_timeout`. Over `max_connections`, a client
 //! gets a normal negotiation and then reply 0x01 (general failure).
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::relay::{relay, ClientIo, TunnelLog};
-use super::{canonical_ip, error_node, normalize_host, Context, Listener};
-use crate::dial::{Destination, Dialer};
+use super::{error_node, Context, Listener};
+use crate::dial::{Destination, Dialer, Host};
 
 /// The protocol version byte.
 pub const VERSION: u8 = 0x05;
@@ -112,6 +112,10 @@ pub enum Socks5Error {
     /// A domain name that is empty, not UTF-8, or not a host name.
     #[error("invalid domain name: {0}")]
     InvalidDomain(&'static str),
+    /// Destination port 0, which no TCP connection can reach (HTTP CONNECT
+    /// refuses it too).
+    #[error("destination port 0")]
+    ZeroPort,
 }
 
 impl Socks5Error {
@@ -122,6 +126,7 @@ impl Socks5Error {
             Socks5Error::UnsupportedCommand(_) => Some(reply::COMMAND_NOT_SUPPORTED),
             Socks5Error::UnsupportedAddressType(_) => Some(reply::ADDRESS_TYPE_NOT_SUPPORTED),
             Socks5Error::InvalidDomain(_) => Some(reply::GENERAL_FAILURE),
+            Socks5Error::ZeroPort => Some(reply::NOT_ALLOWED),
         }
     }
 }
@@ -170,11 +175,11 @@ pub fn parse_request(buf: &[u8]) -> Result<Parsed<ConnectRequest>, Socks5Error> 
     };
     let (host, port_at) = match atyp {
         ATYP_IPV4 => match buf.get(4..8).and_then(|b| <[u8; 4]>::try_from(b).ok()) {
-            Some(octets) => (Ipv4Addr::from(octets).to_string(), 8),
+            Some(octets) => (Host::from(IpAddr::from(Ipv4Addr::from(octets))), 8),
             None => return Ok(Parsed::Incomplete),
         },
         ATYP_IPV6 => match buf.get(4..20).and_then(|b| <[u8; 16]>::try_from(b).ok()) {
-            Some(octets) => (canonical_ip(Ipv6Addr::from(octets).into()), 20),
+            Some(octets) => (Host::from(IpAddr::from(Ipv6Addr::from(octets))), 20),
             None => return Ok(Parsed::Incomplete),
         },
         ATYP_DOMAIN => {
@@ -190,9 +195,9 @@ pub fn parse_request(buf: &[u8]) -> Result<Parsed<ConnectRequest>, Socks5Error> 
             };
             let name =
                 std::str::from_utf8(raw).map_err(|_| Socks5Error::InvalidDomain("not UTF-8"))?;
-            // Some clients send IP literals as names; `normalize_host`
-            // turns those into canonical IP literals.
-            let host = normalize_host(name)
+            // Some clients send IP literals as names; `Host::parse` turns
+            // those into canonical IP addresses.
+            let host = Host::parse(name)
                 .map_err(|_| Socks5Error::InvalidDomain("not a host name or IP address"))?;
             (host, end)
         }
@@ -202,6 +207,9 @@ pub fn parse_request(buf: &[u8]) -> Result<Parsed<ConnectRequest>, Socks5Error> 
         return Ok(Parsed::Incomplete);
     };
     let port = u16::from_be_bytes([port[0], port[1]]);
+    if port == 0 {
+        return Err(Socks5Error::ZeroPort);
+    }
     Ok(Parsed::Complete(
         ConnectRequest {
             destination: Destination { host, port },
@@ -361,11 +369,13 @@ where
         Ok(Err(NegotiationError::NoAcceptableMethod)) => {
             ctx.metrics
                 .proxy_request(label, &code_label(METHOD_NONE_ACCEPTABLE));
-            tracing::info!(
-                listener = label,
-                client,
-                "client offers no acceptable SOCKS5 method"
-            );
+            ctx.log_refusal("socks5_no_method", || {
+                tracing::info!(
+                    listener = label,
+                    client,
+                    "client offers no acceptable SOCKS5 method"
+                );
+            });
             return;
         }
         Ok(Err(NegotiationError::Protocol(error))) => {
@@ -373,7 +383,9 @@ where
                 send_reply(&mut io, ctx, rep).await;
                 ctx.metrics.proxy_request(label, &code_label(rep));
             }
-            tracing::info!(listener = label, client, error = %error, "invalid SOCKS5 request");
+            ctx.log_refusal("socks5_invalid", || {
+                tracing::info!(listener = label, client, error = %error, "invalid SOCKS5 request");
+            });
             return;
         }
     };
@@ -381,7 +393,9 @@ where
         send_reply(&mut io, ctx, reply::GENERAL_FAILURE).await;
         ctx.metrics
             .proxy_request(label, &code_label(reply::GENERAL_FAILURE));
-        tracing::warn!(listener = label, client, dest = %dest, "max_connections reached: refused");
+        ctx.log_refusal("max_connections", || {
+            tracing::warn!(listener = label, client, dest = %dest, "max_connections reached: refused");
+        });
         return;
     }
     let tunnel = match ctx.dial(&dest).await {
@@ -390,8 +404,10 @@ where
             let rep = error.socks5_reply();
             send_reply(&mut io, ctx, rep).await;
             ctx.count_refusal(listener, &code_label(rep));
-            tracing::info!(listener = label, client, dest = %dest, node = error_node(&error),
-                error = %error, reply = rep, "SOCKS5 CONNECT refused");
+            ctx.log_refusal(error.reason(), || {
+                tracing::info!(listener = label, client, dest = %dest, node = error_node(&error),
+                    error = %error, reply = rep, "SOCKS5 CONNECT refused");
+            });
             return;
         }
     };
@@ -442,7 +458,7 @@ mod tests {
         let v4 = [5, 1, 0, 1, 10, 0, 0, 1, 0x27, 0x1a];
         let parsed = parse_request(&v4);
         let dest = |host: &str, port| Destination {
-            host: host.into(),
+            host: host.parse().expect("test host"),
             port,
         };
         assert_eq!(

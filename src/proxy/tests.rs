@@ -14,7 +14,8 @@ use tokio::task::JoinHandle;
 
 use super::http_connect::one_line;
 use super::*;
-use crate::dial::{Destination, DialError, Dialer};
+use crate::dial::{Destination, DialError, Dialer, LimitKind, NodeDownCause};
+use crate::router::{DenyReason, RouteError};
 
 /// Bound on every wait in these tests: a hang fails instead of blocking.
 const GUARD: Duration = Duration::from_secs(20);
@@ -36,11 +37,23 @@ struct FakeDialer {
 
 fn scripted_error(host: &str) -> Option<DialError> {
     let node = "node-a".to_string();
+    let dest = |host: &str| Destination::new(host.parse().expect("test host"), 443);
     Some(match host {
-        "denied.test" => DialError::Denied("rule 3 denies 10.0.0.0/8".into()),
-        "noroute.test" => DialError::NoRoute("no rule matches".into()),
-        "down.test" => DialError::NodeDown(node),
-        "limit.test" => DialError::Limit("streams per node".into()),
+        "denied.test" => DialError::Route(RouteError::Denied {
+            dest: dest("10.0.0.1"),
+            reason: DenyReason::DenyCidr("10.0.0.0/8".parse().expect("test CIDR")),
+        }),
+        "noroute.test" => DialError::Route(RouteError::NoRoute {
+            dest: dest("noroute.test"),
+        }),
+        "down.test" => DialError::NodeDown {
+            node: node.as_str().into(),
+            cause: NodeDownCause::NoTunnel,
+        },
+        "limit.test" => DialError::Limit {
+            node: node.as_str().into(),
+            kind: LimitKind::StreamsPerNode { max: 1 },
+        },
         "refused.test" => DialError::Refused {
             node,
             reason: "connect failed\r\nInjected: header".into(),
@@ -174,13 +187,14 @@ impl Dialer for FakeDialer {
             .push(cut_tx);
         let dest = dest.clone();
         async move {
-            if dest.host == "hang.test" {
+            let host = dest.host.to_string();
+            if host == "hang.test" {
                 std::future::pending::<()>().await;
             }
-            if let Some(error) = scripted_error(&dest.host) {
+            if let Some(error) = scripted_error(&host) {
                 return Err(error);
             }
-            let io = match dest.host.as_str() {
+            let io = match host.as_str() {
                 "held.test" => held_stream(),
                 _ => echo_stream(),
             };
@@ -343,7 +357,7 @@ async fn apiserver_connect_over_uds_gets_exactly_200_then_the_tunnel() {
     assert_eq!(
         h.dialer.dialed(),
         vec![Destination {
-            host: "10.0.0.1".into(),
+            host: "10.0.0.1".parse().expect("test host"),
             port: 10250
         }]
     );
@@ -365,7 +379,7 @@ async fn bytes_sent_right_after_the_request_reach_the_tunnel() {
     );
     client.shutdown().await.expect("half-close");
     assert_eq!(read_rest(&mut client).await, b"early");
-    assert_eq!(h.dialer.dialed()[0].host, "2001:db8::1");
+    assert_eq!(h.dialer.dialed()[0].host.to_string(), "2001:db8::1");
     h.stop().await;
 }
 
@@ -576,7 +590,7 @@ async fn socks5_connects_to_ipv4_ipv6_and_names() {
         assert_eq!(reply, [5, 0, 0, 1, 0, 0, 0, 0, 0, 0], "{host}");
         assert_echo(&mut client).await;
         let last = h.dialer.dialed().pop().expect("dialed");
-        assert_eq!((last.host.as_str(), last.port), (host, 10250));
+        assert_eq!((last.host.to_string().as_str(), last.port), (host, 10250));
     }
     assert!(h.metric(r#"nodetunnel_proxy_requests_total{listener="socks5",code="socks5_0x00"} 3"#));
     h.stop().await;
@@ -660,7 +674,40 @@ async fn socks5_protocol_errors() {
         .expect("write");
     assert_eq!(read_rest(&mut client).await, b"");
 
+    // Destination port 0: 0x02, as CONNECT refuses it with 400.
+    for request in [
+        socks_domain_request("example.com", 0),
+        socks_ip_request("10.0.0.1".parse().expect("IP"), 0),
+    ] {
+        let mut client = h.socks().await;
+        let reply = socks_exchange(&mut client, &request).await;
+        assert_eq!(reply[1], socks5::reply::NOT_ALLOWED);
+    }
+
     assert!(h.dialer.dialed().is_empty());
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_connect_with_a_body_gets_400_without_a_dial() {
+    let h = start(|_| {}).await;
+    for extra in [
+        "Content-Length: 5\r\n",
+        "Content-Length: 0\r\n",
+        "Transfer-Encoding: chunked\r\n",
+    ] {
+        let mut client = h.uds().await;
+        let request =
+            format!("CONNECT 10.0.0.1:10250 HTTP/1.1\r\nHost: 127.0.0.1\r\n{extra}\r\nhello");
+        let (head, body) = exchange(&mut client, &request).await;
+        assert!(head.starts_with("HTTP/1.1 400 "), "{extra}: {head:?}");
+        assert!(
+            body.contains("a CONNECT request has no body"),
+            "{extra}: {body:?}"
+        );
+    }
+    assert!(h.dialer.dialed().is_empty());
+    assert!(h.metric(r#"nodetunnel_proxy_requests_total{listener="uds",code="400"} 3"#));
     h.stop().await;
 }
 
