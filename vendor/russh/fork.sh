@@ -74,10 +74,15 @@ strip() {
   sed -i '279,$d;24d' "$d/src/keys/mod.rs"
   # an RSA-without-the-rsa-feature signing test around a key literal
   sed -i '272,$d' "$d/src/helpers.rs"
-  # Nothing that looks like a private key is left.
-  if grep -rnE -A1 'PRIVATE KEY-----$' "$d" | grep -E -- '-[0-9]+-[A-Za-z0-9+/=]{40,}$' ||
-    grep -rnE 'b3BlbnNzaC1rZXktdjE|PRIVATE KEY-----(\\n)[A-Za-z0-9+/]{20}' "$d"; then
-    die "private key material left in the stripped crate (above)"
+  no_key_material "$d" "the stripped crate"
+}
+
+# Fails if anything in $1 looks like a private key (a PEM body after a
+# BEGIN line, or an OpenSSH key blob).
+no_key_material() {
+  if grep -rnE --exclude-dir=.git -A1 'PRIVATE KEY-----$' "$1" | grep -E -- '-[0-9]+-[A-Za-z0-9+/=]{40,}$' ||
+    grep -rnE --exclude-dir=.git 'b3BlbnNzaC1rZXktdjE|PRIVATE KEY-----(\\n)[A-Za-z0-9+/]{20}' "$1"; then
+    die "private key material in $2 (above)"
   fi
 }
 
@@ -95,9 +100,16 @@ build() {
   git_ -C "$d" tag base
   for p in "$FORK_DIR"/patches/*.patch; do
     [ -e "$p" ] || continue
-    git_ -C "$d" am --quiet --committer-date-is-author-date "$p" ||
-      die "$(basename "$p") does not apply (git -C $d am --show-current-patch)"
+    if head -n 1 "$p" | grep -q '^From '; then # git format-patch
+      git_ -C "$d" am --quiet --committer-date-is-author-date "$p" ||
+        die "$(basename "$p") does not apply (git -C $d am --show-current-patch)"
+    else # a plain diff (paths a/src/..., b/src/...)
+      git_ -C "$d" apply --whitespace=nowarn "$p" || die "$(basename "$p") does not apply"
+      git_ -C "$d" add -A
+      git_ -C "$d" commit -q -m "$(basename "$p" .patch)"
+    fi
   done
+  no_key_material "$d" "the patched tree"
 }
 
 excludes() {
@@ -145,7 +157,7 @@ export)
   [ -d "$dir/.git" ] || die "usage: fork.sh export DIR (a directory made by fork.sh edit)"
   rm -f "$FORK_DIR"/patches/*.patch
   mkdir -p "$FORK_DIR/patches"
-  git_ -C "$dir" format-patch --quiet --zero-commit --no-signature --full-index \
+  git_ -C "$dir" format-patch --quiet --no-numbered --zero-commit --no-signature --full-index \
     -o "$FORK_DIR/patches" base..HEAD
   "$0" rebuild
   ;;
