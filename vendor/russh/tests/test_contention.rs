@@ -57,7 +57,16 @@ async fn test_contention() -> Result<(), anyhow::Error> {
     timeout(Duration::from_secs(30), async move {
         let mut jh_vec = vec![];
         for i in 1..=THREADS {
-            let tcp_stream = TcpStream::connect(tcp_addr).await.unwrap();
+            // (nodetunnel patch) The server binds tcp_addr in a task that its
+            // tcpip_forward handler spawns, so the first connect can come
+            // before the bind ("Connection refused" under load): retry, as
+            // for ssh_addr above, within the test's timeout.
+            let tcp_stream = loop {
+                match TcpStream::connect(tcp_addr).await {
+                    Ok(stream) => break stream,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                }
+            };
             let (mut read_half, mut write_half) = tcp_stream.into_split();
             let jh = tokio::spawn(async move {
                 let jh = tokio::spawn(async move {
