@@ -136,6 +136,45 @@ mod name_list {
         type Error = ssh_encoding::Error;
     }
 
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn empty_name_list_is_valid() {
+            // RFC 4251 §5 permits a zero-name list. Servers that only
+            // offer AEAD ciphers (e.g. hssh) send empty MAC name-lists.
+            let nl = NameList::from_encoded_string("").unwrap();
+            assert!(nl.0.is_empty());
+        }
+
+        #[test]
+        fn name_list_round_trip() {
+            let nl = NameList::from_encoded_string("a,b,c").unwrap();
+            assert_eq!(nl.0, vec!["a", "b", "c"]);
+            assert_eq!(nl.as_encoded_string(), "a,b,c");
+        }
+
+        #[test]
+        fn name_list_rejects_empty_entry() {
+            // An empty entry mid-list (",,") is still invalid — only
+            // the zero-length whole-list case is allowed.
+            assert!(NameList::from_encoded_string("a,,b").is_err());
+        }
+
+        #[test]
+        fn name_list_accepts_single_trailing_comma() {
+            let nl = NameList::from_encoded_string("a,b,").unwrap();
+            assert_eq!(nl.0, vec!["a", "b"]);
+            assert_eq!(nl.as_encoded_string(), "a,b");
+        }
+
+        #[test]
+        fn name_list_rejects_other_empty_trailing_entries() {
+            assert!(NameList::from_encoded_string(",").is_err());
+            assert!(NameList::from_encoded_string("a,,").is_err());
+        }
+    }
 }
 
 pub use limited_string::LimitedString;

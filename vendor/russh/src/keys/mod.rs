@@ -21,10 +21,6 @@
 //!     }
 //! }
 //!
-//! // (nodetunnel: the upstream example embedded an encrypted test key here;
-//! // key material is kept out of this repository.)
-//! const PKCS8_ENCRYPTED: &'static str = "...";
-//!
 //! #[cfg(unix)]
 //! fn main() {
 //!    env_logger::try_init().unwrap_or(());
@@ -39,7 +35,13 @@
 //!            .unwrap();
 //!        russh::keys::agent::server::serve(tokio_stream::wrappers::UnixListenerStream::new(listener), X {}).await
 //!    });
-//!    let key = decode_secret_key(PKCS8_ENCRYPTED, Some("blabla")).unwrap();
+//!    // (nodetunnel patch) The encrypted key is made at run time: upstream
+//!    // embedded one here, and this repository holds no key material.
+//!    let generated = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519).unwrap();
+//!    let mut pkcs8_encrypted = Vec::new();
+//!    encode_pkcs8_pem_encrypted(&generated, b"blabla", 16, &mut pkcs8_encrypted).unwrap();
+//!    let pkcs8_encrypted = String::from_utf8(pkcs8_encrypted).unwrap();
+//!    let key = decode_secret_key(&pkcs8_encrypted, Some("blabla")).unwrap();
 //!    let public = key.public_key().clone();
 //!    core.block_on(async move {
 //!        let stream = tokio::net::UnixStream::connect(&agent_path).await?;

@@ -49,7 +49,7 @@ pub fn decode_secret_key(secret: &str, password: Option<&str>) -> Result<Private
         let mut sec = String::new();
         for l in secret.lines() {
             if started {
-                if l.starts_with(PEM_END) {
+                if l.starts_with("-----END ") {
                     break;
                 }
                 if l.chars().all(is_base64_char) {
@@ -65,36 +65,28 @@ pub fn decode_secret_key(secret: &str, password: Option<&str>) -> Result<Private
                     format = Some(Format::Pkcs5Encrypted(Encryption::Aes128Cbc(iv)))
                 }
             }
-            // (nodetunnel patch) The PEM framing is parsed once, by label
-            // (see `PEM_BEGIN`), instead of comparing whole marker lines.
-            match pem_begin_label(l) {
-                Some(LABEL_OPENSSH) => {
+            if l == "-----BEGIN OPENSSH PRIVATE KEY-----" {
+                started = true;
+                format = Some(Format::Openssh);
+            } else if l == "-----BEGIN RSA PRIVATE KEY-----" {
+                #[cfg(feature = "rsa")]
+                {
                     started = true;
-                    format = Some(Format::Openssh);
+                    format = Some(Format::Rsa);
                 }
-                Some(LABEL_RSA) => {
-                    #[cfg(feature = "rsa")]
-                    {
-                        started = true;
-                        format = Some(Format::Rsa);
-                    }
-                    #[cfg(not(feature = "rsa"))]
-                    {
-                        return Err(Error::UnsupportedKeyType {
-                            key_type_string: "RSA".to_string(),
-                            key_type_raw: vec![],
-                        });
-                    }
+                #[cfg(not(feature = "rsa"))]
+                {
+                    return Err(Error::UnsupportedKeyType {
+                        key_type_string: "RSA".to_string(),
+                        key_type_raw: vec![],
+                    });
                 }
-                Some(LABEL_PKCS8_ENCRYPTED) => {
-                    started = true;
-                    format = Some(Format::Pkcs8Encrypted);
-                }
-                Some(LABEL_PKCS8 | LABEL_EC) => {
-                    started = true;
-                    format = Some(Format::Pkcs8);
-                }
-                _ => {}
+            } else if l == "-----BEGIN ENCRYPTED PRIVATE KEY-----" {
+                started = true;
+                format = Some(Format::Pkcs8Encrypted);
+            } else if l == "-----BEGIN PRIVATE KEY-----" || l == "-----BEGIN EC PRIVATE KEY-----" {
+                started = true;
+                format = Some(Format::Pkcs8);
             }
         }
         sec
@@ -113,45 +105,25 @@ pub fn decode_secret_key(secret: &str, password: Option<&str>) -> Result<Private
     }
 }
 
-/// (nodetunnel patch) PEM framing, by label: a block is
-/// `PEM_BEGIN` label `PEM_DASHES`, the base64 body, then `PEM_END` label
-/// `PEM_DASHES`.
-const PEM_BEGIN: &str = "-----BEGIN ";
-const PEM_END: &str = "-----END ";
-const PEM_DASHES: &str = "-----";
-const PRIVATE_KEY: &str = "PRIVATE KEY";
-const LABEL_OPENSSH: &str = "OPENSSH PRIVATE KEY";
-const LABEL_RSA: &str = "RSA PRIVATE KEY";
-const LABEL_EC: &str = "EC PRIVATE KEY";
-const LABEL_PKCS8: &str = PRIVATE_KEY;
-const LABEL_PKCS8_ENCRYPTED: &str = "ENCRYPTED PRIVATE KEY";
-
-/// The label of a PEM begin line, if `line` is one.
-fn pem_begin_label(line: &str) -> Option<&str> {
-    line.strip_prefix(PEM_BEGIN)?.strip_suffix(PEM_DASHES)
-}
-
-/// `der` as a PEM block labelled `label`.
-fn write_pem<W: Write>(mut w: W, label: &str, der: &[u8]) -> Result<(), Error> {
-    w.write_all(format!("{PEM_BEGIN}{label}{PEM_DASHES}\n").as_bytes())?;
-    w.write_all(BASE64_MIME.encode(der).as_bytes())?;
-    w.write_all(format!("\n{PEM_END}{label}{PEM_DASHES}\n").as_bytes())?;
-    Ok(())
-}
-
-pub fn encode_pkcs8_pem<W: Write>(key: &PrivateKey, w: W) -> Result<(), Error> {
+pub fn encode_pkcs8_pem<W: Write>(key: &PrivateKey, mut w: W) -> Result<(), Error> {
     let x = self::pkcs8::encode_pkcs8(key)?;
-    write_pem(w, LABEL_PKCS8, &x)
+    w.write_all(b"-----BEGIN PRIVATE KEY-----\n")?;
+    w.write_all(BASE64_MIME.encode(&x).as_bytes())?;
+    w.write_all(b"\n-----END PRIVATE KEY-----\n")?;
+    Ok(())
 }
 
 pub fn encode_pkcs8_pem_encrypted<W: Write>(
     key: &PrivateKey,
     pass: &[u8],
     rounds: u32,
-    w: W,
+    mut w: W,
 ) -> Result<(), Error> {
     let x = self::pkcs8::encode_pkcs8_encrypted(pass, rounds, key)?;
-    write_pem(w, LABEL_PKCS8_ENCRYPTED, &x)
+    w.write_all(b"-----BEGIN ENCRYPTED PRIVATE KEY-----\n")?;
+    w.write_all(BASE64_MIME.encode(&x).as_bytes())?;
+    w.write_all(b"\n-----END ENCRYPTED PRIVATE KEY-----\n")?;
+    Ok(())
 }
 
 #[cfg(feature = "rsa")]
