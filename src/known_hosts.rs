@@ -62,9 +62,12 @@ const B64: GeneralPurpose = GeneralPurpose::new(
 
 /// Serialises appends made by this process, so that the "does the file end
 /// with a newline" check and the append that follows cannot interleave with
-/// another thread's. Other processes are covered by `O_APPEND`: each entry is
-/// written with a single `write`, and the worst a cross-process race can do
-/// is add one blank line, which readers ignore.
+/// another thread's, and so that [`KnownHosts::learn`]'s re-check of the
+/// file and its append are one step for every learner in this process.
+/// Other processes are covered by `O_APPEND`: each entry is written with a
+/// single `write`, and the worst a cross-process race can do is add one
+/// blank line, which readers ignore (two processes learning the same host
+/// at the same instant can still both append: known limit, no file lock).
 static APPEND_LOCK: Mutex<()> = Mutex::new(());
 
 /// Errors from reading or writing known_hosts files.
@@ -104,6 +107,17 @@ pub enum KnownHostsError {
     InvalidHost {
         /// The rejected host name.
         host: String,
+    },
+    /// accept-new found the host no longer unknown when it came to record
+    /// the key: another session (or process) recorded a different key for
+    /// it meanwhile, or the key is revoked. The key is not recorded.
+    #[error("host {name} is no longer unknown: {status}")]
+    NoLongerUnknown {
+        /// The lookup name (see [`lookup_name`]).
+        name: String,
+        /// What the re-check found ([`HostKeyStatus::Changed`] or
+        /// [`HostKeyStatus::Revoked`]).
+        status: HostKeyStatus,
     },
     /// The key could not be encoded in OpenSSH format.
     #[error("cannot encode {algorithm} host key for a known_hosts file: {error}")]
@@ -667,16 +681,53 @@ impl KnownHosts {
         });
     }
 
-    /// Records `key` for `host` on `port` in this set's file with
-    /// [`append_host_key`], then trusts it in memory with
-    /// [`KnownHosts::add`].
+    /// accept-new: records `key` for `host` on `port` in this set's file
+    /// and trusts it in memory with [`KnownHosts::add`], but only if the
+    /// host is still unknown when checked again under the process-wide
+    /// append lock, against this set *and* the file as it is now (another
+    /// session or process may have learned a key since the caller's check).
+    ///
+    /// - still unknown: the entry is appended (as [`append_host_key`]);
+    /// - the same key is now trusted (by this set or the file): nothing is
+    ///   appended, the key is trusted in memory, `Ok`;
+    /// - a different key is now recorded, or the key is revoked:
+    ///   [`KnownHostsError::NoLongerUnknown`] with the verdict, nothing is
+    ///   appended (a changed key, as for any other check).
     ///
     /// This does blocking file I/O; call it from a blocking context.
     ///
     /// # Errors
-    /// As [`append_host_key`]; on error nothing is added in memory.
+    /// [`KnownHostsError::NoLongerUnknown`] as above; otherwise as
+    /// [`append_host_key`] and [`KnownHosts::load`]. On error nothing is
+    /// added in memory.
     pub fn learn(&mut self, host: &str, port: u16, key: &PublicKey) -> Result<(), KnownHostsError> {
-        append_host_key(&self.path, host, port, key)?;
+        let line = entry_for(host, port, key)?;
+        let _guard = APPEND_LOCK.lock().unwrap_or_else(PoisonError::into_inner);
+        let on_disk = KnownHosts::load(&self.path)?;
+        let verdicts = [
+            self.check_key(host, port, key),
+            on_disk.check_key(host, port, key),
+        ];
+        let refusal = |status: &HostKeyStatus| KnownHostsError::NoLongerUnknown {
+            name: lookup_name(host, port),
+            status: status.clone(),
+        };
+        if let Some(revoked) = verdicts
+            .iter()
+            .find(|v| matches!(v, HostKeyStatus::Revoked { .. }))
+        {
+            return Err(refusal(revoked));
+        }
+        if !verdicts.iter().any(HostKeyStatus::is_trusted) {
+            if let Some(changed) = verdicts
+                .iter()
+                .find(|v| matches!(v, HostKeyStatus::Changed { .. }))
+            {
+                return Err(refusal(changed));
+            }
+            create_parent(&self.path)?;
+            append_line(&self.path, &line)?;
+        }
         self.add(host, port, key);
         Ok(())
     }
@@ -879,13 +930,24 @@ pub fn append_host_key(
     port: u16,
     key: &PublicKey,
 ) -> Result<(), KnownHostsError> {
+    let line = entry_for(host, port, key)?;
+    create_parent(path)?;
+    let _guard = APPEND_LOCK.lock().unwrap_or_else(PoisonError::into_inner);
+    append_line(path, &line)
+}
+
+/// The line recorded for `host` on `port`, after checking the host name.
+fn entry_for(host: &str, port: u16, key: &PublicKey) -> Result<String, KnownHostsError> {
     if !valid_host(host) {
         return Err(KnownHostsError::InvalidHost {
             host: host.to_owned(),
         });
     }
-    let line = entry_line(&lookup_name(host, port), key.key_data())?;
+    entry_line(&lookup_name(host, port), key.key_data())
+}
 
+/// Create the file's parent directories (mode 0700) if missing.
+fn create_parent(path: &Path) -> Result<(), KnownHostsError> {
     if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
         let mut builder = fs::DirBuilder::new();
         builder.recursive(true);
@@ -898,12 +960,16 @@ pub fn append_host_key(
                 error,
             })?;
     }
+    Ok(())
+}
 
+/// Append `line` with one `write` (see [`append_host_key`]); the caller
+/// holds [`APPEND_LOCK`].
+fn append_line(path: &Path, line: &str) -> Result<(), KnownHostsError> {
     let write_error = |error| KnownHostsError::Write {
         path: path.to_owned(),
         error,
     };
-    let _guard = APPEND_LOCK.lock().unwrap_or_else(PoisonError::into_inner);
     let mut options = OpenOptions::new();
     options.read(true).append(true).create(true);
     #[cfg(unix)]
@@ -1661,6 +1727,78 @@ mod tests {
             reloaded.check_key("node-1", 22, key),
             HostKeyStatus::Trusted
         );
+    }
+
+    /// accept-new with two sessions to one host and an empty known_hosts:
+    /// both learners saw "unknown" and race to record different keys. One
+    /// records its key; the other is refused as a changed key, and the file
+    /// holds one key for the host.
+    #[test]
+    fn two_concurrent_learners_record_one_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("known_hosts");
+        let keys = [
+            new_key().public_key().clone(),
+            new_key().public_key().clone(),
+        ];
+        let start = std::sync::Barrier::new(2);
+        let results: Vec<Result<(), KnownHostsError>> = std::thread::scope(|scope| {
+            let learners: Vec<_> = keys
+                .iter()
+                .map(|key| {
+                    let (path, start) = (&path, &start);
+                    scope.spawn(move || {
+                        let mut kh = KnownHosts::load(path).expect("load");
+                        assert_eq!(kh.check_key("10.0.0.7", 22, key), HostKeyStatus::Unknown);
+                        start.wait();
+                        kh.learn("10.0.0.7", 22, key)
+                    })
+                })
+                .collect();
+            learners
+                .into_iter()
+                .map(|l| l.join().expect("learner"))
+                .collect()
+        });
+        assert_eq!(
+            results.iter().filter(|r| r.is_ok()).count(),
+            1,
+            "{results:?}"
+        );
+        let winner = results.iter().position(Result::is_ok).expect("a winner");
+        match &results[1 - winner] {
+            Err(KnownHostsError::NoLongerUnknown {
+                status: HostKeyStatus::Changed { expected },
+                ..
+            }) => assert_eq!(expected.len(), 1),
+            other => panic!("the loser must be refused as a changed key: {other:?}"),
+        }
+        let file = KnownHosts::load(&path).expect("reload");
+        assert_eq!(file.len(), 1, "one key recorded for the host");
+        assert!(file.check_key("10.0.0.7", 22, &keys[winner]).is_trusted());
+    }
+
+    /// The same race inside one shared set (what two sessions of one node
+    /// share): the second learner finds the first one's key in memory.
+    #[test]
+    fn a_learner_after_another_in_the_same_set_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("known_hosts");
+        let (first, second) = (new_key(), new_key());
+        let mut kh = KnownHosts::load(&path).expect("load");
+        kh.learn("node-1", 2222, first.public_key()).expect("first");
+        // Learning the same key again is a no-op, not a second line.
+        kh.learn("node-1", 2222, first.public_key()).expect("again");
+        let e = kh.learn("node-1", 2222, second.public_key()).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("host [node-1]:2222 is no longer unknown: host key does not match"),
+            "{e}"
+        );
+        assert_eq!(KnownHosts::load(&path).expect("reload").len(), 1);
+        assert!(!kh
+            .check_key("node-1", 2222, second.public_key())
+            .is_trusted());
     }
 
     #[test]

@@ -23,7 +23,7 @@ use tokio::sync::Notify;
 
 use crate::config::HostKeyPolicy;
 use crate::keys::{fingerprint, Identity};
-use crate::known_hosts::{HostKeyStatus, KnownHosts};
+use crate::known_hosts::{HostKeyStatus, KnownHosts, KnownHostsError};
 
 /// Everything a session needs that is shared by all nodes.
 pub struct SessionSettings {
@@ -240,14 +240,26 @@ impl ClientHandler {
                 .known_hosts
                 .write()
                 .map_err(|_| "known_hosts lock poisoned".to_string())?;
-            // Another session may have learned it meanwhile.
-            if !kh.check_key(&t.host, t.port, &key).is_trusted() {
-                kh.learn(&t.host, t.port, &key).map_err(|e| {
-                    format!("accept-new could not record the host key of node {}: {e}", t.node)
-                })?;
-                tracing::info!(node = %t.node, key = %presented, path = %settings.known_hosts_path.display(), "learned new host key (accept-new)");
+            // Another session may have learned it meanwhile: the same key is
+            // trusted as is; learn re-checks under its lock, and a different
+            // key recorded meanwhile refuses this one as a changed key.
+            if kh.check_key(&t.host, t.port, &key).is_trusted() {
+                return Ok(());
             }
-            Ok(())
+            match kh.learn(&t.host, t.port, &key) {
+                Ok(()) => {
+                    tracing::info!(node = %t.node, key = %presented, path = %settings.known_hosts_path.display(), "learned new host key (accept-new)");
+                    Ok(())
+                }
+                Err(KnownHostsError::NoLongerUnknown { status, .. }) => Err(format!(
+                    "HOST KEY CHANGED for node {} ({}:{}): presented {presented}, but {status} (recorded meanwhile by another session or process under accept-new); if the node was reinstalled, replace its line",
+                    t.node, t.host, t.port
+                )),
+                Err(e) => Err(format!(
+                    "accept-new could not record the host key of node {}: {e}",
+                    t.node
+                )),
+            }
         })
         .await
         .map_err(|e| format!("accept-new: {e}"))?

@@ -208,8 +208,11 @@ async fn raw_request<S>(mut s: S, method: &str, path: &str) -> Result<(u16, Stri
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
+    // The admin API answers only IP/localhost Host values, and a POST only
+    // with X-Nodetunnel-Request (src/admin/guard.rs).
     let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Nodetunnel-Request: 1\r\n\
+         Content-Length: 0\r\nConnection: close\r\n\r\n"
     );
     s.write_all(req.as_bytes()).await?;
     let mut buf = Vec::new();

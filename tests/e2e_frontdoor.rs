@@ -820,6 +820,9 @@ impl Pki {
         let write = |name: &str, text: &str| {
             let path = dir.join(name);
             std::fs::write(&path, text).expect("writing PEM");
+            // Private keys others can read are refused; 0600 for every file.
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .expect("chmod PEM");
             path
         };
         Pki {

@@ -1,5 +1,6 @@
-//! Routing an admin request to its answer. Every answer is computed from
-//! live state; none takes long enough to need its own task.
+//! Routing an admin request to its answer, after the checks of [`guard`]
+//! (Host, the POST header, the reconnect rate). Every answer is computed
+//! from live state; none takes long enough to need its own task.
 
 use std::time::SystemTime;
 
@@ -9,6 +10,7 @@ use http_body_util::Full;
 use serde::Serialize;
 
 use super::api::{ApiError, ReconnectAnswer, RouteAnswer, Summary, TunnelInfo, TunnelList};
+use super::guard::{self, REQUEST_HEADER};
 use super::readiness::{self, Inputs};
 use super::server::AdminState;
 use crate::metrics::per_node_registry;
@@ -22,12 +24,71 @@ const ENDPOINTS: &str = "GET /healthz, GET /readyz, GET /metrics, GET /api/v1/tu
 
 type Answer = Response<Full<Bytes>>;
 
+/// Which connections a request came on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Lane {
+    /// One of the `MAX_CONNECTIONS` ordinary connections: every endpoint.
+    General,
+    /// A connection from the reserve kept for probes (the ordinary ones
+    /// were all taken): `/healthz` and `/readyz` only.
+    ProbesOnly,
+}
+
 /// The answer to one request.
-pub(super) fn answer<B>(state: &AdminState, req: &Request<B>) -> Answer {
+pub(super) fn answer<B>(state: &AdminState, req: &Request<B>, lane: Lane) -> Answer {
     let path = req.uri().path();
     let method = req.method();
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let get = method == Method::GET || method == Method::HEAD;
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()));
+    if !guard::host_allowed(host, &state.allowed_hosts) {
+        tracing::warn!(
+            host = host.unwrap_or(""),
+            path,
+            "admin request refused: Host not allowed"
+        );
+        return json(
+            StatusCode::FORBIDDEN,
+            &ApiError {
+                error: format!(
+                    "Host {:?} is not allowed: the admin API answers only Host values that are \
+                     IP addresses, localhost, or listed in admin.allowed_hosts (DNS rebinding \
+                     protection)",
+                    host.unwrap_or("")
+                ),
+            },
+        );
+    }
+    if lane == Lane::ProbesOnly && !(get && matches!(segments.as_slice(), ["healthz"] | ["readyz"]))
+    {
+        return json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &ApiError {
+                error: "the admin API's connections are all taken; this connection, from the \
+                        reserve kept for probes, answers only /healthz and /readyz"
+                    .to_string(),
+            },
+        );
+    }
+    if method == Method::POST
+        && req
+            .headers()
+            .get(REQUEST_HEADER)
+            .is_none_or(|v| v.as_bytes().is_empty())
+    {
+        return json(
+            StatusCode::FORBIDDEN,
+            &ApiError {
+                error: "a POST to the admin API must carry the header X-Nodetunnel-Request \
+                        (any value, e.g. 1): cross-site requests from a browser cannot send it"
+                    .to_string(),
+            },
+        );
+    }
     match segments.as_slice() {
         ["healthz"] if get => text(StatusCode::OK, "ok\n".into()),
         ["readyz"] if get => readyz(state),
@@ -122,6 +183,22 @@ fn reconnect(state: &AdminState, node: &str) -> Answer {
     let Some(t) = state.manager.tunnel(node) else {
         return no_such_node(node);
     };
+    if let Err(wait) = state.reconnects.admit(node, tokio::time::Instant::now()) {
+        let seconds = guard::retry_after_seconds(wait);
+        let mut answer = json(
+            StatusCode::TOO_MANY_REQUESTS,
+            &ApiError {
+                error: format!(
+                    "node {node} was reconnected less than {}s ago; retry in {seconds}s",
+                    guard::RECONNECT_INTERVAL.as_secs()
+                ),
+            },
+        );
+        answer
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        return answer;
+    }
     let before = t.state();
     t.reconnect_now();
     tracing::info!(node, state = %before, "reconnect requested through the admin API");

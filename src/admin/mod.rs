@@ -14,13 +14,21 @@
 //!   `POST /api/v1/tunnels/{node}/reconnect`, `GET /api/v1/route?dest=HOST:PORT`:
 //!   JSON ([`api`]).
 //!
+//! Every request must carry a `Host` that is an IP literal, `localhost` or
+//! listed in `admin.allowed_hosts`; every `POST` the header
+//! `X-Nodetunnel-Request`; reconnects are limited per node ([`guard`]).
+//!
 //! Files: [`api`] (the JSON types, shared with the CLI), [`readiness`] (the
-//! readiness rule), `server` (listeners, connection limits, hyper) and
-//! `handlers` (routing a request to its answer).
+//! readiness rule), [`guard`] (the checks before an answer), `server`
+//! (listeners, connection limits, hyper) and `handlers` (routing a request
+//! to its answer).
 
 pub mod api;
+pub mod guard;
 mod handlers;
 pub mod readiness;
+#[cfg(test)]
+mod serve_tests;
 mod server;
 
 pub use server::{AdminError, AdminServer, AdminState};
@@ -81,6 +89,8 @@ pub async fn start(
         sync,
         readiness: config.readiness.clone(),
         per_node_metrics: config.admin.per_node_metrics,
+        allowed_hosts: config.admin.allowed_hosts.clone(),
+        reconnects: guard::ReconnectLimiter::default(),
     });
     Ok(Some(AdminHandle {
         task: tokio::spawn(server.serve(state, shutdown)),
@@ -105,6 +115,10 @@ pub struct AdminConfig {
     /// Allow `listen` on a non-loopback address (the API has no
     /// authentication; `reconnect` changes state).
     pub allow_non_loopback: bool,
+    /// Names accepted in the `Host` header besides IP literals and
+    /// `localhost` (e.g. a Service name the API is reached by); any other
+    /// name gets 403 (DNS rebinding protection).
+    pub allowed_hosts: Vec<String>,
 }
 
 impl Default for AdminConfig {
@@ -114,6 +128,7 @@ impl Default for AdminConfig {
             uds: None,
             per_node_metrics: false,
             allow_non_loopback: false,
+            allowed_hosts: Vec::new(),
         }
     }
 }
@@ -154,6 +169,20 @@ impl AdminConfig {
         if let Some(path) = &self.uds {
             if path.as_os_str().is_empty() {
                 return Err(("admin.uds".into(), "must not be empty".into()));
+            }
+        }
+        for (i, host) in self.allowed_hosts.iter().enumerate() {
+            let valid = !host.is_empty()
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
+            if !valid {
+                return Err((
+                    format!("admin.allowed_hosts[{i}]"),
+                    format!(
+                        "{host:?} is not a host name (letters, digits, '.', '-', '_'; no port)"
+                    ),
+                ));
             }
         }
         Ok(())

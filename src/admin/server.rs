@@ -3,6 +3,12 @@
 //! with hyper (HTTP/1.1, headers bounded in size and time) and stopping on
 //! shutdown.
 //!
+//! [`MAX_CONNECTIONS`] ordinary connections are served at once. When they
+//! are all taken (idle clients holding them, for instance), up to
+//! [`PROBE_RESERVE`] more are accepted for probes only: they answer
+//! `/healthz` and `/readyz` (503 for the rest), must send their request
+//! within [`PROBE_HEADER_TIMEOUT`] and are closed after one request.
+//!
 //! The Unix socket follows the front door's rules: the parent directory is
 //! created (0750) if missing, a stale socket file from an earlier run is
 //! replaced, any other file is refused, the socket is mode 0660 and its
@@ -23,6 +29,7 @@ use tokio::net::{TcpListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
+use super::handlers::Lane;
 use super::{AdminConfig, ReadinessConfig};
 use crate::inventory::SyncStatus;
 use crate::manager::TunnelManager;
@@ -30,8 +37,14 @@ use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 use crate::socket_file::{SocketFile, SocketFileError};
 
-/// Admin connections served at once; more are closed right after accept.
+/// Ordinary admin connections served at once.
 pub const MAX_CONNECTIONS: usize = 64;
+/// Connections accepted beyond [`MAX_CONNECTIONS`] for `/healthz` and
+/// `/readyz` only; more still are closed right after accept.
+pub const PROBE_RESERVE: usize = 8;
+/// Bound on receiving the request head on a connection of the probe
+/// reserve.
+pub const PROBE_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
 /// Bound on receiving a request head (slowloris protection); also closes
 /// idle keep-alive connections.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -85,6 +98,11 @@ pub struct AdminState {
     pub readiness: ReadinessConfig,
     /// Export per-node series on `/metrics`.
     pub per_node_metrics: bool,
+    /// `Host` names answered besides IP literals and `localhost`
+    /// (`admin.allowed_hosts`).
+    pub allowed_hosts: Vec<String>,
+    /// The per-node rate of `POST .../reconnect`.
+    pub reconnects: super::guard::ReconnectLimiter,
 }
 
 /// The bound admin listeners, ready to [`serve`](AdminServer::serve).
@@ -162,6 +180,7 @@ impl AdminServer {
     /// removed) and give open connections a short grace period.
     pub async fn serve(self, state: Arc<AdminState>, shutdown: Shutdown) {
         let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let reserve = Arc::new(Semaphore::new(PROBE_RESERVE));
         let mut tasks = JoinSet::new();
         let AdminServer { tcp, uds } = self;
         loop {
@@ -181,16 +200,26 @@ impl AdminServer {
             };
             match accepted {
                 Ok(conn) => {
-                    let Ok(permit) = limit.clone().try_acquire_owned() else {
-                        tracing::debug!("admin connection limit reached: closing a new connection");
-                        continue;
+                    let (permit, lane) = match limit.clone().try_acquire_owned() {
+                        Ok(permit) => (permit, Lane::General),
+                        Err(_) => match reserve.clone().try_acquire_owned() {
+                            Ok(permit) => (permit, Lane::ProbesOnly),
+                            Err(_) => {
+                                tracing::debug!("admin connection limit reached, probe reserve too: closing a new connection");
+                                continue;
+                            }
+                        },
                     };
                     let state = state.clone();
                     let shutdown = shutdown.clone();
                     tasks.spawn(async move {
                         match conn {
-                            Conn::Tcp(s) => serve_connection(s, state, shutdown, permit).await,
-                            Conn::Unix(s) => serve_connection(s, state, shutdown, permit).await,
+                            Conn::Tcp(s) => {
+                                serve_connection(s, state, shutdown, permit, lane).await
+                            }
+                            Conn::Unix(s) => {
+                                serve_connection(s, state, shutdown, permit, lane).await
+                            }
                         }
                     });
                 }
@@ -247,19 +276,25 @@ async fn serve_connection<I>(
     state: Arc<AdminState>,
     shutdown: Shutdown,
     _permit: OwnedSemaphorePermit,
+    lane: Lane,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let service = service_fn(move |req| {
         let state = state.clone();
-        async move { Ok::<_, Infallible>(super::handlers::answer(&state, &req)) }
+        async move { Ok::<_, Infallible>(super::handlers::answer(&state, &req, lane)) }
     });
+    let probes_only = lane == Lane::ProbesOnly;
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(if probes_only {
+            PROBE_HEADER_TIMEOUT
+        } else {
+            HEADER_READ_TIMEOUT
+        })
         .max_buf_size(MAX_HEADER_BYTES)
-        .keep_alive(true);
+        .keep_alive(!probes_only);
     let conn = builder.serve_connection(TokioIo::new(io), service);
     let mut conn = std::pin::pin!(conn);
     let served = tokio::select! {

@@ -15,6 +15,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpStream, UnixStream};
 
 use crate::admin::api::ApiError;
+use crate::admin::guard::REQUEST_HEADER;
 
 /// The default admin API address (the `[admin] listen` default).
 pub const DEFAULT_ADMIN_URL: &str = "http://127.0.0.1:8133";
@@ -152,7 +153,8 @@ impl AdminClient {
                             error,
                         })?;
                     let _ = io.set_nodelay(true);
-                    exchange(io, method, &format!("{base}{path}"), authority)
+                    let path = format!("{base}{path}");
+                    exchange_with_headers(io, method, &path, authority, ADMIN_HEADERS)
                         .await
                         .map_err(|reason| ClientError::Http {
                             endpoint: endpoint.clone(),
@@ -166,7 +168,7 @@ impl AdminClient {
                             error,
                         }
                     })?;
-                    exchange(io, method, path, "localhost")
+                    exchange_with_headers(io, method, path, "localhost", ADMIN_HEADERS)
                         .await
                         .map_err(|reason| ClientError::Http {
                             endpoint: endpoint.clone(),
@@ -207,6 +209,10 @@ impl AdminClient {
     }
 }
 
+/// Headers of every admin API request: the API refuses a `POST` without
+/// [`REQUEST_HEADER`] (a browser cannot send it cross-site).
+const ADMIN_HEADERS: &[(&str, &str)] = &[(REQUEST_HEADER, "1")];
+
 /// One HTTP/1.1 request over `io` (already connected, TLS or not); the
 /// answer's status and body (at most 64 MiB). The caller bounds the time.
 pub async fn exchange<I>(
@@ -218,18 +224,36 @@ pub async fn exchange<I>(
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    exchange_with_headers(io, method, path, host, &[]).await
+}
+
+/// [`exchange`] with extra request headers.
+pub async fn exchange_with_headers<I>(
+    io: I,
+    method: Method,
+    path: &str,
+    host: &str,
+    headers: &[(&str, &str)],
+) -> Result<(StatusCode, Bytes), String>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
         .map_err(|e| format!("HTTP handshake failed: {e}"))?;
     let driver = tokio::spawn(conn);
-    let request = Request::builder()
+    let mut request = Request::builder()
         .method(method)
         .uri(path)
         .header(header::HOST, host)
         .header(
             header::USER_AGENT,
             concat!("nodetunnel/", env!("CARGO_PKG_VERSION")),
-        )
+        );
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request
         .body(Empty::<Bytes>::new())
         .map_err(|e| format!("cannot build the request: {e}"))?;
     let result = async {

@@ -772,6 +772,12 @@ fn write_pki(dir: &std::path::Path) -> (TlsConfig, Pki) {
     };
     std::fs::write(&tls.cert, server.0.pem()).expect("write cert");
     std::fs::write(&tls.key, server.1.serialize_pem()).expect("write key");
+    // A private key others can read is refused (crate::keys::check_secret_file).
+    std::fs::set_permissions(
+        &tls.key,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .expect("chmod key");
     std::fs::write(&tls.client_ca, client_ca.0.pem()).expect("write ca");
     let pki = Pki {
         ca: server_ca.0,
