@@ -22,6 +22,13 @@ pub trait ChannelSink: Send + Sync + 'static {
     fn deliver(&self, msg: ChannelMsg);
     /// The session dropped the channel (closed, or the session is gone).
     fn detached(&self);
+    /// (nodetunnel patch) The receive window to offer the peer in the
+    /// channel open, if smaller than `client::Config::window_size` (which
+    /// stays the most the window is ever re-opened to). `None`: the
+    /// configured window, as upstream.
+    fn initial_window(&self) -> Option<u32> {
+        None
+    }
 }
 
 /// A handle to the [`super::Channel`]'s to be able to transmit messages
@@ -64,6 +71,15 @@ impl ChannelRef {
 
     pub(crate) fn window_size(&self) -> &WindowSizeRef {
         &self.window_size
+    }
+
+    /// (nodetunnel patch) The receive window to offer in the channel open:
+    /// the sink's [`ChannelSink::initial_window`], at most `configured`.
+    pub(crate) fn initial_window(&self, configured: u32) -> u32 {
+        self.sink
+            .as_ref()
+            .and_then(|sink| sink.initial_window())
+            .map_or(configured, |w| w.min(configured))
     }
 
     /// (nodetunnel patch) Send `msg` to the channel: to its sink if it has

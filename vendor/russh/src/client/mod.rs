@@ -1854,11 +1854,15 @@ impl Session {
                 originator_port,
                 channel_ref,
             } => {
-                let id = self.channel_open_direct_tcpip(
+                // (nodetunnel patch) The sink may ask for a smaller first
+                // window (see `ChannelSink::initial_window`).
+                let window = channel_ref.initial_window(self.common.config.window_size);
+                let id = self.channel_open_direct_tcpip_with_window(
                     &host_to_connect,
                     port_to_connect,
                     &originator_address,
                     originator_port,
+                    window,
                 )?;
                 self.channels.insert(id, channel_ref);
             }

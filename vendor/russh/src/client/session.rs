@@ -15,13 +15,26 @@ impl Session {
     where
         F: FnOnce(&mut Vec<u8>) -> Result<(), crate::Error>,
     {
+        let window = self.common.config.window_size;
+        self.channel_open_generic_with_window(kind, window, write_suffix)
+    }
+
+    /// (nodetunnel patch) [`Self::channel_open_generic`] offering the peer
+    /// `window` bytes of receive window instead of the configured size.
+    fn channel_open_generic_with_window<F>(
+        &mut self,
+        kind: &[u8],
+        window: u32,
+        write_suffix: F,
+    ) -> Result<ChannelId, crate::Error>
+    where
+        F: FnOnce(&mut Vec<u8>) -> Result<(), crate::Error>,
+    {
         let result = if let Some(ref mut enc) = self.common.encrypted {
             match enc.state {
                 EncryptedState::Authenticated => {
-                    let sender_channel = enc.new_channel(
-                        self.common.config.window_size,
-                        self.common.config.maximum_packet_size,
-                    );
+                    let sender_channel =
+                        enc.new_channel(window, self.common.config.maximum_packet_size);
                     push_packet!(enc.write, {
                         msg::CHANNEL_OPEN.encode(&mut enc.write)?;
                         kind.encode(&mut enc.write)?;
@@ -30,11 +43,7 @@ impl Session {
                         sender_channel.encode(&mut enc.write)?;
 
                         // window.
-                        self.common
-                            .config
-                            .as_ref()
-                            .window_size
-                            .encode(&mut enc.write)?;
+                        window.encode(&mut enc.write)?;
 
                         // max packet size.
                         self.common
@@ -78,7 +87,27 @@ impl Session {
         originator_address: &str,
         originator_port: u32,
     ) -> Result<ChannelId, crate::Error> {
-        self.channel_open_generic(b"direct-tcpip", |write| {
+        let window = self.common.config.window_size;
+        self.channel_open_direct_tcpip_with_window(
+            host_to_connect,
+            port_to_connect,
+            originator_address,
+            originator_port,
+            window,
+        )
+    }
+
+    /// (nodetunnel patch) [`Self::channel_open_direct_tcpip`] offering the
+    /// peer `window` bytes of receive window instead of the configured size.
+    pub fn channel_open_direct_tcpip_with_window(
+        &mut self,
+        host_to_connect: &str,
+        port_to_connect: u32,
+        originator_address: &str,
+        originator_port: u32,
+        window: u32,
+    ) -> Result<ChannelId, crate::Error> {
+        self.channel_open_generic_with_window(b"direct-tcpip", window, |write| {
             host_to_connect.encode(write)?;
             port_to_connect.encode(write)?; // sender channel id.
             originator_address.encode(write)?;
