@@ -601,6 +601,26 @@ pod_cidrs = ["10.244.1.0/24"]
     }
 
     #[test]
+    fn node_annotations_are_untrusted_unless_the_kubernetes_source_opts_in() {
+        let config = parse("[inventory]\nsource = \"kubernetes\"\n").unwrap();
+        assert!(!config.inventory.kubernetes.trust_node_annotations);
+        let config = parse(
+            "[inventory]\nsource = \"kubernetes\"\n\n[inventory.kubernetes]\ntrust_node_annotations = true\n",
+        )
+        .unwrap();
+        assert!(config.inventory.kubernetes.trust_node_annotations);
+        let e = error("[inventory.kubernetes]\ntrust_node_annotations = true\n");
+        assert!(
+            e.contains(": inventory.kubernetes.trust_node_annotations: applies only with source = \"kubernetes\""),
+            "{e}"
+        );
+        let e = error("[inventory]\nsource = \"kubernetes\"\nkubernetes = { trust_node_annotations = \"yes\" }\n");
+        assert!(e.contains("trust_node_annotations"), "{e}");
+        let e = error("[inventory.kubernetes]\ntrust_annotations = true\n");
+        assert!(e.contains("trust_annotations"), "{e}");
+    }
+
+    #[test]
     fn inventory_admin_and_readiness_tables_are_checked_at_load() {
         let e = error("[inventory]\nsource = \"file\"\n");
         assert!(e.contains(": inventory.path: "), "{e}");
