@@ -99,13 +99,18 @@ pub struct SshConfig {
     pub backoff_reset_after: Duration,
     /// SSH channel receive window in bytes, per stream: how much a node may
     /// send ahead of what the client has read. It is re-opened as the client
-    /// reads, so it is also the most a stream ever buffers.
-    /// Memory bound: window_size x open streams.
+    /// reads (within `max_buffered_bytes`), so it is also the most a stream
+    /// ever buffers.
     pub window_size: u32,
-    /// Bytes received from nodes and not yet read by clients, over all
-    /// streams, above which new streams are refused (503) until clients
-    /// catch up. Each stream holds at most `window_size`, so this bounds
-    /// memory when many clients stop reading.
+    /// The buffer budget: bytes from nodes not yet read by clients, over all
+    /// streams. Window beyond one packet (32 KiB) per stream is granted, at
+    /// the open and as clients read, only while what nodes may send (bytes
+    /// held plus window granted and unused) fits in it; when it is spent,
+    /// streams slow down (none is reset, no byte is lost) until clients
+    /// read. Memory bound on bytes held from nodes:
+    /// `min(window_size x open streams, max_buffered_bytes + 32 KiB x open
+    /// streams)`. While more than this is held, new streams are also
+    /// refused (503).
     pub max_buffered_bytes: usize,
     /// Grace period for open streams when a node is removed or the process
     /// shuts down.
@@ -593,6 +598,26 @@ pod_cidrs = ["10.244.1.0/24"]
             e.contains("between 65536 bytes (64 KiB) and 1073741824"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn node_annotations_are_untrusted_unless_the_kubernetes_source_opts_in() {
+        let config = parse("[inventory]\nsource = \"kubernetes\"\n").unwrap();
+        assert!(!config.inventory.kubernetes.trust_node_annotations);
+        let config = parse(
+            "[inventory]\nsource = \"kubernetes\"\n\n[inventory.kubernetes]\ntrust_node_annotations = true\n",
+        )
+        .unwrap();
+        assert!(config.inventory.kubernetes.trust_node_annotations);
+        let e = error("[inventory.kubernetes]\ntrust_node_annotations = true\n");
+        assert!(
+            e.contains(": inventory.kubernetes.trust_node_annotations: applies only with source = \"kubernetes\""),
+            "{e}"
+        );
+        let e = error("[inventory]\nsource = \"kubernetes\"\nkubernetes = { trust_node_annotations = \"yes\" }\n");
+        assert!(e.contains("trust_node_annotations"), "{e}");
+        let e = error("[inventory.kubernetes]\ntrust_annotations = true\n");
+        assert!(e.contains("trust_annotations"), "{e}");
     }
 
     #[test]

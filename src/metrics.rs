@@ -219,7 +219,7 @@ impl Metrics {
         let stream_buffered_bytes = Gauge::default();
         registry.register(
             "stream_buffered_bytes",
-            "Bytes received from nodes that clients have not read yet (bounded by ssh.max_buffered_bytes for new streams)",
+            "Bytes received from nodes that clients have not read yet (at most ssh.max_buffered_bytes plus 32 KiB per open stream)",
             stream_buffered_bytes.clone(),
         );
         let stream_opens = Family::<ResultLabel, Counter>::default();

@@ -22,16 +22,36 @@
 //!
 //! A stream's buffer therefore never holds more than one window. A node that
 //! sends beyond the window it was granted breaks the protocol: that stream
-//! is reset ([`StreamResetReason::WindowExceeded`]) and counted. Memory
-//! bound: `window_size` x open streams (packets under 2 KiB are coalesced,
-//! so a node sending tiny packets does not multiply it by per-packet
-//! overhead).
+//! is reset ([`StreamResetReason::WindowExceeded`]) and counted. Packets
+//! under 2 KiB are coalesced, so a node sending tiny packets does not
+//! multiply memory by per-packet overhead.
+//!
+//! # The buffer budget (`ssh.max_buffered_bytes`)
+//!
+//! What a node may send us is what we hold plus the window we granted and
+//! it has not used yet: a stream's *commitment*. Nothing bounds the bytes
+//! held but the commitments, so the budget is a bound on them
+//! ([`StreamLimits`]):
+//!
+//! - Every stream may always have one packet ([`MIN_WINDOW`], 32 KiB) of
+//!   commitment, free of the budget: no stream ever stops for good, however
+//!   spent the budget is.
+//! - Above that, window is granted (at the open, and as the client reads)
+//!   only as far as the budget has room; when it is spent, streams wait with
+//!   what they have (they slow down: nothing is reset or dropped) and are
+//!   woken in turn as clients read and commitments shrink.
+//! - A commitment shrinks as the client reads, when the node ends the
+//!   stream (its unused window will never be used), and when the stream
+//!   closes.
+//!
+//! So bytes held from nodes stay below `max_buffered_bytes` + 32 KiB x open
+//! streams, and below `window_size` x open streams.
 
 use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Waker};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -44,8 +64,12 @@ use crate::metrics::Metrics;
 
 static NEXT_STREAM_ID: AtomicU64 = AtomicU64::new(1);
 
-/// Buffering bounds of streams.
-#[derive(Debug)]
+/// The window every stream may always have, whatever the buffer budget:
+/// one packet (the maximum packet size nodetunnel asks nodes for).
+pub const MIN_WINDOW: usize = 32 * 1024;
+
+/// Buffering bounds of streams, and the buffer budget they share (see the
+/// module docs).
 pub struct StreamLimits {
     /// The receive window of every stream (`ssh.window_size`).
     pub window: usize,
@@ -54,20 +78,135 @@ pub struct StreamLimits {
     pub stream_buffer: usize,
     /// Bytes held right now by all streams.
     pub in_use: AtomicUsize,
-    /// Above this many bytes held, new streams are refused.
+    /// The most `in_use` has been since start.
+    peak_in_use: AtomicUsize,
+    /// The buffer budget (`ssh.max_buffered_bytes`): commitments above each
+    /// stream's free [`MIN_WINDOW`] stay within it; new streams are refused
+    /// while more than this many bytes are held.
     pub max_in_use: usize,
+    /// Commitment free of the budget per stream: [`MIN_WINDOW`], at most
+    /// the window.
+    floor: usize,
+    /// Window is granted in batches of at least this many bytes (a 32nd of
+    /// the window: 64 KiB of the default 2 MiB, about two packets; OpenSSH
+    /// re-opens after three). Rarer grants (an eighth) let the node's window
+    /// run low and cost single-stream downloads 15-20% of their throughput
+    /// (docs/benchmarks.md).
+    grant_batch: usize,
+    /// Sum over streams of their commitment above the floor.
+    charged: AtomicUsize,
+    /// Streams waiting for budget to grant window, in the order they asked.
+    waiters: Mutex<VecDeque<Weak<StreamInbound>>>,
+    /// `waiters.len()`, read without the lock.
+    waiting: AtomicUsize,
+}
+
+impl std::fmt::Debug for StreamLimits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamLimits")
+            .field("window", &self.window)
+            .field("max_in_use", &self.max_in_use)
+            .field("in_use", &self.in_use)
+            .field("charged", &self.charged)
+            .finish()
+    }
 }
 
 impl StreamLimits {
-    /// Limits for streams whose receive window is `window` bytes, refusing
-    /// new streams while more than `max_in_use` bytes wait for readers.
+    /// Limits for streams whose receive window is `window` bytes, sharing a
+    /// buffer budget of `max_in_use` bytes.
     pub fn new(window: usize, max_in_use: usize) -> Self {
         StreamLimits {
             window,
             stream_buffer: window + 64 * 1024,
             in_use: AtomicUsize::new(0),
+            peak_in_use: AtomicUsize::new(0),
             max_in_use,
+            floor: MIN_WINDOW.min(window),
+            grant_batch: (window / 32).max(1),
+            charged: AtomicUsize::new(0),
+            waiters: Mutex::new(VecDeque::new()),
+            waiting: AtomicUsize::new(0),
         }
+    }
+
+    /// Bytes of the budget promised to nodes now: held, or granted as
+    /// window and not yet used, above each stream's free [`MIN_WINDOW`].
+    pub fn committed(&self) -> usize {
+        self.charged.load(Ordering::Acquire)
+    }
+
+    /// The part of a stream's commitment that the budget pays for.
+    fn charge(&self, commitment: usize) -> usize {
+        commitment.saturating_sub(self.floor)
+    }
+
+    /// Take up to `max` bytes of budget, or nothing if fewer than `min`
+    /// are left; returns how many were taken.
+    fn try_reserve(&self, max: usize, min: usize) -> usize {
+        let mut charged = self.charged.load(Ordering::Acquire);
+        loop {
+            let take = self.max_in_use.saturating_sub(charged).min(max);
+            if take == 0 || take < min {
+                return 0;
+            }
+            match self.charged.compare_exchange_weak(
+                charged,
+                charged + take,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return take,
+                Err(now) => charged = now,
+            }
+        }
+    }
+
+    /// Give `amount` bytes of budget back (without waking anyone: see
+    /// [`Self::wake_waiters`]).
+    fn release(&self, amount: usize) {
+        if amount > 0 {
+            self.charged.fetch_sub(amount, Ordering::AcqRel);
+        }
+    }
+
+    /// Queue `stream` to be woken when budget frees up.
+    fn wait_for_budget(&self, stream: Weak<StreamInbound>) {
+        if let Ok(mut waiters) = self.waiters.lock() {
+            waiters.push_back(stream);
+            self.waiting.store(waiters.len(), Ordering::Release);
+        }
+    }
+
+    /// If a grant's worth of budget is free, wake the stream that has
+    /// waited longest (it takes what it can when its reader runs, and wakes
+    /// the next one if budget is left). Never called with a stream's lock
+    /// held.
+    fn wake_waiters(&self) {
+        if self.waiting.load(Ordering::Acquire) == 0
+            || self.max_in_use.saturating_sub(self.committed()) < self.grant_batch
+        {
+            return;
+        }
+        loop {
+            let next = match self.waiters.lock() {
+                Ok(mut waiters) => {
+                    let next = waiters.pop_front();
+                    self.waiting.store(waiters.len(), Ordering::Release);
+                    next
+                }
+                Err(_) => return,
+            };
+            let Some(next) = next else { return };
+            if next.upgrade().is_some_and(|s| s.wake_for_budget()) {
+                return;
+            }
+        }
+    }
+
+    /// The most bytes all streams held at once since start.
+    pub fn peak_in_use(&self) -> usize {
+        self.peak_in_use.load(Ordering::Acquire)
     }
 
     /// Whether buffered bytes are over the budget.
@@ -124,6 +263,12 @@ struct Inbound {
     tail: BytesMut,
     /// Bytes in `queue` and `tail`.
     buffered: usize,
+    /// What the node may have sent us: `buffered`, plus the window granted
+    /// (or reported to russh for granting) and not yet used. Never below
+    /// `buffered`.
+    committed: usize,
+    /// In the budget's waiting line.
+    awaiting_budget: bool,
     eof: bool,
     reset: Option<(StreamResetReason, String)>,
     consumer_gone: bool,
@@ -208,6 +353,8 @@ pub struct StreamInbound {
     node: Arc<str>,
     inbound: Mutex<Inbound>,
     limits: Arc<StreamLimits>,
+    /// The window offered in the channel open.
+    initial_window: u32,
     counters: Arc<StreamCounters>,
     metrics: Arc<Metrics>,
     /// Fired (all waiters, and a flag for late ones) when the stream is reset.
@@ -238,6 +385,10 @@ impl russh::ChannelSink for StreamInbound {
     fn detached(&self) {
         self.lost();
     }
+
+    fn initial_window(&self) -> Option<u32> {
+        Some(self.initial_window)
+    }
 }
 
 impl StreamInbound {
@@ -261,7 +412,15 @@ impl StreamInbound {
             return;
         }
         inbound.buffered = mine;
-        self.limits.in_use.fetch_add(len, Ordering::AcqRel);
+        if mine > inbound.committed {
+            // More than we granted (a node ignoring flow control, within
+            // the slack): count it, so that the books never go negative.
+            let over = self.limits.charge(mine) - self.limits.charge(inbound.committed);
+            inbound.committed = mine;
+            self.limits.charged.fetch_add(over, Ordering::AcqRel);
+        }
+        let in_use = self.limits.in_use.fetch_add(len, Ordering::AcqRel) + len;
+        self.limits.peak_in_use.fetch_max(in_use, Ordering::AcqRel);
         if len < COALESCE_BELOW {
             inbound.tail.extend_from_slice(&data);
         } else {
@@ -293,9 +452,12 @@ impl StreamInbound {
         if let Ok(mut inbound) = self.inbound.lock() {
             let held = inbound.clear();
             self.limits.in_use.fetch_sub(held, Ordering::AcqRel);
+            let freed = self.lower_commitment(&mut inbound, 0);
+            self.limits.release(freed);
             inbound.reset = Some((reason, message));
             inbound.wake();
         }
+        self.limits.wake_waiters();
         self.cut_fired.store(true, Ordering::Release);
         self.cut.notify_waiters();
     }
@@ -303,8 +465,13 @@ impl StreamInbound {
     fn finish(&self) {
         if let Ok(mut inbound) = self.inbound.lock() {
             inbound.eof = true;
+            // The node sends nothing more: its unused window is free.
+            let held = inbound.buffered;
+            let freed = self.lower_commitment(&mut inbound, held);
+            self.limits.release(freed);
             inbound.wake();
         }
+        self.limits.wake_waiters();
     }
 
     /// The session forgot the channel: if the node had not ended the stream
@@ -329,6 +496,75 @@ impl StreamInbound {
             inbound.consumer_gone = true;
             let held = inbound.clear();
             self.limits.in_use.fetch_sub(held, Ordering::AcqRel);
+            let freed = self.lower_commitment(&mut inbound, 0);
+            self.limits.release(freed);
+        }
+        self.limits.wake_waiters();
+    }
+
+    /// Lower the stream's commitment to `to` bytes (never raises it);
+    /// returns the budget that frees, for [`StreamLimits::release`].
+    fn lower_commitment(&self, inbound: &mut Inbound, to: usize) -> usize {
+        let before = self.limits.charge(inbound.committed);
+        inbound.committed = inbound.committed.min(to);
+        before - self.limits.charge(inbound.committed)
+    }
+
+    /// The reader took `taken` bytes: lower the commitment by as much, then
+    /// grant the node whatever window the budget allows, in batches, up to
+    /// a whole window. Returns the bytes to grant (report to russh as
+    /// consumed). A stream the budget cannot serve now joins the waiting
+    /// line.
+    fn settle(self: &Arc<Self>, inbound: &mut Inbound, taken: usize) -> usize {
+        let lowered = inbound.committed.saturating_sub(taken);
+        let freed = self.lower_commitment(inbound, lowered);
+        // Released before reserving: a stream whose reader keeps up keeps
+        // the window it had.
+        self.limits.release(freed);
+        if inbound.eof || inbound.reset.is_some() || inbound.consumer_gone {
+            return 0;
+        }
+        let limits = &self.limits;
+        let want = limits.window.saturating_sub(inbound.committed);
+        if want < limits.grant_batch {
+            return 0;
+        }
+        let free = limits.floor.saturating_sub(inbound.committed).min(want);
+        let paid = limits.try_reserve(want - free, limits.grant_batch.saturating_sub(free));
+        if free + paid < want && !inbound.awaiting_budget {
+            inbound.awaiting_budget = true;
+            limits.wait_for_budget(Arc::downgrade(self));
+        }
+        inbound.committed += free + paid;
+        free + paid
+    }
+
+    /// Budget freed up while the stream waited: have its reader grant what
+    /// it can. False if the stream no longer needs it (served meanwhile,
+    /// ended, reset or abandoned), so the next in line gets the turn.
+    fn wake_for_budget(&self) -> bool {
+        let Ok(mut inbound) = self.inbound.lock() else {
+            return false;
+        };
+        inbound.awaiting_budget = false;
+        let wants = self.limits.window.saturating_sub(inbound.committed) >= self.limits.grant_batch;
+        if !wants || inbound.eof || inbound.reset.is_some() || inbound.consumer_gone {
+            return false;
+        }
+        inbound.wake();
+        true
+    }
+}
+
+impl Drop for StreamInbound {
+    fn drop(&mut self) {
+        // Normally zero by now (abandoned or reset); whatever is left goes
+        // back, so the budget never leaks.
+        if let Ok(inbound) = self.inbound.get_mut() {
+            let held = inbound.buffered;
+            let charge = self.limits.charge(inbound.committed);
+            self.limits.in_use.fetch_sub(held, Ordering::AcqRel);
+            self.limits.release(charge);
         }
     }
 }
@@ -384,14 +620,22 @@ impl StreamSlot {
     /// The receiving side of the stream this slot will carry: hand it to
     /// the channel open as its sink (russh delivers the channel's data to
     /// it from the session task), then to [`TunnelStream::new`].
+    ///
+    /// The stream's first window is a whole window if the buffer budget has
+    /// room for it, else what it has room for, and at least [`MIN_WINDOW`].
     pub fn inbound(&self, node: Arc<str>, limits: Arc<StreamLimits>) -> Arc<StreamInbound> {
+        let paid = limits.try_reserve(limits.window - limits.floor, 0);
+        let first_window = limits.floor + paid;
         Arc::new(StreamInbound {
             id: NEXT_STREAM_ID.fetch_add(1, Ordering::Relaxed),
             node,
+            initial_window: u32::try_from(first_window).unwrap_or(u32::MAX),
             inbound: Mutex::new(Inbound {
                 queue: VecDeque::new(),
                 tail: BytesMut::new(),
                 buffered: 0,
+                committed: first_window,
+                awaiting_budget: false,
                 eof: false,
                 reset: None,
                 consumer_gone: false,
@@ -413,14 +657,6 @@ pub struct TunnelStream {
     shared: Arc<StreamInbound>,
     write: ChannelWriteHalf<Msg>,
     tx: Pin<Box<dyn AsyncWrite + Send + Sync>>,
-    /// Bytes read since the last consumption report to the session.
-    unreported: usize,
-    /// Report consumption once this many bytes were read: a 32nd of the
-    /// window (64 KiB of the default 2 MiB, about two packets; OpenSSH
-    /// re-opens after three). Rarer reports (an eighth) let the node's
-    /// window run low and cost single-stream downloads 15-20% of their
-    /// throughput (docs/benchmarks.md).
-    report_every: usize,
     _guard: OpenGuard,
 }
 
@@ -446,13 +682,10 @@ impl TunnelStream {
         // The read half receives nothing once the sink is in place.
         let (_read, write) = channel.split();
         let tx = Box::pin(write.make_writer());
-        let report_every = (inbound.limits.window / 32).max(1);
         TunnelStream {
             shared: inbound,
             write,
             tx,
-            unreported: 0,
-            report_every,
             _guard: guard,
         }
     }
@@ -504,7 +737,8 @@ impl crate::dial::TunnelIo for TunnelStream {
 
 impl TunnelStream {
     /// Take what the node sent with `take` (which returns the bytes it
-    /// took), account for it, and give the window back in batches;
+    /// took), account for it, and grant the node window as the budget
+    /// allows (also when woken by the budget with nothing to take);
     /// `Ready(Ok(0))` at the end of the stream.
     fn poll_take(
         &mut self,
@@ -515,16 +749,30 @@ impl TunnelStream {
             return Poll::Ready(Err(io::Error::other("stream state poisoned")));
         };
         let taken = take(&mut inbound);
+        let grant = self.shared.settle(&mut inbound, taken);
+        let idle = if taken > 0 {
+            Poll::Ready(Ok(taken))
+        } else if let Some((reason, message)) = &inbound.reset {
+            let kind = match reason {
+                StreamResetReason::WindowExceeded => io::ErrorKind::ConnectionReset,
+                StreamResetReason::SessionLost => io::ErrorKind::ConnectionAborted,
+            };
+            Poll::Ready(Err(io::Error::new(kind, message.clone())))
+        } else if inbound.eof {
+            Poll::Ready(Ok(0))
+        } else {
+            inbound.waker = Some(cx.waker().clone());
+            Poll::Pending
+        };
+        drop(inbound);
+        if grant > 0 {
+            // At most one window: fits a u32, as ssh.window_size does.
+            self.write
+                .consumed_now(u32::try_from(grant).unwrap_or(u32::MAX));
+        }
         if taken > 0 {
-            drop(inbound);
             self.shared.limits.in_use.fetch_sub(taken, Ordering::AcqRel);
-            // Give the window back in batches: the node may send as much again.
-            self.unreported += taken;
-            if self.unreported >= self.report_every {
-                let amount = u32::try_from(self.unreported).unwrap_or(u32::MAX);
-                self.unreported = 0;
-                self.write.consumed_now(amount);
-            }
+            self.shared.limits.wake_waiters();
             self._guard
                 .node_counters
                 .bytes_from_node
@@ -536,20 +784,11 @@ impl TunnelStream {
                     direction: "from_node".into(),
                 })
                 .inc_by(taken as u64);
-            return Poll::Ready(Ok(taken));
+        } else if grant > 0 {
+            // Woken by the budget: pass the turn on if budget is left.
+            self.shared.limits.wake_waiters();
         }
-        if let Some((reason, message)) = &inbound.reset {
-            let kind = match reason {
-                StreamResetReason::WindowExceeded => io::ErrorKind::ConnectionReset,
-                StreamResetReason::SessionLost => io::ErrorKind::ConnectionAborted,
-            };
-            return Poll::Ready(Err(io::Error::new(kind, message.clone())));
-        }
-        if inbound.eof {
-            return Poll::Ready(Ok(0));
-        }
-        inbound.waker = Some(cx.waker().clone());
-        Poll::Pending
+        idle
     }
 }
 
@@ -638,6 +877,108 @@ mod tests {
             limits,
             counters,
         )
+    }
+
+    fn budgeted(limits: &Arc<StreamLimits>) -> Arc<StreamInbound> {
+        let slot = StreamSlot::try_take(
+            Arc::new(StreamCounters::default()),
+            10,
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(Metrics::new()),
+        )
+        .expect("a slot");
+        slot.inbound("node-a".into(), limits.clone())
+    }
+
+    /// The node sends `len` bytes and the reader takes them all: the window
+    /// granted back.
+    fn send_and_read(s: &Arc<StreamInbound>, len: usize) -> usize {
+        s.deliver(ChannelMsg::Data {
+            data: Bytes::from(vec![3u8; len]),
+        });
+        let mut out = VecDeque::new();
+        let mut inbound = s.inbound.lock().unwrap();
+        let taken = inbound.take_chunks(&mut out, usize::MAX);
+        s.limits.in_use.fetch_sub(taken, Ordering::AcqRel);
+        s.settle(&mut inbound, taken)
+    }
+
+    struct Flag(AtomicBool);
+    impl std::task::Wake for Flag {
+        fn wake(self: Arc<Self>) {
+            self.0.store(true, Ordering::Release);
+        }
+    }
+
+    #[test]
+    fn first_windows_come_out_of_the_budget_and_never_below_one_packet() {
+        const K: usize = 1024;
+        let limits = Arc::new(StreamLimits::new(256 * K, 300 * K));
+        let a = budgeted(&limits);
+        let b = budgeted(&limits);
+        let c = budgeted(&limits);
+        assert_eq!(a.initial_window, 256 * K as u32, "a whole window");
+        assert_eq!(
+            b.initial_window,
+            (32 + 76) * K as u32,
+            "what the budget had left"
+        );
+        assert_eq!(c.initial_window, 32 * K as u32, "one packet, free");
+        assert_eq!(limits.committed(), 300 * K);
+        drop((a, b));
+        assert_eq!(
+            limits.committed(),
+            0,
+            "closed streams give their budget back"
+        );
+        drop(c);
+    }
+
+    #[test]
+    fn a_spent_budget_grants_one_packet_and_wakes_the_waiters_when_it_frees() {
+        const K: usize = 1024;
+        let limits = Arc::new(StreamLimits::new(256 * K, 256 * K));
+        let a = budgeted(&limits);
+        let b = budgeted(&limits);
+        let c = budgeted(&limits);
+        assert_eq!(b.initial_window, 64 * K as u32, "what the budget had left");
+        assert_eq!(c.initial_window, 32 * K as u32, "one packet, free");
+        assert_eq!(limits.committed(), 256 * K, "spent by the first windows");
+        // A reader that keeps up keeps its whole window.
+        assert_eq!(send_and_read(&a, 256 * K), 256 * K);
+        // b's reader read half its window: it gets back what that freed and
+        // no more, and waits in line for the rest.
+        assert_eq!(send_and_read(&b, 32 * K), 32 * K);
+        assert!(b.inbound.lock().unwrap().awaiting_budget);
+        // c's reader read its packet: the packet comes back, free.
+        assert_eq!(send_and_read(&c, 32 * K), 32 * K);
+        assert!(c.inbound.lock().unwrap().awaiting_budget);
+        assert_eq!(limits.committed(), 256 * K, "never above the budget");
+        let b_woken = Arc::new(Flag(AtomicBool::new(false)));
+        b.inbound.lock().unwrap().waker = Some(b_woken.clone().into());
+        let c_woken = Arc::new(Flag(AtomicBool::new(false)));
+        c.inbound.lock().unwrap().waker = Some(c_woken.clone().into());
+
+        // a's node ends the stream: its unused window frees; b, first in
+        // line, is woken and takes what it lacks when its reader runs, then
+        // passes the turn on (as `poll_take` does).
+        a.deliver(ChannelMsg::Eof);
+        assert_eq!(limits.committed(), 32 * K, "b's share only");
+        assert!(b_woken.0.load(Ordering::Acquire), "b was woken");
+        assert!(!c_woken.0.load(Ordering::Acquire), "one at a time");
+        let granted = b.settle(&mut b.inbound.lock().unwrap(), 0);
+        assert_eq!(granted, 192 * K, "the rest of b's window");
+        limits.wake_waiters();
+        assert!(c_woken.0.load(Ordering::Acquire), "then c");
+        let granted = c.settle(&mut c.inbound.lock().unwrap(), 0);
+        assert_eq!(granted, 32 * K, "what was left");
+        assert_eq!(limits.committed(), 256 * K);
+        drop((a, b, c));
+        assert_eq!(
+            limits.committed(),
+            0,
+            "closed streams give their budget back"
+        );
     }
 
     fn read_all(inbound: &StreamInbound) -> Vec<u8> {

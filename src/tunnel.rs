@@ -288,6 +288,12 @@ impl Tunnel {
         self.counters.open.load(Ordering::Acquire)
     }
 
+    /// The stream buffering bounds and counters shared by every tunnel
+    /// (`ssh.window_size`, `ssh.max_buffered_bytes`).
+    pub fn stream_limits(&self) -> Arc<StreamLimits> {
+        self.ctx.limits.clone()
+    }
+
     /// Whether new streams can be opened now.
     pub fn is_ready(&self) -> bool {
         self.state() == TunnelState::Ready

@@ -474,12 +474,14 @@ fn with_annotation(mut node: Node, key: &str, value: &str) -> Node {
 }
 
 /// Write `known_hosts` for `nodes` and `nodetunnel.toml` (the kubernetes
-/// source, kubeconfig `kubeconfig`, selector `nodetunnel.dev/tunnel=true`)
-/// in `dir`; the tunnel manager.
+/// source, kubeconfig `kubeconfig`, selector `nodetunnel.dev/tunnel=true`,
+/// node annotations trusted: the suite reaches its nodes by their ssh-port
+/// annotation) in `dir`; the tunnel manager.
 fn manager(dir: &Path, nodes: &[&SshNode]) -> Arc<TunnelManager> {
     let lines: Vec<String> = nodes.iter().map(|n| n.known_hosts_line()).collect();
     let inventory = "source = \"kubernetes\"\nkubeconfig = \"kubeconfig\"\n\
-         label_selector = \"nodetunnel.dev/tunnel=true\"\n";
+         label_selector = \"nodetunnel.dev/tunnel=true\"\n\
+         kubernetes = { trust_node_annotations = true }\n";
     inventory_manager(dir, &lines, inventory).1
 }
 
@@ -695,6 +697,54 @@ async fn tunnels_follow_node_objects_through_watch_errors_and_relists() {
     }
     inv.stop().await;
     manager.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn ssh_endpoint_annotations_count_only_when_the_operator_trusts_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = FakeApiServer::start().await;
+    let kubeconfig = api.kubeconfig(dir.path());
+    // What a compromised node can write on its own Node object.
+    api.with(|c| {
+        let node = with_annotation(
+            with_annotation(
+                kube_node("node-a", 2222, true),
+                "nodetunnel.dev/ssh-user",
+                "root",
+            ),
+            "nodetunnel.dev/ssh-address",
+            "192.0.2.66",
+        );
+        c.apply(node);
+    });
+    for trust in [false, true] {
+        let mut config = InventoryConfig {
+            source: InventorySource::Kubernetes,
+            kubeconfig: Some(kubeconfig.clone()),
+            ..Default::default()
+        };
+        config.kubernetes.trust_node_annotations = trust;
+        let sink = Recorder::new(None);
+        let inv = start(config, sink.clone());
+        let status = inv.status.clone();
+        wait_sync(&status, "the first list", || {
+            (sink.applies() > 0).then_some(())
+        })
+        .await;
+        let (nodes, _) = sink.last();
+        assert_eq!(nodes.len(), 1);
+        let a = &nodes[0];
+        if trust {
+            assert_eq!(a.ssh_address(), "192.0.2.66");
+            assert_eq!(a.ssh_port, Some(2222));
+            assert_eq!(a.ssh_user.as_deref(), Some("root"));
+        } else {
+            assert_eq!(a.ssh_address(), "127.0.0.1", "its InternalIP");
+            assert_eq!(a.ssh_port, None, "the [ssh] port");
+            assert_eq!(a.ssh_user, None, "the [ssh] user");
+        }
+        inv.stop().await;
+    }
 }
 
 #[tokio::test]

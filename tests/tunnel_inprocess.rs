@@ -844,3 +844,99 @@ async fn a_channel_open_overtakes_the_bulk_data_queued_for_a_slow_link() {
     }
     manager.shutdown(Duration::ZERO).await;
 }
+
+#[tokio::test]
+async fn a_spent_buffer_budget_slows_streams_and_never_holds_more_than_it_allows() {
+    // Sixteen streams of a 256 KiB window could hold 4 MiB for readers that
+    // are slow; the budget is 1 MiB. Granting window only while the budget
+    // lasts (every stream keeps one packet of window whatever the budget,
+    // so none can starve) holds at most the budget plus one packet per
+    // stream, resets nothing and delivers every byte.
+    const STREAMS: usize = 16;
+    const WINDOW: usize = 256 * 1024;
+    const BUDGET: usize = 1024 * 1024;
+    const PACKET: usize = 32 * 1024;
+    const BYTES: usize = 1024 * 1024 + 12_345;
+    const READ: usize = 16 * 1024;
+    let fx = Fixture::new();
+    let node = SshNode::start(&fx.client).await;
+    fx.known_hosts(&[node.known_hosts_line()]);
+    let config = fx.config(
+        &[("node-a", node.addr().port())],
+        &format!("window_size = {WINDOW}\nmax_buffered_bytes = {BUDGET}\n"),
+    );
+    let manager = fx.manager(&config);
+    wait_state(&manager, "node-a", TunnelState::Ready).await;
+    let limits = manager.tunnel("node-a").unwrap().stream_limits();
+
+    // Every stream is open before any byte flows (admission is not what
+    // this test is about), then every source starts at once.
+    let source = source_on_request(BYTES).await;
+    let mut streams = Vec::new();
+    for _ in 0..STREAMS {
+        streams.push(
+            manager
+                .dial_node("node-a", "127.0.0.1", source)
+                .await
+                .unwrap(),
+        );
+    }
+    for stream in &mut streams {
+        stream.write_all(b"?").await.unwrap();
+    }
+    // Nobody reads until the nodes have filled what they may send: the
+    // budget is spent.
+    support::poll::until(
+        "the node to fill the buffer budget",
+        support::inproc::DEADLINE,
+        || format!("{} bytes held", manager.buffered_bytes()),
+        || std::future::ready((manager.buffered_bytes() >= BUDGET).then_some(())),
+    )
+    .await;
+
+    // Slow readers: a small read per stream per round, round-robin.
+    let mut hashers: Vec<Sha256> = (0..STREAMS).map(|_| Sha256::new()).collect();
+    let mut totals = [0usize; STREAMS];
+    let mut done = [false; STREAMS];
+    let mut buf = vec![0u8; READ];
+    while done.iter().any(|d| !d) {
+        for (i, stream) in streams.iter_mut().enumerate() {
+            if done[i] {
+                continue;
+            }
+            let n = stream.read(&mut buf).await.unwrap();
+            if n == 0 {
+                done[i] = true;
+            }
+            hashers[i].update(&buf[..n]);
+            totals[i] += n;
+        }
+    }
+    for (i, hasher) in hashers.into_iter().enumerate() {
+        assert_eq!(totals[i], BYTES, "stream {i}");
+        assert_eq!(
+            hasher.finalize(),
+            pattern_digest(BYTES),
+            "stream {i} byte-exact"
+        );
+    }
+    let bound = BUDGET + STREAMS * PACKET;
+    println!(
+        "held at most {} bytes (budget {BUDGET}, bound {bound})",
+        limits.peak_in_use()
+    );
+    assert!(
+        limits.peak_in_use() >= BUDGET,
+        "the budget was never spent: the test proves nothing"
+    );
+    assert!(
+        limits.peak_in_use() <= bound,
+        "held up to {} bytes, over the budget of {BUDGET} plus one packet per stream ({bound})",
+        limits.peak_in_use()
+    );
+    let status = manager.tunnel("node-a").unwrap().status();
+    assert_eq!(status.stream_resets, 0, "{status:?}");
+    assert_eq!(manager.buffered_bytes(), 0);
+    assert_eq!(limits.committed(), 0, "every stream's budget came back");
+    manager.shutdown(Duration::from_secs(1)).await;
+}

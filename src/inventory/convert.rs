@@ -9,6 +9,10 @@
 //! - Pod CIDRs come from `spec.podCIDRs` (or the older single `spec.podCIDR`).
 //! - `nodetunnel.dev/ssh-port` and `nodetunnel.dev/ssh-user` override the
 //!   `[ssh]` defaults for that node.
+//! - Those three SSH endpoint annotations are written by whoever may edit
+//!   the Node object, which includes the node itself (its kubelet): they are
+//!   honoured only when the caller says so ([`NodeAnnotations::Trusted`]),
+//!   else left out, values unread.
 //! - A `Ready` condition of `False` or `Unknown` sets
 //!   [`NodeConfig::not_ready`]: the tunnel is kept, but any-node routes choose
 //!   the node last. A node without a `Ready` condition is not marked.
@@ -28,14 +32,50 @@ pub const ANNOTATION_SSH_ADDRESS: &str = "nodetunnel.dev/ssh-address";
 pub const ANNOTATION_SSH_PORT: &str = "nodetunnel.dev/ssh-port";
 /// Annotation: the node's SSH user.
 pub const ANNOTATION_SSH_USER: &str = "nodetunnel.dev/ssh-user";
+/// The SSH endpoint annotations.
+pub const SSH_ENDPOINT_ANNOTATIONS: [&str; 3] = [
+    ANNOTATION_SSH_ADDRESS,
+    ANNOTATION_SSH_PORT,
+    ANNOTATION_SSH_USER,
+];
+
+/// Whether a Node's SSH endpoint annotations are honoured. A node can write
+/// its own Node object, so a compromised node could point its tunnel (and
+/// the host key checked for it) elsewhere: the Kubernetes source honours
+/// them only when `inventory.kubernetes.trust_node_annotations` is set.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum NodeAnnotations {
+    /// Ignored: the node is dialled at its first address of the preferred
+    /// type, with the `[ssh]` port and user.
+    #[default]
+    Ignored,
+    /// Honoured (and an invalid one skips the node).
+    Trusted,
+}
+
+/// The SSH endpoint annotations `node` carries, whatever their values.
+pub fn ssh_endpoint_annotations(node: &Node) -> Vec<&'static str> {
+    let Some(present) = node.metadata.annotations.as_ref() else {
+        return Vec::new();
+    };
+    SSH_ENDPOINT_ANNOTATIONS
+        .into_iter()
+        .filter(|key| present.contains_key(*key))
+        .collect()
+}
 
 /// Convert one Node object. `address_types` is the preference order of
-/// `status.addresses[].type`; other types are ignored.
+/// `status.addresses[].type`; other types are ignored. `annotations` says
+/// whether the SSH endpoint annotations count.
 ///
 /// The error is one line naming the node and the offending field or
 /// annotation; the caller skips that node (keeping its previous entry, if
 /// any) rather than refusing the whole list.
-pub fn node_config(node: &Node, address_types: &[String]) -> Result<NodeConfig, String> {
+pub fn node_config(
+    node: &Node,
+    address_types: &[String],
+    annotations: NodeAnnotations,
+) -> Result<NodeConfig, String> {
     let name = node
         .metadata
         .name
@@ -44,6 +84,9 @@ pub fn node_config(node: &Node, address_types: &[String]) -> Result<NodeConfig, 
         .ok_or_else(|| "node without metadata.name".to_string())?;
     let fail = |field: &str, reason: String| format!("node {name:?}: {field}: {reason}");
     let annotation = |key: &str| {
+        if annotations == NodeAnnotations::Ignored {
+            return None;
+        }
         node.metadata
             .annotations
             .as_ref()
@@ -240,7 +283,7 @@ mod tests {
             ],
             &[],
         );
-        let c = node_config(&n, &types()).unwrap();
+        let c = node_config(&n, &types(), NodeAnnotations::Trusted).unwrap();
         assert_eq!(c.addresses, ["10.0.0.1", "203.0.113.7", "node-a"]);
         assert_eq!(c.ssh_address(), "10.0.0.1");
         assert_eq!(
@@ -251,7 +294,7 @@ mod tests {
             ]
         );
         assert!(!c.not_ready);
-        let c = node_config(&n, &["ExternalIP".to_string()]).unwrap();
+        let c = node_config(&n, &["ExternalIP".to_string()], NodeAnnotations::Trusted).unwrap();
         assert_eq!(c.addresses, ["203.0.113.7"]);
     }
 
@@ -266,11 +309,49 @@ mod tests {
                 (ANNOTATION_SSH_USER, "tunnel"),
             ],
         );
-        let c = node_config(&n, &types()).unwrap();
+        let c = node_config(&n, &types(), NodeAnnotations::Trusted).unwrap();
         assert_eq!(c.addresses, ["10.0.0.1", "203.0.113.7"]);
         assert_eq!(c.ssh_address(), "203.0.113.7");
         assert_eq!(c.ssh_port, Some(2222));
         assert_eq!(c.ssh_user.as_deref(), Some("tunnel"));
+    }
+
+    #[test]
+    fn untrusted_annotations_are_ignored_values_unread() {
+        let annotated = |value: &str| {
+            node(
+                "a",
+                &[("InternalIP", "10.0.0.1"), ("ExternalIP", "203.0.113.7")],
+                &[
+                    (ANNOTATION_SSH_ADDRESS, "203.0.113.66"),
+                    (ANNOTATION_SSH_PORT, value),
+                    (ANNOTATION_SSH_USER, "root"),
+                ],
+            )
+        };
+        for n in [annotated("2222"), annotated("not a port")] {
+            assert_eq!(
+                ssh_endpoint_annotations(&n),
+                [
+                    ANNOTATION_SSH_ADDRESS,
+                    ANNOTATION_SSH_PORT,
+                    ANNOTATION_SSH_USER
+                ]
+            );
+            let c = node_config(&n, &types(), NodeAnnotations::Ignored).unwrap();
+            assert_eq!(c.ssh_address(), "10.0.0.1", "the first InternalIP");
+            assert_eq!(c.ssh_address, None);
+            assert_eq!(c.ssh_port, None, "the [ssh] port");
+            assert_eq!(c.ssh_user, None, "the [ssh] user");
+            assert_eq!(c.addresses, ["10.0.0.1", "203.0.113.7"]);
+        }
+        assert_eq!(
+            NodeAnnotations::default(),
+            NodeAnnotations::Ignored,
+            "ignored unless the operator opts in"
+        );
+        let plain = node("a", &[("InternalIP", "10.0.0.1")], &[("other", "x")]);
+        assert!(ssh_endpoint_annotations(&plain).is_empty());
     }
 
     #[test]
@@ -284,7 +365,7 @@ mod tests {
             (ANNOTATION_SSH_ADDRESS, ""),
         ] {
             let n = node("a", &[("InternalIP", "10.0.0.1")], &[(key, value)]);
-            let e = node_config(&n, &types()).unwrap_err();
+            let e = node_config(&n, &types(), NodeAnnotations::Trusted).unwrap_err();
             assert!(e.starts_with("node \"a\": annotation "), "{e}");
             assert!(e.contains(key), "{e}");
         }
@@ -294,34 +375,50 @@ mod tests {
     fn ready_condition_false_or_unknown_marks_not_ready() {
         let base = node("a", &[("InternalIP", "10.0.0.1")], &[]);
         assert!(
-            !node_config(&with_ready(base.clone(), "True"), &types())
-                .unwrap()
-                .not_ready
+            !node_config(
+                &with_ready(base.clone(), "True"),
+                &types(),
+                NodeAnnotations::Trusted
+            )
+            .unwrap()
+            .not_ready
         );
         assert!(
-            node_config(&with_ready(base.clone(), "False"), &types())
-                .unwrap()
-                .not_ready
+            node_config(
+                &with_ready(base.clone(), "False"),
+                &types(),
+                NodeAnnotations::Trusted
+            )
+            .unwrap()
+            .not_ready
         );
         assert!(
-            node_config(&with_ready(base.clone(), "Unknown"), &types())
+            node_config(
+                &with_ready(base.clone(), "Unknown"),
+                &types(),
+                NodeAnnotations::Trusted
+            )
+            .unwrap()
+            .not_ready
+        );
+        assert!(
+            !node_config(&base, &types(), NodeAnnotations::Trusted)
                 .unwrap()
                 .not_ready
         );
-        assert!(!node_config(&base, &types()).unwrap().not_ready);
     }
 
     #[test]
     fn a_node_without_a_usable_address_is_refused() {
         let n = node("a", &[("InternalDNS", "a.internal")], &[]);
-        let e = node_config(&n, &types()).unwrap_err();
+        let e = node_config(&n, &types(), NodeAnnotations::Trusted).unwrap_err();
         assert!(e.contains("node \"a\": status.addresses"), "{e}");
         let mut n = node("a", &[], &[]);
         n.status = None;
-        assert!(node_config(&n, &types()).is_err());
+        assert!(node_config(&n, &types(), NodeAnnotations::Trusted).is_err());
         let mut n = node("", &[("InternalIP", "10.0.0.1")], &[]);
         n.metadata.name = None;
-        assert!(node_config(&n, &types()).is_err());
+        assert!(node_config(&n, &types(), NodeAnnotations::Trusted).is_err());
     }
 
     #[test]
@@ -331,13 +428,13 @@ mod tests {
             pod_cidr: Some("10.244.9.0/24".into()),
             ..Default::default()
         });
-        let c = node_config(&n, &types()).unwrap();
+        let c = node_config(&n, &types(), NodeAnnotations::Trusted).unwrap();
         assert_eq!(c.pod_cidrs, vec!["10.244.9.0/24".parse::<IpNet>().unwrap()]);
         n.spec = Some(NodeSpec {
             pod_cidrs: Some(vec!["10.244.9.0/33".into()]),
             ..Default::default()
         });
-        let e = node_config(&n, &types()).unwrap_err();
+        let e = node_config(&n, &types(), NodeAnnotations::Trusted).unwrap_err();
         assert!(e.contains("spec.podCIDRs[0]"), "{e}");
     }
 }

@@ -260,7 +260,9 @@ fn parse_json(text: &str, path: &Path, address_types: &[String]) -> Result<Parse
     };
     let mut seen: HashMap<String, usize> = HashMap::new();
     for (i, node) in items.iter().enumerate() {
-        match convert::node_config(node, address_types) {
+        // The operator's own file: its annotations are taken as written
+        // (`inventory.kubernetes.trust_node_annotations` is about the watch).
+        match convert::node_config(node, address_types, convert::NodeAnnotations::Trusted) {
             Ok(config) => {
                 if let Some(first) = seen.insert(config.name.clone(), i) {
                     return Err(parse_error(

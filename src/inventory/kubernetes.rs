@@ -13,13 +13,16 @@
 //! - A Node that cannot be converted (an invalid annotation) is skipped with
 //!   a warning; a node already in force keeps its previous entry, so a typo
 //!   never drops a tunnel.
+//! - The SSH endpoint annotations are written by the node itself: unless
+//!   `inventory.kubernetes.trust_node_annotations` is set they are ignored,
+//!   and said so once per node (at info).
 //!
 //! Any watch error is logged and counted, and the watch starts over with a
 //! full re-list after a backoff; a 410 Gone re-lists at once. SIGHUP
 //! re-reads the kubeconfig and re-lists. A live watch confirms the sync time
 //! every minute, so readiness stays green in a quiet cluster.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -59,7 +62,7 @@ pub(crate) async fn run(
 ) {
     let mut backoff = Backoff::new(RETRY_BASE, RETRY_MAX);
     let mut client: Option<kube::Client> = None;
-    let mut nodes = NodeSet::default();
+    let mut nodes = NodeSet::new(config.kubernetes.node_annotations());
     // Consecutive 410s without a completed list: the first re-lists at
     // once, repeats back off.
     let mut gone_streak = 0u32;
@@ -272,6 +275,10 @@ fn is_gone(e: &watcher::Error) -> bool {
 /// The node set the watch has built.
 #[derive(Default)]
 struct NodeSet {
+    /// Whether the SSH endpoint annotations count.
+    annotations: convert::NodeAnnotations,
+    /// Nodes whose ignored annotations were already logged.
+    annotations_logged: HashSet<String>,
     /// The nodes as last handed to the sink (or about to be, when dirty).
     in_force: BTreeMap<String, NodeConfig>,
     /// A list in progress (between `Init` and `InitDone`).
@@ -283,6 +290,13 @@ struct NodeSet {
 }
 
 impl NodeSet {
+    fn new(annotations: convert::NodeAnnotations) -> NodeSet {
+        NodeSet {
+            annotations,
+            ..NodeSet::default()
+        }
+    }
+
     /// Take one watcher event; true when a list completed.
     fn handle(&mut self, event: Event<Node>, address_types: &[String]) -> bool {
         match event {
@@ -318,6 +332,7 @@ impl NodeSet {
             Event::Delete(node) => {
                 if let Some(name) = node.metadata.name.as_deref() {
                     self.skipped.remove(name);
+                    self.annotations_logged.remove(name);
                     if self.in_force.remove(name).is_some() {
                         self.dirty = true;
                     }
@@ -331,7 +346,10 @@ impl NodeSet {
     /// force, if any.
     fn convert(&mut self, node: &Node, address_types: &[String]) -> Option<(String, NodeConfig)> {
         let name = node.metadata.name.clone().unwrap_or_default();
-        match convert::node_config(node, address_types) {
+        if self.annotations == convert::NodeAnnotations::Ignored {
+            self.log_ignored_annotations(&name, node);
+        }
+        match convert::node_config(node, address_types, self.annotations) {
             Ok(config) => {
                 self.skipped.remove(&name);
                 Some((name, config))
@@ -351,6 +369,23 @@ impl NodeSet {
                 previous.map(|p| (name, p))
             }
         }
+    }
+
+    /// Say once per node that its SSH endpoint annotations are ignored, and
+    /// how to honour them.
+    fn log_ignored_annotations(&mut self, name: &str, node: &Node) {
+        let present = convert::ssh_endpoint_annotations(node);
+        if present.is_empty() || self.annotations_logged.contains(name) {
+            return;
+        }
+        tracing::info!(
+            source = "kubernetes",
+            node = %name,
+            annotations = %present.join(", "),
+            "SSH endpoint annotations ignored: the node can write them itself; \
+             set inventory.kubernetes.trust_node_annotations = true to honour them"
+        );
+        self.annotations_logged.insert(name.to_string());
     }
 }
 
@@ -430,9 +465,82 @@ mod tests {
         assert!(names(&set).is_empty());
     }
 
+    /// Log lines written while `f` runs (this thread only).
+    fn logged(f: impl FnOnce()) -> String {
+        #[derive(Clone, Default)]
+        struct Buffer(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Buffer {
+            fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(data);
+                Ok(data.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let bytes = buffer.0.lock().unwrap().clone();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    #[test]
+    fn untrusted_annotations_are_ignored_and_said_once_per_node() {
+        let mut set = NodeSet::new(convert::NodeAnnotations::Ignored);
+        let t = types();
+        let log = logged(|| {
+            set.handle(Event::Init, &t);
+            set.handle(Event::InitApply(node("a", "10.0.0.1", Some("2222"))), &t);
+            set.handle(Event::InitApply(node("b", "10.0.0.2", None)), &t);
+            set.handle(Event::InitDone, &t);
+            // A heartbeat, a re-list, and an invalid value: nothing new to say.
+            set.handle(Event::Apply(node("a", "10.0.0.1", Some("2222"))), &t);
+            set.handle(Event::Init, &t);
+            set.handle(Event::InitApply(node("a", "10.0.0.1", Some("22x"))), &t);
+            set.handle(Event::InitDone, &t);
+        });
+        assert_eq!(set.in_force["a"].ssh_port, None, "the [ssh] port");
+        assert_eq!(set.in_force["a"].ssh_address(), "10.0.0.1");
+        assert!(set.skipped.is_empty(), "an ignored value is never read");
+        let lines: Vec<&str> = log.lines().filter(|l| l.contains("ignored")).collect();
+        assert_eq!(lines.len(), 1, "{log}");
+        assert!(lines[0].contains("node=a"), "{log}");
+        assert!(lines[0].contains(convert::ANNOTATION_SSH_PORT), "{log}");
+        assert!(
+            lines[0].contains("inventory.kubernetes.trust_node_annotations = true"),
+            "{log}"
+        );
+        // A node deleted and created again is a new node: said again.
+        let log = logged(|| {
+            set.handle(Event::Delete(node("a", "10.0.0.1", None)), &t);
+            set.handle(Event::Apply(node("a", "10.0.0.1", Some("2222"))), &t);
+        });
+        assert_eq!(
+            log.lines().filter(|l| l.contains("ignored")).count(),
+            1,
+            "{log}"
+        );
+    }
+
+    #[test]
+    fn trusted_annotations_set_the_port() {
+        let mut set = NodeSet::new(convert::NodeAnnotations::Trusted);
+        let t = types();
+        let log = logged(|| {
+            set.handle(Event::Apply(node("a", "10.0.0.1", Some("2222"))), &t);
+        });
+        assert_eq!(set.in_force["a"].ssh_port, Some(2222));
+        assert!(!log.contains("ignored"), "{log}");
+    }
+
     #[test]
     fn an_invalid_annotation_keeps_the_node_in_force_and_skips_a_new_one() {
-        let mut set = NodeSet::default();
+        let mut set = NodeSet::new(convert::NodeAnnotations::Trusted);
         let t = types();
         set.handle(Event::Init, &t);
         set.handle(Event::InitApply(node("a", "10.0.0.1", Some("2222"))), &t);

@@ -63,6 +63,33 @@ pub struct InventoryConfig {
     pub label_selector: Option<String>,
     /// Node address types in order of preference (the first is dialled).
     pub address_types: Vec<String>,
+    /// `[inventory.kubernetes]`: settings of the `kubernetes` source only.
+    pub kubernetes: KubernetesSourceConfig,
+}
+
+/// The `[inventory.kubernetes]` table.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct KubernetesSourceConfig {
+    /// Honour the SSH endpoint annotations of Node objects
+    /// (`nodetunnel.dev/ssh-address`, `-port`, `-user`). Off by default: a
+    /// node may edit its own Node object, so a compromised node could send
+    /// its tunnel to another address, port or user. When off, a node that
+    /// has them is dialled at its first address of the preferred type with
+    /// the `[ssh]` port and user, and the annotations are logged as ignored
+    /// once per node.
+    pub trust_node_annotations: bool,
+}
+
+impl KubernetesSourceConfig {
+    /// How the source treats the SSH endpoint annotations.
+    pub fn node_annotations(&self) -> convert::NodeAnnotations {
+        if self.trust_node_annotations {
+            convert::NodeAnnotations::Trusted
+        } else {
+            convert::NodeAnnotations::Ignored
+        }
+    }
 }
 
 impl Default for InventoryConfig {
@@ -73,6 +100,7 @@ impl Default for InventoryConfig {
             kubeconfig: None,
             label_selector: None,
             address_types: vec!["InternalIP".into(), "ExternalIP".into(), "Hostname".into()],
+            kubernetes: KubernetesSourceConfig::default(),
         }
     }
 }
@@ -90,6 +118,12 @@ impl InventoryConfig {
             return Err((
                 "inventory.address_types".into(),
                 "needs at least one address type".into(),
+            ));
+        }
+        if self.kubernetes.trust_node_annotations && self.source != InventorySource::Kubernetes {
+            return Err((
+                "inventory.kubernetes.trust_node_annotations".into(),
+                "applies only with source = \"kubernetes\" (the nodes file's annotations are always taken as written)".into(),
             ));
         }
         Ok(())
