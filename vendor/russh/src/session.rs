@@ -305,12 +305,18 @@ impl Encrypted {
     /// (nodetunnel patch) Account for received channel data without
     /// re-opening the window: it is re-opened by [`Self::grant_consumed`]
     /// once the local consumer has taken the bytes.
-    pub fn note_received(&mut self, channel: ChannelId, data: &[u8]) {
-        if let Some(channel) = self.channels.get_mut(&channel) {
-            // Ignore extra data, as adjust_window_size does.
-            if data.len() as u32 <= channel.sender_window_size {
-                channel.sender_window_size -= data.len() as u32;
+    ///
+    /// Returns what was left of the window when the data is more than that
+    /// (the peer broke flow control; the data must not be delivered), else
+    /// `None`.
+    pub fn note_received(&mut self, channel: ChannelId, data: &[u8]) -> Option<u32> {
+        let channel = self.channels.get_mut(&channel)?;
+        match u32::try_from(data.len()) {
+            Ok(len) if len <= channel.sender_window_size => {
+                channel.sender_window_size -= len;
+                None
             }
+            _ => Some(channel.sender_window_size),
         }
     }
 

@@ -118,6 +118,16 @@ pub enum ChannelMsg {
         /// Bytes consumed.
         amount: u32,
     },
+    /// (client only, nodetunnel patch) The peer sent more data than the
+    /// window it was granted (`client::Config::adjust_window_on_consume`):
+    /// the packet was dropped, not delivered. The channel is broken; the
+    /// application should close it.
+    WindowExceeded {
+        /// What was left of the window when the packet arrived.
+        window: u32,
+        /// The bytes of data the packet carried.
+        received: u32,
+    },
 }
 
 #[derive(Clone, Debug)]

@@ -516,10 +516,11 @@ impl Session {
         #[allow(clippy::collapsible_if)]
         if let Some(ref mut enc) = self.common.encrypted {
             if on_consume {
-                enc.note_received(channel_num, &data);
+                if let Some(window) = enc.note_received(channel_num, &data) {
+                    return self.window_exceeded(channel_num, window, data.len()).await;
+                }
             } else if enc.adjust_window_size(channel_num, &data, target)? {
-                let next_window =
-                    client.adjust_window(channel_num, self.target_window_size);
+                let next_window = client.adjust_window(channel_num, self.target_window_size);
                 if next_window > 0 {
                     self.target_window_size = next_window
                 }
@@ -531,6 +532,32 @@ impl Session {
         }
 
         client.data(channel_num, &data, self).await
+    }
+
+    /// (nodetunnel patch) The peer sent `received` bytes of (extended)
+    /// data on `channel_num` with only `window` bytes of window left. With
+    /// `adjust_window_on_consume` the window is what bounds the memory the
+    /// application holds for the channel, so the data is dropped, never
+    /// delivered, and the channel is told ([`ChannelMsg::WindowExceeded`]);
+    /// the application closes it. Upstream (and OpenSSH) deliver it anyway.
+    async fn window_exceeded<E: From<crate::Error>>(
+        &mut self,
+        channel_num: ChannelId,
+        window: u32,
+        received: usize,
+    ) -> Result<(), E> {
+        warn!(
+            "channel {channel_num:?}: peer sent {received} bytes with {window} bytes of window left; dropped"
+        );
+        if let Some(chan) = self.channels.get(&channel_num) {
+            let _ = chan
+                .send(ChannelMsg::WindowExceeded {
+                    window,
+                    received: u32::try_from(received).unwrap_or(u32::MAX),
+                })
+                .await;
+        }
+        Ok(())
     }
 
     async fn client_read_authenticated<H: Handler>(
@@ -676,7 +703,9 @@ impl Session {
                 #[allow(clippy::collapsible_if)]
                 if let Some(ref mut enc) = self.common.encrypted {
                     if on_consume {
-                        enc.note_received(channel_num, &data);
+                        if let Some(window) = enc.note_received(channel_num, &data) {
+                            return self.window_exceeded(channel_num, window, data.len()).await;
+                        }
                     } else if enc.adjust_window_size(channel_num, &data, target)? {
                         let next_window =
                             client.adjust_window(channel_num, self.target_window_size);
