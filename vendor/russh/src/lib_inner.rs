@@ -617,6 +617,14 @@ impl<M: Send> ChannelOpenHandleInner<M> {
         }
     }
 
+    /// (nodetunnel patch, feature `hostile-peer`, test-only) The peer's
+    /// number for this channel, for packets sent with
+    /// `server::Handle::send_raw_packet`.
+    #[cfg(feature = "hostile-peer")]
+    pub fn peer_channel(&self) -> Option<u32> {
+        self.inner.as_ref().map(|p| p.recipient_channel)
+    }
+
     /// Accept the channel open request.
     pub async fn accept(mut self) {
         if let Some(pending) = self.inner.take() {

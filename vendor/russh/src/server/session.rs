@@ -88,6 +88,15 @@ pub enum Msg {
         pending: PendingChannelOpen,
         result: Result<(), ChannelOpenFailure>,
     },
+    /// (nodetunnel patch, feature `hostile-peer`) See [`Handle::send_raw_packet`].
+    #[cfg(feature = "hostile-peer")]
+    RawPacket {
+        channel: Option<ChannelId>,
+        payload: Vec<u8>,
+    },
+    /// (nodetunnel patch, feature `hostile-peer`) See [`Handle::rekey_now`].
+    #[cfg(feature = "hostile-peer")]
+    Rekey,
 }
 
 impl From<(ChannelId, ChannelMsg)> for Msg {
@@ -471,7 +480,61 @@ impl Handle {
     }
 }
 
+#[cfg(feature = "hostile-peer")]
+impl Handle {
+    /// (nodetunnel patch, test-only) Send one packet with `payload` as is,
+    /// past every check of the session (window, packet size, channel
+    /// state): for tests that script a peer breaking the protocol. With
+    /// `channel`, the client's number of that channel is written after the
+    /// payload's first byte (the message type), as every channel message
+    /// has it there; a channel the session does not know sends nothing.
+    pub async fn send_raw_packet(
+        &self,
+        channel: Option<ChannelId>,
+        payload: Vec<u8>,
+    ) -> Result<(), Error> {
+        self.sender
+            .send(Msg::RawPacket { channel, payload })
+            .await
+            .map_err(|_| Error::SendError)
+    }
+
+    /// (nodetunnel patch, test-only) Start a key exchange now.
+    pub async fn rekey_now(&self) -> Result<(), Error> {
+        self.sender
+            .send(Msg::Rekey)
+            .await
+            .map_err(|_| Error::SendError)
+    }
+}
+
 impl Session {
+    #[cfg(feature = "hostile-peer")]
+    fn send_raw_packet(&mut self, channel: Option<ChannelId>, payload: &[u8]) -> Result<(), Error> {
+        use ssh_encoding::Encode;
+        let Some(enc) = self.common.encrypted.as_mut() else {
+            return Ok(());
+        };
+        let Some((first, rest)) = payload.split_first() else {
+            return Ok(());
+        };
+        let recipient = match channel {
+            Some(id) => match enc.channels.get(&id) {
+                Some(params) => Some(params.recipient_channel),
+                None => return Ok(()),
+            },
+            None => None,
+        };
+        push_packet!(enc.write, {
+            enc.write.push(*first);
+            if let Some(recipient) = recipient {
+                recipient.encode(&mut enc.write)?;
+            }
+            enc.write.extend_from_slice(rest);
+        });
+        Ok(())
+    }
+
     fn maybe_decompress(&mut self, buffer: &SSHBuffer) -> Result<IncomingSshPacket, Error> {
         if let Some(ref mut enc) = self.common.encrypted {
             let mut decomp = Vec::new();
@@ -619,6 +682,16 @@ impl Session {
             }
             Msg::ChannelOpenReply { pending, result } => {
                 self.finalize_channel_open_reply(pending, result)?;
+            }
+            #[cfg(feature = "hostile-peer")]
+            Msg::RawPacket { channel, payload } => {
+                self.send_raw_packet(channel, &payload)?;
+            }
+            #[cfg(feature = "hostile-peer")]
+            Msg::Rekey => {
+                if let Some(enc) = self.common.encrypted.as_mut() {
+                    enc.rekey_wanted = true;
+                }
             }
             other => {
                 // should be unreachable, since the receiver only gets
