@@ -74,6 +74,8 @@ use crate::{
 };
 
 mod encrypted;
+#[cfg(feature = "hostile-peer")]
+pub mod fuzzing;
 mod kex;
 mod session;
 
