@@ -300,7 +300,12 @@ impl StreamInbound {
 
     /// Cut the stream for `reason`; `detail` says what the node did.
     fn reset(&self, reason: StreamResetReason, detail: String) {
-        if self.inbound.lock().map(|i| i.reset.is_some()).unwrap_or(true) {
+        if self
+            .inbound
+            .lock()
+            .map(|i| i.reset.is_some())
+            .unwrap_or(true)
+        {
             return; // cut once, counted once
         }
         let message = match reason {

@@ -105,7 +105,7 @@ fn client_dispatch_packets() -> impl Strategy<Value = Vec<u8>> {
                         p.extend(1u32.to_be_bytes());
                     }
                     let len = len.min(40_000);
-                    p.extend((len as u32).to_be_bytes());
+                    p.extend(len.to_be_bytes());
                     p.extend(std::iter::repeat_n(7u8, len as usize));
                 }
                 _ => p.extend(&body),
@@ -183,7 +183,8 @@ proptest! {
 #[test]
 fn client_dispatch_reaches_the_channels() {
     use russh::client::fuzzing::{dispatch_authenticated, WINDOW};
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/client_dispatch/data-beyond-window");
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/client_dispatch/data-beyond-window");
     let data = std::fs::read(path).expect("seed");
     let report = dispatch_authenticated(&checks::split_packets(&data));
     assert_eq!(report.error, None, "{report:?}");

@@ -94,10 +94,9 @@ impl HostileChannel {
         let id = self.channel.id();
         while let Some(m) = self.channel.wait().await {
             match m {
-                ChannelMsg::Data { data } => {
-                    if self.handle.data(id, data).await.is_err() {
-                        return;
-                    }
+                // A failed send: the session is gone.
+                ChannelMsg::Data { data } if self.handle.data(id, data.clone()).await.is_err() => {
+                    return
                 }
                 ChannelMsg::Eof | ChannelMsg::Close => break,
                 _ => {}
@@ -245,7 +244,10 @@ impl Fixture {
             &[healthy.known_hosts_line(), hostile.known_hosts_line()],
         );
         let mut text = format!("{SSH_TOML}window_size = {WINDOW}\n");
-        for (name, port) in [("healthy", healthy.addr().port()), ("hostile", hostile.port)] {
+        for (name, port) in [
+            ("healthy", healthy.addr().port()),
+            ("hostile", hostile.port),
+        ] {
             text.push_str(&format!(
                 "[[nodes]]\nname = \"{name}\"\naddresses = [\"127.0.0.1\"]\nssh_port = {port}\n"
             ));
@@ -309,7 +311,10 @@ impl Fixture {
         assert_eq!(total, HEALTHY_BYTES);
         assert_eq!(digest, pattern_digest(HEALTHY_BYTES));
         let healthy = self.manager.tunnel("healthy").unwrap().status();
-        assert_eq!(healthy.handshakes, 1, "healthy node reconnected: {healthy:?}");
+        assert_eq!(
+            healthy.handshakes, 1,
+            "healthy node reconnected: {healthy:?}"
+        );
         assert_eq!(healthy.stream_resets, 0, "{healthy:?}");
         let hostile = self.manager.tunnel("hostile").unwrap().status();
         self.manager.shutdown(Duration::from_secs(1)).await;
@@ -382,7 +387,10 @@ async fn data_beyond_the_window_resets_that_stream_only_and_is_never_buffered() 
         .await
         .expect("the stream is cut");
     assert!(reason.contains("broke flow control"), "{reason}");
-    assert!(reason.contains("1 bytes with 0 bytes of window left"), "{reason}");
+    assert!(
+        reason.contains("1 bytes with 0 bytes of window left"),
+        "{reason}"
+    );
     fx.assert_bounded(1);
     let error = read_until_error(&mut stream).await;
     assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset, "{error}");
@@ -432,8 +440,12 @@ async fn overflowing_window_adjusts_stray_channel_messages_and_unasked_requests_
                 &[&1u32.to_be_bytes()[..], &string(b"err")].concat(),
             ))
             .await;
-            c.raw(channel_packet(msg::CHANNEL_WINDOW_ADJUST, stray, &5u32.to_be_bytes()))
-                .await;
+            c.raw(channel_packet(
+                msg::CHANNEL_WINDOW_ADJUST,
+                stray,
+                &5u32.to_be_bytes(),
+            ))
+            .await;
             for kind in [msg::CHANNEL_EOF, msg::CHANNEL_CLOSE, msg::CHANNEL_SUCCESS] {
                 c.raw(channel_packet(kind, stray, &[])).await;
             }
@@ -453,7 +465,10 @@ async fn overflowing_window_adjusts_stray_channel_messages_and_unasked_requests_
                 .await;
         }
         // The client's first word comes back after all of it.
-        let _ = c.handle.data(c.channel.id(), bytes::Bytes::from(word)).await;
+        let _ = c
+            .handle
+            .data(c.channel.id(), bytes::Bytes::from(word))
+            .await;
         c.echo().await;
     }))
     .await;
@@ -464,11 +479,11 @@ async fn overflowing_window_adjusts_stray_channel_messages_and_unasked_requests_
         .await
         .expect("hostile stream");
     ping(&mut stream, b"go").await; // the script starts on it
-    // The stream still carries bytes both ways, more than a window.
+                                    // The stream still carries bytes both ways, more than a window.
     let big: Vec<u8> = (0..3 * WINDOW).map(|i| (i % 251) as u8).collect();
     let (mut read, mut write) = tokio::io::split(stream);
     let writer = tokio::spawn(async move {
-            write.write_all(&big).await.unwrap();
+        write.write_all(&big).await.unwrap();
         write
     });
     let mut back = vec![0u8; 3 * WINDOW];
@@ -509,7 +524,10 @@ async fn extended_data_resets_that_stream_and_data_on_a_closed_channel_is_droppe
                 for _ in 0..64 {
                     c.raw_data(closed, &[9u8; 32 * 1024]).await;
                 }
-                let _ = c.handle.data(c.channel.id(), bytes::Bytes::from(word)).await;
+                let _ = c
+                    .handle
+                    .data(c.channel.id(), bytes::Bytes::from(word))
+                    .await;
                 c.echo().await;
             }
         }
