@@ -20,6 +20,13 @@
 //!   never panic, and a key added at run time is trusted unless revoked.
 //! - `config`: a refusal is one line (`file: key: reason`); an accepted
 //!   configuration builds a router that routes without panicking.
+//! - `client_dispatch`: the vendored russh client's handling of decrypted
+//!   packets after authentication (what a hostile node can send once the
+//!   transport is up), configured as nodetunnel configures it: never
+//!   panics, and no channel is ever handed more data than its window (the
+//!   fuzzed session consumes nothing, so the window never re-opens).
+//!   Input: packets as `u16 big-endian length, payload`, payload first
+//!   byte the message type.
 #![allow(dead_code)]
 
 use std::path::Path;
@@ -273,5 +280,34 @@ pub fn config(data: &[u8]) {
                 "a configuration error is not one line: {message:?}"
             );
         }
+    }
+}
+
+/// Split `data` into packets: `u16` big-endian length, then that many bytes
+/// (the last one takes what is left).
+pub fn split_packets(data: &[u8]) -> Vec<&[u8]> {
+    let mut packets = Vec::new();
+    let mut rest = data;
+    while rest.len() >= 2 {
+        let len = usize::from(u16::from_be_bytes([rest[0], rest[1]]));
+        let body = &rest[2..];
+        let take = len.min(body.len());
+        packets.push(&body[..take]);
+        rest = &body[take..];
+    }
+    packets
+}
+
+/// Target `client_dispatch` (see the module docs).
+pub fn client_dispatch(data: &[u8]) {
+    use russh::client::fuzzing::{dispatch_authenticated, WINDOW};
+    let packets = split_packets(data);
+    let report = dispatch_authenticated(&packets);
+    assert!(report.handled <= packets.len(), "{report:?}");
+    for delivered in report.delivered {
+        assert!(
+            delivered <= WINDOW as usize,
+            "a channel was handed {delivered} bytes with a window of {WINDOW}: {report:?}"
+        );
     }
 }

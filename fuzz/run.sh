@@ -30,7 +30,7 @@ cd "$(dirname "$0")"
 seconds="${FUZZ_SECONDS:-60}"
 sanitizer="${FUZZ_SANITIZER:-none}"
 jobs="${FUZZ_JOBS:-1}"
-all=(connect_target socks5 known_hosts config)
+all=(connect_target socks5 known_hosts config client_dispatch)
 if [ "$#" -gt 0 ]; then
   targets=("$@")
 else

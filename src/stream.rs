@@ -222,6 +222,9 @@ pub enum StreamResetReason {
     WindowExceeded,
     /// The SSH session carrying the stream ended.
     SessionLost,
+    /// The node sent what a direct-tcpip channel never carries (extended
+    /// data).
+    ProtocolViolation,
 }
 
 impl StreamResetReason {
@@ -230,6 +233,7 @@ impl StreamResetReason {
         match self {
             StreamResetReason::WindowExceeded => "window_exceeded",
             StreamResetReason::SessionLost => "session_lost",
+            StreamResetReason::ProtocolViolation => "protocol_violation",
         }
     }
 }
@@ -376,8 +380,22 @@ impl russh::ChannelSink for StreamInbound {
         match msg {
             ChannelMsg::Data { data } => self.accept(data),
             ChannelMsg::Eof | ChannelMsg::Close => self.finish(),
-            // direct-tcpip has no extended data; window adjustments are
-            // tracked by russh's writer; requests are not ours to answer.
+            // russh dropped a packet beyond the window it was granted.
+            ChannelMsg::WindowExceeded { window, received } => self.reset(
+                StreamResetReason::WindowExceeded,
+                format!("it sent {received} bytes with {window} bytes of window left"),
+            ),
+            // direct-tcpip has no extended data (RFC 4254 7.2): it would
+            // take window that no reader ever gives back.
+            ChannelMsg::ExtendedData { ext, data } => self.reset(
+                StreamResetReason::ProtocolViolation,
+                format!(
+                    "it sent {} bytes of extended data (type {ext}) on a direct-tcpip channel",
+                    data.len()
+                ),
+            ),
+            // Window adjustments are tracked by russh's writer; requests
+            // are not ours to answer (russh refuses those that want a reply).
             _ => {}
         }
     }
@@ -408,7 +426,13 @@ impl StreamInbound {
         let mine = inbound.buffered + len;
         if mine > self.limits.stream_buffer {
             drop(inbound);
-            self.reset(StreamResetReason::WindowExceeded);
+            self.reset(
+                StreamResetReason::WindowExceeded,
+                format!(
+                    "it had {} bytes unread, more than the {} bytes of window it was granted",
+                    mine, self.limits.stream_buffer
+                ),
+            );
             return;
         }
         inbound.buffered = mine;
@@ -433,11 +457,24 @@ impl StreamInbound {
         inbound.wake();
     }
 
-    fn reset(&self, reason: StreamResetReason) {
+    /// Cut the stream for `reason`; `detail` says what the node did.
+    fn reset(&self, reason: StreamResetReason, detail: String) {
+        if self
+            .inbound
+            .lock()
+            .map(|i| i.reset.is_some())
+            .unwrap_or(true)
+        {
+            return; // cut once, counted once
+        }
         let message = match reason {
             StreamResetReason::WindowExceeded => format!(
-                "stream reset: node {} sent more than the {} bytes of window it was granted",
-                self.node, self.limits.stream_buffer
+                "stream reset: node {} broke flow control: {detail}",
+                self.node
+            ),
+            StreamResetReason::ProtocolViolation => format!(
+                "stream reset: node {} broke the protocol: {detail}",
+                self.node
             ),
             StreamResetReason::SessionLost => {
                 format!(
@@ -483,7 +520,7 @@ impl StreamInbound {
             .map(|i| !i.eof && i.reset.is_none() && !i.consumer_gone)
             .unwrap_or(false);
         if lost {
-            self.reset(StreamResetReason::SessionLost);
+            self.reset(StreamResetReason::SessionLost, String::new());
         }
     }
 
@@ -754,7 +791,9 @@ impl TunnelStream {
             Poll::Ready(Ok(taken))
         } else if let Some((reason, message)) = &inbound.reset {
             let kind = match reason {
-                StreamResetReason::WindowExceeded => io::ErrorKind::ConnectionReset,
+                StreamResetReason::WindowExceeded | StreamResetReason::ProtocolViolation => {
+                    io::ErrorKind::ConnectionReset
+                }
                 StreamResetReason::SessionLost => io::ErrorKind::ConnectionAborted,
             };
             Poll::Ready(Err(io::Error::new(kind, message.clone())))

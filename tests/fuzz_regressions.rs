@@ -77,6 +77,46 @@ fn config_kept_inputs() {
     replay("config", checks::config);
 }
 
+#[test]
+fn client_dispatch_kept_inputs() {
+    replay("client_dispatch", checks::client_dispatch);
+}
+
+/// Packets as `client_dispatch` reads them: message types the client
+/// handles after authentication (and some it does not), channel numbers
+/// of its channels (1-3) and others, arbitrary bodies.
+fn client_dispatch_packets() -> impl Strategy<Value = Vec<u8>> {
+    let types = prop::sample::select(vec![
+        1u8, 2, 3, 4, 7, 20, 21, 80, 81, 82, 90, 91, 92, 93, 94, 95, 96, 97, 98, 99, 100, 255,
+    ]);
+    let packet = (
+        types,
+        0u32..5,
+        prop::collection::vec(any::<u8>(), 0..64),
+        prop::option::of(0u32..70_000),
+    )
+        .prop_map(|(kind, channel, body, data_len)| {
+            let mut p = vec![kind];
+            p.extend(channel.to_be_bytes());
+            match data_len {
+                // A well-formed data-like body of that many bytes.
+                Some(len) if kind == 94 || kind == 95 => {
+                    if kind == 95 {
+                        p.extend(1u32.to_be_bytes());
+                    }
+                    let len = len.min(40_000);
+                    p.extend(len.to_be_bytes());
+                    p.extend(std::iter::repeat_n(7u8, len as usize));
+                }
+                _ => p.extend(&body),
+            }
+            let mut framed = (p.len() as u16).to_be_bytes().to_vec();
+            framed.extend(p);
+            framed
+        });
+    prop::collection::vec(packet, 0..12).prop_map(|v| v.concat())
+}
+
 /// A SOCKS5 greeting followed by a request with arbitrary fields.
 fn socks5_messages() -> impl Strategy<Value = Vec<u8>> {
     (
@@ -108,6 +148,16 @@ proptest! {
     }
 
     #[test]
+    fn client_dispatch_random(bytes in prop::collection::vec(any::<u8>(), 0..400)) {
+        checks::client_dispatch(&bytes);
+    }
+
+    #[test]
+    fn client_dispatch_structured(bytes in client_dispatch_packets()) {
+        checks::client_dispatch(&bytes);
+    }
+
+    #[test]
     fn socks5_random(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
         checks::socks5(&bytes);
     }
@@ -126,4 +176,19 @@ proptest! {
     fn config_random(text in "(\\[[a-z]{0,10}\\]\n)?([a-z_]{1,20} = (\"\\PC{0,20}\"|[0-9]{1,6}|\\[\\]|true)\n){0,4}") {
         checks::config(text.as_bytes());
     }
+}
+
+/// The harness reaches the dispatch: the seed that sends one byte past a
+/// channel's window has the window delivered and that byte refused.
+#[test]
+fn client_dispatch_reaches_the_channels() {
+    use russh::client::fuzzing::{dispatch_authenticated, WINDOW};
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/client_dispatch/data-beyond-window");
+    let data = std::fs::read(path).expect("seed");
+    let report = dispatch_authenticated(&checks::split_packets(&data));
+    assert_eq!(report.error, None, "{report:?}");
+    assert_eq!(report.handled, 3, "{report:?}");
+    assert_eq!(report.delivered[0], WINDOW as usize, "{report:?}");
+    assert_eq!(report.window_exceeded[0], 1, "{report:?}");
 }

@@ -1,0 +1,567 @@
+//! A hostile sshd: one node's misbehaviour costs only its own streams
+//! (issue 14, section 3).
+//!
+//! Each case runs the tunnel manager in the test process against two
+//! in-process nodes: `healthy` (tests/ssh_node, a well-behaved russh
+//! server) carrying a checksummed download, and `hostile`, a russh server
+//! whose direct-tcpip channels run a script that breaks the protocol
+//! through the vendored russh's test-only `hostile-peer` hooks (raw packets
+//! past its window and channel checks, key exchanges at will). Every case
+//! checks that the healthy download arrives byte-exact on its first
+//! session, and that the bytes nodetunnel holds for readers stay bounded.
+//!
+//! Nothing sleeps to synchronise: the scripts wait for the client's bytes,
+//! the test for the stream's cut or the echo.
+
+mod ssh_node;
+mod support;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nodetunnel::config::Config;
+use nodetunnel::dial::TunnelIo;
+use nodetunnel::manager::TunnelManager;
+use nodetunnel::metrics::Metrics;
+use russh::keys::{Algorithm, PrivateKey, PublicKey};
+use russh::server::{self, Auth, Msg, Session};
+use russh::{Channel, ChannelMsg};
+use sha2::{Digest, Sha256};
+use ssh_node::SshNode;
+use support::inproc::{
+    key_dir, pattern_chunk, ping, source_server, wait_ready, write_known_hosts, DEADLINE, SSH_TOML,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+/// The receive window of every stream in these cases (`ssh.window_size`).
+const WINDOW: usize = 64 * 1024;
+
+/// What the healthy node's destination sends (and the test checks).
+const HEALTHY_BYTES: usize = 8 * 1024 * 1024;
+
+/// SSH message numbers (RFC 4250).
+mod msg {
+    pub const CHANNEL_WINDOW_ADJUST: u8 = 93;
+    pub const CHANNEL_DATA: u8 = 94;
+    pub const CHANNEL_EXTENDED_DATA: u8 = 95;
+    pub const CHANNEL_EOF: u8 = 96;
+    pub const CHANNEL_CLOSE: u8 = 97;
+    pub const CHANNEL_REQUEST: u8 = 98;
+    pub const CHANNEL_SUCCESS: u8 = 99;
+}
+
+/// One hostile channel as its script sees it.
+struct HostileChannel {
+    /// The server side of the channel (reads what the client sends).
+    channel: Channel<Msg>,
+    /// The session's handle (raw packets, normal data).
+    handle: server::Handle,
+    /// The client's number for the channel (what raw packets carry).
+    peer: u32,
+}
+
+impl HostileChannel {
+    /// Wait for the client's first bytes on the channel.
+    async fn wait_for_client(&mut self) -> Vec<u8> {
+        while let Some(m) = self.channel.wait().await {
+            if let ChannelMsg::Data { data } = m {
+                return data.to_vec();
+            }
+        }
+        Vec::new()
+    }
+
+    /// Send `payload` as one packet, as is.
+    async fn raw(&self, payload: Vec<u8>) {
+        self.handle
+            .send_raw_packet(None, payload)
+            .await
+            .expect("session alive");
+    }
+
+    /// CHANNEL_DATA for client channel `peer`, past any window.
+    async fn raw_data(&self, peer: u32, data: &[u8]) {
+        self.raw(channel_packet(msg::CHANNEL_DATA, peer, &string(data)))
+            .await;
+    }
+
+    /// Echo what the client sends until it closes, as a well-behaved node.
+    async fn echo(mut self) {
+        let id = self.channel.id();
+        while let Some(m) = self.channel.wait().await {
+            match m {
+                // A failed send: the session is gone.
+                ChannelMsg::Data { data } if self.handle.data(id, data.clone()).await.is_err() => {
+                    return
+                }
+                ChannelMsg::Eof | ChannelMsg::Close => break,
+                _ => {}
+            }
+        }
+        let _ = self.handle.eof(id).await;
+        let _ = self.handle.close(id).await;
+    }
+}
+
+/// A packet `type, uint32 peer, rest`.
+fn channel_packet(kind: u8, peer: u32, rest: &[u8]) -> Vec<u8> {
+    let mut p = vec![kind];
+    p.extend_from_slice(&peer.to_be_bytes());
+    p.extend_from_slice(rest);
+    p
+}
+
+/// An SSH `string`: length, then the bytes.
+fn string(bytes: &[u8]) -> Vec<u8> {
+    let mut s = (bytes.len() as u32).to_be_bytes().to_vec();
+    s.extend_from_slice(bytes);
+    s
+}
+
+type Script = Arc<dyn Fn(HostileChannel) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+/// A russh server that authorizes one client key and runs `script` for
+/// every direct-tcpip channel, accepted without connecting anywhere.
+struct HostileNode {
+    port: u16,
+    host_key: PrivateKey,
+    accept: JoinHandle<()>,
+}
+
+impl HostileNode {
+    async fn start(client: &PublicKey, script: Script) -> HostileNode {
+        let host_key = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519).expect("host key");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let config = Arc::new(server::Config {
+            keys: vec![host_key.clone()],
+            auth_rejection_time: Duration::from_millis(1),
+            auth_rejection_time_initial: Some(Duration::ZERO),
+            nodelay: true,
+            inactivity_timeout: None,
+            ..Default::default()
+        });
+        let handler = HostileHandler {
+            client: client.clone(),
+            script,
+        };
+        let accept = tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                let config = config.clone();
+                let handler = handler.clone();
+                tokio::spawn(async move {
+                    if let Ok(session) = server::run_stream(config, socket, handler).await {
+                        let _ = session.await;
+                    }
+                });
+            }
+        });
+        HostileNode {
+            port,
+            host_key,
+            accept,
+        }
+    }
+
+    fn known_hosts_line(&self) -> String {
+        format!(
+            "[127.0.0.1]:{} {}",
+            self.port,
+            self.host_key.public_key().to_openssh().expect("encode")
+        )
+    }
+}
+
+impl Drop for HostileNode {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+#[derive(Clone)]
+struct HostileHandler {
+    client: PublicKey,
+    script: Script,
+}
+
+impl server::Handler for HostileHandler {
+    type Error = russh::Error;
+
+    async fn auth_publickey(
+        &mut self,
+        _user: &str,
+        key: server::VerifiedPublicKey<'_>,
+    ) -> Result<Auth, Self::Error> {
+        Ok(if key.public_key.key_data() == self.client.key_data() {
+            Auth::Accept
+        } else {
+            Auth::reject()
+        })
+    }
+
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        _host_to_connect: &str,
+        _port_to_connect: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: server::ChannelOpenHandle,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let peer = reply.peer_channel().expect("a pending open");
+        reply.accept().await;
+        let hostile = HostileChannel {
+            channel,
+            handle: session.handle(),
+            peer,
+        };
+        tokio::spawn((self.script)(hostile));
+        Ok(())
+    }
+}
+
+/// Both nodes, the manager, and the healthy download running.
+struct Fixture {
+    _dir: tempfile::TempDir,
+    _healthy: SshNode,
+    _hostile: HostileNode,
+    manager: Arc<TunnelManager>,
+    download: JoinHandle<(usize, [u8; 32])>,
+}
+
+impl Fixture {
+    async fn start(script: Script) -> Fixture {
+        let (dir, client) = key_dir();
+        let healthy = SshNode::start(&client).await;
+        let hostile = HostileNode::start(&client, script).await;
+        write_known_hosts(
+            dir.path(),
+            &[healthy.known_hosts_line(), hostile.known_hosts_line()],
+        );
+        let mut text = format!("{SSH_TOML}window_size = {WINDOW}\n");
+        for (name, port) in [
+            ("healthy", healthy.addr().port()),
+            ("hostile", hostile.port),
+        ] {
+            text.push_str(&format!(
+                "[[nodes]]\nname = \"{name}\"\naddresses = [\"127.0.0.1\"]\nssh_port = {port}\n"
+            ));
+        }
+        let path = dir.path().join("nodetunnel.toml");
+        std::fs::write(&path, text).unwrap();
+        let config = Config::load(&path).unwrap();
+        let manager =
+            TunnelManager::new(&config, config.routing.clone(), Arc::new(Metrics::new())).unwrap();
+        manager.apply(config.nodes.clone());
+        wait_ready(&manager, "healthy").await;
+        wait_ready(&manager, "hostile").await;
+
+        let source = source_server(Some(HEALTHY_BYTES)).await;
+        let mut stream = manager
+            .dial_node("healthy", "127.0.0.1", source)
+            .await
+            .expect("healthy stream");
+        let download = tokio::spawn(async move {
+            let mut hasher = Sha256::new();
+            let mut buf = vec![0u8; 16 * 1024];
+            let mut total = 0;
+            loop {
+                let n = stream.read(&mut buf).await.expect("healthy stream intact");
+                if n == 0 {
+                    return (total, hasher.finalize().into());
+                }
+                hasher.update(&buf[..n]);
+                total += n;
+                // A reader a little slower than the node: the stream's
+                // window is in use while the hostile node misbehaves.
+                tokio::task::yield_now().await;
+            }
+        });
+        Fixture {
+            _dir: dir,
+            _healthy: healthy,
+            _hostile: hostile,
+            manager,
+            download,
+        }
+    }
+
+    /// Bytes held for readers now: at most one window (and a packet) per
+    /// open stream.
+    fn assert_bounded(&self, streams: usize) {
+        let held = self.manager.buffered_bytes();
+        assert!(
+            held <= streams * (WINDOW + 32 * 1024),
+            "{held} bytes held for {streams} streams of {WINDOW}"
+        );
+    }
+
+    /// The healthy download completed byte-exact on its one session, with
+    /// no reset; the hostile node's resets are returned.
+    async fn finish(self) -> nodetunnel::tunnel::TunnelStatus {
+        let (total, digest) = tokio::time::timeout(DEADLINE, self.download)
+            .await
+            .expect("healthy download in time")
+            .expect("healthy download");
+        assert_eq!(total, HEALTHY_BYTES);
+        assert_eq!(digest, pattern_digest(HEALTHY_BYTES));
+        let healthy = self.manager.tunnel("healthy").unwrap().status();
+        assert_eq!(
+            healthy.handshakes, 1,
+            "healthy node reconnected: {healthy:?}"
+        );
+        assert_eq!(healthy.stream_resets, 0, "{healthy:?}");
+        let hostile = self.manager.tunnel("hostile").unwrap().status();
+        self.manager.shutdown(Duration::from_secs(1)).await;
+        hostile
+    }
+}
+
+/// SHA-256 of what [`source_server`] sends for `len` bytes.
+fn pattern_digest(len: usize) -> [u8; 32] {
+    let mut expected = Sha256::new();
+    let chunk = pattern_chunk();
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        expected.update(&chunk[..n]);
+        left -= n;
+    }
+    expected.finalize().into()
+}
+
+fn script<F, Fut>(f: F) -> Script
+where
+    F: Fn(HostileChannel) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    Arc::new(move |c| Box::pin(f(c)))
+}
+
+/// Read `stream` until it fails; the error.
+async fn read_until_error(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> std::io::Error {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match tokio::time::timeout(DEADLINE, stream.read(&mut buf))
+            .await
+            .expect("the stream ends in time")
+        {
+            Ok(0) => panic!("the stream ended cleanly"),
+            Ok(_) => {}
+            Err(e) => return e,
+        }
+    }
+}
+
+#[tokio::test]
+async fn data_beyond_the_window_resets_that_stream_only_and_is_never_buffered() {
+    // The node fills the stream's window exactly (the client reads nothing
+    // yet), then sends one byte more, then a megabyte more.
+    let fx = Fixture::start(script(|mut c: HostileChannel| async move {
+        c.wait_for_client().await;
+        let packet = vec![7u8; 16 * 1024];
+        for _ in 0..WINDOW / packet.len() {
+            c.raw_data(c.peer, &packet).await;
+        }
+        c.raw_data(c.peer, b"!").await;
+        for _ in 0..64 {
+            c.raw_data(c.peer, &packet).await;
+        }
+        c.echo().await;
+    }))
+    .await;
+
+    let mut stream = fx
+        .manager
+        .dial_node("hostile", "127.0.0.1", 9)
+        .await
+        .expect("hostile stream");
+    stream.write_all(b"go").await.unwrap();
+    // Not read before it is cut: the window is the node's to fill.
+    let reason = tokio::time::timeout(DEADLINE, stream.cut())
+        .await
+        .expect("the stream is cut");
+    assert!(reason.contains("broke flow control"), "{reason}");
+    assert!(
+        reason.contains("1 bytes with 0 bytes of window left"),
+        "{reason}"
+    );
+    fx.assert_bounded(1);
+    let error = read_until_error(&mut stream).await;
+    assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset, "{error}");
+    drop(stream);
+
+    // The session is kept: the next stream to that node works.
+    let mut again = fx
+        .manager
+        .dial_node("hostile", "127.0.0.1", 9)
+        .await
+        .expect("a second hostile stream");
+    again.write_all(b"go").await.unwrap();
+    // The script answers the second stream the same way: cut again.
+    let reason = tokio::time::timeout(DEADLINE, again.cut())
+        .await
+        .expect("the second stream is cut");
+    assert!(reason.contains("broke flow control"), "{reason}");
+    drop(again);
+
+    let hostile = fx.finish().await;
+    assert_eq!(hostile.stream_resets, 2, "{hostile:?}");
+    assert_eq!(hostile.handshakes, 1, "the session was kept: {hostile:?}");
+}
+
+#[tokio::test]
+async fn overflowing_window_adjusts_stray_channel_messages_and_unasked_requests_cost_nothing() {
+    let fx = Fixture::start(script(|mut c: HostileChannel| async move {
+        let word = c.wait_for_client().await;
+        // Window adjusts that take the client's send window past 2^32.
+        for _ in 0..3 {
+            c.raw(channel_packet(
+                msg::CHANNEL_WINDOW_ADJUST,
+                c.peer,
+                &u32::MAX.to_be_bytes(),
+            ))
+            .await;
+        }
+        // Channel messages for channels that do not exist.
+        for stray in [0u32, 1000, 77_777, u32::MAX] {
+            if stray == c.peer {
+                continue;
+            }
+            c.raw_data(stray, &[1u8; 32 * 1024]).await;
+            c.raw(channel_packet(
+                msg::CHANNEL_EXTENDED_DATA,
+                stray,
+                &[&1u32.to_be_bytes()[..], &string(b"err")].concat(),
+            ))
+            .await;
+            c.raw(channel_packet(
+                msg::CHANNEL_WINDOW_ADJUST,
+                stray,
+                &5u32.to_be_bytes(),
+            ))
+            .await;
+            for kind in [msg::CHANNEL_EOF, msg::CHANNEL_CLOSE, msg::CHANNEL_SUCCESS] {
+                c.raw(channel_packet(kind, stray, &[])).await;
+            }
+        }
+        // Requests nobody asked for, on the live channel: with and without
+        // a wanted reply, known and unknown.
+        for (name, want, rest) in [
+            (&b"exit-status"[..], 0u8, 3u32.to_be_bytes().to_vec()),
+            (b"evil@example.com", 1, b"payload".to_vec()),
+            (b"evil@example.com", 0, Vec::new()),
+            (b"keepalive@openssh.com", 1, Vec::new()),
+        ] {
+            let mut body = string(name);
+            body.push(want);
+            body.extend_from_slice(&rest);
+            c.raw(channel_packet(msg::CHANNEL_REQUEST, c.peer, &body))
+                .await;
+        }
+        // The client's first word comes back after all of it.
+        let _ = c
+            .handle
+            .data(c.channel.id(), bytes::Bytes::from(word))
+            .await;
+        c.echo().await;
+    }))
+    .await;
+
+    let mut stream = fx
+        .manager
+        .dial_node("hostile", "127.0.0.1", 9)
+        .await
+        .expect("hostile stream");
+    ping(&mut stream, b"go").await; // the script starts on it
+                                    // The stream still carries bytes both ways, more than a window.
+    let big: Vec<u8> = (0..3 * WINDOW).map(|i| (i % 251) as u8).collect();
+    let (mut read, mut write) = tokio::io::split(stream);
+    let writer = tokio::spawn(async move {
+        write.write_all(&big).await.unwrap();
+        write
+    });
+    let mut back = vec![0u8; 3 * WINDOW];
+    tokio::time::timeout(DEADLINE, read.read_exact(&mut back))
+        .await
+        .expect("echo in time")
+        .expect("echo");
+    assert!(back.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8));
+    drop(writer.await.unwrap());
+    fx.assert_bounded(2);
+    drop(read);
+
+    let hostile = fx.finish().await;
+    assert_eq!(hostile.stream_resets, 0, "{hostile:?}");
+    assert_eq!(hostile.handshakes, 1, "{hostile:?}");
+}
+
+#[tokio::test]
+async fn extended_data_resets_that_stream_and_data_on_a_closed_channel_is_dropped() {
+    // The first stream gets extended data (a direct-tcpip channel has none):
+    // cut. Its channel closed, the second stream's script sends data for
+    // the first channel's number, then echoes.
+    let first_peer = Arc::new(std::sync::Mutex::new(None::<u32>));
+    let seen = first_peer.clone();
+    let fx = Fixture::start(script(move |mut c: HostileChannel| {
+        let seen = seen.clone();
+        async move {
+            let word = c.wait_for_client().await;
+            if word == b"first" {
+                *seen.lock().unwrap() = Some(c.peer);
+                let mut body = 1u32.to_be_bytes().to_vec();
+                body.extend_from_slice(&string(b"stderr bytes"));
+                c.raw(channel_packet(msg::CHANNEL_EXTENDED_DATA, c.peer, &body))
+                    .await;
+                c.echo().await;
+            } else {
+                let closed = seen.lock().unwrap().expect("the first channel");
+                for _ in 0..64 {
+                    c.raw_data(closed, &[9u8; 32 * 1024]).await;
+                }
+                let _ = c
+                    .handle
+                    .data(c.channel.id(), bytes::Bytes::from(word))
+                    .await;
+                c.echo().await;
+            }
+        }
+    }))
+    .await;
+
+    let mut first = fx
+        .manager
+        .dial_node("hostile", "127.0.0.1", 9)
+        .await
+        .expect("first stream");
+    first.write_all(b"first").await.unwrap();
+    let reason = tokio::time::timeout(DEADLINE, first.cut())
+        .await
+        .expect("the first stream is cut");
+    assert!(reason.contains("extended data"), "{reason}");
+    drop(first);
+
+    let mut second = fx
+        .manager
+        .dial_node("hostile", "127.0.0.1", 9)
+        .await
+        .expect("second stream");
+    second.write_all(b"second").await.unwrap();
+    let mut back = [0u8; 6];
+    tokio::time::timeout(DEADLINE, second.read_exact(&mut back))
+        .await
+        .expect("echo in time")
+        .expect("echo");
+    assert_eq!(&back, b"second", "only the stream's own bytes");
+    fx.assert_bounded(2);
+    drop(second);
+
+    let hostile = fx.finish().await;
+    assert_eq!(hostile.stream_resets, 1, "{hostile:?}");
+    assert_eq!(hostile.handshakes, 1, "{hostile:?}");
+}
