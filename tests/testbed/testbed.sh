@@ -411,27 +411,6 @@ cmd_down() {
     down_prefix "$PREFIX" "$DIR"
 }
 
-cmd_gc() {
-    [ $# -eq 0 ] || die "usage: testbed.sh gc"
-    require_root
-    local prefix dir f pid st
-    for prefix in $(all_prefixes); do
-        [[ $prefix =~ ^nt[a-z0-9]+$ ]] || continue
-        if owner_alive "$prefix"; then
-            continue
-        fi
-        dir=
-        f=$OWNER_DIR/$prefix
-        if [ -f "$f" ]; then read -r pid st dir <"$f" || true; fi
-        note "gc: removing leftover testbed $prefix"
-        down_prefix "$prefix" "$dir"
-        # Its state dir too, if it is really that bed's.
-        if [ -n "$dir" ] && [ -f "$dir/prefix" ] && [ "$(cat "$dir/prefix")" = "$prefix" ]; then
-            rm -rf -- "$dir"
-        fi
-    done
-}
-
 # Every bed this script ever made on this machine, owned or not: the prefixes
 # of its namespaces and of its owner files.
 all_prefixes() {
@@ -442,20 +421,37 @@ all_prefixes() {
     } | sort -u
 }
 
+# Remove bed PREFIX, saying "WHY PREFIX" first: its namespaces and
+# everything in them, its owner file, and its state dir if that is really
+# this bed's.
+remove_bed() {
+    local prefix=$1 why=$2 dir= f pid st
+    f=$OWNER_DIR/$prefix
+    if [ -f "$f" ]; then read -r pid st dir <"$f" || true; fi
+    note "$why $prefix"
+    down_prefix "$prefix" "$dir"
+    if [ -n "$dir" ] && [ -f "$dir/prefix" ] && [ "$(cat "$dir/prefix")" = "$prefix" ]; then
+        rm -rf -- "$dir"
+    fi
+}
+
+cmd_gc() {
+    [ $# -eq 0 ] || die "usage: testbed.sh gc"
+    require_root
+    local prefix
+    for prefix in $(all_prefixes); do
+        [[ $prefix =~ ^nt[a-z0-9]+$ ]] || continue
+        owner_alive "$prefix" || remove_bed "$prefix" "gc: removing leftover testbed"
+    done
+}
+
 cmd_purge() {
     [ $# -eq 0 ] || die "usage: testbed.sh purge"
     require_root
-    local prefix dir f pid st
+    local prefix
     for prefix in $(all_prefixes); do
         [[ $prefix =~ ^nt[a-z0-9]+$ ]] || continue
-        dir=
-        f=$OWNER_DIR/$prefix
-        if [ -f "$f" ]; then read -r pid st dir <"$f" || true; fi
-        note "purge: removing testbed $prefix"
-        down_prefix "$prefix" "$dir"
-        if [ -n "$dir" ] && [ -f "$dir/prefix" ] && [ "$(cat "$dir/prefix")" = "$prefix" ]; then
-            rm -rf -- "$dir"
-        fi
+        remove_bed "$prefix" "purge: removing testbed"
     done
     rm -rf -- "$OWNER_DIR"
     note "purge: no testbed left; $OWNER_DIR removed"
