@@ -34,8 +34,24 @@ pub(super) enum Lane {
     ProbesOnly,
 }
 
+/// Which listener a request came on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Transport {
+    /// `admin.listen`: reachable by a browser on the host, so the Host
+    /// header is checked (DNS rebinding).
+    Tcp,
+    /// `admin.uds`: no browser can reach a Unix socket; the socket file's
+    /// mode decides who may connect. The Host header is not checked.
+    Unix,
+}
+
 /// The answer to one request.
-pub(super) fn answer<B>(state: &AdminState, req: &Request<B>, lane: Lane) -> Answer {
+pub(super) fn answer<B>(
+    state: &AdminState,
+    req: &Request<B>,
+    lane: Lane,
+    transport: Transport,
+) -> Answer {
     let path = req.uri().path();
     let method = req.method();
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
@@ -45,7 +61,7 @@ pub(super) fn answer<B>(state: &AdminState, req: &Request<B>, lane: Lane) -> Ans
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
         .or_else(|| req.uri().authority().map(|a| a.as_str()));
-    if !guard::host_allowed(host, &state.allowed_hosts) {
+    if transport == Transport::Tcp && !guard::host_allowed(host, &state.allowed_hosts) {
         tracing::warn!(
             host = host.unwrap_or(""),
             path,

@@ -29,7 +29,7 @@ use tokio::net::{TcpListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
-use super::handlers::Lane;
+use super::handlers::{Lane, Transport};
 use super::{AdminConfig, ReadinessConfig};
 use crate::inventory::SyncStatus;
 use crate::manager::TunnelManager;
@@ -215,10 +215,12 @@ impl AdminServer {
                     tasks.spawn(async move {
                         match conn {
                             Conn::Tcp(s) => {
-                                serve_connection(s, state, shutdown, permit, lane).await
+                                serve_connection(s, state, shutdown, permit, lane, Transport::Tcp)
+                                    .await
                             }
                             Conn::Unix(s) => {
-                                serve_connection(s, state, shutdown, permit, lane).await
+                                serve_connection(s, state, shutdown, permit, lane, Transport::Unix)
+                                    .await
                             }
                         }
                     });
@@ -277,12 +279,13 @@ async fn serve_connection<I>(
     shutdown: Shutdown,
     _permit: OwnedSemaphorePermit,
     lane: Lane,
+    transport: Transport,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let service = service_fn(move |req| {
         let state = state.clone();
-        async move { Ok::<_, Infallible>(super::handlers::answer(&state, &req, lane)) }
+        async move { Ok::<_, Infallible>(super::handlers::answer(&state, &req, lane, transport)) }
     });
     let probes_only = lane == Lane::ProbesOnly;
     let mut builder = http1::Builder::new();

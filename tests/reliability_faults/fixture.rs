@@ -319,7 +319,7 @@ impl NodeTunnel {
     pub async fn admin_post(&self, path: &str) -> Result<(u16, String)> {
         let mut s = UnixStream::connect(&self.admin).await?;
         let req = format!(
-            "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            "POST {path} HTTP/1.1\r\nHost: localhost\r\nX-Nodetunnel-Request: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
         );
         s.write_all(req.as_bytes()).await?;
         let mut buf = Vec::new();
