@@ -44,6 +44,7 @@ fn table(bytes_a: (u64, u64)) -> TunnelList {
         tunnel("node-c", "backoff", None, (0, 0)),
     ];
     TunnelList {
+        conflicts: Vec::new(),
         summary: Summary::of(&tunnels, 2),
         tunnels,
     }

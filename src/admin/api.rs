@@ -181,6 +181,21 @@ pub struct TunnelList {
     pub summary: Summary,
     /// One entry per node.
     pub tunnels: Vec<TunnelInfo>,
+    /// Routing conflicts in the current inventory, one line each
+    /// (addresses or pod CIDR ranges several nodes claim, which route to
+    /// none of them; node addresses ignored).
+    #[serde(default)]
+    pub conflicts: Vec<ConflictInfo>,
+}
+
+/// One routing conflict, as `GET /api/v1/tunnels` lists it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ConflictInfo {
+    /// The stable kind (`shared_address`, `pod_cidr`, `ignored_address`,
+    /// ...), as in `nodetunnel_route_conflicts{kind}`.
+    pub kind: String,
+    /// One line for humans.
+    pub message: String,
 }
 
 /// `POST /api/v1/tunnels/{node}/reconnect`: the request was accepted.

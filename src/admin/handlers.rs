@@ -9,7 +9,9 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use serde::Serialize;
 
-use super::api::{ApiError, ReconnectAnswer, RouteAnswer, Summary, TunnelInfo, TunnelList};
+use super::api::{
+    ApiError, ConflictInfo, ReconnectAnswer, RouteAnswer, Summary, TunnelInfo, TunnelList,
+};
 use super::guard::{self, REQUEST_HEADER};
 use super::readiness::{self, Inputs};
 use super::server::AdminState;
@@ -182,7 +184,24 @@ fn tunnels(state: &AdminState) -> Answer {
         .map(|s| TunnelInfo::from_status(s, now))
         .collect();
     let summary = Summary::of(&tunnels, state.metrics.errors_last_minute());
-    json(StatusCode::OK, &TunnelList { summary, tunnels })
+    let conflicts = state
+        .manager
+        .router()
+        .conflicts()
+        .iter()
+        .map(|c| ConflictInfo {
+            kind: c.label().to_string(),
+            message: c.to_string(),
+        })
+        .collect();
+    json(
+        StatusCode::OK,
+        &TunnelList {
+            summary,
+            tunnels,
+            conflicts,
+        },
+    )
 }
 
 fn tunnel(state: &AdminState, node: &str) -> Answer {

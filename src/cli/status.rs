@@ -143,6 +143,17 @@ pub fn render(list: &TunnelList, wide: bool, colour: bool) -> String {
     };
     out.push_str(&summary_line(&list.summary, colour));
     out.push('\n');
+    if !list.conflicts.is_empty() {
+        out.push_str(&paint(
+            &format!("{} routing conflict(s):", list.conflicts.len()),
+            Colour::Bold,
+            colour,
+        ));
+        out.push('\n');
+        for c in &list.conflicts {
+            out.push_str(&format!("  {} ({})\n", c.message, c.kind));
+        }
+    }
     out
 }
 
@@ -187,6 +198,7 @@ pub fn summary_line(s: &Summary, colour: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::admin::api::ConflictInfo;
     use crate::admin::api::ByteCounts;
     use std::collections::BTreeMap;
 
@@ -223,6 +235,7 @@ mod tests {
             info("node-3", "backoff", None, Some("tcp connect failed")),
         ];
         TunnelList {
+            conflicts: Vec::new(),
             summary: Summary::of(&tunnels, 1),
             tunnels,
         }
@@ -273,5 +286,24 @@ mod tests {
             out,
             "0/0 nodes ready, 0 streams open, 0 errors in the last minute\n"
         );
+    }
+
+    #[test]
+    fn routing_conflicts_follow_the_summary() {
+        let mut l = list();
+        l.conflicts = vec![ConflictInfo {
+            kind: "shared_address".into(),
+            message: "address 10.0.0.1 is claimed by nodes a, b; routing it to none of them".into(),
+        }];
+        let text = render(&l, false, false);
+        let tail: Vec<&str> = text.lines().rev().take(2).collect();
+        assert_eq!(
+            tail,
+            [
+                "  address 10.0.0.1 is claimed by nodes a, b; routing it to none of them (shared_address)",
+                "1 routing conflict(s):",
+            ]
+        );
+        assert!(!render(&list(), false, false).contains("conflict"));
     }
 }
