@@ -35,9 +35,10 @@ fn inventory() -> (Vec<RouteNode>, RoutingConfig) {
             ssh_address: None,
         })
         .collect();
-    // One /10 covering every pod CIDR, then 5,000 disjoint service CIDRs of
-    // lengths /21 to /28 in 100.64.0.0/10.
-    let mut service_cidrs = vec![v4net(u32::from(Ipv4Addr::new(10, 64, 0, 0)), 10)];
+    // One /10 beside the pod CIDRs (a pod CIDR may not overlap a service
+    // CIDR), then 5,000 disjoint service CIDRs of lengths /21 to /28 in
+    // 100.64.0.0/10.
+    let mut service_cidrs = vec![v4net(u32::from(Ipv4Addr::new(10, 128, 0, 0)), 10)];
     service_cidrs.extend((1..SERVICE_CIDRS).map(|i| {
         let len = 21 + (i % 8) as u8;
         v4net(u32::from(Ipv4Addr::new(100, 64, 0, 0)) + (i << 11), len)

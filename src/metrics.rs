@@ -328,7 +328,7 @@ impl Metrics {
     pub fn set_route_conflicts<'a>(&self, kinds: impl Iterator<Item = &'a str>) {
         let mut counts: std::collections::BTreeMap<&str, i64> = [
             "pod_cidr",
-            "pod_and_service_cidr",
+            "ignored_pod_cidr",
             "shared_address",
             "unusable_address",
             "ignored_address",

@@ -198,8 +198,8 @@ pub fn summary_line(s: &Summary, colour: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::admin::api::ConflictInfo;
     use crate::admin::api::ByteCounts;
+    use crate::admin::api::ConflictInfo;
     use std::collections::BTreeMap;
 
     fn info(node: &str, state: &str, rtt: Option<f64>, error: Option<&str>) -> TunnelInfo {

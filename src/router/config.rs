@@ -24,6 +24,11 @@ pub struct RoutingConfig {
     pub deny_cidrs: Vec<IpNet>,
     /// Exceptions to the built-in denials and to `deny_cidrs`.
     pub allow_cidrs: Vec<IpNet>,
+    /// The cluster's pod address ranges (kube-controller-manager's
+    /// `--cluster-cidr`). When set, a node's pod CIDR outside all of them
+    /// is ignored: a node cannot announce a pod CIDR over addresses that
+    /// are not pods. Empty: any pod CIDR that passes the other checks.
+    pub cluster_cidrs: Vec<IpNet>,
 }
 
 /// `routing.default`: the route of a destination no other rule matches.
@@ -66,6 +71,7 @@ impl RoutingConfig {
             ("service_cidrs", &self.service_cidrs),
             ("deny_cidrs", &self.deny_cidrs),
             ("allow_cidrs", &self.allow_cidrs),
+            ("cluster_cidrs", &self.cluster_cidrs),
         ] {
             if let Some(net) = list.iter().find(|net| net.trunc() != **net) {
                 return Err((

@@ -268,12 +268,18 @@ pub enum Conflict {
         /// The nodes claiming it, sorted by name.
         nodes: Vec<Arc<str>>,
     },
-    /// A node's pod CIDR is also a service CIDR; it routes to the node.
-    PodAndServiceCidr {
+    /// A node's pod CIDR that cannot be its pod CIDR (outside
+    /// `routing.cluster_cidrs`, overlapping a service CIDR or a denied
+    /// range, or covering another node's address): ignored for routing, so
+    /// that a node cannot claim a service's or another node's traffic, or
+    /// every address no other rule owns, by the pod CIDRs it announces.
+    IgnoredPodCidr {
+        /// The node.
+        node: Arc<str>,
         /// The CIDR.
         cidr: IpNet,
-        /// The node it routes to.
-        node: Arc<str>,
+        /// Why it is ignored.
+        why: IgnoredPodWhy,
     },
     /// Several nodes have the same address or name; it routes to none of
     /// them, and the SSH ports of all are denied.
@@ -310,6 +316,8 @@ pub enum Conflict {
 pub enum IgnoredWhy {
     /// It is in this service CIDR.
     ServiceCidr(IpNet),
+    /// It is in this `routing.cluster_cidrs` entry: a pod address.
+    ClusterCidr(IpNet),
     /// It is in this pod CIDR of another node.
     PodCidr {
         /// The CIDR.
@@ -321,14 +329,31 @@ pub enum IgnoredWhy {
     Denied(DenyReason),
 }
 
+/// Why a pod CIDR is [`Conflict::IgnoredPodCidr`].
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum IgnoredPodWhy {
+    /// `routing.cluster_cidrs` is set and no entry contains it.
+    OutsideClusterCidrs,
+    /// It overlaps this service CIDR.
+    ServiceCidr(IpNet),
+    /// It overlaps a range the destination policy refuses, for this reason.
+    Denied(DenyReason),
+    /// It contains this address of another node.
+    NodeAddress {
+        /// The other node.
+        node: Arc<str>,
+        /// Its address.
+        address: IpAddr,
+    },
+}
+
 impl Conflict {
-    /// A short, stable label for metrics: `pod_cidr`,
-    /// `pod_and_service_cidr`, `shared_address`, `unusable_address` or
-    /// `ignored_address`.
+    /// A short, stable label for metrics: `pod_cidr`, `ignored_pod_cidr`,
+    /// `shared_address`, `unusable_address` or `ignored_address`.
     pub fn label(&self) -> &'static str {
         match self {
             Conflict::PodCidr { .. } => "pod_cidr",
-            Conflict::PodAndServiceCidr { .. } => "pod_and_service_cidr",
+            Conflict::IgnoredPodCidr { .. } => "ignored_pod_cidr",
             Conflict::SharedAddress { .. } => "shared_address",
             Conflict::UnusableAddress { .. } => "unusable_address",
             Conflict::IgnoredAddress { .. } => "ignored_address",
@@ -344,10 +369,22 @@ impl fmt::Display for Conflict {
                 "pod CIDR range {cidr} is claimed by nodes {}; routing it to none of them",
                 join(nodes),
             ),
-            Conflict::PodAndServiceCidr { cidr, node } => write!(
-                f,
-                "pod CIDR {cidr} of node {node} is also a service CIDR; routing it to node {node}"
-            ),
+            Conflict::IgnoredPodCidr { node, cidr, why } => {
+                write!(f, "pod CIDR {cidr} of node {node} ")?;
+                match why {
+                    IgnoredPodWhy::OutsideClusterCidrs => {
+                        f.write_str("is outside routing.cluster_cidrs")?
+                    }
+                    IgnoredPodWhy::ServiceCidr(net) => write!(f, "overlaps service CIDR {net}")?,
+                    IgnoredPodWhy::Denied(reason) => {
+                        write!(f, "overlaps a range refused by policy ({reason})")?
+                    }
+                    IgnoredPodWhy::NodeAddress { node, address } => {
+                        write!(f, "contains address {address} of node {node}")?
+                    }
+                }
+                f.write_str("; ignoring it")
+            }
             Conflict::SharedAddress { address, nodes } => write!(
                 f,
                 "address {address} is claimed by nodes {}; routing it to none of them",
@@ -362,6 +399,9 @@ impl fmt::Display for Conflict {
                 write!(f, "address {address} of node {node} ")?;
                 match why {
                     IgnoredWhy::ServiceCidr(net) => write!(f, "is in service CIDR {net}")?,
+                    IgnoredWhy::ClusterCidr(net) => {
+                        write!(f, "is in routing.cluster_cidrs {net} (a pod address)")?
+                    }
                     IgnoredWhy::PodCidr { cidr, node } => {
                         write!(f, "is in pod CIDR {cidr} of node {node}")?
                     }
@@ -443,12 +483,63 @@ impl Router {
 
         let policy = build_policy(config);
 
-        // Pod CIDRs: every range claimed by more than one node (identical
-        // or nested CIDRs) is contested and routes to none of them.
+        let services = ServiceCidrs::new(&config.service_cidrs);
+        let cluster: Vec<IpNet> = config
+            .cluster_cidrs
+            .iter()
+            .map(|c| canonical_net(*c))
+            .collect();
+        // Ownership between nodes is decided among the claims that pass
+        // the checks that involve no other node: addresses not refused, not
+        // in a service CIDR, not in routing.cluster_cidrs (`node_ips`), and
+        // pod CIDRs inside routing.cluster_cidrs (when set), overlapping no
+        // service CIDR and no refused range (`announced`). Among those, a
+        // pod CIDR that covers another node's address and the address
+        // itself are both ignored: either could be the forgery, and
+        // refusing both turns a capture into a visible denial of service.
+        let mut node_ips: Vec<(IpAddr, usize)> = sorted
+            .iter()
+            .enumerate()
+            .flat_map(|(index, node)| {
+                node.addresses
+                    .iter()
+                    .chain(std::iter::once(&node.name))
+                    .filter_map(move |a| Host::parse(a).ok()?.ip().map(|ip| (ip, index)))
+            })
+            .filter(|(ip, _)| {
+                node_independent_address_check(*ip, &services, &cluster, &policy).is_none()
+            })
+            .collect();
+        node_ips.sort_unstable();
+
+        let mut announced: BTreeMap<IpNet, Vec<usize>> = BTreeMap::new();
         let mut pod_owners: BTreeMap<IpNet, Vec<usize>> = BTreeMap::new();
+        let ignore_pod = |conflicts: &mut Vec<Conflict>, index: usize, net, why| {
+            let conflict = Conflict::IgnoredPodCidr {
+                node: names.get(index).cloned().unwrap_or_default(),
+                cidr: net,
+                why,
+            };
+            if !conflicts.contains(&conflict) {
+                conflicts.push(conflict);
+            }
+        };
         for (index, node) in sorted.iter().enumerate() {
             for cidr in &node.pod_cidrs {
-                let owners = pod_owners.entry(canonical_net(*cidr)).or_default();
+                let net = canonical_net(*cidr);
+                if let Some(why) = node_independent_pod_check(net, &cluster, &services, &policy) {
+                    ignore_pod(&mut conflicts, index, net, why);
+                    continue;
+                }
+                let owners = announced.entry(net).or_default();
+                if !owners.contains(&index) {
+                    owners.push(index);
+                }
+                if let Some(why) = covered_address(net, index, &node_ips, &names) {
+                    ignore_pod(&mut conflicts, index, net, why);
+                    continue;
+                }
+                let owners = pod_owners.entry(net).or_default();
                 if !owners.contains(&index) {
                     owners.push(index);
                 }
@@ -481,22 +572,11 @@ impl Router {
                 routes.insert(*net, Target::Contested(claimants));
             }
         }
+        // Kept pod CIDRs never overlap a service CIDR.
         for cidr in &config.service_cidrs {
             let net = canonical_net(*cidr);
-            match routes.get(net) {
-                None => routes.insert(net, Target::Service),
-                Some(Target::Pod(owner)) => {
-                    if let Some(node) = names.get(*owner) {
-                        let conflict = Conflict::PodAndServiceCidr {
-                            cidr: net,
-                            node: node.clone(),
-                        };
-                        if !conflicts.contains(&conflict) {
-                            conflicts.push(conflict);
-                        }
-                    }
-                }
-                Some(Target::Contested(_) | Target::Service) => {}
+            if routes.get(net).is_none() {
+                routes.insert(net, Target::Service);
             }
         }
         routes.finish();
@@ -520,7 +600,10 @@ impl Router {
             for (key, rule) in keys {
                 let claim = match Host::parse(key) {
                     Ok(Host::Ip(ip)) => {
-                        if let Some(why) = ignored_address(ip, index, &routes, &policy, &names) {
+                        let ignored =
+                            node_independent_address_check(ip, &services, &cluster, &policy)
+                                .or_else(|| in_announced_pod_cidr(ip, index, &announced, &names));
+                        if let Some(why) = ignored {
                             conflicts.push(Conflict::IgnoredAddress {
                                 node: name.clone(),
                                 address: ip,
@@ -777,31 +860,135 @@ impl Router {
     }
 }
 
-/// Why node `index`'s address `ip` cannot be a node address, if it cannot.
-fn ignored_address(
+/// Why `ip` cannot be any node's address, whatever the other nodes claim:
+/// the policy refuses it, it is in a service CIDR, or it is in
+/// `routing.cluster_cidrs` (a pod address).
+fn node_independent_address_check(
     ip: IpAddr,
-    index: usize,
-    routes: &PrefixMap<Target>,
+    services: &ServiceCidrs,
+    cluster: &[IpNet],
     policy: &PrefixMap<Policy>,
-    names: &[Arc<str>],
 ) -> Option<IgnoredWhy> {
     if let Some((_, Policy::Deny(reason))) = policy.longest(ip) {
         return Some(IgnoredWhy::Denied(reason.clone()));
     }
-    match routes.longest(ip) {
-        Some((net, Target::Service)) => Some(IgnoredWhy::ServiceCidr(*net)),
-        Some((net, Target::Pod(owner))) if *owner != index => Some(IgnoredWhy::PodCidr {
-            cidr: *net,
-            node: names.get(*owner).cloned().unwrap_or_default(),
-        }),
-        Some((net, Target::Contested(owners))) => {
-            let other = owners.iter().find(|o| **o != index)?;
-            Some(IgnoredWhy::PodCidr {
-                cidr: *net,
-                node: names.get(*other).cloned().unwrap_or_default(),
-            })
+    if let Some(net) = services.containing(ip) {
+        return Some(IgnoredWhy::ServiceCidr(net));
+    }
+    cluster
+        .iter()
+        .find(|c| c.contains(&ip))
+        .map(|c| IgnoredWhy::ClusterCidr(*c))
+}
+
+/// The announced pod CIDR of another node than `index` that contains `ip`,
+/// the most specific first.
+fn in_announced_pod_cidr(
+    ip: IpAddr,
+    index: usize,
+    announced: &BTreeMap<IpNet, Vec<usize>>,
+    names: &[Arc<str>],
+) -> Option<IgnoredWhy> {
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    (0..=max).rev().find_map(|len| {
+        let net = IpNet::new(ip, len).ok()?.trunc();
+        let other = announced.get(&net)?.iter().find(|o| **o != index)?;
+        Some(IgnoredWhy::PodCidr {
+            cidr: net,
+            node: names.get(*other).cloned().unwrap_or_default(),
+        })
+    })
+}
+
+/// Why `net` cannot be any node's pod CIDR, whatever the other nodes
+/// claim: outside `routing.cluster_cidrs` (when set), overlapping a service
+/// CIDR, or overlapping a range the policy refuses (its first address is
+/// refused, or it contains the first address of a denied range that is
+/// still refused).
+fn node_independent_pod_check(
+    net: IpNet,
+    cluster: &[IpNet],
+    services: &ServiceCidrs,
+    policy: &PrefixMap<Policy>,
+) -> Option<IgnoredPodWhy> {
+    if !cluster.is_empty() && !cluster.iter().any(|c| c.contains(&net)) {
+        return Some(IgnoredPodWhy::OutsideClusterCidrs);
+    }
+    if let Some(service) = services.overlapping(net) {
+        return Some(IgnoredPodWhy::ServiceCidr(service));
+    }
+    if let Some((_, Policy::Deny(reason))) = policy.longest(net.network()) {
+        return Some(IgnoredPodWhy::Denied(reason.clone()));
+    }
+    policy
+        .iter()
+        .filter(|(denied, p)| matches!(p, Policy::Deny(_)) && net.contains(&denied.network()))
+        .find_map(|(denied, _)| match policy.longest(denied.network()) {
+            Some((_, Policy::Deny(reason))) => Some(IgnoredPodWhy::Denied(reason.clone())),
+            _ => None,
+        })
+}
+
+/// An address of another node than `index` inside `net` (`node_ips`:
+/// sorted, the addresses that pass the node-independent checks).
+fn covered_address(
+    net: IpNet,
+    index: usize,
+    node_ips: &[(IpAddr, usize)],
+    names: &[Arc<str>],
+) -> Option<IgnoredPodWhy> {
+    let start = node_ips.partition_point(|(ip, _)| *ip < net.network());
+    node_ips
+        .get(start..)
+        .unwrap_or_default()
+        .iter()
+        .take_while(|(ip, _)| net.contains(ip))
+        .find(|(_, owner)| *owner != index)
+        .map(|&(address, node)| IgnoredPodWhy::NodeAddress {
+            node: names.get(node).cloned().unwrap_or_default(),
+            address,
+        })
+}
+
+/// The service CIDRs, for the ownership checks: which one contains an
+/// address, and which one overlaps a CIDR.
+struct ServiceCidrs {
+    /// By prefix, for containment.
+    map: PrefixMap<()>,
+    /// Sorted by first address, for the ones inside a CIDR.
+    sorted: Vec<IpNet>,
+}
+
+impl ServiceCidrs {
+    fn new(cidrs: &[IpNet]) -> ServiceCidrs {
+        let mut map = PrefixMap::default();
+        let mut sorted: Vec<IpNet> = cidrs.iter().map(|c| canonical_net(*c)).collect();
+        sorted.sort_unstable_by_key(|n| (n.network(), n.prefix_len()));
+        sorted.dedup();
+        for net in &sorted {
+            map.insert(*net, ());
         }
-        _ => None,
+        map.finish();
+        ServiceCidrs { map, sorted }
+    }
+
+    /// The most specific service CIDR containing `ip`.
+    fn containing(&self, ip: IpAddr) -> Option<IpNet> {
+        self.map.longest(ip).map(|(net, ())| *net)
+    }
+
+    /// A service CIDR that overlaps `net`: one containing its first address
+    /// (it contains `net`, or `net` contains it), or one that starts inside
+    /// `net`.
+    fn overlapping(&self, net: IpNet) -> Option<IpNet> {
+        if let Some(service) = self.containing(net.network()) {
+            return Some(service);
+        }
+        let start = self.sorted.partition_point(|s| s.network() < net.network());
+        self.sorted
+            .get(start)
+            .filter(|s| net.contains(&s.network()))
+            .copied()
     }
 }
 

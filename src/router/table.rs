@@ -157,6 +157,12 @@ impl<K: PrefixKey, V> LenTable<K, V> {
     fn len(&self) -> usize {
         self.maps.iter().map(HashMap::len).sum()
     }
+
+    fn iter(&self) -> impl Iterator<Item = (&IpNet, &V)> {
+        self.maps
+            .iter()
+            .flat_map(|map| map.values().map(|(net, v)| (net, v)))
+    }
 }
 
 /// A longest-prefix-match table over both address families. Insert canonical
@@ -214,5 +220,10 @@ impl<V> PrefixMap<V> {
     /// How many prefixes it holds.
     pub(super) fn len(&self) -> usize {
         self.v4.len() + self.v6.len()
+    }
+
+    /// Every prefix and its value, in no particular order.
+    pub(super) fn iter(&self) -> impl Iterator<Item = (&IpNet, &V)> {
+        self.v4.iter().chain(self.v6.iter())
     }
 }

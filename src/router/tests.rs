@@ -569,17 +569,34 @@ fn pod_and_service_cidrs_longest_prefix_both_ways() {
             DefaultRoute::Deny,
         ),
     );
-    // A pod /24 inside a service /12 goes to the node.
+    // A pod /24 inside a service /12 is no pod CIDR: the service keeps it.
     assert_eq!(
         router.route_str("10.96.5.7", 80),
-        to_node("a", RouteRule::PodCidr(net("10.96.5.0/24")))
+        any_node(RouteRule::ServiceCidr(net("10.96.0.0/12")))
     );
     assert_eq!(
         router.route_str("10.96.6.7", 80),
         any_node(RouteRule::ServiceCidr(net("10.96.0.0/12")))
     );
-    // A node's /24 inside another node's /16: the overlapped range
-    // goes to neither, the rest of the /16 to its node.
+    // A pod CIDR around a service CIDR is no pod CIDR either (a's /16 and
+    // b's /24 both hold the service /25): the service keeps its range, the
+    // rest of them routes nowhere.
+    assert_eq!(
+        router.route_str("10.244.7.200", 80),
+        any_node(RouteRule::ServiceCidr(net("10.244.7.128/25")))
+    );
+    for host in ["10.244.7.1", "10.244.8.1"] {
+        assert_eq!(
+            router.route_str(host, 80),
+            Err(RouteError::NoRoute {
+                dest: dest(host, 80)
+            }),
+            "{host}"
+        );
+    }
+    // Without it, a node's /24 inside another node's /16: the overlapped
+    // range goes to neither, the rest of the /16 to its node.
+    let router = Router::new(&nodes, &config(&[], DefaultRoute::Deny));
     assert_eq!(
         router.route_str("10.244.7.1", 80),
         Err(RouteError::Conflict {
@@ -592,10 +609,12 @@ fn pod_and_service_cidrs_longest_prefix_both_ways() {
         router.route_str("10.244.8.1", 80),
         to_node("a", RouteRule::PodCidr(net("10.244.0.0/16")))
     );
-    // A more specific service CIDR inside a pod CIDR goes to any node.
-    assert_eq!(
-        router.route_str("10.244.7.200", 80),
-        any_node(RouteRule::ServiceCidr(net("10.244.7.128/25")))
+    let router = Router::new(
+        &nodes,
+        &config(
+            &["10.96.0.0/12", "10.244.7.128/25", "fd00:96::/108"],
+            DefaultRoute::Deny,
+        ),
     );
     assert_eq!(
         router.route_str("fd00:244::5", 80),
@@ -690,9 +709,10 @@ fn claimed_twice_routes_to_none_and_is_reported() {
         cidr: net("10.244.9.0/24"),
         nodes: names(&["alpha", "mid"]),
     }));
-    assert!(conflicts.contains(&Conflict::PodAndServiceCidr {
-        cidr: net("10.244.20.0/24"),
+    assert!(conflicts.contains(&Conflict::IgnoredPodCidr {
         node: Arc::from("mid"),
+        cidr: net("10.244.20.0/24"),
+        why: IgnoredPodWhy::ServiceCidr(net("10.244.20.0/24")),
     }));
     assert!(conflicts.contains(&Conflict::SharedAddress {
         address: "10.0.0.1".to_owned(),
@@ -744,13 +764,28 @@ fn a_node_cannot_claim_services_other_nodes_or_denied_addresses() {
         ..config(&["10.96.0.0/12"], DefaultRoute::Deny)
     };
     let router = Router::new(&nodes, &cfg);
-    // A ClusterIP stays a service, another node's pod stays its pod.
+    // A ClusterIP stays a service.
     assert_eq!(
         router.route_str("10.96.0.10", 443),
         any_node(RouteRule::ServiceCidr(net("10.96.0.0/12")))
     );
+    // An address inside another node's pod CIDR: without
+    // routing.cluster_cidrs nobody can tell which claim is forged, so the
+    // address and the pod CIDR are both ignored (denial of service, never
+    // capture); with it, the address is a pod address and only it goes.
     assert_eq!(
         router.route_str("10.244.1.5", 8080),
+        Err(RouteError::NoRoute {
+            dest: dest("10.244.1.5", 8080)
+        })
+    );
+    let with_cluster = RoutingConfig {
+        cluster_cidrs: vec![net("10.244.0.0/16")],
+        ..cfg.clone()
+    };
+    let clustered = Router::new(&nodes, &with_cluster);
+    assert_eq!(
+        clustered.route_str("10.244.1.5", 8080),
         to_node("good", RouteRule::PodCidr(net("10.244.1.0/24")))
     );
     // Denied addresses stay denied.
@@ -778,6 +813,10 @@ fn a_node_cannot_claim_services_other_nodes_or_denied_addresses() {
     assert_eq!(
         router.route_str("10.244.2.9", 10250),
         to_node("evil", RouteRule::NodeAddress)
+    );
+    assert_eq!(
+        clustered.route_str("10.244.2.9", 10250),
+        to_node("evil", RouteRule::PodCidr(net("10.244.2.0/24")))
     );
     let ignored: Vec<String> = router
         .conflicts()
@@ -809,6 +848,150 @@ fn a_node_cannot_claim_services_other_nodes_or_denied_addresses() {
         router.route_str("n", 10250),
         to_node_at("n", RouteRule::NodeName, "10.0.0.7")
     );
+}
+
+/// A compromised node may announce any pod CIDR on its Node object: a
+/// pod CIDR that covers another node's address, a service range, a
+/// refused range, or lies outside the cluster's pod ranges is no pod CIDR.
+#[test]
+fn a_node_cannot_claim_traffic_by_the_pod_cidrs_it_announces() {
+    let good = node("good", &["10.0.0.1"], &["10.244.1.0/24"], 22);
+    let evil = |cidrs: &[&str]| node("evil", &["10.0.0.2"], cidrs, 22);
+    let cfg = config(&["10.96.0.0/12"], DefaultRoute::Deny);
+    let ignored = |router: &Router| -> Vec<(IpNet, IgnoredPodWhy)> {
+        router
+            .conflicts()
+            .iter()
+            .filter_map(|c| match c {
+                Conflict::IgnoredPodCidr { cidr, why, .. } => Some((*cidr, why.clone())),
+                _ => None,
+            })
+            .collect()
+    };
+
+    // A pod CIDR over another node's address: neither the CIDR nor the
+    // address routes (either could be the forged one) ...
+    let router = Router::new(&[good.clone(), evil(&["10.0.0.0/24"])], &cfg);
+    for host in ["10.0.0.1", "10.0.0.77"] {
+        assert_eq!(
+            router.route_str(host, 10250),
+            Err(RouteError::NoRoute {
+                dest: dest(host, 10250)
+            }),
+            "{host}"
+        );
+    }
+    assert_eq!(
+        ignored(&router),
+        [(
+            net("10.0.0.0/24"),
+            IgnoredPodWhy::NodeAddress {
+                node: Arc::from("good"),
+                address: "10.0.0.1".parse().expect("IP"),
+            }
+        )]
+    );
+    // ... and with routing.cluster_cidrs, the forged CIDR is outside the
+    // pod ranges: only it goes, the address stays its node's.
+    let clustered = RoutingConfig {
+        cluster_cidrs: vec![net("10.244.0.0/16")],
+        ..cfg.clone()
+    };
+    let router = Router::new(&[good.clone(), evil(&["10.0.0.0/24"])], &clustered);
+    assert_eq!(
+        router.route_str("10.0.0.1", 10250),
+        to_node("good", RouteRule::NodeAddress)
+    );
+    assert_eq!(
+        router.route_str("good", 10250),
+        to_node_at("good", RouteRule::NodeName, "10.0.0.1")
+    );
+    assert_eq!(
+        ignored(&router),
+        [(net("10.0.0.0/24"), IgnoredPodWhy::OutsideClusterCidrs)]
+    );
+
+    // A slice of the service range, or a CIDR around it: services stay
+    // services.
+    for cidr in ["10.96.5.0/24", "10.0.0.0/8"] {
+        let router = Router::new(&[good.clone(), evil(&[cidr])], &cfg);
+        assert_eq!(
+            router.route_str("10.96.5.7", 443),
+            any_node(RouteRule::ServiceCidr(net("10.96.0.0/12"))),
+            "{cidr}"
+        );
+        assert_eq!(
+            ignored(&router),
+            [(net(cidr), IgnoredPodWhy::ServiceCidr(net("10.96.0.0/12")))],
+            "{cidr}"
+        );
+    }
+
+    // Everything: a /0 covers the built-in denials (and here nodes'
+    // addresses), so it is no pod CIDR; what routing.default = "deny"
+    // refuses stays refused.
+    let router = Router::new(
+        &[good.clone(), evil(&["0.0.0.0/0"])],
+        &config(&[], DefaultRoute::Deny),
+    );
+    assert_eq!(
+        router.route_str("192.0.2.1", 80),
+        Err(RouteError::NoRoute {
+            dest: dest("192.0.2.1", 80)
+        })
+    );
+    assert!(matches!(
+        ignored(&router).as_slice(),
+        [(_, IgnoredPodWhy::Denied(_))]
+    ));
+
+    // routing.cluster_cidrs: only pod CIDRs inside the cluster's ranges.
+    let cluster = RoutingConfig {
+        cluster_cidrs: vec![net("10.244.0.0/16")],
+        ..cfg.clone()
+    };
+    let router = Router::new(&[good.clone(), evil(&["192.168.7.0/24"])], &cluster);
+    assert_eq!(
+        router.route_str("192.168.7.9", 80),
+        Err(RouteError::NoRoute {
+            dest: dest("192.168.7.9", 80)
+        })
+    );
+    assert_eq!(
+        router.route_str("10.244.1.9", 80),
+        to_node("good", RouteRule::PodCidr(net("10.244.1.0/24")))
+    );
+    assert_eq!(
+        ignored(&router),
+        [(net("192.168.7.0/24"), IgnoredPodWhy::OutsideClusterCidrs)]
+    );
+    let text = router
+        .conflicts()
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>();
+    assert_eq!(
+        text,
+        ["pod CIDR 192.168.7.0/24 of node evil is outside routing.cluster_cidrs; ignoring it"]
+    );
+
+    // An address announced inside another node's pod CIDR costs both: the
+    // address is ignored and the CIDR (it covers another node's address) is
+    // too; neither node gets the range.
+    let router = Router::new(
+        &[
+            good.clone(),
+            node("evil", &["10.0.0.2", "10.244.1.5"], &[], 22),
+        ],
+        &cfg,
+    );
+    assert_eq!(
+        router.route_str("10.244.1.5", 80),
+        Err(RouteError::NoRoute {
+            dest: dest("10.244.1.5", 80)
+        })
+    );
+    assert_eq!(router.conflicts().len(), 2, "{:?}", router.conflicts());
 }
 
 /// The node's resolver never sees a name chosen for routing: an image
@@ -1159,7 +1342,7 @@ fn prefix_keys_mask() {
 
 mod prop {
     use super::super::*;
-    use super::RouteText;
+    use super::{net, RouteText};
     use ipnet::{Ipv4Net, Ipv6Net};
     use proptest::prelude::*;
 
@@ -1243,20 +1426,34 @@ mod prop {
             prop::collection::vec(prop::sample::select(PORTS.to_vec()), 0..3),
             prop::collection::vec(cidr(), 0..3),
             prop::collection::vec(cidr(), 0..3),
+            prop::collection::vec(cluster_cidr(), 0..2),
         )
             .prop_map(
-                |(service_cidrs, any_node, allow_ports, deny_cidrs, allow_cidrs)| RoutingConfig {
-                    service_cidrs,
-                    default: if any_node {
-                        DefaultRoute::AnyNode
-                    } else {
-                        DefaultRoute::Deny
-                    },
-                    allow_ports,
-                    deny_cidrs,
-                    allow_cidrs,
+                |(service_cidrs, any_node, allow_ports, deny_cidrs, allow_cidrs, cluster_cidrs)| {
+                    RoutingConfig {
+                        service_cidrs,
+                        default: if any_node {
+                            DefaultRoute::AnyNode
+                        } else {
+                            DefaultRoute::Deny
+                        },
+                        allow_ports,
+                        deny_cidrs,
+                        allow_cidrs,
+                        cluster_cidrs,
+                    }
                 },
             )
+    }
+
+    /// A wide range of the address space the tables draw from.
+    fn cluster_cidr() -> impl Strategy<Value = IpNet> {
+        prop::sample::select(vec![
+            net("10.0.0.0/22"),
+            net("10.0.0.0/23"),
+            net("10.0.2.0/24"),
+            net("fd00::/110"),
+        ])
     }
 
     fn query() -> impl Strategy<Value = (String, u16)> {
@@ -1344,13 +1541,56 @@ mod prop {
             best.map(|(_, v)| v)
         };
 
+        let overlaps = |a: &IpNet, b: &IpNet| a.contains(&b.network()) || b.contains(&a.network());
+        // Addresses that may be some node's, whatever the others claim.
+        let candidate = |a: IpAddr| -> bool {
+            !matches!(verdict(a), Some(Some(_)))
+                && !cfg.service_cidrs.iter().any(|s| s.contains(&a))
+                && !cfg.cluster_cidrs.iter().any(|c| c.contains(&a))
+        };
+        // Every node's candidate IP addresses (and names that are IPs).
+        let node_ips: Vec<(IpAddr, usize)> = sorted
+            .iter()
+            .enumerate()
+            .flat_map(|(i, n)| {
+                n.addresses
+                    .iter()
+                    .chain(std::iter::once(&n.name))
+                    .filter_map(move |a| Host::parse(a).ok()?.ip().map(|ip| (ip, i)))
+            })
+            .filter(|(ip, _)| candidate(*ip))
+            .collect();
+        let denied_nets: Vec<IpNet> = builtin
+            .iter()
+            .filter_map(|(n, _)| n.parse::<IpNet>().ok())
+            .chain(cfg.deny_cidrs.iter().copied())
+            .collect();
+        // Pod CIDRs that may be some node's, whatever the others claim.
+        let announced = |c: &IpNet| -> bool {
+            if !cfg.cluster_cidrs.is_empty() && !cfg.cluster_cidrs.iter().any(|cc| cc.contains(c)) {
+                return false;
+            }
+            if cfg.service_cidrs.iter().any(|s| overlaps(s, c)) {
+                return false;
+            }
+            if matches!(verdict(c.network()), Some(Some(_))) {
+                return false;
+            }
+            !denied_nets
+                .iter()
+                .any(|d| c.contains(&d.network()) && matches!(verdict(d.network()), Some(Some(_))))
+        };
+        // Whether pod CIDR `c` of node `i` is kept.
+        let kept = |i: usize, c: &IpNet| -> bool {
+            announced(c) && !node_ips.iter().any(|(ip, j)| *j != i && c.contains(ip))
+        };
         // The best pod or service CIDR for an IP: (CIDR, None for a
-        // service CIDR or the indexes of every node whose pod CIDRs
+        // service CIDR or the indexes of every node whose kept pod CIDRs
         // cover the IP).
         let cidr_route = |ip: IpAddr| -> Option<(IpNet, Option<Vec<usize>>)> {
             let mut best: Option<(IpNet, Option<Vec<usize>>)> = None;
             for (i, n) in sorted.iter().enumerate() {
-                for c in &n.pod_cidrs {
+                for c in n.pod_cidrs.iter().filter(|c| kept(i, c)) {
                     if c.contains(&ip)
                         && best
                             .as_ref()
@@ -1364,7 +1604,7 @@ mod prop {
                 *owners = sorted
                     .iter()
                     .enumerate()
-                    .filter(|(_, n)| n.pod_cidrs.iter().any(|c| c.contains(&ip)))
+                    .filter(|(i, n)| n.pod_cidrs.iter().any(|c| kept(*i, c) && c.contains(&ip)))
                     .map(|(i, _)| i)
                     .collect();
             }
@@ -1379,16 +1619,13 @@ mod prop {
             }
             best
         };
-        // Whether node `i` may have IP address `a` as a node address.
+        // Whether node `i` may have IP address `a` as a node address: a
+        // candidate in no pod CIDR another node announced (kept or not).
         let usable = |i: usize, a: IpAddr| -> bool {
-            if matches!(verdict(a), Some(Some(_))) {
-                return false;
-            }
-            match cidr_route(a) {
-                Some((_, None)) => false,
-                Some((_, Some(owners))) => owners == [i],
-                None => true,
-            }
+            candidate(a)
+                && !sorted.iter().enumerate().any(|(j, n)| {
+                    j != i && n.pod_cidrs.iter().any(|c| announced(c) && c.contains(&a))
+                })
         };
         // (node index, via address?) for every node that has `matches`.
         let claimants = |matches: &dyn Fn(&Host) -> bool| -> Vec<(usize, bool)> {
