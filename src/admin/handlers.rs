@@ -12,7 +12,7 @@ use serde::Serialize;
 use super::api::{ApiError, ReconnectAnswer, RouteAnswer, Summary, TunnelInfo, TunnelList};
 use super::guard::{self, REQUEST_HEADER};
 use super::readiness::{self, Inputs};
-use super::server::AdminState;
+use super::state::{AdminState, Lane};
 use crate::metrics::per_node_registry;
 
 /// Content type of `/metrics` (prometheus-client writes OpenMetrics text).
@@ -23,16 +23,6 @@ const ENDPOINTS: &str = "GET /healthz, GET /readyz, GET /metrics, GET /api/v1/tu
      GET /api/v1/route?dest=HOST:PORT";
 
 type Answer = Response<Full<Bytes>>;
-
-/// Which connections a request came on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Lane {
-    /// One of the `MAX_CONNECTIONS` ordinary connections: every endpoint.
-    General,
-    /// A connection from the reserve kept for probes (the ordinary ones
-    /// were all taken): `/healthz` and `/readyz` only.
-    ProbesOnly,
-}
 
 /// The answer to one request.
 pub(super) fn answer<B>(state: &AdminState, req: &Request<B>, lane: Lane) -> Answer {
