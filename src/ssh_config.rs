@@ -71,9 +71,18 @@ pub struct SshConfig {
     /// blackholed node is detected within interval x (max + 1).
     pub keepalive_max: u32,
     /// SSH sessions per node. More sessions use more sshd processes (one per
-    /// session on the node) and spread streams over them.
+    /// session on the node) and spread streams over them. Memory: about
+    /// 53 KiB per idle session in nodetunnel (measured at 1,000 and 5,000
+    /// sessions, docs/benchmarks.md), so `nodes x sessions_per_node x 53
+    /// KiB` (5,000 nodes x 1: about 260 MiB); on each node, one sshd
+    /// connection per session and apiserver replica.
     pub sessions_per_node: usize,
-    /// Open streams per node, over all its sessions.
+    /// Open streams per node, over all its sessions. Memory: each open
+    /// stream may hold up to `window_size` from its node (so one node's
+    /// streams up to `max_streams_per_node x window_size`, 2 GiB with the
+    /// defaults; all nodes' together within `max_buffered_bytes` + 32 KiB
+    /// per stream), and its client connection a 128 KiB splice (see
+    /// `proxy.max_connections`).
     pub max_streams_per_node: usize,
     /// SSH handshakes in flight at once, over all nodes.
     pub max_handshakes_in_flight: usize,
@@ -89,7 +98,9 @@ pub struct SshConfig {
     /// SSH channel receive window in bytes, per stream: how much a node may
     /// send ahead of what the client has read. It is re-opened as the client
     /// reads (within `max_buffered_bytes`), so it is also the most a stream
-    /// ever buffers.
+    /// ever buffers. Memory: up to `window_size x open streams` held from
+    /// nodes, all streams together within `max_buffered_bytes` + 32 KiB per
+    /// stream; per-stream throughput at most `window_size / RTT`.
     pub window_size: u32,
     /// The buffer budget: bytes from nodes not yet read by clients, over all
     /// streams. Window beyond one packet (32 KiB) per stream is granted, at

@@ -87,7 +87,12 @@ pub struct ProxyConfig {
     /// gives up [`DIAL_TIMEOUT_MARGIN`] later).
     #[serde(with = "humantime_serde")]
     pub dial_timeout: Duration,
-    /// Client connections open at once over all listeners.
+    /// Client connections open at once over all listeners. Memory: each
+    /// tunnelled connection holds up to 128 KiB in its splice (a 64 KiB
+    /// buffer towards the node, up to 64 KiB of received packets on their
+    /// way to the client) plus its stream's window (`ssh.window_size`,
+    /// within `ssh.max_buffered_bytes`), and one file descriptor: 10,000 x
+    /// 128 KiB is about 1.2 GiB of splices.
     pub max_connections: usize,
     /// Bound on receiving a request's headers, the TLS handshake and the
     /// SOCKS5 negotiation (slowloris protection).
