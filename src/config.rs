@@ -1,5 +1,11 @@
 //! The configuration file: its TOML shape, defaults, and validation.
 //!
+//! This module assembles the file from the tables their feature modules
+//! own ([`SshConfig`] in [`crate::ssh_config`], [`NodeConfig`] in
+//! [`crate::node`], `[proxy]`, `[routing]`, `[inventory]`, `[admin]` and
+//! `[readiness]` in theirs) and checks it as a whole; no feature module
+//! imports [`Config`] back (the manager takes a [`ManagerConfig`]).
+//!
 //! [`Config::load`] reads one TOML file and either returns a fully checked
 //! [`Config`] (identity key loaded, limits non-zero, node names unique) or a
 //! [`ConfigError`] that names the file, the key path and the reason on one
@@ -8,199 +14,22 @@
 //! Relative paths in the file are resolved against the file's directory, so a
 //! config works the same whatever the working directory of the process.
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
-use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::admin::{AdminConfig, ReadinessConfig};
 use crate::inventory::InventoryConfig;
 use crate::keys::{self, Identity};
+use crate::manager::ManagerConfig;
 use crate::proxy::ProxyConfig;
 use crate::router::RoutingConfig;
+use crate::ssh_config::{MAX_REKEY_LIMIT, MIN_REKEY_LIMIT};
 
-/// What to do with a host key that known_hosts does not vouch for.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "kebab-case")]
-pub enum HostKeyPolicy {
-    /// Refuse unknown and changed keys (the default).
-    #[default]
-    Strict,
-    /// Record an unknown key in known_hosts (trust on first use); refuse a
-    /// changed one.
-    AcceptNew,
-    /// Accept any key. Only for throwaway test clusters: warns at start-up.
-    Insecure,
-}
-
-impl fmt::Display for HostKeyPolicy {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            HostKeyPolicy::Strict => "strict",
-            HostKeyPolicy::AcceptNew => "accept-new",
-            HostKeyPolicy::Insecure => "insecure",
-        })
-    }
-}
-
-/// The `[ssh]` table: how sessions to nodes are made and kept.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct SshConfig {
-    /// Remote user for every node (a node may override it).
-    pub user: String,
-    /// OpenSSH private key (ed25519, ecdsa or rsa), relative to the config file.
-    pub identity: PathBuf,
-    /// File holding the passphrase of an encrypted identity (first line).
-    pub passphrase_file: Option<PathBuf>,
-    /// OpenSSH known_hosts file used to verify node host keys.
-    pub known_hosts: PathBuf,
-    /// strict | accept-new | insecure.
-    pub host_key_policy: HostKeyPolicy,
-    /// Default SSH port of the nodes.
-    pub port: u16,
-    /// Bound on the TCP connect to a node.
-    #[serde(with = "humantime_serde")]
-    pub connect_timeout: Duration,
-    /// Bound on the SSH key exchange (banner to host-key check).
-    #[serde(with = "humantime_serde")]
-    pub handshake_timeout: Duration,
-    /// Bound on public-key authentication.
-    #[serde(with = "humantime_serde")]
-    pub auth_timeout: Duration,
-    /// Bound on opening one direct-tcpip channel (the front door has its own
-    /// `proxy.dial_timeout`).
-    #[serde(with = "humantime_serde")]
-    pub channel_open_timeout: Duration,
-    /// Interval between SSH keepalives on every session.
-    #[serde(with = "humantime_serde")]
-    pub keepalive_interval: Duration,
-    /// Keepalives left unanswered before a session is declared dead: a
-    /// blackholed node is detected within interval x (max + 1).
-    pub keepalive_max: u32,
-    /// SSH sessions per node. More sessions use more sshd processes (one per
-    /// session on the node) and spread streams over them.
-    pub sessions_per_node: usize,
-    /// Open streams per node, over all its sessions.
-    pub max_streams_per_node: usize,
-    /// SSH handshakes in flight at once, over all nodes.
-    pub max_handshakes_in_flight: usize,
-    /// First reconnect delay bound; doubles per failure (full jitter).
-    #[serde(with = "humantime_serde")]
-    pub backoff_base: Duration,
-    /// Largest reconnect delay.
-    #[serde(with = "humantime_serde")]
-    pub backoff_max: Duration,
-    /// A session Ready this long resets the backoff.
-    #[serde(with = "humantime_serde")]
-    pub backoff_reset_after: Duration,
-    /// SSH channel receive window in bytes, per stream: how much a node may
-    /// send ahead of what the client has read. It is re-opened as the client
-    /// reads (within `max_buffered_bytes`), so it is also the most a stream
-    /// ever buffers.
-    pub window_size: u32,
-    /// The buffer budget: bytes from nodes not yet read by clients, over all
-    /// streams. Window beyond one packet (32 KiB) per stream is granted, at
-    /// the open and as clients read, only while what nodes may send (bytes
-    /// held plus window granted and unused) fits in it; when it is spent,
-    /// streams slow down (none is reset, no byte is lost) until clients
-    /// read. Memory bound on bytes held from nodes:
-    /// `min(window_size x open streams, max_buffered_bytes + 32 KiB x open
-    /// streams)`. While more than this is held, new streams are also
-    /// refused (503).
-    pub max_buffered_bytes: usize,
-    /// Grace period for open streams when a node is removed or the process
-    /// shuts down.
-    #[serde(with = "humantime_serde")]
-    pub drain_timeout: Duration,
-    /// Bytes sent, or received, on one session before nodetunnel renegotiates
-    /// its keys (OpenSSH's `RekeyLimit`); 64 KiB to 1 GiB. Cost: one key
-    /// exchange (about a millisecond of CPU) and one round trip during which
-    /// the session's streams send nothing.
-    pub rekey_limit: u64,
-    /// Time after which a session's keys are renegotiated whatever it moved.
-    #[serde(with = "humantime_serde")]
-    pub rekey_interval: Duration,
-}
-
-/// Smallest `ssh.rekey_limit`: below it sessions would spend their time in
-/// key exchanges.
-const MIN_REKEY_LIMIT: u64 = 64 * 1024;
-/// Largest (and default) `ssh.rekey_limit`: russh refuses more between key
-/// exchanges.
-const MAX_REKEY_LIMIT: u64 = 1024 * 1024 * 1024;
-
-impl Default for SshConfig {
-    fn default() -> Self {
-        SshConfig {
-            user: "root".into(),
-            identity: PathBuf::from("keys/id_ed25519"),
-            passphrase_file: None,
-            known_hosts: PathBuf::from("keys/known_hosts"),
-            host_key_policy: HostKeyPolicy::Strict,
-            port: 22,
-            connect_timeout: Duration::from_secs(10),
-            handshake_timeout: Duration::from_secs(10),
-            auth_timeout: Duration::from_secs(10),
-            channel_open_timeout: Duration::from_secs(10),
-            keepalive_interval: Duration::from_secs(15),
-            keepalive_max: 3,
-            sessions_per_node: 1,
-            max_streams_per_node: 1024,
-            max_handshakes_in_flight: 32,
-            backoff_base: Duration::from_secs(1),
-            backoff_max: Duration::from_secs(60),
-            backoff_reset_after: Duration::from_secs(30),
-            window_size: 2 * 1024 * 1024,
-            max_buffered_bytes: 1024 * 1024 * 1024,
-            drain_timeout: Duration::from_secs(30),
-            rekey_limit: MAX_REKEY_LIMIT,
-            rekey_interval: Duration::from_secs(3600),
-        }
-    }
-}
-
-/// One `[[nodes]]` entry: a node and how to reach its sshd.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct NodeConfig {
-    /// Unique node name (the Kubernetes Node name).
-    pub name: String,
-    /// The node's addresses (destinations that route to this node); the
-    /// first is dialled for SSH unless `ssh_address` is set.
-    pub addresses: Vec<String>,
-    /// Where the node's sshd is reached, when not at the first address
-    /// (a bastion-facing address, a port-forward, a loopback in dev mode).
-    #[serde(default)]
-    pub ssh_address: Option<String>,
-    /// Pod CIDRs assigned to the node.
-    #[serde(default)]
-    pub pod_cidrs: Vec<IpNet>,
-    /// SSH port of this node, overriding `ssh.port`.
-    #[serde(default)]
-    pub ssh_port: Option<u16>,
-    /// SSH user of this node, overriding `ssh.user`.
-    #[serde(default)]
-    pub ssh_user: Option<String>,
-    /// Kubernetes says the node is not Ready (condition False or Unknown):
-    /// its tunnel is kept, but any-node routes choose it last. Set by the
-    /// kubernetes inventory; not a config file key.
-    #[serde(skip)]
-    pub not_ready: bool,
-}
-
-impl NodeConfig {
-    /// The address dialled for SSH: `ssh_address`, else the first address.
-    pub fn ssh_address(&self) -> &str {
-        self.ssh_address
-            .as_deref()
-            .or_else(|| self.addresses.first().map(String::as_str))
-            .unwrap_or("")
-    }
-}
+// The tables and types the file is made of, at the paths they always had.
+pub use crate::node::{validate_node, NodeConfig};
+pub use crate::ssh_config::{HostKeyPolicy, SshConfig};
 
 /// The whole file.
 #[derive(Clone, Debug, Deserialize)]
@@ -233,6 +62,20 @@ pub struct Config {
     /// The loaded identity (filled by [`Config::load`]).
     #[serde(skip)]
     pub identity: Option<Arc<Identity>>,
+}
+
+impl<'a> From<&'a Config> for ManagerConfig<'a> {
+    fn from(config: &'a Config) -> Self {
+        ManagerConfig {
+            ssh: &config.ssh,
+            identity: config.identity.clone(),
+            dial_timeout: config
+                .proxy
+                .as_ref()
+                .map(|p| p.dial_timeout)
+                .unwrap_or(config.ssh.channel_open_timeout),
+        }
+    }
 }
 
 /// A configuration that cannot be used: the file, the key path inside it
@@ -436,41 +279,6 @@ impl Config {
     }
 }
 
-/// Check one node entry; the error is (key within the node, reason).
-pub fn validate_node(node: &NodeConfig) -> Result<(), (String, String)> {
-    if node.name.is_empty() {
-        return Err(("name".into(), "must not be empty".into()));
-    }
-    if node.addresses.is_empty() {
-        return Err(("addresses".into(), "needs at least one address".into()));
-    }
-    for (j, address) in node.addresses.iter().enumerate() {
-        if address.is_empty() || address.contains(char::is_whitespace) || address.contains('/') {
-            return Err((
-                format!("addresses[{j}]"),
-                format!("{address:?} is not an IP address or host name"),
-            ));
-        }
-    }
-    if let Some(address) = &node.ssh_address {
-        if address.is_empty() || address.contains(char::is_whitespace) || address.contains('/') {
-            return Err((
-                "ssh_address".into(),
-                format!("{address:?} is not an IP address or host name"),
-            ));
-        }
-    }
-    if node.ssh_port == Some(0) {
-        return Err(("ssh_port".into(), "must be between 1 and 65535".into()));
-    }
-    if let Some(user) = &node.ssh_user {
-        if user.is_empty() {
-            return Err(("ssh_user".into(), "must not be empty".into()));
-        }
-    }
-    Ok(())
-}
-
 fn resolve(base: &Path, path: &Path) -> PathBuf {
     if path.is_absolute() {
         path.to_path_buf()
@@ -481,6 +289,10 @@ fn resolve(base: &Path, path: &Path) -> PathBuf {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    use ipnet::IpNet;
+
     use super::*;
 
     fn parse(text: &str) -> Result<Config, ConfigError> {

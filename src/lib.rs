@@ -13,8 +13,18 @@
 //!
 //! # Layout
 //!
+//! The ground floor, shared types that import nothing above them:
+//!
 //! - [`destination`]: a destination host and port, parsed and canonical
 //!   once, for every layer after the front door.
+//! - [`node`]: a node's description; [`ssh_config`]: the `[ssh]` table;
+//!   [`tunnel_status`]: a tunnel's state and status.
+//!
+//! Each feature module owns its own config table; [`config`] assembles the
+//! file from them and validates it, and no module below imports it back.
+//! No import circle between modules (apart from a parent and its own
+//! children): `tools/module_cycles.py` checks it in CI.
+//!
 //! - [`config`]: the TOML file, defaults and validation.
 //! - [`keys`]: the client identity (load, generate); [`known_hosts`]: host
 //!   key trust (OpenSSH known_hosts, hashed names, wildcards, CAs, revocation).
@@ -49,6 +59,7 @@ pub mod known_hosts;
 pub mod logging;
 pub mod manager;
 pub mod metrics;
+pub mod node;
 pub mod proxy;
 pub mod read_buffer;
 pub mod router;
@@ -57,5 +68,7 @@ pub mod session;
 pub mod shutdown;
 pub mod socket_file;
 pub mod splice;
+pub mod ssh_config;
 pub mod stream;
 pub mod tunnel;
+pub mod tunnel_status;

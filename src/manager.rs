@@ -14,15 +14,21 @@ use dashmap::DashMap;
 use rand::RngExt;
 use tokio::sync::Semaphore;
 
-use crate::config::{Config, HostKeyPolicy, NodeConfig};
 use crate::dial::{Destination, DialError, Dialer, NodeDownCause};
+use crate::inventory::NodeSink;
 use crate::keys::Identity;
 use crate::known_hosts::KnownHosts;
 use crate::metrics::Metrics;
+use crate::node::NodeConfig;
 use crate::router::{Conflict, DenyReason, Route, RouteNode, Router, RoutingConfig};
 use crate::session::{self, SessionSettings};
+use crate::ssh_config::{HostKeyPolicy, SshConfig};
 use crate::stream::{StreamLimits, TunnelStream};
-use crate::tunnel::{Tunnel, TunnelContext, TunnelState, TunnelStatus};
+use crate::tunnel::{Tunnel, TunnelContext};
+use crate::tunnel_status::{TunnelState, TunnelStatus};
+
+// The sink's answer, at the path it always had.
+pub use crate::inventory::ApplySummary;
 
 /// Why the manager could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -35,17 +41,20 @@ pub enum ManagerError {
     KnownHosts(String),
 }
 
-/// What [`TunnelManager::apply`] changed.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ApplySummary {
-    /// Nodes that got a new tunnel.
-    pub added: Vec<String>,
-    /// Nodes whose address or SSH settings changed: reconnected.
-    pub changed: Vec<String>,
-    /// Nodes removed: draining.
-    pub removed: Vec<String>,
-    /// Nodes left untouched.
-    pub unchanged: usize,
+/// What the manager takes from the configuration file: the `[ssh]` table,
+/// the loaded identity and the bound on one dial. `From<&Config>` (in
+/// [`crate::config`], which assembles the file) builds it, so the manager
+/// does not depend on the whole file.
+#[derive(Clone, Debug)]
+pub struct ManagerConfig<'a> {
+    /// The `[ssh]` table.
+    pub ssh: &'a SshConfig,
+    /// The identity key, loaded (`None` is refused with
+    /// [`ManagerError::NoIdentity`]).
+    pub identity: Option<Arc<Identity>>,
+    /// Bound on one dial (route, stream open): `proxy.dial_timeout`, else
+    /// `ssh.channel_open_timeout`.
+    pub dial_timeout: Duration,
 }
 
 /// All tunnels. See the module docs.
@@ -65,13 +74,15 @@ pub struct TunnelManager {
 
 impl TunnelManager {
     /// A manager with no tunnels yet: call [`apply`](Self::apply).
-    pub fn new(
-        config: &Config,
+    /// `config` is usually `&Config` (see [`ManagerConfig`]).
+    pub fn new<'a>(
+        config: impl Into<ManagerConfig<'a>>,
         routing: RoutingConfig,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<TunnelManager>, ManagerError> {
-        let ssh = &config.ssh;
-        let identity: Arc<Identity> = config.identity.clone().ok_or(ManagerError::NoIdentity)?;
+        let config = config.into();
+        let ssh = config.ssh;
+        let identity: Arc<Identity> = config.identity.ok_or(ManagerError::NoIdentity)?;
         let known_hosts = KnownHosts::load(&ssh.known_hosts)
             .map_err(|e| ManagerError::KnownHosts(e.to_string()))?;
         for warning in known_hosts.warnings() {
@@ -120,11 +131,7 @@ impl TunnelManager {
             router: RwLock::new(Arc::new(router)),
             routing,
             drain_timeout: ssh.drain_timeout,
-            dial_timeout: config
-                .proxy
-                .as_ref()
-                .map(|p| p.dial_timeout)
-                .unwrap_or(ssh.channel_open_timeout),
+            dial_timeout: config.dial_timeout,
         }))
     }
 
@@ -412,7 +419,7 @@ fn p2c(all: &[Arc<Tunnel>], eligible: impl Fn(&Arc<Tunnel>) -> bool) -> Option<A
     picks.into_iter().min_by_key(|t| t.open_streams()).cloned()
 }
 
-impl crate::inventory::NodeSink for TunnelManager {
+impl NodeSink for TunnelManager {
     fn apply(&self, nodes: Vec<NodeConfig>) -> ApplySummary {
         TunnelManager::apply(self, nodes)
     }

@@ -24,7 +24,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::tunnel::{TunnelState, TunnelStatus};
+use crate::tunnel_status::{TunnelState, TunnelStatus};
 
 /// `{result}` label: `ok` or a failure reason.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

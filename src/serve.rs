@@ -141,7 +141,8 @@ impl Server {
         // The admin API: health, readiness, metrics and the tunnel table,
         // read live from the manager and the inventory's sync status.
         let admin = crate::admin::start(
-            &config,
+            &config.admin,
+            &config.readiness,
             manager.clone(),
             metrics.clone(),
             sync.clone(),

@@ -21,9 +21,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
-use crate::config::HostKeyPolicy;
 use crate::keys::{fingerprint, Identity};
 use crate::known_hosts::{HostKeyStatus, KnownHosts, KnownHostsError};
+use crate::ssh_config::HostKeyPolicy;
 
 /// Everything a session needs that is shared by all nodes.
 pub struct SessionSettings {
@@ -397,7 +397,10 @@ impl client::Handler for ClientHandler {
 /// The russh client configuration nodetunnel uses: TCP_NODELAY, our own
 /// keepalives (russh's are off), AES-256-GCM first where the CPU has AES-NI,
 /// the window and rekey limits of `ssh`.
-pub fn russh_config(ssh: &crate::config::SshConfig, host_key_certificates: bool) -> client::Config {
+pub fn russh_config(
+    ssh: &crate::ssh_config::SshConfig,
+    host_key_certificates: bool,
+) -> client::Config {
     let aes_first = cpu_has_aes();
     let cipher: &'static [russh::cipher::Name] = if aes_first {
         &[
@@ -765,7 +768,7 @@ mod tests {
     #[test]
     fn a_cert_authority_added_after_start_asks_for_host_certificates() {
         // Started without any @cert-authority line: no certificates asked.
-        let base = russh_config(&crate::config::SshConfig::default(), false);
+        let base = russh_config(&crate::ssh_config::SshConfig::default(), false);
         assert!(base.preferred.host_key_certificates.is_empty());
         // A reload brought one in: the next connection asks for them.
         let reloaded = KnownHosts::parse(&key_line("@cert-authority 10.240.*"), "known_hosts");
@@ -783,7 +786,7 @@ mod tests {
 
     #[test]
     fn known_host_key_algorithms_come_first_and_nothing_else_changes() {
-        let base = russh_config(&crate::config::SshConfig::default(), false);
+        let base = russh_config(&crate::ssh_config::SshConfig::default(), false);
         let unrelated = KnownHosts::parse(&key_line("10.9.9.9"), "known_hosts");
         assert!(config_for_host(&base, &unrelated, "10.240.0.11", 22).is_none());
         let ecdsa = Algorithm::Ecdsa {

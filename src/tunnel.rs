@@ -26,48 +26,15 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{Notify, Semaphore};
 
 use crate::backoff::Backoff;
-use crate::config::NodeConfig;
 use crate::dial::{DialError, LimitKind, NodeDownCause};
 use crate::keepalive;
 use crate::metrics::{Metrics, StateLabel};
+use crate::node::NodeConfig;
 use crate::session::{self, ConnectError, SessionSettings, Target};
 use crate::shutdown::Shutdown;
 use crate::stream::{StreamCounters, StreamLimits, StreamSlot, TunnelStream};
 
-/// Where a node's tunnel is in its life.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TunnelState {
-    /// A handshake is under way (or waiting for a handshake slot).
-    Connecting,
-    /// At least one session is up and takes streams.
-    Ready,
-    /// The last attempt failed or the session died; waiting to retry.
-    Backoff,
-    /// Removed or shutting down: no new streams, open ones finish.
-    Draining,
-    /// Gone.
-    Closed,
-}
-
-impl TunnelState {
-    /// Lower-case name, as in metrics and the tunnel table.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TunnelState::Connecting => "connecting",
-            TunnelState::Ready => "ready",
-            TunnelState::Backoff => "backoff",
-            TunnelState::Draining => "draining",
-            TunnelState::Closed => "closed",
-        }
-    }
-}
-
-impl std::fmt::Display for TunnelState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use crate::tunnel_status::{TunnelState, TunnelStatus};
 
 /// What every tunnel shares: settings, limits, the handshake budget.
 pub struct TunnelContext {
@@ -97,50 +64,6 @@ pub struct TunnelContext {
     pub backoff_max: Duration,
     /// Ready this long resets the backoff.
     pub backoff_reset_after: Duration,
-}
-
-/// A point-in-time view of one tunnel, for status output.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct TunnelStatus {
-    /// Node name.
-    pub node: String,
-    /// Node addresses (the first is the SSH address).
-    pub addresses: Vec<String>,
-    /// SSH endpoint dialled.
-    pub ssh_endpoint: String,
-    /// Current state.
-    pub state: TunnelState,
-    /// When the state was entered.
-    #[serde(with = "humantime_serde")]
-    pub since: SystemTime,
-    /// The last failure, if any.
-    pub last_error: Option<String>,
-    /// Round trip of the last answered keepalive.
-    #[serde(with = "humantime_serde")]
-    pub rtt: Option<Duration>,
-    /// Sessions Ready / configured.
-    pub sessions_ready: usize,
-    /// Sessions configured.
-    pub sessions: usize,
-    /// Open streams.
-    pub streams: usize,
-    /// Streams opened since start.
-    pub streams_total: u64,
-    /// Bytes sent to the node.
-    pub bytes_to_node: u64,
-    /// Bytes received from the node.
-    pub bytes_from_node: u64,
-    /// Streams reset by nodetunnel.
-    pub stream_resets: u64,
-    /// Successful handshakes.
-    pub handshakes: u64,
-    /// Failed handshakes by reason (timeout, refused, auth, host_key, protocol).
-    pub failures: BTreeMap<&'static str, u64>,
-    /// Failed attempts since the last Ready session.
-    pub consecutive_failures: u32,
-    /// The reconnect delay drawn after the last failure.
-    #[serde(with = "humantime_serde")]
-    pub retry_in: Option<Duration>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -12,7 +12,7 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 
 use crate::router::{Route, RouteError};
-use crate::tunnel::{TunnelState, TunnelStatus};
+use crate::tunnel_status::{TunnelState, TunnelStatus};
 
 /// Bytes carried through one tunnel.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

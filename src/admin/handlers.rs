@@ -14,7 +14,7 @@ use super::api::{
 };
 use super::guard::{self, REQUEST_HEADER};
 use super::readiness::{self, Inputs};
-use super::server::AdminState;
+use super::state::{AdminState, Lane, Transport};
 use crate::metrics::per_node_registry;
 
 /// Content type of `/metrics` (prometheus-client writes OpenMetrics text).
@@ -25,27 +25,6 @@ const ENDPOINTS: &str = "GET /healthz, GET /readyz, GET /metrics, GET /api/v1/tu
      GET /api/v1/route?dest=HOST:PORT";
 
 type Answer = Response<Full<Bytes>>;
-
-/// Which connections a request came on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Lane {
-    /// One of the `MAX_CONNECTIONS` ordinary connections: every endpoint.
-    General,
-    /// A connection from the reserve kept for probes (the ordinary ones
-    /// were all taken): `/healthz` and `/readyz` only.
-    ProbesOnly,
-}
-
-/// Which listener a request came on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Transport {
-    /// `admin.listen`: reachable by a browser on the host, so the Host
-    /// header is checked (DNS rebinding).
-    Tcp,
-    /// `admin.uds`: no browser can reach a Unix socket; the socket file's
-    /// mode decides who may connect. The Host header is not checked.
-    Unix,
-}
 
 /// The answer to one request.
 pub(super) fn answer<B>(

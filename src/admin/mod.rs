@@ -20,8 +20,8 @@
 //!
 //! Files: [`api`] (the JSON types, shared with the CLI), [`readiness`] (the
 //! readiness rule), [`guard`] (the checks before an answer), `server`
-//! (listeners, connection limits, hyper) and `handlers` (routing a request
-//! to its answer).
+//! (listeners, connection limits, hyper), `handlers` (routing a request
+//! to its answer) and `state` (what both share: the live state, the lane).
 
 pub mod api;
 pub mod guard;
@@ -30,8 +30,10 @@ pub mod readiness;
 #[cfg(test)]
 mod serve_tests;
 mod server;
+mod state;
 
-pub use server::{AdminError, AdminServer, AdminState};
+pub use server::{AdminError, AdminServer};
+pub use state::AdminState;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -41,7 +43,6 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 use tokio::task::JoinHandle;
 
-use crate::config::Config;
 use crate::inventory::SyncStatus;
 use crate::manager::TunnelManager;
 use crate::metrics::Metrics;
@@ -58,20 +59,22 @@ pub struct AdminHandle {
     pub uds_path: Option<PathBuf>,
 }
 
-/// Bind the admin API configured in `config` and serve it in a task until
-/// `shutdown` fires. `None` when `[admin]` configures no listener.
+/// Bind the admin API configured in `admin` and serve it in a task until
+/// `shutdown` fires, answering `/readyz` by `readiness`. `None` when
+/// `[admin]` configures no listener.
 pub async fn start(
-    config: &Config,
+    admin: &AdminConfig,
+    readiness: &ReadinessConfig,
     manager: Arc<TunnelManager>,
     metrics: Arc<Metrics>,
     sync: Arc<SyncStatus>,
     shutdown: Shutdown,
 ) -> Result<Option<AdminHandle>, AdminError> {
-    if !config.admin.enabled() {
+    if !admin.enabled() {
         tracing::info!("[admin] configures no listener: no admin API, no /readyz, no /metrics");
         return Ok(None);
     }
-    let server = AdminServer::bind(&config.admin, &config.readiness).await?;
+    let server = AdminServer::bind(admin, readiness).await?;
     let tcp_addr = server.tcp_addr();
     let uds_path = server.uds_path().map(PathBuf::from);
     let listeners = [
@@ -87,9 +90,9 @@ pub async fn start(
         manager,
         metrics,
         sync,
-        readiness: config.readiness.clone(),
-        per_node_metrics: config.admin.per_node_metrics,
-        allowed_hosts: config.admin.allowed_hosts.clone(),
+        readiness: readiness.clone(),
+        per_node_metrics: admin.per_node_metrics,
+        allowed_hosts: admin.allowed_hosts.clone(),
         reconnects: guard::ReconnectLimiter::default(),
     });
     Ok(Some(AdminHandle {

@@ -12,12 +12,14 @@ use tokio::net::TcpStream;
 
 use super::guard::ReconnectLimiter;
 use super::server::MAX_CONNECTIONS;
-use super::{AdminServer, AdminState};
-use crate::config::Config;
+use super::{AdminConfig, AdminServer, AdminState, ReadinessConfig};
 use crate::inventory::SyncStatus;
-use crate::manager::TunnelManager;
+use crate::manager::{ManagerConfig, TunnelManager};
 use crate::metrics::Metrics;
+use crate::node::NodeConfig;
+use crate::router::RoutingConfig;
 use crate::shutdown::Shutdown;
+use crate::ssh_config::SshConfig;
 
 /// Bound on one request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -44,30 +46,54 @@ async fn start(extra: &str) -> Admin {
         .local_addr()
         .unwrap()
         .port();
-    let text = format!(
-        "[ssh]\nuser = \"test\"\nidentity = \"id_ed25519\"\nknown_hosts = \"known_hosts\"\n\
-         backoff_base = \"1s\"\nbackoff_max = \"10s\"\n\n\
-         [admin]\nlisten = \"127.0.0.1:0\"\n{extra}\n\n\
-         [[nodes]]\nname = \"node-1\"\naddresses = [\"127.0.0.1\"]\nssh_port = {closed}\n\n\
-         [[nodes]]\nname = \"node-2\"\naddresses = [\"127.0.0.2\"]\nssh_port = {closed}\n"
-    );
-    let path = dir.path().join("nodetunnel.toml");
-    std::fs::write(&path, text).unwrap();
-    let config = Config::load(&path).unwrap();
+    // The tables themselves, not the whole file: the admin module sits
+    // below the config file that assembles its table.
+    let admin: AdminConfig =
+        toml::from_str(&format!("listen = \"127.0.0.1:0\"\n{extra}\n")).unwrap();
+    admin.validate().unwrap();
+    let readiness = ReadinessConfig::default();
+    let ssh = SshConfig {
+        user: "test".into(),
+        identity: dir.path().join("id_ed25519"),
+        known_hosts: dir.path().join("known_hosts"),
+        backoff_base: Duration::from_secs(1),
+        backoff_max: Duration::from_secs(10),
+        ..SshConfig::default()
+    };
+    let identity = crate::keys::load_identity(&ssh.identity, None).unwrap();
+    let node = |name: &str, address: &str| NodeConfig {
+        name: name.into(),
+        addresses: vec![address.into()],
+        ssh_address: None,
+        pod_cidrs: Vec::new(),
+        ssh_port: Some(closed),
+        ssh_user: None,
+        not_ready: false,
+    };
     let metrics = Arc::new(Metrics::new());
-    let manager = TunnelManager::new(&config, config.routing.clone(), metrics.clone()).unwrap();
-    manager.apply(config.nodes.clone());
-    let server = AdminServer::bind(&config.admin, &config.readiness)
-        .await
-        .unwrap();
+    let manager = TunnelManager::new(
+        ManagerConfig {
+            ssh: &ssh,
+            identity: Some(Arc::new(identity)),
+            dial_timeout: ssh.channel_open_timeout,
+        },
+        RoutingConfig::default(),
+        metrics.clone(),
+    )
+    .unwrap();
+    manager.apply(vec![
+        node("node-1", "127.0.0.1"),
+        node("node-2", "127.0.0.2"),
+    ]);
+    let server = AdminServer::bind(&admin, &readiness).await.unwrap();
     let addr = server.tcp_addr().unwrap();
     let state = Arc::new(AdminState {
         manager,
         metrics,
         sync: Arc::new(SyncStatus::default()),
-        readiness: config.readiness.clone(),
+        readiness,
         per_node_metrics: false,
-        allowed_hosts: config.admin.allowed_hosts.clone(),
+        allowed_hosts: admin.allowed_hosts.clone(),
         reconnects: ReconnectLimiter::default(),
     });
     let shutdown = Shutdown::new();

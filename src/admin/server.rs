@@ -29,11 +29,8 @@ use tokio::net::{TcpListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
-use super::handlers::{Lane, Transport};
+use super::state::{AdminState, Lane, Transport};
 use super::{AdminConfig, ReadinessConfig};
-use crate::inventory::SyncStatus;
-use crate::manager::TunnelManager;
-use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 use crate::socket_file::{SocketFile, SocketFileError};
 
@@ -84,25 +81,6 @@ pub enum AdminError {
         /// What is wrong with it.
         reason: String,
     },
-}
-
-/// What the handlers read, live, at every request.
-pub struct AdminState {
-    /// The tunnels.
-    pub manager: Arc<TunnelManager>,
-    /// The metrics registry.
-    pub metrics: Arc<Metrics>,
-    /// Inventory health.
-    pub sync: Arc<SyncStatus>,
-    /// The readiness rule's settings.
-    pub readiness: ReadinessConfig,
-    /// Export per-node series on `/metrics`.
-    pub per_node_metrics: bool,
-    /// `Host` names answered besides IP literals and `localhost`
-    /// (`admin.allowed_hosts`).
-    pub allowed_hosts: Vec<String>,
-    /// The per-node rate of `POST .../reconnect`.
-    pub reconnects: super::guard::ReconnectLimiter,
 }
 
 /// The bound admin listeners, ready to [`serve`](AdminServer::serve).

@@ -23,7 +23,7 @@
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Node;
 
-use crate::config::{validate_node, NodeConfig};
+use crate::node::{validate_node, NodeConfig};
 
 /// Annotation: the address to dial for SSH, instead of the first address of
 /// the preferred type.

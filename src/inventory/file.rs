@@ -33,7 +33,7 @@ use tokio::time::Instant;
 use super::{convert, InventoryConfig, InventoryError, Publisher};
 use super::{RESYNC_INTERVAL, RETRY_BASE, RETRY_MAX};
 use crate::backoff::Backoff;
-use crate::config::{validate_node, NodeConfig};
+use crate::node::{validate_node, NodeConfig};
 use crate::shutdown::Shutdown;
 
 /// After a change event, wait until the directory was quiet this long...

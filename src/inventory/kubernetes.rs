@@ -37,7 +37,7 @@ use tokio::time::Instant;
 use super::{convert, pause, InventoryConfig, InventoryError, Publisher};
 use super::{RESYNC_INTERVAL, RETRY_BASE, RETRY_MAX};
 use crate::backoff::Backoff;
-use crate::config::NodeConfig;
+use crate::node::NodeConfig;
 use crate::shutdown::Shutdown;
 
 /// Most events handled before the set is applied, when they keep coming.

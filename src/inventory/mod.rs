@@ -30,9 +30,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::Deserialize;
 use tokio::sync::Notify;
 
-use crate::config::NodeConfig;
-use crate::manager::ApplySummary;
 use crate::metrics::Metrics;
+use crate::node::NodeConfig;
 use crate::shutdown::Shutdown;
 
 /// Where the nodes come from.
@@ -128,6 +127,19 @@ impl InventoryConfig {
         }
         Ok(())
     }
+}
+
+/// What one [`NodeSink::apply`] changed (the tunnel manager's answer).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApplySummary {
+    /// Nodes that got a new tunnel.
+    pub added: Vec<String>,
+    /// Nodes whose address or SSH settings changed: reconnected.
+    pub changed: Vec<String>,
+    /// Nodes removed: draining.
+    pub removed: Vec<String>,
+    /// Nodes left untouched.
+    pub unchanged: usize,
 }
 
 /// Receives complete node lists. The tunnel manager is the production sink.

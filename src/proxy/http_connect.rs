@@ -31,7 +31,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::relay::{relay, ClientIo, TunnelLog};
-use super::{error_node, Context, HostError, Listener};
+use super::{error_node, Context, HostError, ListenerKind};
 use crate::dial::{Destination, Dialer, Host};
 use crate::metrics::Metrics;
 
@@ -149,7 +149,7 @@ fn builder(header_read_timeout: std::time::Duration) -> http1::Builder {
 pub(crate) async fn serve<I, D>(
     io: I,
     ctx: &Arc<Context<D>>,
-    listener: Listener,
+    listener: ListenerKind,
     client: &str,
     admitted: bool,
 ) where
@@ -233,7 +233,12 @@ pub(crate) async fn serve<I, D>(
     }
 }
 
-fn log_connection_error(metrics: &Metrics, listener: Listener, client: &str, error: &hyper::Error) {
+fn log_connection_error(
+    metrics: &Metrics,
+    listener: ListenerKind,
+    client: &str,
+    error: &hyper::Error,
+) {
     if error.is_parse_too_large() {
         metrics.proxy_request(listener.as_str(), "431");
         tracing::info!(
@@ -257,7 +262,7 @@ fn log_connection_error(metrics: &Metrics, listener: Listener, client: &str, err
 async fn answer<D: Dialer>(
     mut req: Request<Incoming>,
     ctx: &Context<D>,
-    listener: Listener,
+    listener: ListenerKind,
     client: &str,
     slot: &Slot<D::Stream>,
 ) -> Response<Full<Bytes>> {
@@ -360,7 +365,7 @@ async fn serve_overflow<I, D>(
     builder: &http1::Builder,
     io: I,
     ctx: &Context<D>,
-    listener: Listener,
+    listener: ListenerKind,
     client: &str,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,

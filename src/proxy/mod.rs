@@ -87,7 +87,12 @@ pub struct ProxyConfig {
     /// gives up [`DIAL_TIMEOUT_MARGIN`] later).
     #[serde(with = "humantime_serde")]
     pub dial_timeout: Duration,
-    /// Client connections open at once over all listeners.
+    /// Client connections open at once over all listeners. Memory: each
+    /// tunnelled connection holds up to 128 KiB in its splice (a 64 KiB
+    /// buffer towards the node, up to 64 KiB of received packets on their
+    /// way to the client) plus its stream's window (`ssh.window_size`,
+    /// within `ssh.max_buffered_bytes`), and one file descriptor: 10,000 x
+    /// 128 KiB is about 1.2 GiB of splices.
     pub max_connections: usize,
     /// Bound on receiving a request's headers, the TLS handshake and the
     /// SOCKS5 negotiation (slowloris protection).
@@ -275,21 +280,21 @@ pub enum FrontDoorError {
     },
 }
 
-/// Which listener a connection came in on; the `listener` label and log
-/// field.
+/// The kind of listener a connection came in on (Unix socket, TCP, SOCKS5);
+/// the `listener` label and log field.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Listener {
+pub(crate) enum ListenerKind {
     Uds,
     Tcp,
     Socks5,
 }
 
-impl Listener {
+impl ListenerKind {
     pub(crate) fn as_str(self) -> &'static str {
         match self {
-            Listener::Uds => "uds",
-            Listener::Tcp => "tcp",
-            Listener::Socks5 => "socks5",
+            ListenerKind::Uds => "uds",
+            ListenerKind::Tcp => "tcp",
+            ListenerKind::Socks5 => "socks5",
         }
     }
 }
@@ -337,7 +342,7 @@ impl<D: Dialer> Context<D> {
 
     /// Count a refused dial by its answer code. Policy denials are counted
     /// by the dialer, which knows their reason (the manager asks the router).
-    pub(crate) fn count_refusal(&self, listener: Listener, code: &str) {
+    pub(crate) fn count_refusal(&self, listener: ListenerKind, code: &str) {
         self.metrics.proxy_request(listener.as_str(), code);
     }
 }
@@ -448,13 +453,13 @@ impl FrontDoor {
         };
         let tcp = match config.tcp {
             Some(addr) => {
-                let (listener, local) = bind_tcp(Listener::Tcp, addr).await?;
+                let (listener, local) = bind_tcp(ListenerKind::Tcp, addr).await?;
                 Some((listener, local, acceptor))
             }
             None => None,
         };
         let socks5 = match config.socks5 {
-            Some(addr) => Some(bind_tcp(Listener::Socks5, addr).await?),
+            Some(addr) => Some(bind_tcp(ListenerKind::Socks5, addr).await?),
             None => None,
         };
         let uds = match &config.uds {
@@ -507,7 +512,7 @@ impl FrontDoor {
             if let Some(listener) = self.uds {
                 run_listener(
                     listener,
-                    Listener::Uds,
+                    ListenerKind::Uds,
                     Protocol::Http,
                     &ctx,
                     &limits,
@@ -522,13 +527,21 @@ impl FrontDoor {
                     Some(acceptor) => Protocol::Https(acceptor),
                     None => Protocol::Http,
                 };
-                run_listener(listener, Listener::Tcp, protocol, &ctx, &limits, drain).await;
+                run_listener(listener, ListenerKind::Tcp, protocol, &ctx, &limits, drain).await;
             }
         };
         let socks5 = async {
             if let Some((listener, _)) = self.socks5 {
                 let protocol = Protocol::Socks5;
-                run_listener(listener, Listener::Socks5, protocol, &ctx, &limits, drain).await;
+                run_listener(
+                    listener,
+                    ListenerKind::Socks5,
+                    protocol,
+                    &ctx,
+                    &limits,
+                    drain,
+                )
+                .await;
             }
         };
         tokio::join!(uds, tcp, socks5);
@@ -537,7 +550,7 @@ impl FrontDoor {
 }
 
 async fn bind_tcp(
-    listener: Listener,
+    listener: ListenerKind,
     addr: SocketAddr,
 ) -> Result<(TcpListener, SocketAddr), FrontDoorError> {
     let bind_error = |error| FrontDoorError::Bind {
@@ -578,7 +591,7 @@ impl Limits {
 /// Accept on one listener until shutdown, then drain its connections.
 async fn run_listener<L: Accept, D: Dialer>(
     listener: L,
-    kind: Listener,
+    kind: ListenerKind,
     protocol: Protocol,
     ctx: &Arc<Context<D>>,
     limits: &Limits,
@@ -641,7 +654,7 @@ async fn run_listener<L: Accept, D: Dialer>(
     }
 }
 
-fn log_join(kind: Listener, joined: Result<(), tokio::task::JoinError>) {
+fn log_join(kind: ListenerKind, joined: Result<(), tokio::task::JoinError>) {
     if let Err(error) = joined {
         if error.is_panic() {
             tracing::error!(listener = kind.as_str(), error = %error, "connection task panicked");
@@ -653,7 +666,7 @@ fn log_join(kind: Listener, joined: Result<(), tokio::task::JoinError>) {
 async fn handle<I, D>(
     io: I,
     client: String,
-    listener: Listener,
+    listener: ListenerKind,
     protocol: Protocol,
     ctx: Arc<Context<D>>,
     admission: Admission,

@@ -42,7 +42,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-use super::Listener;
+use super::ListenerKind;
 use crate::dial::{Destination, TunnelIo};
 use crate::splice::splice_until;
 
@@ -263,7 +263,7 @@ impl<T: TunnelIo> TunnelIo for TunnelSide<T> {
 /// The log fields of one tunnel.
 #[derive(Clone, Copy)]
 pub(crate) struct TunnelLog<'a> {
-    pub(crate) listener: Listener,
+    pub(crate) listener: ListenerKind,
     pub(crate) client: &'a str,
     pub(crate) dest: &'a Destination,
 }

@@ -25,7 +25,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::relay::{relay, ClientIo, TunnelLog};
-use super::{error_node, Context, Listener};
+use super::{error_node, Context, ListenerKind};
 use crate::dial::{Destination, Dialer, Host};
 
 /// The protocol version byte.
@@ -337,7 +337,7 @@ where
     I: ClientIo,
     D: Dialer,
 {
-    let listener = Listener::Socks5;
+    let listener = ListenerKind::Socks5;
     let label = listener.as_str();
     let negotiated = tokio::time::timeout(ctx.header_read_timeout, negotiate(&mut io)).await;
     let (dest, early) = match negotiated {

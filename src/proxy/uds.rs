@@ -7,7 +7,7 @@ use std::path::Path;
 
 use tokio::net::UnixStream;
 
-use super::{Accept, FrontDoorError, Listener};
+use super::{Accept, FrontDoorError, ListenerKind};
 use crate::socket_file::{SocketFile, SocketFileError};
 
 /// The proxy's Unix socket (see [`crate::socket_file`]).
@@ -24,7 +24,7 @@ impl UdsListener {
                 reason,
             },
             SocketFileError::Io(error) => FrontDoorError::Bind {
-                listener: Listener::Uds.as_str(),
+                listener: ListenerKind::Uds.as_str(),
                 address: path.display().to_string(),
                 error,
             },
