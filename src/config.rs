@@ -8,7 +8,6 @@
 //! Relative paths in the file are resolved against the file's directory, so a
 //! config works the same whatever the working directory of the process.
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,29 +21,8 @@ use crate::keys::{self, Identity};
 use crate::proxy::ProxyConfig;
 use crate::router::RoutingConfig;
 
-/// What to do with a host key that known_hosts does not vouch for.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "kebab-case")]
-pub enum HostKeyPolicy {
-    /// Refuse unknown and changed keys (the default).
-    #[default]
-    Strict,
-    /// Record an unknown key in known_hosts (trust on first use); refuse a
-    /// changed one.
-    AcceptNew,
-    /// Accept any key. Only for throwaway test clusters: warns at start-up.
-    Insecure,
-}
-
-impl fmt::Display for HostKeyPolicy {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            HostKeyPolicy::Strict => "strict",
-            HostKeyPolicy::AcceptNew => "accept-new",
-            HostKeyPolicy::Insecure => "insecure",
-        })
-    }
-}
+/// `ssh.host_key_policy`, owned by known_hosts (with the decision it feeds).
+pub use crate::known_hosts::HostKeyPolicy;
 
 /// The `[ssh]` table: how sessions to nodes are made and kept.
 #[derive(Clone, Debug, Deserialize, PartialEq)]

@@ -1,5 +1,6 @@
 //! Step 5: the presented host key against known_hosts and the host key
-//! policy, with the fingerprints and lines to compare when it fails.
+//! policy, decided as a session decides ([`decide`]), with the
+//! fingerprints and lines to compare when it fails.
 
 use std::fmt::Write as _;
 
@@ -7,9 +8,8 @@ use russh::keys::{PublicKey, PublicKeyOrCertificate};
 
 use super::steps::{Checker, Failure};
 use super::Target;
-use crate::config::HostKeyPolicy;
 use crate::keys::fingerprint;
-use crate::known_hosts::{lookup_name, HostKeyStatus};
+use crate::known_hosts::{decide, lookup_name, HostKeyDecision, HostKeyStatus};
 
 impl Checker {
     /// Step 5: judge the presented host key against known_hosts and the
@@ -46,26 +46,26 @@ impl Checker {
             let blob = parts.next().unwrap_or_default();
             format!("{name} {kind} {blob}")
         });
-        let status = self.known_hosts.check(&target.host, target.port, &key);
-        if self.policy == HostKeyPolicy::Insecure && !status.is_trusted() {
-            return Ok((
+        // The session's own decision (known_hosts::decide), so that this
+        // step passes exactly when a session would accept the key.
+        let policy = self.policy;
+        match decide(&self.known_hosts, &target.host, target.port, &key, policy) {
+            HostKeyDecision::Insecure(status) => Ok((
                 (),
                 format!(
                     "{presented}: {status}; accepted only because \
                      ssh.host_key_policy = \"insecure\""
                 ),
-            ));
-        }
-        match status {
-            HostKeyStatus::Trusted => Ok(((), format!("{presented}, trusted by {path}"))),
-            HostKeyStatus::Unknown if self.policy == HostKeyPolicy::AcceptNew => Ok((
+            )),
+            HostKeyDecision::Trusted => Ok(((), format!("{presented}, trusted by {path}"))),
+            HostKeyDecision::Learn(_) => Ok((
                 (),
                 format!(
                     "{presented} is not in {path}; serve records it at the first connection \
                      (host_key_policy = \"accept-new\")"
                 ),
             )),
-            HostKeyStatus::Unknown => {
+            HostKeyDecision::Refuse(HostKeyStatus::Unknown | HostKeyStatus::Trusted) => {
                 let mut hint = format!(
                     "check the fingerprint on the node's console \
                      (ssh-keygen -lf /etc/ssh/ssh_host_{}_key.pub), then add it to {path}",
@@ -74,12 +74,16 @@ impl Checker {
                 if let Some(line) = &new_line {
                     let _ = write!(hint, ":\n  {line}");
                 }
+                // Strict, or a certificate under accept-new (which records
+                // plain keys only): the policy named is the one in force.
                 Err(Failure::new(
-                    format!("{presented} is not in {path} ({name}; host_key_policy = \"strict\")"),
+                    format!(
+                        "{presented} is not in {path} ({name}; host_key_policy = \"{policy}\")"
+                    ),
                     hint,
                 ))
             }
-            HostKeyStatus::Changed { expected } => {
+            HostKeyDecision::Refuse(HostKeyStatus::Changed { expected }) => {
                 let mut hint = String::new();
                 for k in &expected {
                     let place = if k.line == 0 {
@@ -111,7 +115,7 @@ impl Checker {
                     hint,
                 ))
             }
-            HostKeyStatus::Revoked { line } => Err(Failure::new(
+            HostKeyDecision::Refuse(HostKeyStatus::Revoked { line }) => Err(Failure::new(
                 format!("{presented} is revoked by {path}:{line}"),
                 "the key was revoked on purpose (@revoked); the node needs a new host key",
             )),

@@ -219,8 +219,8 @@ impl Checker {
 /// A failed step: what went wrong and what to do about it.
 #[derive(Debug)]
 pub(super) struct Failure {
-    detail: String,
-    hint: Option<String>,
+    pub(super) detail: String,
+    pub(super) hint: Option<String>,
 }
 
 impl Failure {

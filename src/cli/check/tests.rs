@@ -153,3 +153,123 @@ fn the_all_summary_lists_failures_first() {
         "{text}"
     );
 }
+
+/// Step 5 as a session decides it ([`crate::known_hosts::decide`]).
+mod host_key_step {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use russh::keys::key::safe_rng;
+    use russh::keys::ssh_key::certificate::{Builder, CertType};
+    use russh::keys::ssh_key::Algorithm;
+    use russh::keys::{PrivateKey, PublicKey, PublicKeyOrCertificate};
+
+    use super::super::kubelet_tls;
+    use super::super::{Checker, Target};
+    use crate::config::HostKeyPolicy;
+    use crate::keys::Identity;
+    use crate::known_hosts::KnownHosts;
+
+    fn new_key() -> PrivateKey {
+        PrivateKey::random(&mut safe_rng(), Algorithm::Ed25519).expect("generate ed25519 key")
+    }
+
+    fn key_text(key: &PublicKey) -> String {
+        key.to_openssh().expect("encode key")
+    }
+
+    /// A checker whose known_hosts is `known_hosts` (text), under `policy`.
+    fn checker(known_hosts: &str, policy: HostKeyPolicy) -> Checker {
+        let identity = Identity {
+            path: "id_ed25519".into(),
+            key: Arc::new(new_key()),
+        };
+        Checker {
+            identity: Arc::new(identity),
+            known_hosts: KnownHosts::parse(known_hosts, "known_hosts"),
+            policy,
+            russh: Arc::new(russh::client::Config::default()),
+            connect_timeout: Duration::from_secs(1),
+            handshake_timeout: Duration::from_secs(1),
+            auth_timeout: Duration::from_secs(1),
+            channel_timeout: Duration::from_secs(1),
+            kubelet_host: "127.0.0.1".into(),
+            kubelet_port: 10250,
+            tls: kubelet_tls::connector(None).expect("TLS client"),
+            kubelet_ca: None,
+        }
+    }
+
+    fn target(host: &str) -> Target {
+        Target {
+            label: host.into(),
+            host: host.into(),
+            port: 22,
+            user: "core".into(),
+        }
+    }
+
+    #[test]
+    fn an_unknown_plain_key_passes_under_accept_new() {
+        let key = new_key().public_key().clone();
+        let checker = checker("", HostKeyPolicy::AcceptNew);
+        let presented = PublicKeyOrCertificate::PublicKey {
+            key,
+            hash_alg: None,
+        };
+        let (_, detail) = checker
+            .judge_host_key(&target("node-1"), Some(presented))
+            .expect("accept-new passes an unknown plain key");
+        assert!(
+            detail.ends_with(
+                "is not in known_hosts; serve records it at the first connection \
+                 (host_key_policy = \"accept-new\")"
+            ),
+            "{detail}"
+        );
+    }
+
+    /// A session under accept-new refuses an unknown certificate (it
+    /// records plain keys only); the step used to pass it.
+    #[test]
+    fn an_unknown_certificate_fails_under_accept_new_as_in_a_session() {
+        let ca = new_key();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock after 1970")
+            .as_secs();
+        let mut builder = Builder::new_with_random_nonce(
+            &mut safe_rng(),
+            new_key().public_key().key_data().clone(),
+            now - 7200,
+            now - 3600,
+        )
+        .expect("builder");
+        builder.cert_type(CertType::Host).expect("cert type");
+        builder.key_id("test").expect("key id");
+        builder
+            .valid_principal("node-1.example.com")
+            .expect("principal");
+        let expired = builder.sign(&ca).expect("sign certificate");
+        let checker = checker(
+            &format!(
+                "@cert-authority *.example.com {}\n",
+                key_text(ca.public_key())
+            ),
+            HostKeyPolicy::AcceptNew,
+        );
+        let Err(failure) = checker.judge_host_key(
+            &target("node-1.example.com"),
+            Some(PublicKeyOrCertificate::from(expired)),
+        ) else {
+            panic!("an unknown certificate passed under accept-new");
+        };
+        assert!(
+            failure.detail.ends_with(
+                "is not in known_hosts (node-1.example.com; host_key_policy = \"accept-new\")"
+            ),
+            "{}",
+            failure.detail
+        );
+    }
+}
