@@ -22,7 +22,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 use crate::keys::{fingerprint, Identity};
-use crate::known_hosts::{HostKeyStatus, KnownHosts, KnownHostsError};
+use crate::known_hosts::{decide, HostKeyDecision, HostKeyStatus, KnownHosts, KnownHostsError};
 use crate::ssh_config::HostKeyPolicy;
 
 /// Everything a session needs that is shared by all nodes.
@@ -166,8 +166,9 @@ pub struct ClientHandler {
 impl ClientHandler {
     fn verify(&self, key: &PublicKeyOrCertificate) -> Result<Verdict, String> {
         let t = &self.target;
-        let status = match self.settings.known_hosts.read() {
-            Ok(kh) => kh.check(&t.host, t.port, key),
+        let policy = self.settings.host_key_policy;
+        let decision = match self.settings.known_hosts.read() {
+            Ok(kh) => decide(&kh, &t.host, t.port, key, policy),
             Err(_) => return Err("known_hosts lock poisoned".into()),
         };
         let presented = match key {
@@ -179,21 +180,21 @@ impl ClientHandler {
                 )
             }
         };
-        let policy = self.settings.host_key_policy;
-        match status {
-            HostKeyStatus::Trusted => Ok(Verdict::Trusted),
-            _ if policy == HostKeyPolicy::Insecure => {
+        match decision {
+            HostKeyDecision::Trusted => Ok(Verdict::Trusted),
+            HostKeyDecision::Insecure(_) => {
                 tracing::warn!(node = %t.node, key = %presented, "host key not verified (host_key_policy = insecure)");
                 Ok(Verdict::Trusted)
             }
-            HostKeyStatus::Revoked { line } => Err(format!(
+            HostKeyDecision::Learn(key) => Ok(Verdict::Learn(key)),
+            HostKeyDecision::Refuse(HostKeyStatus::Revoked { line }) => Err(format!(
                 "host key of node {} ({}:{}) {presented} is revoked in {} line {line}",
                 t.node,
                 t.host,
                 t.port,
                 self.settings.known_hosts_path.display()
             )),
-            HostKeyStatus::Changed { expected } => {
+            HostKeyDecision::Refuse(HostKeyStatus::Changed { expected }) => {
                 let known = expected
                     .iter()
                     .map(|k| format!("{} ({}:{}: {})", k.fingerprint, k.path.display(), k.line, k.raw_line))
@@ -204,18 +205,13 @@ impl ClientHandler {
                     t.node, t.host, t.port
                 ))
             }
-            HostKeyStatus::Unknown => match (policy, key) {
-                (HostKeyPolicy::AcceptNew, PublicKeyOrCertificate::PublicKey { key, .. }) => {
-                    Ok(Verdict::Learn(key.clone()))
-                }
-                _ => Err(format!(
-                    "host key of node {} ({}:{}) {presented} is not in {} (host_key_policy = {policy}); add it, e.g. with ssh-keyscan, after checking the fingerprint",
-                    t.node,
-                    t.host,
-                    t.port,
-                    self.settings.known_hosts_path.display()
-                )),
-            },
+            HostKeyDecision::Refuse(HostKeyStatus::Unknown | HostKeyStatus::Trusted) => Err(format!(
+                "host key of node {} ({}:{}) {presented} is not in {} (host_key_policy = {policy}); add it, e.g. with ssh-keyscan, after checking the fingerprint",
+                t.node,
+                t.host,
+                t.port,
+                self.settings.known_hosts_path.display()
+            )),
         }
     }
 }

@@ -18,8 +18,10 @@
 //!   host certificates, and a certificate that does not validate falls back
 //!   to its plain public key, as OpenSSH does.
 //!
-//! It also owns writing to the file for the accept-new policy
-//! ([`append_host_key`], [`KnownHosts::learn`]).
+//! It also owns the host key policy and the decision made from a verdict
+//! ([`HostKeyPolicy`], [`decide`]: used by the session and by `check`), and
+//! writing to the file for the accept-new policy ([`append_host_key`],
+//! [`KnownHosts::learn`]).
 //!
 //! The parts: `parse` reads lines into entries, `matching`
 //! matches a lookup name against an entry's host field (patterns,
@@ -40,12 +42,14 @@ use russh::keys::{HashAlg, PublicKey, PublicKeyOrCertificate};
 
 mod append;
 mod certificates;
+mod decision;
 mod matching;
 mod parse;
 #[cfg(test)]
 mod tests;
 
 pub use append::append_host_key;
+pub use decision::{decide, HostKeyDecision, HostKeyPolicy};
 pub use matching::lookup_name;
 
 use matching::Marker;
