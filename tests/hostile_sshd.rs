@@ -45,6 +45,10 @@ const HEALTHY_BYTES: usize = 8 * 1024 * 1024;
 
 /// SSH message numbers (RFC 4250).
 mod msg {
+    pub const IGNORE: u8 = 2;
+    pub const DEBUG: u8 = 4;
+    pub const GLOBAL_REQUEST: u8 = 80;
+    pub const CHANNEL_OPEN: u8 = 90;
     pub const CHANNEL_WINDOW_ADJUST: u8 = 93;
     pub const CHANNEL_DATA: u8 = 94;
     pub const CHANNEL_EXTENDED_DATA: u8 = 95;
@@ -564,4 +568,150 @@ async fn extended_data_resets_that_stream_and_data_on_a_closed_channel_is_droppe
     let hostile = fx.finish().await;
     assert_eq!(hostile.stream_resets, 1, "{hostile:?}");
     assert_eq!(hostile.handshakes, 1, "{hostile:?}");
+}
+
+/// What a flooding node sends, as fast as the session takes it.
+#[derive(Clone, Copy, Debug)]
+enum Flood {
+    /// SSH_MSG_IGNORE and SSH_MSG_DEBUG, alternating.
+    IgnoreAndDebug,
+    /// Global requests nobody understands, each wanting a reply.
+    GlobalRequests,
+    /// Channel opens towards nodetunnel, each refused.
+    ChannelOpens,
+    /// Key exchanges, one after the other, with no data between them.
+    Rekeys,
+}
+
+/// Messages in a flood: far more than a second's budget, few enough that
+/// a session that never stops it survives it in a few seconds.
+const FLOOD: u32 = 20_000;
+
+/// Key exchanges in a rekey flood (each one a round trip and a signature).
+const REKEY_FLOOD: u32 = 400;
+
+impl Flood {
+    /// Message `i` of the flood.
+    fn packet(self, i: u32) -> Vec<u8> {
+        match self {
+            Flood::IgnoreAndDebug if i % 2 == 0 => {
+                [&[msg::IGNORE][..], &string(&[0u8; 64])].concat()
+            }
+            Flood::IgnoreAndDebug => [
+                &[msg::DEBUG, 1][..],
+                &string(b"debug flood"),
+                &string(b"en"),
+            ]
+            .concat(),
+            Flood::GlobalRequests => [
+                &[msg::GLOBAL_REQUEST][..],
+                &string(b"evil@example.com"),
+                &[1],
+            ]
+            .concat(),
+            Flood::ChannelOpens => [
+                &[msg::CHANNEL_OPEN][..],
+                &string(b"session"),
+                &i.to_be_bytes(),
+                &(64 * 1024u32).to_be_bytes(),
+                &(32 * 1024u32).to_be_bytes(),
+            ]
+            .concat(),
+            Flood::Rekeys => unreachable!("a key exchange is not one packet"),
+        }
+    }
+
+    /// Flood the session of `c` until it ends (or the flood is over).
+    async fn run(self, c: &HostileChannel) {
+        match self {
+            Flood::Rekeys => {
+                for _ in 0..REKEY_FLOOD {
+                    if c.handle.rekey_now().await.is_err() {
+                        return;
+                    }
+                }
+            }
+            _ => {
+                for i in 0..FLOOD {
+                    if c.handle
+                        .send_raw_packet(None, self.packet(i))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A node that floods its session once a stream asks it to is
+/// disconnected, its tunnel backs off, and the healthy node's download is
+/// untouched.
+async fn a_flood_disconnects_the_flooding_node_only(flood: Flood) {
+    let fx = Fixture::start(script(move |mut c: HostileChannel| async move {
+        c.wait_for_client().await;
+        flood.run(&c).await;
+        c.echo().await;
+    }))
+    .await;
+
+    let mut stream = fx
+        .manager
+        .dial_node("hostile", "127.0.0.1", 9)
+        .await
+        .expect("hostile stream");
+    stream.write_all(b"go").await.unwrap();
+    // The stream goes with its session.
+    let error = read_until_error(&mut stream).await;
+    assert_eq!(
+        error.kind(),
+        std::io::ErrorKind::ConnectionAborted,
+        "{error}"
+    );
+    assert!(error.to_string().contains("was lost"), "{error}");
+    drop(stream);
+    let tunnel = fx.manager.tunnel("hostile").unwrap();
+    let status = support::poll::until(
+        "the flooding session is lost",
+        DEADLINE,
+        || String::new(),
+        || {
+            let status = tunnel.status();
+            let flooded = status
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("peer flood"));
+            std::future::ready(flooded.then_some(status))
+        },
+    )
+    .await;
+    // The existing backoff applies: a delay was drawn before reconnecting.
+    assert!(status.retry_in.is_some(), "{status:?}");
+    fx.assert_bounded(1);
+
+    let hostile = fx.finish().await;
+    assert!(hostile.handshakes >= 1, "{hostile:?}");
+    eprintln!("{flood:?}: {:?}", hostile.last_error);
+}
+
+#[tokio::test]
+async fn an_ignore_and_debug_flood_disconnects_that_node_only() {
+    a_flood_disconnects_the_flooding_node_only(Flood::IgnoreAndDebug).await;
+}
+
+#[tokio::test]
+async fn a_global_request_flood_disconnects_that_node_only() {
+    a_flood_disconnects_the_flooding_node_only(Flood::GlobalRequests).await;
+}
+
+#[tokio::test]
+async fn a_channel_open_flood_disconnects_that_node_only() {
+    a_flood_disconnects_the_flooding_node_only(Flood::ChannelOpens).await;
+}
+
+#[tokio::test]
+async fn a_key_exchange_flood_disconnects_that_node_only() {
+    a_flood_disconnects_the_flooding_node_only(Flood::Rekeys).await;
 }
