@@ -240,6 +240,12 @@ struct Fixture {
 
 impl Fixture {
     async fn start(script: Script) -> Fixture {
+        Fixture::start_with(script, "").await
+    }
+
+    /// [`Fixture::start`] with `extra` lines in `[ssh]` (a key of
+    /// [`SSH_TOML`] is replaced).
+    async fn start_with(script: Script, extra: &str) -> Fixture {
         let (dir, client) = key_dir();
         let healthy = SshNode::start(&client).await;
         let hostile = HostileNode::start(&client, script).await;
@@ -247,7 +253,17 @@ impl Fixture {
             dir.path(),
             &[healthy.known_hosts_line(), hostile.known_hosts_line()],
         );
-        let mut text = format!("{SSH_TOML}window_size = {WINDOW}\n");
+        let base: String = SSH_TOML
+            .lines()
+            .filter(|line| {
+                let key = line.split('=').next().unwrap_or("").trim();
+                !extra
+                    .lines()
+                    .any(|e| e.split('=').next().unwrap_or("").trim() == key)
+            })
+            .map(|line| format!("{line}\n"))
+            .collect();
+        let mut text = format!("{base}window_size = {WINDOW}\n{extra}");
         for (name, port) in [
             ("healthy", healthy.addr().port()),
             ("hostile", hostile.port),
@@ -714,4 +730,117 @@ async fn a_channel_open_flood_disconnects_that_node_only() {
 #[tokio::test]
 async fn a_key_exchange_flood_disconnects_that_node_only() {
     a_flood_disconnects_the_flooding_node_only(Flood::Rekeys).await;
+}
+/// Drips in [`a_node_that_never_sends_or_drips_holds_only_its_own_streams`].
+const DRIPS: usize = 5;
+
+#[tokio::test]
+async fn a_node_that_never_sends_or_drips_holds_only_its_own_streams() {
+    // Two streams whose channels the node confirms: on one it never sends,
+    // on the other it sends a byte a minute. Nothing in nodetunnel times a
+    // stream out (a `kubectl logs -f` may be quiet for hours): the client
+    // decides. What must hold: the bytes arrive as they come, the session
+    // and the other node are untouched, and closing the streams frees
+    // everything.
+    //
+    // The clock is paused and jumps whenever everything waits; keepalives
+    // are an hour apart here, so that no jump lands on a keepalive whose
+    // answer is still on its way through a real socket (the keepalive
+    // itself is not what this case is about: see tests/reliability_*.rs).
+    let keepalives = "keepalive_interval = \"1h\"\n";
+    let fx = Fixture::start_with(
+        script(|mut c: HostileChannel| async move {
+            let word = c.wait_for_client().await;
+            let id = c.channel.id();
+            if word == b"drip" {
+                // The sleep below is armed before the client can read this.
+                let _ = c.handle.data(id, bytes::Bytes::from_static(b"ok")).await;
+                for _ in 0..DRIPS {
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                    if c.handle
+                        .data(id, bytes::Bytes::from_static(b"."))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+            // Then silence until the client closes.
+            while let Some(m) = c.channel.wait().await {
+                if matches!(m, ChannelMsg::Eof | ChannelMsg::Close) {
+                    break;
+                }
+            }
+            let _ = c.handle.close(id).await;
+        }),
+        keepalives,
+    )
+    .await;
+
+    let mut silent = fx
+        .manager
+        .dial_node("hostile", "127.0.0.1", 9)
+        .await
+        .expect("silent stream");
+    silent.write_all(b"silent").await.unwrap();
+    let mut drip = fx
+        .manager
+        .dial_node("hostile", "127.0.0.1", 9)
+        .await
+        .expect("drip stream");
+    drip.write_all(b"drip").await.unwrap();
+    let mut ok = [0u8; 2];
+    tokio::time::timeout(DEADLINE, drip.read_exact(&mut ok))
+        .await
+        .expect("the node answers in time")
+        .expect("the node answers");
+    assert_eq!(&ok, b"ok");
+
+    // From here the clock moves only when everything waits.
+    tokio::time::pause();
+    let started = tokio::time::Instant::now();
+    let tunnel = fx.manager.tunnel("hostile").unwrap();
+    let mut dripped = 0;
+    while dripped < DRIPS {
+        let mut bytes = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(120), drip.read(&mut bytes))
+            .await
+            .expect("a byte within two minutes")
+            .unwrap_or_else(|e| panic!("drip stream: {e}; {:?}", tunnel.status()));
+        assert!(n > 0, "the drip stream ended");
+        assert!(bytes[..n].iter().all(|b| *b == b'.'), "{:?}", &bytes[..n]);
+        dripped += n;
+        fx.assert_bounded(3);
+    }
+    assert_eq!(dripped, DRIPS);
+    assert!(started.elapsed() >= Duration::from_secs(60 * (DRIPS as u64 - 1)));
+    // Ten quiet minutes on the silent stream: nothing ends it.
+    let mut byte = [0u8; 1];
+    assert!(
+        tokio::time::timeout(Duration::from_secs(600), silent.read(&mut byte))
+            .await
+            .is_err(),
+        "the silent stream stays open and empty"
+    );
+    let status = tunnel.status();
+    assert_eq!(status.streams, 2, "{status:?}");
+    assert_eq!(status.handshakes, 1, "the session was kept: {status:?}");
+    assert_eq!(status.stream_resets, 0, "{status:?}");
+    tokio::time::resume();
+
+    // The client decides: closing both frees them.
+    drop(silent);
+    drop(drip);
+    support::poll::until(
+        "both streams forgotten",
+        DEADLINE,
+        || format!("{:?}", tunnel.status()),
+        || std::future::ready((tunnel.status().streams == 0).then_some(())),
+    )
+    .await;
+
+    let hostile = fx.finish().await;
+    assert_eq!(hostile.handshakes, 1, "{hostile:?}");
+    assert_eq!(hostile.stream_resets, 0, "{hostile:?}");
 }
