@@ -233,7 +233,8 @@ impl server::Handler for HostileHandler {
 struct Fixture {
     _dir: tempfile::TempDir,
     _healthy: SshNode,
-    _hostile: HostileNode,
+    /// The hostile node's server ([`HostileNode`] or [`RawNode`]).
+    _hostile: Box<dyn Send>,
     manager: Arc<TunnelManager>,
     download: JoinHandle<(usize, [u8; 32])>,
 }
@@ -247,12 +248,41 @@ impl Fixture {
     /// [`SSH_TOML`] is replaced).
     async fn start_with(script: Script, extra: &str) -> Fixture {
         let (dir, client) = key_dir();
-        let healthy = SshNode::start(&client).await;
         let hostile = HostileNode::start(&client, script).await;
-        write_known_hosts(
-            dir.path(),
-            &[healthy.known_hosts_line(), hostile.known_hosts_line()],
+        let (port, line) = (hostile.port, hostile.known_hosts_line());
+        Fixture::start_beside(dir, &client, Box::new(hostile), port, line, extra, true).await
+    }
+
+    /// Both nodes, with a hostile one that is not an SSH server at all.
+    async fn start_raw(behaviour: RawBehaviour, extra: &str) -> Fixture {
+        let (dir, client) = key_dir();
+        let raw = RawNode::start(behaviour).await;
+        let line = format!(
+            "[127.0.0.1]:{} {}",
+            raw.port,
+            PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519)
+                .expect("key")
+                .public_key()
+                .to_openssh()
+                .expect("encode")
         );
+        let port = raw.port;
+        Fixture::start_beside(dir, &client, Box::new(raw), port, line, extra, false).await
+    }
+
+    /// The healthy node and the manager beside `hostile`, listening on
+    /// `port`; waits for the hostile node to be Ready if `ready`.
+    async fn start_beside(
+        dir: tempfile::TempDir,
+        client: &PublicKey,
+        hostile: Box<dyn Send>,
+        port: u16,
+        known_hosts_line: String,
+        extra: &str,
+        ready: bool,
+    ) -> Fixture {
+        let healthy = SshNode::start(client).await;
+        write_known_hosts(dir.path(), &[healthy.known_hosts_line(), known_hosts_line]);
         let base: String = SSH_TOML
             .lines()
             .filter(|line| {
@@ -264,10 +294,7 @@ impl Fixture {
             .map(|line| format!("{line}\n"))
             .collect();
         let mut text = format!("{base}window_size = {WINDOW}\n{extra}");
-        for (name, port) in [
-            ("healthy", healthy.addr().port()),
-            ("hostile", hostile.port),
-        ] {
+        for (name, port) in [("healthy", healthy.addr().port()), ("hostile", port)] {
             text.push_str(&format!(
                 "[[nodes]]\nname = \"{name}\"\naddresses = [\"127.0.0.1\"]\nssh_port = {port}\n"
             ));
@@ -279,7 +306,9 @@ impl Fixture {
             TunnelManager::new(&config, config.routing.clone(), Arc::new(Metrics::new())).unwrap();
         manager.apply(config.nodes.clone());
         wait_ready(&manager, "healthy").await;
-        wait_ready(&manager, "hostile").await;
+        if ready {
+            wait_ready(&manager, "hostile").await;
+        }
 
         let source = source_server(Some(HEALTHY_BYTES)).await;
         let mut stream = manager
@@ -843,4 +872,218 @@ async fn a_node_that_never_sends_or_drips_holds_only_its_own_streams() {
     let hostile = fx.finish().await;
     assert_eq!(hostile.handshakes, 1, "{hostile:?}");
     assert_eq!(hostile.stream_resets, 0, "{hostile:?}");
+}
+
+#[tokio::test]
+async fn data_packets_past_the_advertised_maximum_are_taken_within_the_window_and_oversized_packets_end_the_session(
+) {
+    // nodetunnel advertises a maximum packet of 32,768 bytes. A node that
+    // sends larger CHANNEL_DATA packets (RFC 4254 5.2 says it should not)
+    // is still held to the window: what it sends within the window is
+    // delivered (the window, not the packet size, bounds the memory); past
+    // it the stream is reset (`window_exceeded`, tested above). A packet
+    // larger than the transport reads at all (256 KiB and a little) ends
+    // the session before anything is allocated for it.
+    let fx = Fixture::start(script(|mut c: HostileChannel| async move {
+        let word = c.wait_for_client().await;
+        if word == b"big" {
+            // One packet of the whole window: twice the advertised maximum.
+            let data: Vec<u8> = (0..WINDOW).map(|i| (i % 251) as u8).collect();
+            c.raw_data(c.peer, &data).await;
+            // The largest packet the transport takes: an ignore message.
+            let padding = vec![0u8; 256 * 1024 - 16];
+            c.raw([&[msg::IGNORE][..], &string(&padding)].concat())
+                .await;
+            c.echo().await;
+        } else {
+            // Then one larger than that.
+            let padding = vec![0u8; 300 * 1024];
+            c.raw([&[msg::IGNORE][..], &string(&padding)].concat())
+                .await;
+            c.echo().await;
+        }
+    }))
+    .await;
+
+    let mut stream = fx
+        .manager
+        .dial_node("hostile", "127.0.0.1", 9)
+        .await
+        .expect("hostile stream");
+    stream.write_all(b"big").await.unwrap();
+    let mut back = vec![0u8; WINDOW];
+    tokio::time::timeout(DEADLINE, stream.read_exact(&mut back))
+        .await
+        .expect("the big packet in time")
+        .expect("the big packet delivered");
+    assert!(back.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8));
+    fx.assert_bounded(2);
+    // The session took the 256 KiB packet too: the stream still echoes.
+    ping(&mut stream, b"still here").await;
+    let status = fx.manager.tunnel("hostile").unwrap().status();
+    assert_eq!(status.stream_resets, 0, "{status:?}");
+
+    let mut second = fx
+        .manager
+        .dial_node("hostile", "127.0.0.1", 9)
+        .await
+        .expect("second stream");
+    second.write_all(b"huge").await.unwrap();
+    let error = read_until_error(&mut second).await;
+    assert!(error.to_string().contains("was lost"), "{error}");
+    drop(second);
+    drop(stream);
+    let tunnel = fx.manager.tunnel("hostile").unwrap();
+    let status = support::poll::until(
+        "the session with the oversized packet is lost",
+        DEADLINE,
+        || format!("{:?}", tunnel.status()),
+        || {
+            let status = tunnel.status();
+            let lost = status
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("session error"));
+            std::future::ready(lost.then_some(status))
+        },
+    )
+    .await;
+    assert!(status.retry_in.is_some(), "it backs off: {status:?}");
+    eprintln!("oversized packet: {:?}", status.last_error);
+    fx.finish().await;
+}
+
+/// What a hostile endpoint that is not an SSH server sends.
+#[derive(Clone, Copy, Debug)]
+enum RawBehaviour {
+    /// Bytes without a line end, as fast as the client takes them.
+    EndlessBanner,
+    /// Lines that are not an SSH version, as fast as the client takes them.
+    EndlessLinesBeforeTheBanner,
+    /// A version line, then a KEXINIT packet announced at 200,000 bytes of
+    /// which a byte a second follows.
+    KexinitThatNeverEnds,
+}
+
+/// A TCP server that runs a [`RawBehaviour`] on every connection. What it
+/// costs the client is bounded by the vendored russh: a version line of at
+/// most 255 bytes in a fixed buffer, at most 20 lines before it, a
+/// packet of at most 256 KiB and a little (`Bad packet size` past that),
+/// and the handshake timeout for whatever is slow.
+struct RawNode {
+    port: u16,
+    accept: JoinHandle<()>,
+}
+
+impl RawNode {
+    async fn start(behaviour: RawBehaviour) -> RawNode {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let accept = tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    match behaviour {
+                        RawBehaviour::EndlessBanner => {
+                            let junk = vec![b'x'; 4096];
+                            while socket.write_all(&junk).await.is_ok() {}
+                        }
+                        RawBehaviour::EndlessLinesBeforeTheBanner => {
+                            let junk = b"not a version line\r\n".repeat(200);
+                            while socket.write_all(&junk).await.is_ok() {}
+                        }
+                        RawBehaviour::KexinitThatNeverEnds => {
+                            let mut head = b"SSH-2.0-OpenSSH_9.6\r\n".to_vec();
+                            head.extend_from_slice(&200_000u32.to_be_bytes());
+                            head.extend_from_slice(&[4, 20]);
+                            head.extend_from_slice(&[0u8; 16]);
+                            if socket.write_all(&head).await.is_err() {
+                                return;
+                            }
+                            loop {
+                                tokio::time::sleep(Duration::from_secs(1)).await;
+                                if socket.write_all(&[0]).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        RawNode { port, accept }
+    }
+}
+
+impl Drop for RawNode {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// The hostile endpoint never completes a handshake: each attempt fails
+/// with `reason`, the tunnel backs off between attempts, the healthy node
+/// is untouched.
+async fn a_handshake_that_never_completes_fails_and_backs_off(
+    behaviour: RawBehaviour,
+    reason: &str,
+) -> nodetunnel::tunnel::TunnelStatus {
+    // The clock is paused once both nodes run; keepalives an hour apart
+    // (see the drip case), the handshake timeout as configured (5 s).
+    let fx = Fixture::start_raw(behaviour, "keepalive_interval = \"1h\"\n").await;
+    tokio::time::pause();
+    let tunnel = fx.manager.tunnel("hostile").unwrap();
+    let status = support::poll::until(
+        "two failed handshakes",
+        DEADLINE,
+        || format!("{:?}", tunnel.status()),
+        || {
+            let status = tunnel.status();
+            let failed = status.failures.get(reason).copied().unwrap_or(0) >= 2;
+            std::future::ready(failed.then_some(status))
+        },
+    )
+    .await;
+    assert_eq!(status.handshakes, 0, "{status:?}");
+    assert!(status.retry_in.is_some(), "it backs off: {status:?}");
+    assert_eq!(fx.manager.buffered_bytes(), 0);
+    tokio::time::resume();
+    let hostile = fx.finish().await;
+    eprintln!("{behaviour:?}: {:?}", hostile.last_error);
+    hostile
+}
+
+#[tokio::test]
+async fn a_banner_that_never_ends_fails_the_handshake_and_backs_off() {
+    let status = a_handshake_that_never_completes_fails_and_backs_off(
+        RawBehaviour::EndlessBanner,
+        "protocol",
+    )
+    .await;
+    assert!(status.failures.get("timeout").is_none(), "{status:?}");
+}
+
+#[tokio::test]
+async fn endless_lines_before_the_banner_fail_the_handshake_and_back_off() {
+    let status = a_handshake_that_never_completes_fails_and_backs_off(
+        RawBehaviour::EndlessLinesBeforeTheBanner,
+        "protocol",
+    )
+    .await;
+    assert!(status.failures.get("timeout").is_none(), "{status:?}");
+}
+
+#[tokio::test]
+async fn a_kexinit_that_never_ends_is_cut_by_the_handshake_timeout_and_backs_off() {
+    let status = a_handshake_that_never_completes_fails_and_backs_off(
+        RawBehaviour::KexinitThatNeverEnds,
+        "timeout",
+    )
+    .await;
+    assert!(
+        status
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("ssh handshake timed out")),
+        "{status:?}"
+    );
 }
