@@ -721,7 +721,7 @@ async fn a_flood_disconnects_the_flooding_node_only(flood: Flood) {
     let status = support::poll::until(
         "the flooding session is lost",
         DEADLINE,
-        || String::new(),
+        String::new,
         || {
             let status = tunnel.status();
             let flooded = status
@@ -1059,7 +1059,7 @@ async fn a_banner_that_never_ends_fails_the_handshake_and_backs_off() {
         "protocol",
     )
     .await;
-    assert!(status.failures.get("timeout").is_none(), "{status:?}");
+    assert!(!status.failures.contains_key("timeout"), "{status:?}");
 }
 
 #[tokio::test]
@@ -1069,7 +1069,7 @@ async fn endless_lines_before_the_banner_fail_the_handshake_and_back_off() {
         "protocol",
     )
     .await;
-    assert!(status.failures.get("timeout").is_none(), "{status:?}");
+    assert!(!status.failures.contains_key("timeout"), "{status:?}");
 }
 
 #[tokio::test]
