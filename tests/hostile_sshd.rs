@@ -741,6 +741,108 @@ async fn a_flood_disconnects_the_flooding_node_only(flood: Flood) {
     eprintln!("{flood:?}: {:?}", hostile.last_error);
 }
 
+/// A burst of ignore/debug messages, global requests and channel opens
+/// (a few of each kind per second is what an honest sshd might send), and
+/// `rekeys` key exchanges.
+async fn burst(c: &HostileChannel, rekeys: usize) {
+    let kinds = [
+        Flood::IgnoreAndDebug,
+        Flood::GlobalRequests,
+        Flood::ChannelOpens,
+    ];
+    for i in 0..200u32 {
+        let packet = kinds[i as usize % kinds.len()].packet(i);
+        if c.handle.send_raw_packet(None, packet).await.is_err() {
+            return;
+        }
+    }
+    for _ in 0..rekeys {
+        if c.handle.rekey_now().await.is_err() {
+            return;
+        }
+    }
+}
+
+#[tokio::test]
+async fn bursts_under_the_flood_limits_keep_the_session() {
+    // Under the limits nothing is cut: the stream that asked for the burst
+    // is answered after it, and a new stream to the node works. (Key
+    // exchanges after the burst: see the ignored case below.)
+    let fx = Fixture::start(script(|mut c: HostileChannel| async move {
+        let word = c.wait_for_client().await;
+        if word == b"burst" {
+            burst(&c, 0).await;
+        }
+        let _ = c
+            .handle
+            .data(c.channel.id(), bytes::Bytes::from(word))
+            .await;
+        c.echo().await;
+    }))
+    .await;
+
+    let mut stream = fx
+        .manager
+        .dial_node("hostile", "127.0.0.1", 9)
+        .await
+        .expect("hostile stream");
+    ping(&mut stream, b"burst").await;
+    let mut again = fx
+        .manager
+        .dial_node("hostile", "127.0.0.1", 9)
+        .await
+        .expect("a stream after the burst");
+    ping(&mut again, b"after").await;
+    drop(again);
+    drop(stream);
+    let hostile = fx.finish().await;
+    assert_eq!(hostile.handshakes, 1, "{hostile:?}");
+    assert_eq!(hostile.last_error, None, "{hostile:?}");
+}
+
+/// Open (found by these cases, not localised): after [`burst`], the node's
+/// data on the channel that asked for it stalls when the node then starts
+/// a key exchange (`rekeys` = 1), or when the client sends on that channel
+/// again (`rekeys` = 0: the second ping). Keepalives are still answered,
+/// a new stream on the same session works, `peer_limits` is not involved
+/// (the same with `None`), one key exchange without the burst works, and
+/// real sshd re-keys under load fine (tests/sshd_tunnel.rs): the
+/// hostile-peer server hooks are the first suspect, the client's dispatch
+/// the second.
+async fn after_a_burst_the_same_stream_still_echoes(rekeys: usize) {
+    let fx = Fixture::start(script(move |mut c: HostileChannel| async move {
+        let word = c.wait_for_client().await;
+        burst(&c, rekeys).await;
+        let _ = c
+            .handle
+            .data(c.channel.id(), bytes::Bytes::from(word))
+            .await;
+        c.echo().await;
+    }))
+    .await;
+    let mut stream = fx
+        .manager
+        .dial_node("hostile", "127.0.0.1", 9)
+        .await
+        .expect("hostile stream");
+    ping(&mut stream, b"go").await;
+    ping(&mut stream, b"after the burst").await;
+    drop(stream);
+    fx.finish().await;
+}
+
+#[tokio::test]
+#[ignore = "open: the same channel stalls after a burst (see after_a_burst_the_same_stream_still_echoes)"]
+async fn after_a_burst_the_same_stream_still_echoes_both_ways() {
+    after_a_burst_the_same_stream_still_echoes(0).await;
+}
+
+#[tokio::test]
+#[ignore = "open: data stalls after a burst and a key exchange (see after_a_burst_the_same_stream_still_echoes)"]
+async fn after_a_burst_and_a_key_exchange_the_stream_still_echoes() {
+    after_a_burst_the_same_stream_still_echoes(1).await;
+}
+
 #[tokio::test]
 async fn an_ignore_and_debug_flood_disconnects_that_node_only() {
     a_flood_disconnects_the_flooding_node_only(Flood::IgnoreAndDebug).await;
