@@ -657,7 +657,10 @@ impl Flood {
             Flood::ChannelOpens => [
                 &[msg::CHANNEL_OPEN][..],
                 &string(b"session"),
-                &i.to_be_bytes(),
+                // The node's own numbers for these channels, clear of the
+                // real ones (the refusals name them, and the test server
+                // forgets a channel refused under its number).
+                &(1_000_000 + i).to_be_bytes(),
                 &(64 * 1024u32).to_be_bytes(),
                 &(32 * 1024u32).to_be_bytes(),
             ]
@@ -765,13 +768,13 @@ async fn burst(c: &HostileChannel, rekeys: usize) {
 
 #[tokio::test]
 async fn bursts_under_the_flood_limits_keep_the_session() {
-    // Under the limits nothing is cut: the stream that asked for the burst
-    // is answered after it, and a new stream to the node works. (Key
-    // exchanges after the burst: see the ignored case below.)
+    // Under the limits nothing is cut: after the burst and four key
+    // exchanges in a row, the stream that asked for them is answered and
+    // still echoes, and a new stream to the node works.
     let fx = Fixture::start(script(|mut c: HostileChannel| async move {
         let word = c.wait_for_client().await;
         if word == b"burst" {
-            burst(&c, 0).await;
+            burst(&c, 4).await;
         }
         let _ = c
             .handle
@@ -787,6 +790,7 @@ async fn bursts_under_the_flood_limits_keep_the_session() {
         .await
         .expect("hostile stream");
     ping(&mut stream, b"burst").await;
+    ping(&mut stream, b"after the burst").await;
     let mut again = fx
         .manager
         .dial_node("hostile", "127.0.0.1", 9)
@@ -798,49 +802,6 @@ async fn bursts_under_the_flood_limits_keep_the_session() {
     let hostile = fx.finish().await;
     assert_eq!(hostile.handshakes, 1, "{hostile:?}");
     assert_eq!(hostile.last_error, None, "{hostile:?}");
-}
-
-/// Open (found by these cases, not localised): after [`burst`], the node's
-/// data on the channel that asked for it stalls when the node then starts
-/// a key exchange (`rekeys` = 1), or when the client sends on that channel
-/// again (`rekeys` = 0: the second ping). Keepalives are still answered,
-/// a new stream on the same session works, `peer_limits` is not involved
-/// (the same with `None`), one key exchange without the burst works, and
-/// real sshd re-keys under load fine (tests/sshd_tunnel.rs): the
-/// hostile-peer server hooks are the first suspect, the client's dispatch
-/// the second.
-async fn after_a_burst_the_same_stream_still_echoes(rekeys: usize) {
-    let fx = Fixture::start(script(move |mut c: HostileChannel| async move {
-        let word = c.wait_for_client().await;
-        burst(&c, rekeys).await;
-        let _ = c
-            .handle
-            .data(c.channel.id(), bytes::Bytes::from(word))
-            .await;
-        c.echo().await;
-    }))
-    .await;
-    let mut stream = fx
-        .manager
-        .dial_node("hostile", "127.0.0.1", 9)
-        .await
-        .expect("hostile stream");
-    ping(&mut stream, b"go").await;
-    ping(&mut stream, b"after the burst").await;
-    drop(stream);
-    fx.finish().await;
-}
-
-#[tokio::test]
-#[ignore = "open: the same channel stalls after a burst (see after_a_burst_the_same_stream_still_echoes)"]
-async fn after_a_burst_the_same_stream_still_echoes_both_ways() {
-    after_a_burst_the_same_stream_still_echoes(0).await;
-}
-
-#[tokio::test]
-#[ignore = "open: data stalls after a burst and a key exchange (see after_a_burst_the_same_stream_still_echoes)"]
-async fn after_a_burst_and_a_key_exchange_the_stream_still_echoes() {
-    after_a_burst_the_same_stream_still_echoes(1).await;
 }
 
 #[tokio::test]
