@@ -434,8 +434,29 @@ pub fn russh_config(
         adjust_window_on_consume: true,
         keepalive_interval: None,
         inactivity_timeout: None,
+        peer_limits: Some(peer_limits()),
         preferred,
         ..client::Config::default()
+    }
+}
+
+/// What a node may ask of its session unasked, per second (vendored russh
+/// patch 0017): a node that floods it with ignore/debug messages, global
+/// requests or channel opens, or with key exchanges, is disconnected
+/// (`peer flood: ...`) and its tunnel backs off like after any lost
+/// session. A well-behaved sshd sends a handful of those messages per
+/// session (host key announcements, `ClientAliveInterval` keepalives).
+/// Key exchanges with little data between them (under 16 KiB) are held to
+/// 8 a second; the others to 256 a second, far above what a small
+/// `RekeyLimit` produces under load (`RekeyLimit 256K`: about 125 in
+/// 32 MB, at most 24 in a second, some after only 33 KB as nodetunnel
+/// counts them, in `tests/sshd_tunnel.rs`).
+pub fn peer_limits() -> russh::PeerLimits {
+    russh::PeerLimits {
+        unsolicited_per_second: 256,
+        rekeys_per_second: 256,
+        cheap_rekeys_per_second: 8,
+        rekey_min_bytes: 16 * 1024,
     }
 }
 
@@ -623,6 +644,7 @@ pub fn config_for_host(
         adjust_window_on_consume: base.adjust_window_on_consume,
         keepalive_interval: base.keepalive_interval,
         inactivity_timeout: base.inactivity_timeout,
+        peer_limits: base.peer_limits.clone(),
         preferred: base.preferred.clone(),
         ..client::Config::default()
     };
@@ -795,6 +817,7 @@ mod tests {
         assert_eq!(config.preferred.key.len(), base.preferred.key.len());
         assert_eq!(config.window_size, base.window_size);
         assert!(config.adjust_window_on_consume);
+        assert!(config.peer_limits.is_some(), "flood limits kept");
         assert!(config.preferred.host_key_certificates.is_empty());
     }
 }

@@ -194,6 +194,18 @@ pub enum Error {
     #[error("Pending buffer limit reached")]
     Pending,
 
+    /// (nodetunnel patch) The peer asked for more unsolicited work than
+    /// [`PeerLimits`] allows.
+    #[error("peer flood: {count} {what} within one second (limit {limit})")]
+    PeerFlood {
+        /// What the peer sent too many of.
+        what: &'static str,
+        /// How many it sent within one second.
+        count: u32,
+        /// How many were allowed.
+        limit: u32,
+    },
+
     #[error("Failed to decrypt a packet")]
     DecryptionError,
 
@@ -294,6 +306,112 @@ impl Default for Limits {
             rekey_read_limit: 1 << 30,  // 1 Gb
             rekey_time_limit: std::time::Duration::from_secs(3600),
         }
+    }
+}
+
+/// (nodetunnel patch) How much unsolicited work a peer may ask of a client
+/// session per second. A peer that asks for more is disconnected with
+/// [`Error::PeerFlood`]. Counted in fixed one-second windows.
+#[derive(Debug, Clone)]
+pub struct PeerLimits {
+    /// Messages the peer sends unasked that carry no channel data
+    /// (`SSH_MSG_IGNORE`, `DEBUG`, `UNIMPLEMENTED`, `GLOBAL_REQUEST`,
+    /// `CHANNEL_OPEN`): at most this many per second.
+    pub unsolicited_per_second: u32,
+    /// Key exchanges the peer starts, whatever came before them: at most
+    /// this many per second.
+    pub rekeys_per_second: u32,
+    /// Key exchanges the peer starts after fewer than `rekey_min_bytes`
+    /// sent and received since the previous one: at most this many per
+    /// second. The others are bounded per byte, as the data is (a peer
+    /// with a small `RekeyLimit` re-keys often under load, legitimately),
+    /// and by `rekeys_per_second`.
+    pub cheap_rekeys_per_second: u32,
+    /// See `cheap_rekeys_per_second`.
+    pub rekey_min_bytes: u64,
+}
+
+impl Default for PeerLimits {
+    fn default() -> Self {
+        PeerLimits {
+            unsolicited_per_second: 256,
+            rekeys_per_second: 256,
+            cheap_rekeys_per_second: 8,
+            rekey_min_bytes: 16 * 1024,
+        }
+    }
+}
+
+/// (nodetunnel patch) The counts of [`PeerLimits`] in the current window.
+#[derive(Debug)]
+pub(crate) struct PeerBudget {
+    window_start: russh_util::time::Instant,
+    unsolicited: u32,
+    rekeys: u32,
+    cheap_rekeys: u32,
+}
+
+impl Default for PeerBudget {
+    fn default() -> Self {
+        PeerBudget {
+            window_start: russh_util::time::Instant::now(),
+            unsolicited: 0,
+            rekeys: 0,
+            cheap_rekeys: 0,
+        }
+    }
+}
+
+impl PeerBudget {
+    fn roll(&mut self) {
+        let now = russh_util::time::Instant::now();
+        if now.duration_since(self.window_start) >= std::time::Duration::from_secs(1) {
+            *self = PeerBudget {
+                window_start: now,
+                unsolicited: 0,
+                rekeys: 0,
+                cheap_rekeys: 0,
+            };
+        }
+    }
+
+    /// Count one unsolicited message.
+    pub(crate) fn unsolicited(&mut self, limits: &PeerLimits) -> Result<(), Error> {
+        self.roll();
+        self.unsolicited = self.unsolicited.saturating_add(1);
+        if self.unsolicited > limits.unsolicited_per_second {
+            return Err(Error::PeerFlood {
+                what: "unsolicited messages (ignore, debug, global requests, channel opens)",
+                count: self.unsolicited,
+                limit: limits.unsolicited_per_second,
+            });
+        }
+        Ok(())
+    }
+
+    /// Count one key exchange the peer started, `bytes` after the previous.
+    pub(crate) fn rekey(&mut self, limits: &PeerLimits, bytes: u64) -> Result<(), Error> {
+        self.roll();
+        self.rekeys = self.rekeys.saturating_add(1);
+        if self.rekeys > limits.rekeys_per_second {
+            return Err(Error::PeerFlood {
+                what: "key exchanges",
+                count: self.rekeys,
+                limit: limits.rekeys_per_second,
+            });
+        }
+        if bytes >= limits.rekey_min_bytes {
+            return Ok(());
+        }
+        self.cheap_rekeys = self.cheap_rekeys.saturating_add(1);
+        if self.cheap_rekeys > limits.cheap_rekeys_per_second {
+            return Err(Error::PeerFlood {
+                what: "key exchanges with little data between them",
+                count: self.cheap_rekeys,
+                limit: limits.cheap_rekeys_per_second,
+            });
+        }
+        Ok(())
     }
 }
 

@@ -112,6 +112,9 @@ pub struct Session {
     /// (nodetunnel patch) Packets read, shared with the handle
     /// ([`Handle::received_packets`]); written by the session task only.
     received_packets: Arc<std::sync::atomic::AtomicU64>,
+    /// (nodetunnel patch) What the peer asked of us unsolicited in the
+    /// current second ([`Config::peer_limits`]).
+    peer_budget: crate::PeerBudget,
 }
 
 impl Drop for Session {
@@ -1442,6 +1445,7 @@ impl Session {
             server_sig_algs: None,
             ext_info_count: 0,
             received_packets: Arc::default(),
+            peer_budget: crate::PeerBudget::default(),
         }
     }
 
@@ -1591,6 +1595,8 @@ impl Session {
                         } else {
                             self.common.received_data = true;
                             let kex_was_active = self.kex.active();
+                            // (nodetunnel patch) Bounded unsolicited work.
+                            self.police_peer(&pkt, buffer.bytes as u64)?;
                             reply(self, handler, kex_done_signal, &mut pkt).await?;
                             buffer.seqn = pkt.seqn; // TODO reply changes seqn internall, find cleaner way
 
@@ -2100,6 +2106,32 @@ impl Session {
         kex.kexinit(&mut self.common.packet_writer)?;
         self.kex = SessionKexState::InProgress(kex);
         Ok(())
+    }
+
+    /// (nodetunnel patch) Count `pkt` against [`Config::peer_limits`], if
+    /// it is unsolicited work: an error ends the session. `read_bytes`:
+    /// bytes read since the last key exchange.
+    fn police_peer(&mut self, pkt: &IncomingSshPacket, read_bytes: u64) -> Result<(), crate::Error> {
+        let Some(limits) = self.common.config.peer_limits.as_ref() else {
+            return Ok(());
+        };
+        let Some(&kind) = pkt.buffer.first() else {
+            return Ok(());
+        };
+        if self.common.encrypted.is_none() {
+            // The first key exchange is bounded by the handshake timeout.
+            return Ok(());
+        }
+        match kind {
+            msg::IGNORE | msg::DEBUG | msg::UNIMPLEMENTED | msg::GLOBAL_REQUEST
+            | msg::CHANNEL_OPEN => self.peer_budget.unsolicited(limits),
+            msg::KEXINIT if self.kex == SessionKexState::Idle => {
+                let written = self.common.packet_writer.bytes_written() as u64;
+                self.peer_budget
+                    .rekey(limits, read_bytes.saturating_add(written))
+            }
+            _ => Ok(()),
+        }
     }
 
     fn automatic_rekey_allowed(&self) -> bool {
@@ -2970,6 +3002,12 @@ pub struct Config {
     /// stops its sender after one window, without stalling other channels.
     /// Off by default (upstream behaviour).
     pub adjust_window_on_consume: bool,
+    /// (nodetunnel patch) How much unsolicited work (ignore and debug
+    /// messages, global requests, channel opens, key exchanges) the server
+    /// may ask of the session per second; more ends the session with
+    /// [`crate::Error::PeerFlood`]. `None` (the default): unbounded, as
+    /// upstream.
+    pub peer_limits: Option<crate::PeerLimits>,
 }
 
 impl Default for Config {
@@ -2993,6 +3031,7 @@ impl Default for Config {
             gex: Default::default(),
             nodelay: false,
             adjust_window_on_consume: false,
+            peer_limits: None,
         }
     }
 }
