@@ -33,7 +33,6 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::relay::{relay, ClientIo, TunnelLog};
 use super::{error_node, Context, HostError, ListenerKind};
 use crate::dial::{Destination, Dialer, Host};
-use crate::metrics::Metrics;
 
 /// Largest request head accepted (hyper's read buffer); beyond it hyper
 /// answers 431.
@@ -185,7 +184,7 @@ pub(crate) async fn serve<I, D>(
         }
     };
     if let Err(error) = served {
-        log_connection_error(&ctx.metrics, listener, client, &error);
+        log_connection_error(ctx, listener, client, &error);
     }
     let established = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
     let Some(Established {
@@ -233,19 +232,21 @@ pub(crate) async fn serve<I, D>(
     }
 }
 
-fn log_connection_error(
-    metrics: &Metrics,
+fn log_connection_error<D: Dialer>(
+    ctx: &Context<D>,
     listener: ListenerKind,
     client: &str,
     error: &hyper::Error,
 ) {
     if error.is_parse_too_large() {
-        metrics.proxy_request(listener.as_str(), "431");
-        tracing::info!(
-            listener = listener.as_str(),
-            client,
-            "request head too large: 431"
-        );
+        ctx.metrics.proxy_request(listener.as_str(), "431");
+        ctx.log_refusal("431", || {
+            tracing::info!(
+                listener = listener.as_str(),
+                client,
+                "request head too large: 431"
+            );
+        });
     } else if error.is_timeout() {
         tracing::debug!(
             listener = listener.as_str(),
@@ -388,7 +389,7 @@ async fn serve_overflow<I, D>(
         }
     });
     if let Err(error) = builder.serve_connection(TokioIo::new(io), service).await {
-        log_connection_error(&ctx.metrics, listener, client, &error);
+        log_connection_error(ctx, listener, client, &error);
     }
 }
 

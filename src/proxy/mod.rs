@@ -606,11 +606,13 @@ async fn run_listener<L: Accept, D: Dialer>(
             accepted = listener.next_conn() => match accepted {
                 Ok((io, client)) => {
                     let Some(admission) = limits.admit() else {
-                        tracing::warn!(
-                            listener = kind.as_str(),
-                            client = %client,
-                            "connection limit and overflow allowance exhausted: closing at once"
-                        );
+                        ctx.log_refusal("overflow_exhausted", || {
+                            tracing::warn!(
+                                listener = kind.as_str(),
+                                client = %client,
+                                "connection limit and overflow allowance exhausted: closing at once"
+                            );
+                        });
                         continue;
                     };
                     let task = handle(io, client, kind, protocol.clone(), ctx.clone(), admission);

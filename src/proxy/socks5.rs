@@ -355,11 +355,13 @@ where
             return;
         }
         Ok(Err(NegotiationError::Overflow)) => {
-            tracing::warn!(
-                listener = label,
-                client,
-                "SOCKS5 negotiation buffer overflow"
-            );
+            ctx.log_refusal("socks5_overflow", || {
+                tracing::warn!(
+                    listener = label,
+                    client,
+                    "SOCKS5 negotiation buffer overflow"
+                );
+            });
             return;
         }
         Ok(Err(NegotiationError::Io(error))) => {
