@@ -66,12 +66,48 @@ pub struct TunnelContext {
     pub backoff_reset_after: Duration,
 }
 
+/// One session slot of the tunnel: where its supervisor is in the state
+/// machine, and the live session while it has one. Only a Ready slot holds a
+/// session, so a Ready slot without one (or a session kept by a slot that
+/// is no longer Ready) cannot be written down.
+enum Slot {
+    /// Waiting for a handshake permit or handshaking.
+    Connecting,
+    /// Handshake done: streams may be opened on this session.
+    Ready(Arc<LiveSession>),
+    /// The handshake failed or the session was lost; waiting out the delay
+    /// (the node-wide `retry_in` and `last_error` say which and how long).
+    Backoff,
+    /// The supervisor has ended.
+    Stopped,
+}
+
+/// A slot's phase without its data: what the node state is derived from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum SlotPhase {
+enum Phase {
     Connecting,
     Ready,
     Backoff,
     Stopped,
+}
+
+impl Slot {
+    fn phase(&self) -> Phase {
+        match self {
+            Slot::Connecting => Phase::Connecting,
+            Slot::Ready(_) => Phase::Ready,
+            Slot::Backoff => Phase::Backoff,
+            Slot::Stopped => Phase::Stopped,
+        }
+    }
+
+    /// The session of a Ready slot.
+    fn session(&self) -> Option<&Arc<LiveSession>> {
+        match self {
+            Slot::Ready(live) => Some(live),
+            _ => None,
+        }
+    }
 }
 
 struct LiveSession {
@@ -88,8 +124,8 @@ struct Status {
     failures: BTreeMap<&'static str, u64>,
     consecutive_failures: u32,
     retry_in: Option<Duration>,
-    phases: Vec<SlotPhase>,
-    sessions: Vec<Option<Arc<LiveSession>>>,
+    /// One per session (`sessions_per_node`).
+    slots: Vec<Slot>,
 }
 
 /// One node's tunnel. Created and owned by the
@@ -147,8 +183,9 @@ impl Tunnel {
                 failures: BTreeMap::new(),
                 consecutive_failures: 0,
                 retry_in: None,
-                phases: vec![SlotPhase::Connecting; sessions],
-                sessions: vec![None; sessions],
+                slots: std::iter::repeat_with(|| Slot::Connecting)
+                    .take(sessions)
+                    .collect(),
             }),
             counters: Arc::new(StreamCounters::default()),
             draining: AtomicBool::new(false),
@@ -240,7 +277,10 @@ impl Tunnel {
             s.rtt,
             s.handshakes,
             s.failures.clone(),
-            s.phases.iter().filter(|p| **p == SlotPhase::Ready).count(),
+            s.slots
+                .iter()
+                .filter(|slot| slot.session().is_some())
+                .count(),
         );
         let (consecutive_failures, retry_in) = (s.consecutive_failures, s.retry_in);
         drop(s);
@@ -390,9 +430,9 @@ impl Tunnel {
     fn least_loaded_session(&self) -> Option<Arc<LiveSession>> {
         let status = self.status.lock().ok()?;
         status
-            .sessions
+            .slots
             .iter()
-            .flatten()
+            .filter_map(Slot::session)
             .filter(|s| !s.session.handle.is_closed())
             .min_by_key(|s| s.streams.load(Ordering::Acquire))
             .cloned()
@@ -443,7 +483,7 @@ impl Tunnel {
             let all_stopped = self
                 .status
                 .lock()
-                .map(|s| s.phases.iter().all(|p| *p == SlotPhase::Stopped))
+                .map(|s| s.slots.iter().all(|slot| matches!(slot, Slot::Stopped)))
                 .unwrap_or(true);
             if all_stopped {
                 break;
@@ -457,7 +497,7 @@ impl Tunnel {
         let ctx = self.ctx.clone();
         let mut backoff = Backoff::new(ctx.backoff_base, ctx.backoff_max);
         loop {
-            self.set_phase(slot, SlotPhase::Connecting);
+            self.set_slot(slot, Slot::Connecting);
             let permit = tokio::select! {
                 p = ctx.handshakes.clone().acquire_owned() => p,
                 _ = self.stop.wait() => break,
@@ -467,10 +507,12 @@ impl Tunnel {
                 _ = self.stop.wait() => break,
             };
             drop(permit);
-            let failure = match attempt {
+            // Reached only after a failure: every other outcome breaks or
+            // continues. `Some` carries the reason a Ready session was lost.
+            let lost: Option<String> = match attempt {
                 Err(e) => {
                     self.record_failure(&e);
-                    Some(e.to_string())
+                    None
                 }
                 Ok(session) => {
                     ctx.metrics.handshake("ok");
@@ -481,23 +523,27 @@ impl Tunnel {
                     self.update(|s| {
                         s.handshakes += 1;
                         s.consecutive_failures = 0;
-                        s.sessions[slot] = Some(live.clone());
-                        s.phases[slot] = SlotPhase::Ready;
+                        if let Some(entry) = s.slots.get_mut(slot) {
+                            *entry = Slot::Ready(live.clone());
+                        }
                     });
                     tracing::info!(node = %self.name, session = slot, endpoint = %format!("{}:{}", self.target.host, self.target.port), "tunnel ready");
                     let ready_at = Instant::now();
                     let end = self.watch(&live).await;
-                    self.update(|s| s.sessions[slot] = None);
                     if ready_at.elapsed() >= ctx.backoff_reset_after {
                         backoff.reset();
                     }
                     match end {
                         SessionEnd::Stopped => {
+                            // The slot stays Ready until the session is closed
+                            // (the tunnel is Draining, so no stream is opened
+                            // on it): `close` waits for every slot to stop.
                             close_session(&live).await;
                             break;
                         }
                         SessionEnd::Reconnect => {
                             tracing::info!(node = %self.name, session = slot, "reconnecting on request");
+                            self.set_slot(slot, Slot::Connecting);
                             close_session(&live).await;
                             backoff.reset();
                             continue;
@@ -507,33 +553,33 @@ impl Tunnel {
                             // session ends now, even if the peer is a blackhole.
                             live.session.cut.sever();
                             tracing::warn!(node = %self.name, session = slot, error = %reason, "session lost");
-                            self.update(|s| {
-                                s.last_error = Some(reason.clone());
-                                s.rtt = None;
-                            });
                             Some(reason)
                         }
                     }
                 }
             };
-            if failure.is_some() {
-                let delay = backoff.next_delay();
-                self.update(|s| {
-                    s.consecutive_failures = s.consecutive_failures.saturating_add(1);
-                    s.retry_in = Some(delay);
-                    if let Some(p) = s.phases.get_mut(slot) {
-                        *p = SlotPhase::Backoff;
-                    }
-                });
-                tracing::debug!(node = %self.name, session = slot, delay = ?delay, "backing off");
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = self.reconnect.notified() => backoff.reset(),
-                    _ = self.stop.wait() => break,
+            let delay = backoff.next_delay();
+            // One change: the slot leaves Ready (dropping its session) as
+            // the reason and the delay are recorded.
+            self.update(|s| {
+                if let Some(reason) = lost {
+                    s.last_error = Some(reason);
+                    s.rtt = None;
                 }
+                s.consecutive_failures = s.consecutive_failures.saturating_add(1);
+                s.retry_in = Some(delay);
+                if let Some(entry) = s.slots.get_mut(slot) {
+                    *entry = Slot::Backoff;
+                }
+            });
+            tracing::debug!(node = %self.name, session = slot, delay = ?delay, "backing off");
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = self.reconnect.notified() => backoff.reset(),
+                _ = self.stop.wait() => break,
             }
         }
-        self.set_phase(slot, SlotPhase::Stopped);
+        self.set_slot(slot, Slot::Stopped);
         self.stopped.notify_waiters();
     }
 
@@ -575,22 +621,22 @@ impl Tunnel {
         });
     }
 
-    fn set_phase(&self, slot: usize, phase: SlotPhase) {
+    fn set_slot(&self, slot: usize, next: Slot) {
         self.update(|s| {
-            if let Some(p) = s.phases.get_mut(slot) {
-                *p = phase;
+            if let Some(entry) = s.slots.get_mut(slot) {
+                *entry = next;
             }
         });
     }
 
-    /// Apply `change` and recompute the node state from the slot phases.
+    /// Apply `change` and recompute the node state from the slots' phases.
     fn update(&self, change: impl FnOnce(&mut Status)) {
         let Ok(mut s) = self.status.lock() else {
             return;
         };
         change(&mut s);
         let next = derive_state(
-            &s.phases,
+            s.slots.iter().map(Slot::phase),
             self.draining.load(Ordering::Acquire),
             self.stop.is_triggered(),
         );
@@ -648,14 +694,19 @@ impl keepalive::Probe for SessionProbe {
 /// The node's state from its sessions' phases: Closed once stopped and
 /// every session ended, Draining while removed or shutting down, otherwise
 /// Ready if any session is, Connecting if any is connecting, else Backoff.
-fn derive_state(phases: &[SlotPhase], draining: bool, stopped: bool) -> TunnelState {
-    if stopped && phases.iter().all(|p| *p == SlotPhase::Stopped) {
+fn derive_state(
+    phases: impl Iterator<Item = Phase> + Clone,
+    draining: bool,
+    stopped: bool,
+) -> TunnelState {
+    let any = |phase| phases.clone().any(|p| p == phase);
+    if stopped && phases.clone().all(|p| p == Phase::Stopped) {
         TunnelState::Closed
     } else if draining {
         TunnelState::Draining
-    } else if phases.contains(&SlotPhase::Ready) {
+    } else if any(Phase::Ready) {
         TunnelState::Ready
-    } else if phases.contains(&SlotPhase::Connecting) {
+    } else if any(Phase::Connecting) {
         TunnelState::Connecting
     } else {
         TunnelState::Backoff
@@ -689,43 +740,38 @@ fn describe_open_failure(reason: &russh::ChannelOpenFailure) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use SlotPhase::*;
+    use Phase::*;
+
+    fn state(phases: &[Phase], draining: bool, stopped: bool) -> TunnelState {
+        derive_state(phases.iter().copied(), draining, stopped)
+    }
 
     #[test]
     fn node_state_follows_its_sessions() {
-        assert_eq!(
-            derive_state(&[Connecting], false, false),
-            TunnelState::Connecting
-        );
-        assert_eq!(derive_state(&[Ready], false, false), TunnelState::Ready);
-        assert_eq!(derive_state(&[Backoff], false, false), TunnelState::Backoff);
+        assert_eq!(state(&[Connecting], false, false), TunnelState::Connecting);
+        assert_eq!(state(&[Ready], false, false), TunnelState::Ready);
+        assert_eq!(state(&[Backoff], false, false), TunnelState::Backoff);
         // One Ready session of several makes the node Ready.
         assert_eq!(
-            derive_state(&[Backoff, Ready, Connecting], false, false),
+            state(&[Backoff, Ready, Connecting], false, false),
             TunnelState::Ready
         );
         assert_eq!(
-            derive_state(&[Backoff, Connecting], false, false),
+            state(&[Backoff, Connecting], false, false),
             TunnelState::Connecting
         );
         assert_eq!(
-            derive_state(&[Backoff, Backoff], false, false),
+            state(&[Backoff, Backoff], false, false),
             TunnelState::Backoff
         );
     }
 
     #[test]
     fn draining_wins_until_every_session_stopped() {
-        assert_eq!(derive_state(&[Ready], true, false), TunnelState::Draining);
-        assert_eq!(
-            derive_state(&[Ready, Stopped], true, true),
-            TunnelState::Draining
-        );
-        assert_eq!(
-            derive_state(&[Stopped, Stopped], true, true),
-            TunnelState::Closed
-        );
+        assert_eq!(state(&[Ready], true, false), TunnelState::Draining);
+        assert_eq!(state(&[Ready, Stopped], true, true), TunnelState::Draining);
+        assert_eq!(state(&[Stopped, Stopped], true, true), TunnelState::Closed);
         // Stopped slots without a stop request (not yet started) are not Closed.
-        assert_eq!(derive_state(&[Stopped], false, false), TunnelState::Backoff);
+        assert_eq!(state(&[Stopped], false, false), TunnelState::Backoff);
     }
 }
