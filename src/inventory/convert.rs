@@ -20,6 +20,7 @@
 //! The result passes [`validate_node`], so a node from Kubernetes is held to
 //! the same rules as a `[[nodes]]` entry.
 
+use crate::field_error::FieldError;
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Node;
 
@@ -199,7 +200,7 @@ pub fn node_config(
         ssh_user,
         not_ready,
     };
-    validate_node(&config).map_err(|(field, reason)| {
+    validate_node(&config).map_err(|FieldError { key: field, reason }| {
         let field = match field.as_str() {
             "addresses" => format!("status.addresses (types {})", address_types.join(", ")),
             _ => field,
