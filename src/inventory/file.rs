@@ -278,9 +278,9 @@ fn parse_json(text: &str, path: &Path, address_types: &[String]) -> Result<Parse
                 }
                 parsed.nodes.push(config);
             }
-            Err(reason) => parsed.skipped.push(Skipped {
+            Err(error) => parsed.skipped.push(Skipped {
                 name: node.metadata.name.clone().unwrap_or_default(),
-                reason,
+                reason: error.to_string(),
             }),
         }
     }
