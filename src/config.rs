@@ -14,6 +14,7 @@
 //! Relative paths in the file are resolved against the file's directory, so a
 //! config works the same whatever the working directory of the process.
 
+use crate::field_error::FieldError;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -251,21 +252,24 @@ impl Config {
         if let Some(proxy) = &self.proxy {
             proxy
                 .validate()
-                .map_err(|(key, reason)| ConfigError::new(&self.path, key, reason))?;
+                .map_err(|FieldError { key, reason }| ConfigError::new(&self.path, key, reason))?;
         }
         for check in [
             self.inventory.validate(),
             self.admin.validate(),
             self.readiness.validate(),
         ] {
-            check.map_err(|(key, reason)| ConfigError::new(&self.path, key, reason))?;
+            check
+                .map_err(|FieldError { key, reason }| ConfigError::new(&self.path, key, reason))?;
         }
-        self.routing.validate().map_err(|(key, reason)| {
-            ConfigError::new(&self.path, format!("routing.{key}"), reason)
-        })?;
+        self.routing
+            .validate()
+            .map_err(|FieldError { key, reason }| {
+                ConfigError::new(&self.path, format!("routing.{key}"), reason)
+            })?;
         let mut seen = std::collections::HashMap::new();
         for (i, node) in self.nodes.iter().enumerate() {
-            validate_node(node).map_err(|(key, reason)| {
+            validate_node(node).map_err(|FieldError { key, reason }| {
                 ConfigError::new(&self.path, format!("nodes[{i}].{key}"), reason)
             })?;
             if let Some(first) = seen.insert(node.name.as_str(), i) {

@@ -52,6 +52,7 @@ pub mod config;
 pub mod destination;
 pub mod dev;
 pub mod dial;
+pub mod field_error;
 pub mod inventory;
 pub mod keepalive;
 pub mod keys;

@@ -41,6 +41,43 @@ pub enum ManagerError {
     KnownHosts(String),
 }
 
+/// Why [`TunnelManager::wait_ready`] returned without the node Ready.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum WaitReadyError {
+    /// The manager has no tunnel for this node name.
+    #[error("no node named {node:?}")]
+    UnknownNode {
+        /// The name asked for.
+        node: String,
+    },
+    /// The node's handshake failed and it went to backoff: the tunnel's
+    /// last error as its status shows it ("connection failed" if none was
+    /// recorded).
+    #[error("{last_error}")]
+    Failed {
+        /// The tunnel status's `last_error` text.
+        last_error: String,
+    },
+    /// The node was neither Ready nor failed when the wait ran out.
+    #[error("not ready after {}", humantime::format_duration(*.waited))]
+    Timeout {
+        /// How long the caller waited.
+        waited: Duration,
+    },
+}
+
+/// Why [`TunnelManager::reload_identity`] or
+/// [`TunnelManager::reload_known_hosts`] kept the running value.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The identity key could not be loaded.
+    #[error(transparent)]
+    Identity(#[from] crate::keys::KeyError),
+    /// known_hosts could not be read.
+    #[error(transparent)]
+    KnownHosts(#[from] crate::known_hosts::KnownHostsError),
+}
+
 /// What the manager takes from the configuration file: the `[ssh]` table,
 /// the loaded identity and the bound on one dial. `From<&Config>` (in
 /// [`crate::config`], which assembles the file) builds it, so the manager
@@ -312,11 +349,13 @@ impl TunnelManager {
 
     /// Wait until `node` is Ready, or its first handshake failed (returning
     /// that error), or `timeout` passed.
-    pub async fn wait_ready(&self, node: &str, timeout: Duration) -> Result<(), String> {
+    pub async fn wait_ready(&self, node: &str, timeout: Duration) -> Result<(), WaitReadyError> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let Some(tunnel) = self.tunnel(node) else {
-                return Err(format!("no node named {node:?}"));
+                return Err(WaitReadyError::UnknownNode {
+                    node: node.to_owned(),
+                });
             };
             let changed = tunnel.changed().notified();
             tokio::pin!(changed);
@@ -325,17 +364,16 @@ impl TunnelManager {
             match status.state {
                 TunnelState::Ready => return Ok(()),
                 TunnelState::Backoff => {
-                    return Err(status
-                        .last_error
-                        .unwrap_or_else(|| "connection failed".into()))
+                    return Err(WaitReadyError::Failed {
+                        last_error: status
+                            .last_error
+                            .unwrap_or_else(|| "connection failed".into()),
+                    })
                 }
                 _ => {}
             }
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
-                return Err(format!(
-                    "not ready after {}",
-                    humantime::format_duration(timeout)
-                ));
+                return Err(WaitReadyError::Timeout { waited: timeout });
             }
         }
     }
@@ -346,9 +384,8 @@ impl TunnelManager {
         &self,
         path: &Path,
         passphrase_file: Option<&Path>,
-    ) -> Result<(), String> {
-        let identity =
-            crate::keys::load_identity(path, passphrase_file).map_err(|e| e.to_string())?;
+    ) -> Result<(), ReloadError> {
+        let identity = crate::keys::load_identity(path, passphrase_file)?;
         tracing::info!(fingerprint = %identity.fingerprint(), "identity reloaded");
         if let Ok(mut slot) = self.ctx.session.identity.write() {
             *slot = Arc::new(identity);
@@ -357,9 +394,9 @@ impl TunnelManager {
     }
 
     /// Re-read known_hosts.
-    pub fn reload_known_hosts(&self) -> Result<(), String> {
+    pub fn reload_known_hosts(&self) -> Result<(), ReloadError> {
         let path = &self.ctx.session.known_hosts_path;
-        let fresh = KnownHosts::load(path).map_err(|e| e.to_string())?;
+        let fresh = KnownHosts::load(path)?;
         for warning in fresh.warnings() {
             tracing::warn!(path = %path.display(), line = warning.line, "known_hosts line skipped: {}", warning.reason);
         }

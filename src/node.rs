@@ -5,6 +5,7 @@
 //!
 //! Ground floor: imports nothing from the crate.
 
+use crate::field_error::FieldError;
 use ipnet::IpNet;
 use serde::Deserialize;
 
@@ -48,16 +49,19 @@ impl NodeConfig {
 }
 
 /// Check one node entry; the error is (key within the node, reason).
-pub fn validate_node(node: &NodeConfig) -> Result<(), (String, String)> {
+pub fn validate_node(node: &NodeConfig) -> Result<(), FieldError> {
     if node.name.is_empty() {
-        return Err(("name".into(), "must not be empty".into()));
+        return Err(FieldError::new("name".into(), "must not be empty".into()));
     }
     if node.addresses.is_empty() {
-        return Err(("addresses".into(), "needs at least one address".into()));
+        return Err(FieldError::new(
+            "addresses".into(),
+            "needs at least one address".into(),
+        ));
     }
     for (j, address) in node.addresses.iter().enumerate() {
         if address.is_empty() || address.contains(char::is_whitespace) || address.contains('/') {
-            return Err((
+            return Err(FieldError::new(
                 format!("addresses[{j}]"),
                 format!("{address:?} is not an IP address or host name"),
             ));
@@ -65,18 +69,24 @@ pub fn validate_node(node: &NodeConfig) -> Result<(), (String, String)> {
     }
     if let Some(address) = &node.ssh_address {
         if address.is_empty() || address.contains(char::is_whitespace) || address.contains('/') {
-            return Err((
+            return Err(FieldError::new(
                 "ssh_address".into(),
                 format!("{address:?} is not an IP address or host name"),
             ));
         }
     }
     if node.ssh_port == Some(0) {
-        return Err(("ssh_port".into(), "must be between 1 and 65535".into()));
+        return Err(FieldError::new(
+            "ssh_port".into(),
+            "must be between 1 and 65535".into(),
+        ));
     }
     if let Some(user) = &node.ssh_user {
         if user.is_empty() {
-            return Err(("ssh_user".into(), "must not be empty".into()));
+            return Err(FieldError::new(
+                "ssh_user".into(),
+                "must not be empty".into(),
+            ));
         }
     }
     Ok(())

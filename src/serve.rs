@@ -13,18 +13,19 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-use crate::config::Config;
+use crate::admin::AdminError;
+use crate::config::{Config, ConfigError};
 use crate::inventory::{InventorySource, SyncStatus};
-use crate::manager::TunnelManager;
+use crate::manager::{ManagerError, TunnelManager};
 use crate::metrics::Metrics;
-use crate::proxy::FrontDoor;
+use crate::proxy::{FrontDoor, FrontDoorError};
 use crate::shutdown::Shutdown;
 
 /// Run until SIGTERM or SIGINT; exit 0 after draining.
 pub async fn run(config_path: &Path) -> ExitCode {
     let result = match Server::start(config_path).await {
-        Ok(server) => server.run_until_signal().await,
-        Err(message) => Err(message),
+        Ok(server) => server.run_until_signal().await.map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -34,6 +35,46 @@ pub async fn run(config_path: &Path) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Why [`Server::start`] did not start. Each variant shows its cause's
+/// own message.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration file could not be loaded.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The tunnel manager could not be built (identity, known_hosts).
+    #[error(transparent)]
+    Manager(#[from] ManagerError),
+    /// The front door could not bind its listeners.
+    #[error(transparent)]
+    FrontDoor(#[from] FrontDoorError),
+    /// The admin API could not bind its listeners.
+    #[error(transparent)]
+    Admin(#[from] AdminError),
+}
+
+/// Why [`Server::run_until_signal`] could not serve: a signal handler
+/// could not be installed.
+#[derive(Debug, thiserror::Error)]
+#[error("{signal} handler: {source}")]
+pub struct SignalError {
+    /// The signal's name (`SIGTERM`, `SIGINT`, `SIGHUP`).
+    pub signal: &'static str,
+    /// The operating system's error.
+    #[source]
+    pub source: std::io::Error,
+}
+
+fn handler(
+    kind: SignalKind,
+    name: &'static str,
+) -> Result<tokio::signal::unix::Signal, SignalError> {
+    signal(kind).map_err(|source| SignalError {
+        signal: name,
+        source,
+    })
 }
 
 /// Where a running [`Server`] listens (the real ports when 0 was
@@ -68,11 +109,10 @@ pub struct Server {
 impl Server {
     /// Load `config_path`, bind every listener, start the tunnels, the
     /// inventory and the admin API.
-    pub async fn start(config_path: &Path) -> Result<Server, String> {
-        let config = Config::load(config_path).map_err(|e| e.to_string())?;
+    pub async fn start(config_path: &Path) -> Result<Server, StartError> {
+        let config = Config::load(config_path)?;
         let metrics = Arc::new(Metrics::new());
-        let manager = TunnelManager::new(&config, config.routing.clone(), metrics.clone())
-            .map_err(|e| e.to_string())?;
+        let manager = TunnelManager::new(&config, config.routing.clone(), metrics.clone())?;
         let shutdown = Shutdown::new();
         let drain = config.ssh.drain_timeout;
         let mut listeners = Listeners::default();
@@ -80,9 +120,7 @@ impl Server {
 
         match &config.proxy {
             Some(proxy) => {
-                let door = FrontDoor::bind(proxy, metrics.clone())
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let door = FrontDoor::bind(proxy, metrics.clone()).await?;
                 listeners.proxy_uds = door.uds_path().map(PathBuf::from);
                 listeners.proxy_tcp = door.tcp_addr();
                 listeners.socks5 = door.socks5_addr();
@@ -148,8 +186,7 @@ impl Server {
             sync.clone(),
             shutdown.clone(),
         )
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
         if let Some(admin) = admin {
             listeners.admin_tcp = admin.tcp_addr;
             listeners.admin_uds = admin.uds_path;
@@ -190,13 +227,10 @@ impl Server {
 
     /// Serve until SIGTERM or SIGINT (reloading on SIGHUP), then drain and
     /// stop.
-    pub async fn run_until_signal(self) -> Result<(), String> {
-        let mut terminate =
-            signal(SignalKind::terminate()).map_err(|e| format!("SIGTERM handler: {e}"))?;
-        let mut interrupt =
-            signal(SignalKind::interrupt()).map_err(|e| format!("SIGINT handler: {e}"))?;
-        let mut hangup =
-            signal(SignalKind::hangup()).map_err(|e| format!("SIGHUP handler: {e}"))?;
+    pub async fn run_until_signal(self) -> Result<(), SignalError> {
+        let mut terminate = handler(SignalKind::terminate(), "SIGTERM")?;
+        let mut interrupt = handler(SignalKind::interrupt(), "SIGINT")?;
+        let mut hangup = handler(SignalKind::hangup(), "SIGHUP")?;
         loop {
             tokio::select! {
                 _ = terminate.recv() => { tracing::info!("SIGTERM: draining"); break; }

@@ -35,6 +35,7 @@ mod state;
 pub use server::{AdminError, AdminServer};
 pub use state::AdminState;
 
+use crate::field_error::FieldError;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -160,10 +161,10 @@ impl AdminConfig {
     }
 
     /// Check the table; the error is (key path, reason).
-    pub fn validate(&self) -> Result<(), (String, String)> {
+    pub fn validate(&self) -> Result<(), FieldError> {
         if let Some(addr) = self.listen {
             if !addr.ip().is_loopback() && !self.allow_non_loopback {
-                return Err((
+                return Err(FieldError::new(
                     "admin.listen".into(),
                     format!("{addr} is not a loopback address; the admin API has no authentication (set admin.allow_non_loopback = true to insist)"),
                 ));
@@ -171,7 +172,10 @@ impl AdminConfig {
         }
         if let Some(path) = &self.uds {
             if path.as_os_str().is_empty() {
-                return Err(("admin.uds".into(), "must not be empty".into()));
+                return Err(FieldError::new(
+                    "admin.uds".into(),
+                    "must not be empty".into(),
+                ));
             }
         }
         for (i, host) in self.allowed_hosts.iter().enumerate() {
@@ -180,7 +184,7 @@ impl AdminConfig {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
             if !valid {
-                return Err((
+                return Err(FieldError::new(
                     format!("admin.allowed_hosts[{i}]"),
                     format!(
                         "{host:?} is not a host name (letters, digits, '.', '-', '_'; no port)"
@@ -216,15 +220,15 @@ impl Default for ReadinessConfig {
 
 impl ReadinessConfig {
     /// Check the table; the error is (key path, reason).
-    pub fn validate(&self) -> Result<(), (String, String)> {
+    pub fn validate(&self) -> Result<(), FieldError> {
         if self.max_sync_age.is_zero() {
-            return Err((
+            return Err(FieldError::new(
                 "readiness.max_sync_age".into(),
                 "must be greater than zero".into(),
             ));
         }
         if !(0.0..=1.0).contains(&self.min_ready_fraction) {
-            return Err((
+            return Err(FieldError::new(
                 "readiness.min_ready_fraction".into(),
                 "must be between 0.0 and 1.0".into(),
             ));
@@ -261,7 +265,7 @@ mod tests {
     #[test]
     fn non_loopback_listen_needs_the_switch() {
         let exposed = admin("listen = \"0.0.0.0:8133\"").unwrap();
-        assert_eq!(exposed.validate().unwrap_err().0, "admin.listen");
+        assert_eq!(exposed.validate().unwrap_err().key, "admin.listen");
         let allowed = admin("listen = \"0.0.0.0:8133\"\nallow_non_loopback = true").unwrap();
         assert!(allowed.validate().is_ok());
     }

@@ -14,6 +14,7 @@
 //! replaced, any other file is refused, the socket is mode 0660 and its
 //! file is removed when the server stops.
 
+use crate::field_error::FieldError;
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
@@ -108,7 +109,7 @@ impl AdminServer {
         config
             .validate()
             .and_then(|()| readiness.validate())
-            .map_err(|(key, reason)| AdminError::Config { key, reason })?;
+            .map_err(|FieldError { key, reason }| AdminError::Config { key, reason })?;
         if let Some(addr) = config.listen {
             if !addr.ip().is_loopback() {
                 tracing::warn!(address = %addr, "admin API on a non-loopback address without authentication (admin.allow_non_loopback = true)");

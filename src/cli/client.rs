@@ -43,12 +43,13 @@ pub enum ClientError {
         error: std::io::Error,
     },
     /// HTTP failed (connection closed, malformed answer).
-    #[error("admin API at {endpoint}: {reason}")]
+    #[error("admin API at {endpoint}: {error}")]
     Http {
         /// Where.
         endpoint: String,
         /// What happened.
-        reason: String,
+        #[source]
+        error: ExchangeError,
     },
     /// No answer in time.
     #[error("admin API at {endpoint} did not answer within {}", humantime::format_duration(*.after))]
@@ -156,9 +157,9 @@ impl AdminClient {
                     let path = format!("{base}{path}");
                     exchange_with_headers(io, method, &path, authority, ADMIN_HEADERS)
                         .await
-                        .map_err(|reason| ClientError::Http {
+                        .map_err(|error| ClientError::Http {
                             endpoint: endpoint.clone(),
-                            reason,
+                            error,
                         })
                 }
                 Endpoint::Unix(socket) => {
@@ -170,9 +171,9 @@ impl AdminClient {
                     })?;
                     exchange_with_headers(io, method, path, "localhost", ADMIN_HEADERS)
                         .await
-                        .map_err(|reason| ClientError::Http {
+                        .map_err(|error| ClientError::Http {
                             endpoint: endpoint.clone(),
-                            reason,
+                            error,
                         })
                 }
             }
@@ -209,6 +210,24 @@ impl AdminClient {
     }
 }
 
+/// Why one HTTP/1.1 [`exchange`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ExchangeError {
+    /// The HTTP/1.1 connection could not be set up.
+    #[error("HTTP handshake failed: {0}")]
+    Handshake(#[source] hyper::Error),
+    /// The request could not be built (a header name or value that HTTP
+    /// does not allow).
+    #[error("cannot build the request: {0}")]
+    Build(#[source] hyper::http::Error),
+    /// Sending the request or reading the answer's head failed.
+    #[error("request failed: {0}")]
+    Send(#[source] hyper::Error),
+    /// Reading the body failed, or it was larger than 64 MiB.
+    #[error("reading the answer failed: {0}")]
+    Body(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
 /// Headers of every admin API request: the API refuses a `POST` without
 /// [`REQUEST_HEADER`] (a browser cannot send it cross-site).
 const ADMIN_HEADERS: &[(&str, &str)] = &[(REQUEST_HEADER, "1")];
@@ -220,7 +239,7 @@ pub async fn exchange<I>(
     method: Method,
     path: &str,
     host: &str,
-) -> Result<(StatusCode, Bytes), String>
+) -> Result<(StatusCode, Bytes), ExchangeError>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -234,13 +253,13 @@ pub async fn exchange_with_headers<I>(
     path: &str,
     host: &str,
     headers: &[(&str, &str)],
-) -> Result<(StatusCode, Bytes), String>
+) -> Result<(StatusCode, Bytes), ExchangeError>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
-        .map_err(|e| format!("HTTP handshake failed: {e}"))?;
+        .map_err(ExchangeError::Handshake)?;
     let driver = tokio::spawn(conn);
     let mut request = Request::builder()
         .method(method)
@@ -255,17 +274,17 @@ where
     }
     let request = request
         .body(Empty::<Bytes>::new())
-        .map_err(|e| format!("cannot build the request: {e}"))?;
+        .map_err(ExchangeError::Build)?;
     let result = async {
         let response = sender
             .send_request(request)
             .await
-            .map_err(|e| format!("request failed: {e}"))?;
+            .map_err(ExchangeError::Send)?;
         let status = response.status();
         let body = Limited::new(response.into_body(), MAX_BODY_BYTES)
             .collect()
             .await
-            .map_err(|e| format!("reading the answer failed: {e}"))?
+            .map_err(ExchangeError::Body)?
             .to_bytes();
         Ok((status, body))
     }

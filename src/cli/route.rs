@@ -13,13 +13,46 @@
 //! sidecar answers the same question about its live inventory at
 //! `GET /api/v1/route?dest=HOST:PORT`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use crate::admin::api::RouteAnswer;
 use crate::config::{Config, NodeConfig};
-use crate::inventory::InventorySource;
+use crate::inventory::{InventoryError, InventorySource};
+use crate::proxy::TargetError;
 use crate::router::{RouteNode, Router};
+
+/// Why [`offline_nodes`] could not list the nodes.
+#[derive(Debug, thiserror::Error)]
+pub enum OfflineNodesError {
+    /// `inventory.source = "file"` without `inventory.path`.
+    #[error("inventory.source is \"file\" but inventory.path is not set")]
+    NoPath,
+    /// The nodes file could not be read.
+    #[error("inventory file {}: {source}", path.display())]
+    Read {
+        /// The nodes file.
+        path: PathBuf,
+        /// The system error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The nodes file could not be parsed (the sidecar's own message).
+    #[error(transparent)]
+    Parse(#[from] InventoryError),
+}
+
+/// Why [`decide`] or [`decide_with`] could not decide: the destination is
+/// not `host:port`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{dest:?}: {error}")]
+pub struct DestinationError {
+    /// The destination as given.
+    pub dest: String,
+    /// What is wrong with it.
+    #[source]
+    pub error: TargetError,
+}
 
 /// Decide and print.
 pub fn run(config_path: &Path, dest: &str, json: bool) -> ExitCode {
@@ -72,23 +105,28 @@ pub fn run(config_path: &Path, dest: &str, json: bool) -> ExitCode {
 /// The nodes a sidecar with `config` would route over, as far as they are
 /// known offline: the nodes file for the `file` source (read and parsed as
 /// the sidecar does), `[[nodes]]` otherwise.
-pub fn offline_nodes(config: &Config) -> Result<Vec<NodeConfig>, String> {
+pub fn offline_nodes(config: &Config) -> Result<Vec<NodeConfig>, OfflineNodesError> {
     if config.inventory.source != InventorySource::File {
         return Ok(config.nodes.clone());
     }
     let Some(path) = &config.inventory.path else {
-        return Err("inventory.source is \"file\" but inventory.path is not set".into());
+        return Err(OfflineNodesError::NoPath);
     };
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("inventory file {}: {e}", path.display()))?;
-    crate::inventory::file::parse_nodes_file_with(&text, path, &config.inventory.address_types)
-        .map_err(|e| e.to_string())
+    let text = std::fs::read_to_string(path).map_err(|source| OfflineNodesError::Read {
+        path: path.clone(),
+        source,
+    })?;
+    Ok(crate::inventory::file::parse_nodes_file_with(
+        &text,
+        path,
+        &config.inventory.address_types,
+    )?)
 }
 
 /// The decision for `dest` (`host:port`, `[v6]:port`) under `config` and
 /// its `[[nodes]]`; conflicts found while building the router are printed
 /// to stderr.
-pub fn decide(config: &Config, dest: &str) -> Result<RouteAnswer, String> {
+pub fn decide(config: &Config, dest: &str) -> Result<RouteAnswer, DestinationError> {
     decide_with(config, &config.nodes, dest)
 }
 
@@ -97,8 +135,11 @@ pub fn decide_with(
     config: &Config,
     nodes: &[NodeConfig],
     dest: &str,
-) -> Result<RouteAnswer, String> {
-    let dest = crate::proxy::parse_connect_target(dest).map_err(|e| format!("{dest:?}: {e}"))?;
+) -> Result<RouteAnswer, DestinationError> {
+    let dest = crate::proxy::parse_connect_target(dest).map_err(|error| DestinationError {
+        dest: dest.to_owned(),
+        error,
+    })?;
     let nodes: Vec<RouteNode> = nodes
         .iter()
         .map(|n| RouteNode {
@@ -189,7 +230,7 @@ pod_cidrs = ["10.244.1.0/24"]
             "10.244.9.7:8080 -> node node-f (rule pod-cidr 10.244.9.0/24)"
         );
         std::fs::remove_file(dir.path().join("nodes.toml")).unwrap();
-        let e = offline_nodes(&c).unwrap_err();
+        let e = offline_nodes(&c).unwrap_err().to_string();
         assert!(e.contains("nodes.toml"), "{e}");
     }
 

@@ -149,7 +149,9 @@ async fn run_inner(options: DevOptions) -> Result<(), String> {
             ));
         }
     }
-    let server = Server::start(cluster.config_path()).await?;
+    let server = Server::start(cluster.config_path())
+        .await
+        .map_err(|e| e.to_string())?;
     for node in cluster.nodes() {
         server
             .manager()
@@ -173,7 +175,7 @@ async fn run_inner(options: DevOptions) -> Result<(), String> {
         }
     };
     tokio::select! {
-        result = server.run_until_signal() => result,
+        result = server.run_until_signal() => result.map_err(|e| e.to_string()),
         _ = flapping => Ok(()),
     }
 }

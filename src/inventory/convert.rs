@@ -20,6 +20,7 @@
 //! The result passes [`validate_node`], so a node from Kubernetes is held to
 //! the same rules as a `[[nodes]]` entry.
 
+use crate::field_error::FieldError;
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Node;
 
@@ -64,6 +65,26 @@ pub fn ssh_endpoint_annotations(node: &Node) -> Vec<&'static str> {
         .collect()
 }
 
+/// Why [`node_config`] skipped a Node object: one line naming the node
+/// and the offending field or annotation.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NodeConfigError {
+    /// The object has no (or an empty) `metadata.name`.
+    #[error("node without metadata.name")]
+    Unnamed,
+    /// A field or annotation of the named node cannot be used.
+    #[error("node {node:?}: {field}: {reason}")]
+    Field {
+        /// The node's `metadata.name`.
+        node: String,
+        /// The field (`spec.podCIDRs[0]`) or annotation
+        /// (`annotation nodetunnel.io/ssh-port`) at fault.
+        field: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
 /// Convert one Node object. `address_types` is the preference order of
 /// `status.addresses[].type`; other types are ignored. `annotations` says
 /// whether the SSH endpoint annotations count.
@@ -75,14 +96,18 @@ pub fn node_config(
     node: &Node,
     address_types: &[String],
     annotations: NodeAnnotations,
-) -> Result<NodeConfig, String> {
+) -> Result<NodeConfig, NodeConfigError> {
     let name = node
         .metadata
         .name
         .as_deref()
         .filter(|n| !n.is_empty())
-        .ok_or_else(|| "node without metadata.name".to_string())?;
-    let fail = |field: &str, reason: String| format!("node {name:?}: {field}: {reason}");
+        .ok_or(NodeConfigError::Unnamed)?;
+    let fail = |field: &str, reason: String| NodeConfigError::Field {
+        node: name.to_owned(),
+        field: field.to_owned(),
+        reason,
+    };
     let annotation = |key: &str| {
         if annotations == NodeAnnotations::Ignored {
             return None;
@@ -199,7 +224,7 @@ pub fn node_config(
         ssh_user,
         not_ready,
     };
-    validate_node(&config).map_err(|(field, reason)| {
+    validate_node(&config).map_err(|FieldError { key: field, reason }| {
         let field = match field.as_str() {
             "addresses" => format!("status.addresses (types {})", address_types.join(", ")),
             _ => field,
@@ -365,7 +390,9 @@ mod tests {
             (ANNOTATION_SSH_ADDRESS, ""),
         ] {
             let n = node("a", &[("InternalIP", "10.0.0.1")], &[(key, value)]);
-            let e = node_config(&n, &types(), NodeAnnotations::Trusted).unwrap_err();
+            let e = node_config(&n, &types(), NodeAnnotations::Trusted)
+                .unwrap_err()
+                .to_string();
             assert!(e.starts_with("node \"a\": annotation "), "{e}");
             assert!(e.contains(key), "{e}");
         }
@@ -411,14 +438,19 @@ mod tests {
     #[test]
     fn a_node_without_a_usable_address_is_refused() {
         let n = node("a", &[("InternalDNS", "a.internal")], &[]);
-        let e = node_config(&n, &types(), NodeAnnotations::Trusted).unwrap_err();
+        let e = node_config(&n, &types(), NodeAnnotations::Trusted)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("node \"a\": status.addresses"), "{e}");
         let mut n = node("a", &[], &[]);
         n.status = None;
         assert!(node_config(&n, &types(), NodeAnnotations::Trusted).is_err());
         let mut n = node("", &[("InternalIP", "10.0.0.1")], &[]);
         n.metadata.name = None;
-        assert!(node_config(&n, &types(), NodeAnnotations::Trusted).is_err());
+        assert_eq!(
+            node_config(&n, &types(), NodeAnnotations::Trusted),
+            Err(NodeConfigError::Unnamed)
+        );
     }
 
     #[test]
@@ -435,6 +467,9 @@ mod tests {
             ..Default::default()
         });
         let e = node_config(&n, &types(), NodeAnnotations::Trusted).unwrap_err();
-        assert!(e.contains("spec.podCIDRs[0]"), "{e}");
+        assert!(
+            matches!(&e, NodeConfigError::Field { field, .. } if field == "spec.podCIDRs[0]"),
+            "{e}"
+        );
     }
 }

@@ -19,6 +19,7 @@
 //! empty inventory must be written out (`nodes = []`), so a truncated write
 //! never drains every node.
 
+use crate::field_error::FieldError;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -174,7 +175,7 @@ fn parse_toml(text: &str, path: &Path) -> Result<Vec<NodeConfig>, InventoryError
     };
     let mut seen: HashMap<&str, usize> = HashMap::new();
     for (i, node) in nodes.iter().enumerate() {
-        validate_node(node).map_err(|(key, reason)| {
+        validate_node(node).map_err(|FieldError { key, reason }| {
             parse_error(path, locate(i, &key), &format!("nodes[{i}].{key}"), &reason)
         })?;
         if let Some(first) = seen.insert(node.name.as_str(), i) {
@@ -277,9 +278,9 @@ fn parse_json(text: &str, path: &Path, address_types: &[String]) -> Result<Parse
                 }
                 parsed.nodes.push(config);
             }
-            Err(reason) => parsed.skipped.push(Skipped {
+            Err(error) => parsed.skipped.push(Skipped {
                 name: node.metadata.name.clone().unwrap_or_default(),
-                reason,
+                reason: error.to_string(),
             }),
         }
     }

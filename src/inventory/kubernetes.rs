@@ -354,7 +354,8 @@ impl NodeSet {
                 self.skipped.remove(&name);
                 Some((name, config))
             }
-            Err(reason) => {
+            Err(error) => {
+                let reason = error.to_string();
                 let previous = self.in_force.get(&name).cloned();
                 if self.skipped.get(&name) != Some(&reason) {
                     tracing::warn!(

@@ -22,6 +22,7 @@ pub mod kubernetes;
 
 pub use file::{parse_nodes_file, parse_nodes_file_with};
 
+use crate::field_error::FieldError;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -106,21 +107,21 @@ impl Default for InventoryConfig {
 
 impl InventoryConfig {
     /// Check the table; the error is (key path, reason).
-    pub fn validate(&self) -> Result<(), (String, String)> {
+    pub fn validate(&self) -> Result<(), FieldError> {
         if self.source == InventorySource::File && self.path.is_none() {
-            return Err((
+            return Err(FieldError::new(
                 "inventory.path".into(),
                 "is required with source = \"file\"".into(),
             ));
         }
         if self.address_types.is_empty() {
-            return Err((
+            return Err(FieldError::new(
                 "inventory.address_types".into(),
                 "needs at least one address type".into(),
             ));
         }
         if self.kubernetes.trust_node_annotations && self.source != InventorySource::Kubernetes {
-            return Err((
+            return Err(FieldError::new(
                 "inventory.kubernetes.trust_node_annotations".into(),
                 "applies only with source = \"kubernetes\" (the nodes file's annotations are always taken as written)".into(),
             ));

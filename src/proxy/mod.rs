@@ -37,6 +37,7 @@ mod uds;
 #[cfg(test)]
 mod tests;
 
+use crate::field_error::FieldError;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -139,8 +140,8 @@ const MAX_UDS_PATH: usize = 107;
 impl ProxyConfig {
     /// Check the section. On error, returns the offending key (like
     /// `proxy.tcp`) and why.
-    pub fn validate(&self) -> Result<(), (String, String)> {
-        let err = |key: &str, reason: String| Err((key.to_string(), reason));
+    pub fn validate(&self) -> Result<(), FieldError> {
+        let err = |key: &str, reason: String| Err(FieldError::new(key.to_string(), reason));
         if self.uds.is_none() && self.tcp.is_none() && self.socks5.is_none() {
             return err(
                 "proxy",
@@ -437,7 +438,7 @@ impl FrontDoor {
     ) -> Result<FrontDoor, FrontDoorError> {
         config
             .validate()
-            .map_err(|(key, reason)| FrontDoorError::Config { key, reason })?;
+            .map_err(|FieldError { key, reason }| FrontDoorError::Config { key, reason })?;
         for (listener, addr) in config.exposed_listeners() {
             tracing::warn!(
                 listener,

@@ -1110,7 +1110,7 @@ fn validate_refuses_unsafe_or_empty_configs() {
     ];
     for (config, key) in cases {
         match config.validate() {
-            Err((got, reason)) => {
+            Err(crate::field_error::FieldError { key: got, reason }) => {
                 assert_eq!(got, key, "{reason}");
                 assert!(!reason.is_empty());
             }

@@ -1,6 +1,7 @@
 //! The `[routing]` table of the configuration ([`RoutingConfig`]) and its
 //! validation.
 
+use crate::field_error::FieldError;
 use std::fmt;
 
 use ipnet::IpNet;
@@ -60,9 +61,9 @@ impl RoutingConfig {
     /// The offending key (e.g. `"allow_ports"`, relative to `[routing]`) and
     /// a one-line reason: port 0 in `allow_ports`, a CIDR with host bits set,
     /// or a CIDR in both `allow_cidrs` and `deny_cidrs`.
-    pub fn validate(&self) -> Result<(), (String, String)> {
+    pub fn validate(&self) -> Result<(), FieldError> {
         if self.allow_ports.contains(&0) {
-            return Err((
+            return Err(FieldError::new(
                 "allow_ports".to_owned(),
                 "port 0 is not a valid destination port".to_owned(),
             ));
@@ -74,7 +75,7 @@ impl RoutingConfig {
             ("cluster_cidrs", &self.cluster_cidrs),
         ] {
             if let Some(net) = list.iter().find(|net| net.trunc() != **net) {
-                return Err((
+                return Err(FieldError::new(
                     key.to_owned(),
                     format!("{net} has host bits set; did you mean {}?", net.trunc()),
                 ));
@@ -87,7 +88,7 @@ impl RoutingConfig {
                 .iter()
                 .any(|deny| canonical_net(*deny) == canonical)
             {
-                return Err((
+                return Err(FieldError::new(
                     "allow_cidrs".to_owned(),
                     format!("{net} is also in deny_cidrs; keep it in one of the two lists"),
                 ));

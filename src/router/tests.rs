@@ -138,7 +138,7 @@ fn validate_reports_key_and_reason() {
         allow_ports: vec![443, 0],
         ..RoutingConfig::default()
     };
-    let (key, why) = port0.validate().expect_err("port 0");
+    let crate::field_error::FieldError { key, reason: why } = port0.validate().expect_err("port 0");
     assert_eq!(key, "allow_ports");
     assert!(why.contains("port 0"), "{why}");
 
@@ -146,7 +146,8 @@ fn validate_reports_key_and_reason() {
         service_cidrs: vec![net("10.96.0.1/12")],
         ..RoutingConfig::default()
     };
-    let (key, why) = host_bits.validate().expect_err("host bits");
+    let crate::field_error::FieldError { key, reason: why } =
+        host_bits.validate().expect_err("host bits");
     assert_eq!(key, "service_cidrs");
     assert!(why.contains("10.96.0.0/12"), "{why}");
 
@@ -155,7 +156,7 @@ fn validate_reports_key_and_reason() {
         allow_cidrs: vec![net("10.0.0.0/8")],
         ..RoutingConfig::default()
     };
-    assert_eq!(both.validate().expect_err("both").0, "allow_cidrs");
+    assert_eq!(both.validate().expect_err("both").key, "allow_cidrs");
 }
 
 #[test]

@@ -85,7 +85,7 @@ impl Checker {
                 .await
                 .map_err(|e| {
                     Failure::new(
-                        e,
+                        e.to_string(),
                         "the kubelet closed the connection or answered something that is not HTTP",
                     )
                 })?;
