@@ -6,6 +6,7 @@
 //! known_hosts, both reloadable), the global limit on handshakes in flight,
 //! stream buffer bounds and the metrics registry.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -268,14 +269,17 @@ impl TunnelManager {
         let router = Router::new(&route_nodes, &self.routing);
         // Warn once per change: a conflict that the previous router had
         // already reported is not logged again on every inventory update.
+        // (Sets: an inventory can carry thousands of conflicts.)
         let previous = self.router();
+        let before: HashSet<&Conflict> = previous.conflicts().iter().collect();
+        let now: HashSet<&Conflict> = router.conflicts().iter().collect();
         for conflict in router.conflicts() {
-            if !previous.conflicts().contains(conflict) {
+            if !before.contains(conflict) {
                 tracing::warn!(kind = conflict.label(), "routing conflict: {conflict}");
             }
         }
         for conflict in previous.conflicts() {
-            if !router.conflicts().contains(conflict) {
+            if !now.contains(conflict) {
                 tracing::info!(
                     kind = conflict.label(),
                     "routing conflict resolved: {conflict}"

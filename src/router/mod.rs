@@ -515,18 +515,18 @@ impl Router {
         let mut announced: BTreeMap<IpNet, Vec<usize>> = BTreeMap::new();
         let mut pod_owners: BTreeMap<IpNet, Vec<usize>> = BTreeMap::new();
         let ignore_pod = |conflicts: &mut Vec<Conflict>, index: usize, net, why| {
-            let conflict = Conflict::IgnoredPodCidr {
+            conflicts.push(Conflict::IgnoredPodCidr {
                 node: names.get(index).cloned().unwrap_or_default(),
                 cidr: net,
                 why,
-            };
-            if !conflicts.contains(&conflict) {
-                conflicts.push(conflict);
-            }
+            });
         };
         for (index, node) in sorted.iter().enumerate() {
-            for cidr in &node.pod_cidrs {
-                let net = canonical_net(*cidr);
+            // A CIDR a node lists twice (or in two spellings) counts once.
+            let mut nets: Vec<IpNet> = node.pod_cidrs.iter().map(|c| canonical_net(*c)).collect();
+            nets.sort_unstable();
+            nets.dedup();
+            for net in nets {
                 if let Some(why) = node_independent_pod_check(net, &cluster, &services, &policy) {
                     ignore_pod(&mut conflicts, index, net, why);
                     continue;
