@@ -18,7 +18,8 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 pub use crate::destination::{Destination, Host};
-use crate::router::RouteError;
+use crate::metrics::Metrics;
+use crate::router::{DenyReason, RouteError};
 
 /// Why a node could not take a stream.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -58,6 +59,41 @@ impl std::fmt::Display for NodeDownCause {
                     write!(f, "; last error: {e}")?;
                 }
                 f.write_str(")")
+            }
+        }
+    }
+}
+
+/// Why a node's sshd refused a direct-tcpip channel (RFC 4254 5.1), as the
+/// sshd said it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChannelRefusal(pub russh::ChannelOpenFailure);
+
+impl ChannelRefusal {
+    /// The destination side failed (nothing listens there, or the node
+    /// cannot reach it): the tunnel did its job, so this is not a tunnel
+    /// error.
+    pub fn is_destination_failure(&self) -> bool {
+        self.0 == russh::ChannelOpenFailure::ConnectFailed
+    }
+}
+
+impl std::fmt::Display for ChannelRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            russh::ChannelOpenFailure::AdministrativelyProhibited => f.write_str(
+                "administratively prohibited (sshd forbids forwarding: AllowTcpForwarding, PermitOpen)",
+            ),
+            russh::ChannelOpenFailure::ConnectFailed => f.write_str(
+                "connect failed (nothing listens at the destination, or it is unreachable from the node)",
+            ),
+            russh::ChannelOpenFailure::UnknownChannelType => f.write_str("unknown channel type"),
+            russh::ChannelOpenFailure::ResourceShortage => f.write_str(
+                "resource shortage (the node's sshd is out of channels or memory)",
+            ),
+            // The node's own words: shown escaped, never as raw text.
+            russh::ChannelOpenFailure::Other { code, reason } => {
+                write!(f, "code {code}: {}", reason.escape_debug())
             }
         }
     }
@@ -131,7 +167,7 @@ pub enum DialError {
         /// The node whose sshd refused.
         node: String,
         /// The channel-open failure reason the sshd gave.
-        reason: String,
+        reason: ChannelRefusal,
     },
     /// The channel did not open within the dial timeout (HTTP 504, SOCKS5
     /// 0x06 "TTL expired", the closest code RFC 1928 has).
@@ -215,6 +251,34 @@ impl DialError {
             DialError::Timeout { .. } => "timeout",
             DialError::Session { .. } => "session",
             DialError::ShuttingDown => "shutting_down",
+        }
+    }
+
+    /// Whether this outcome is a fault of the tunnels (it counts as a recent
+    /// error in `status`): a destination nothing listens at, a policy
+    /// refusal or a shutdown is not.
+    pub fn is_tunnel_fault(&self) -> bool {
+        match self {
+            DialError::Refused { reason, .. } => !reason.is_destination_failure(),
+            DialError::Route(_) | DialError::UnknownNode { .. } | DialError::ShuttingDown => false,
+            DialError::NodeDown { .. }
+            | DialError::NoReadyNode { .. }
+            | DialError::Limit { .. }
+            | DialError::Timeout { .. }
+            | DialError::Session { .. } => true,
+        }
+    }
+
+    /// Count this refusal once, where it is answered: policy and routing
+    /// refusals in `nodetunnel_policy_denials_total{reason}`, every other
+    /// one in `nodetunnel_stream_opens_total{result}`. The answer itself
+    /// (HTTP status, SOCKS5 reply) is counted by the front door.
+    pub fn count(&self, metrics: &Metrics) {
+        match self {
+            DialError::Route(e) => {
+                metrics.policy_denial(e.deny_reason().map_or(e.label(), DenyReason::label));
+            }
+            other => metrics.stream_open(other.reason(), other.is_tunnel_fault()),
         }
     }
 

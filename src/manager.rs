@@ -21,7 +21,7 @@ use crate::keys::Identity;
 use crate::known_hosts::KnownHosts;
 use crate::metrics::Metrics;
 use crate::node::NodeConfig;
-use crate::router::{Conflict, DenyReason, Route, RouteNode, Router, RoutingConfig};
+use crate::router::{Conflict, Route, RouteNode, Router, RoutingConfig};
 use crate::session::{self, SessionSettings};
 use crate::ssh_config::{HostKeyPolicy, SshConfig};
 use crate::stream::{StreamLimits, TunnelStream};
@@ -475,12 +475,7 @@ impl Dialer for TunnelManager {
 
     async fn dial(&self, dest: &Destination) -> Result<TunnelStream, DialError> {
         let router = self.router();
-        let route = router.route(dest).map_err(|e| {
-            self.ctx
-                .metrics
-                .policy_denial(e.deny_reason().map_or(e.label(), DenyReason::label));
-            DialError::Route(e)
-        })?;
+        let route = router.route(dest)?;
         let host = dest.host.to_string();
         match route {
             Route::Node {

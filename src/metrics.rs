@@ -367,9 +367,11 @@ impl Metrics {
             .inc();
     }
 
-    /// Count a stream open (failures also count as recent errors).
-    pub fn stream_open(&self, result: &str) {
-        if result != "ok" {
+    /// Count a dial's outcome by `{result}` (`ok` or a refusal reason);
+    /// `tunnel_fault`: the refusal was the tunnels' fault, and counts as a
+    /// recent error.
+    pub fn stream_open(&self, result: &str, tunnel_fault: bool) {
+        if tunnel_fault {
             self.note_error();
         }
         self.stream_opens
@@ -511,10 +513,10 @@ mod tests {
     fn failures_are_recent_errors_and_successes_are_not() {
         let metrics = Metrics::new();
         metrics.handshake("ok");
-        metrics.stream_open("ok");
+        metrics.stream_open("ok", false);
         assert_eq!(metrics.errors_last_minute(), 0);
         metrics.handshake("refused");
-        metrics.stream_open("timeout");
+        metrics.stream_open("timeout", true);
         metrics.stream_reset("session_lost");
         assert_eq!(metrics.errors_last_minute(), 3);
     }

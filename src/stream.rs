@@ -273,10 +273,29 @@ struct Inbound {
     committed: usize,
     /// In the budget's waiting line.
     awaiting_budget: bool,
+    /// Where the channel open stands: a channel russh forgets before its
+    /// opener saw the confirmation is a refused open, not a lost stream.
+    open: OpenPhase,
     eof: bool,
     reset: Option<(StreamResetReason, String)>,
     consumer_gone: bool,
     waker: Option<Waker>,
+}
+
+/// The channel open, as the stream's inbound side knows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum OpenPhase {
+    /// Asked for; the opener has not seen the node's answer yet.
+    Pending,
+    /// The session dropped the channel before the opener saw the answer:
+    /// the node refused it (the usual case: nothing listens at the
+    /// destination), or confirmed it and the session died at once. The
+    /// opener decides which: [`StreamInbound::confirm`] after a
+    /// confirmation, [`StreamInbound::abandon`] after a refusal.
+    DetachedWhilePending,
+    /// Confirmed, and the opener saw it: from here on a dropped channel
+    /// that the node had not ended is a lost stream.
+    Confirmed,
 }
 
 impl Inbound {
@@ -512,15 +531,41 @@ impl StreamInbound {
     }
 
     /// The session forgot the channel: if the node had not ended the stream
-    /// and someone still reads it, the stream was cut short.
+    /// and someone still reads it, the stream was cut short. Before the
+    /// opener saw the open confirmed this is only noted: a refused open
+    /// also ends this way, and it is the opener's to count.
     fn lost(&self) {
         let lost = self
             .inbound
             .lock()
-            .map(|i| !i.eof && i.reset.is_none() && !i.consumer_gone)
+            .map(|mut i| {
+                if i.open == OpenPhase::Pending {
+                    i.open = OpenPhase::DetachedWhilePending;
+                    return false;
+                }
+                !i.eof && i.reset.is_none() && !i.consumer_gone
+            })
             .unwrap_or(false);
         if lost {
             self.reset(StreamResetReason::SessionLost, String::new());
+        }
+    }
+
+    /// The opener saw the node confirm the channel. If the session dropped
+    /// the channel in between (it died right after confirming), the stream
+    /// is lost now, and counted as such.
+    pub fn confirm(&self) {
+        let detached = self
+            .inbound
+            .lock()
+            .map(|mut i| {
+                let detached = i.open == OpenPhase::DetachedWhilePending;
+                i.open = OpenPhase::Confirmed;
+                detached
+            })
+            .unwrap_or(false);
+        if detached {
+            self.lost();
         }
     }
 
@@ -673,6 +718,7 @@ impl StreamSlot {
                 buffered: 0,
                 committed: first_window,
                 awaiting_budget: false,
+                open: OpenPhase::Pending,
                 eof: false,
                 reset: None,
                 consumer_gone: false,
@@ -911,11 +957,24 @@ mod tests {
             Arc::new(Metrics::new()),
         )
         .expect("a slot");
-        (
-            slot.inbound("node-a".into(), limits.clone()),
-            limits,
-            counters,
+        let s = slot.inbound("node-a".into(), limits.clone());
+        s.confirm(); // the opener saw the channel open
+        (s, limits, counters)
+    }
+
+    /// As [`inbound`], with the channel open still unanswered.
+    fn pending(window: usize) -> (Arc<StreamInbound>, Arc<StreamCounters>, Arc<Metrics>) {
+        let limits = Arc::new(StreamLimits::new(window, usize::MAX));
+        let counters = Arc::new(StreamCounters::default());
+        let metrics = Arc::new(Metrics::new());
+        let slot = StreamSlot::try_take(
+            counters.clone(),
+            10,
+            Arc::new(AtomicUsize::new(0)),
+            metrics.clone(),
         )
+        .expect("a slot");
+        (slot.inbound("node-a".into(), limits), counters, metrics)
     }
 
     fn budgeted(limits: &Arc<StreamLimits>) -> Arc<StreamInbound> {
@@ -1140,6 +1199,46 @@ mod tests {
         assert!(complete.inbound.lock().unwrap().reset.is_none());
         assert_eq!(counters.resets.load(Ordering::Acquire), 0);
         assert_eq!(read_all(&complete), b"all of it");
+    }
+
+    #[test]
+    fn a_refused_open_is_not_a_reset() {
+        // russh drops the channel as it hands the refusal to the opener,
+        // who gives the stream up.
+        let (s, counters, metrics) = pending(1 << 20);
+        s.detached();
+        s.abandon();
+        assert!(s.inbound.lock().unwrap().reset.is_none());
+        assert_eq!(counters.resets.load(Ordering::Acquire), 0);
+        assert!(!metrics.encode().contains("nodetunnel_stream_resets_total{"));
+        assert_eq!(metrics.errors_last_minute(), 0);
+    }
+
+    #[test]
+    fn a_channel_dropped_between_its_confirmation_and_the_opener_is_lost_once() {
+        // The node confirmed, then the session died before the opener ran.
+        let (s, counters, metrics) = pending(1 << 20);
+        s.detached();
+        s.confirm();
+        assert!(matches!(
+            s.inbound.lock().unwrap().reset,
+            Some((StreamResetReason::SessionLost, _))
+        ));
+        assert_eq!(counters.resets.load(Ordering::Acquire), 1);
+        assert!(metrics
+            .encode()
+            .contains("nodetunnel_stream_resets_total{reason=\"session_lost\"} 1"));
+        // The same, but the node had ended the stream first: nothing lost.
+        let (s, counters, _) = pending(1 << 20);
+        s.deliver(ChannelMsg::Data {
+            data: Bytes::from_static(b"short answer"),
+        });
+        s.deliver(ChannelMsg::Eof);
+        s.detached();
+        s.confirm();
+        assert!(s.inbound.lock().unwrap().reset.is_none());
+        assert_eq!(counters.resets.load(Ordering::Acquire), 0);
+        assert_eq!(read_all(&s), b"short answer");
     }
 
     #[test]

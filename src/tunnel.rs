@@ -26,7 +26,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{Notify, Semaphore};
 
 use crate::backoff::Backoff;
-use crate::dial::{DialError, LimitKind, NodeDownCause};
+use crate::dial::{ChannelRefusal, DialError, LimitKind, NodeDownCause};
 use crate::keepalive;
 use crate::metrics::{Metrics, StateLabel};
 use crate::node::NodeConfig;
@@ -336,24 +336,9 @@ impl Tunnel {
 
     /// Open a direct-tcpip channel to `host:port` as seen from the node,
     /// on the session with the fewest open streams, waiting at most
-    /// `timeout` for the node to confirm it. Every outcome, refusals before
-    /// any channel was asked for included, is counted in
-    /// `nodetunnel_stream_opens_total{result}`.
+    /// `timeout` for the node to confirm it. The outcome is counted by
+    /// whoever answers the client ([`DialError::count`]), once.
     pub async fn open_stream(
-        &self,
-        host: &str,
-        port: u16,
-        timeout: Duration,
-    ) -> Result<TunnelStream, DialError> {
-        let result = self.try_open_stream(host, port, timeout).await;
-        self.ctx.metrics.stream_open(match &result {
-            Ok(_) => "ok",
-            Err(e) => e.reason(),
-        });
-        result
-    }
-
-    async fn try_open_stream(
         &self,
         host: &str,
         port: u16,
@@ -405,7 +390,7 @@ impl Tunnel {
             }),
             Ok(Err(russh::Error::ChannelOpenFailure(reason))) => Err(DialError::Refused {
                 node: self.name.to_string(),
-                reason: describe_open_failure(&reason),
+                reason: ChannelRefusal(reason),
             }),
             Ok(Err(e)) => Err(DialError::Session {
                 node: self.name.to_string(),
@@ -417,7 +402,10 @@ impl Tunnel {
             .stream_open_duration
             .observe(started.elapsed().as_secs_f64());
         match result {
-            Ok(channel) => Ok(TunnelStream::new(channel, slot, inbound)),
+            Ok(channel) => {
+                inbound.confirm();
+                Ok(TunnelStream::new(channel, slot, inbound))
+            }
             Err(e) => {
                 // A confirmation may still come after a timeout: its data
                 // must not be kept for a reader that does not exist.
@@ -721,20 +709,6 @@ async fn close_session(live: &LiveSession) {
     );
     let _ = tokio::time::timeout(Duration::from_secs(1), bye).await;
     live.session.cut.sever();
-}
-
-fn describe_open_failure(reason: &russh::ChannelOpenFailure) -> String {
-    match reason {
-        russh::ChannelOpenFailure::AdministrativelyProhibited => {
-            "administratively prohibited (sshd forbids forwarding: AllowTcpForwarding, PermitOpen)".into()
-        }
-        russh::ChannelOpenFailure::ConnectFailed => {
-            "connect failed (nothing listens at the destination, or it is unreachable from the node)".into()
-        }
-        russh::ChannelOpenFailure::UnknownChannelType => "unknown channel type".into(),
-        russh::ChannelOpenFailure::ResourceShortage => "resource shortage (the node's sshd is out of channels or memory)".into(),
-        other => format!("{other:?}"),
-    }
 }
 
 #[cfg(test)]

@@ -497,6 +497,9 @@ async fn counters_move_and_the_json_endpoints_answer() {
     assert_eq!(node1["state"], "ready");
     assert!(node1["rtt"].is_number() || node1["rtt"].is_null());
 
+    let errors_before = json(addr, "/api/v1/tunnels").await["summary"]["errors_last_minute"]
+        .as_u64()
+        .unwrap_or(0);
     // A dial the node refuses (nothing listens): 502, counted.
     let refused = connect(&proxy, &format!("127.0.0.1:{closed}")).await;
     assert!(
@@ -552,10 +555,24 @@ async fn counters_move_and_the_json_endpoints_answer() {
             &[("reason", "link_local")]
         ) + 1.0
     );
-    // The refused open is a recent error.
+    // Nothing listening is the destination's failure: not a reset, not a
+    // lost session, not a recent error of the tunnels.
+    assert_eq!(
+        get(
+            &after,
+            "nodetunnel_stream_resets_total",
+            &[("reason", "session_lost")]
+        ),
+        get(
+            &before,
+            "nodetunnel_stream_resets_total",
+            &[("reason", "session_lost")]
+        )
+    );
     let list = json(addr, "/api/v1/tunnels").await;
-    assert!(
-        list["summary"]["errors_last_minute"].as_u64().unwrap_or(0) >= 1,
+    assert_eq!(
+        list["summary"]["errors_last_minute"].as_u64().unwrap_or(0),
+        errors_before,
         "{list}"
     );
     assert_eq!(list["summary"]["streams"], 1);

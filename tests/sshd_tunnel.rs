@@ -223,6 +223,16 @@ async fn a_refused_channel_names_the_node_and_the_reason() {
     s.write_all(b"x").await.unwrap();
     let mut b = [0u8; 1];
     s.read_exact(&mut b).await.unwrap();
+    // The session task handled the refusal before that echo: the refused
+    // channel was never a stream, so nothing was reset or lost.
+    let metrics = manager.metrics().encode();
+    assert!(
+        !metrics.contains("nodetunnel_stream_resets_total{"),
+        "{metrics}"
+    );
+    assert_eq!(manager.metrics().errors_last_minute(), 0, "{metrics}");
+    let status = manager.status();
+    assert_eq!(status[0].stream_resets, 0, "{status:?}");
     drop(s);
     manager.shutdown(Duration::from_secs(2)).await;
 }

@@ -314,15 +314,22 @@ pub(crate) struct Context<D> {
 impl<D: Dialer> Context<D> {
     /// Dial through the dialer, bounded by `dial_timeout` plus
     /// [`DIAL_TIMEOUT_MARGIN`] in case the dialer does not bound itself.
+    /// The outcome is counted here, once: the front door is the edge that
+    /// answers it.
     pub(crate) async fn dial(&self, dest: &Destination) -> Result<D::Stream, DialError> {
         let limit = self.dial_timeout + DIAL_TIMEOUT_MARGIN;
-        match tokio::time::timeout(limit, self.dialer.dial(dest)).await {
+        let result = match tokio::time::timeout(limit, self.dialer.dial(dest)).await {
             Ok(result) => result,
             Err(_) => Err(DialError::Timeout {
                 node: "unknown".to_string(),
                 after: limit,
             }),
+        };
+        match &result {
+            Ok(_) => self.metrics.stream_open("ok", false),
+            Err(e) => e.count(&self.metrics),
         }
+        result
     }
 
     /// Log one refusal of `reason` with `line`, within the per-reason
@@ -341,8 +348,8 @@ impl<D: Dialer> Context<D> {
         }
     }
 
-    /// Count a refused dial by its answer code. Policy denials are counted
-    /// by the dialer, which knows their reason (the manager asks the router).
+    /// Count a refused dial's answer by its code (the refusal's cause is
+    /// counted by [`Context::dial`]).
     pub(crate) fn count_refusal(&self, listener: ListenerKind, code: &str) {
         self.metrics.proxy_request(listener.as_str(), code);
     }

@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 
 use super::http_connect::one_line;
 use super::*;
-use crate::dial::{Destination, DialError, Dialer, LimitKind, NodeDownCause};
+use crate::dial::{ChannelRefusal, Destination, DialError, Dialer, LimitKind, NodeDownCause};
 use crate::router::{DenyReason, RouteError};
 
 /// Bound on every wait in these tests: a hang fails instead of blocking.
@@ -56,7 +56,15 @@ fn scripted_error(host: &str) -> Option<DialError> {
         },
         "refused.test" => DialError::Refused {
             node,
-            reason: "connect failed\r\nInjected: header".into(),
+            // The node's own words may carry anything, line breaks included.
+            reason: ChannelRefusal(russh::ChannelOpenFailure::Other {
+                code: 2,
+                reason: "connect failed\r\nInjected: header".into(),
+            }),
+        },
+        "closed.test" => DialError::Refused {
+            node,
+            reason: ChannelRefusal(russh::ChannelOpenFailure::ConnectFailed),
         },
         "timeout.test" => DialError::Timeout {
             node,
@@ -71,12 +79,13 @@ fn scripted_error(host: &str) -> Option<DialError> {
     })
 }
 
-const SCRIPTED_HOSTS: [&str; 8] = [
+const SCRIPTED_HOSTS: [&str; 9] = [
     "denied.test",
     "noroute.test",
     "down.test",
     "limit.test",
     "refused.test",
+    "closed.test",
     "timeout.test",
     "session.test",
     "shutdown.test",
@@ -405,6 +414,59 @@ async fn every_dial_error_maps_to_its_status_and_a_one_line_body() {
     }
     assert!(h.metric(r#"nodetunnel_proxy_requests_total{listener="uds",code="403"} 2"#));
     assert!(h.metric(r#"nodetunnel_proxy_requests_total{listener="uds",code="503"} 3"#));
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn each_refusal_is_counted_once_where_it_is_answered() {
+    let h = start(|_| {}).await;
+    let mut denials = std::collections::BTreeMap::<String, u64>::new();
+    let mut opens = std::collections::BTreeMap::<String, u64>::new();
+    let mut faults = 0;
+    for host in SCRIPTED_HOSTS {
+        let error = scripted_error(host).expect("scripted");
+        match &error {
+            DialError::Route(e) => {
+                let label = e.deny_reason().map_or(e.label(), DenyReason::label);
+                *denials.entry(label.to_owned()).or_default() += 1;
+            }
+            other => *opens.entry(other.reason().to_owned()).or_default() += 1,
+        }
+        faults += u64::from(error.is_tunnel_fault());
+        let mut client = h.uds().await;
+        exchange(&mut client, &connect_request(&format!("{host}:80"))).await;
+    }
+    let mut client = h.uds().await;
+    client
+        .write_all(connect_request("ok.test:80").as_bytes())
+        .await
+        .expect("write");
+    let head = read_head(&mut client).await;
+    assert!(head.starts_with("HTTP/1.1 200 "), "{head:?}");
+    assert_echo(&mut client).await;
+    *opens.entry("ok".to_owned()).or_default() += 1;
+    for (reason, n) in &denials {
+        let line = format!(r#"nodetunnel_policy_denials_total{{reason="{reason}"}} {n}"#);
+        assert!(h.metric(&line), "{line}\n{}", h.metrics.encode());
+    }
+    for (result, n) in &opens {
+        let line = format!(r#"nodetunnel_stream_opens_total{{result="{result}"}} {n}"#);
+        assert!(h.metric(&line), "{line}\n{}", h.metrics.encode());
+    }
+    let exported = |family: &str| {
+        h.metrics
+            .encode()
+            .lines()
+            .filter(|l| l.starts_with(family))
+            .count()
+    };
+    assert_eq!(exported("nodetunnel_policy_denials_total{"), denials.len());
+    assert_eq!(exported("nodetunnel_stream_opens_total{"), opens.len());
+    // A refused channel is the destination's failure, not the tunnels'.
+    assert!(!scripted_error("closed.test")
+        .expect("scripted")
+        .is_tunnel_fault());
+    assert_eq!(h.metrics.errors_last_minute(), faults);
     h.stop().await;
 }
 
