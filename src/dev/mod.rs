@@ -13,6 +13,9 @@
 pub mod node;
 pub mod services;
 
+mod error;
+pub use error::DevError;
+
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -42,18 +45,16 @@ pub struct DevCluster {
 impl DevCluster {
     /// Start `count` nodes and write keys, known_hosts and a configuration
     /// into a fresh temporary directory.
-    pub async fn start(count: u8) -> Result<DevCluster, String> {
+    pub async fn start(count: u8) -> Result<DevCluster, DevError> {
         if count == 0 || count > 200 {
-            return Err(format!("--nodes must be between 1 and 200, not {count}"));
+            return Err(DevError::NodeCount(count));
         }
         let dir = tempfile::Builder::new()
             .prefix("nodetunnel-dev-")
             .tempdir()
-            .map_err(|e| format!("temporary directory: {e}"))?;
-        let key = crate::keys::generate(dir.path(), "id_ed25519", "nodetunnel-dev")
-            .map_err(|e| e.to_string())?;
-        let identity =
-            crate::keys::load_identity(&key.private_path, None).map_err(|e| e.to_string())?;
+            .map_err(DevError::TempDir)?;
+        let key = crate::keys::generate(dir.path(), "id_ed25519", "nodetunnel-dev")?;
+        let identity = crate::keys::load_identity(&key.private_path, None)?;
         let mut nodes = Vec::new();
         for index in 1..=count {
             nodes.push(
@@ -65,11 +66,18 @@ impl DevCluster {
             known_hosts.push_str(&node.known_hosts_line()?);
             known_hosts.push('\n');
         }
-        std::fs::write(dir.path().join("known_hosts"), known_hosts)
-            .map_err(|e| format!("known_hosts: {e}"))?;
+        let known_hosts_path = dir.path().join("known_hosts");
+        std::fs::write(&known_hosts_path, known_hosts).map_err(|source| DevError::Write {
+            path: known_hosts_path,
+            source,
+        })?;
         let config_path = dir.path().join("nodetunnel.toml");
-        std::fs::write(&config_path, config_text(dir.path(), &nodes))
-            .map_err(|e| format!("{}: {e}", config_path.display()))?;
+        std::fs::write(&config_path, config_text(dir.path(), &nodes)).map_err(|source| {
+            DevError::Write {
+                path: config_path.clone(),
+                source,
+            }
+        })?;
         Ok(DevCluster {
             dir,
             nodes,
@@ -139,25 +147,26 @@ pub async fn run(options: DevOptions) -> ExitCode {
     }
 }
 
-async fn run_inner(options: DevOptions) -> Result<(), String> {
+async fn run_inner(options: DevOptions) -> Result<(), DevError> {
     let mut cluster = DevCluster::start(options.nodes).await?;
     if let Some(name) = &options.fail_node {
         if cluster.node_mut(name).is_none() {
-            return Err(format!(
-                "--fail-node {name}: no such node (node-1 to node-{})",
-                options.nodes
-            ));
+            return Err(DevError::NoSuchNode {
+                name: name.clone(),
+                count: options.nodes,
+            });
         }
     }
-    let server = Server::start(cluster.config_path())
-        .await
-        .map_err(|e| e.to_string())?;
+    let server = Server::start(cluster.config_path()).await?;
     for node in cluster.nodes() {
         server
             .manager()
             .wait_ready(&node.spec().name, Duration::from_secs(20))
             .await
-            .map_err(|e| format!("{}: {e}", node.spec().name))?;
+            .map_err(|source| DevError::NotReady {
+                node: node.spec().name.clone(),
+                source,
+            })?;
     }
     println!(
         "{}",
@@ -175,7 +184,7 @@ async fn run_inner(options: DevOptions) -> Result<(), String> {
         }
     };
     tokio::select! {
-        result = server.run_until_signal() => result.map_err(|e| e.to_string()),
+        result = server.run_until_signal() => result.map_err(DevError::from),
         _ = flapping => Ok(()),
     }
 }

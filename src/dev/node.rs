@@ -2,6 +2,7 @@
 //! accepts the dev client key and answers direct-tcpip for the node's
 //! virtual addresses with the services of [`super::services`].
 
+use super::DevError;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
@@ -84,14 +85,14 @@ pub struct DevNode {
 
 impl DevNode {
     /// Start node `spec` on 127.0.0.1 (ephemeral port), trusting `client`.
-    pub async fn start(spec: DevNodeSpec, client: PublicKey) -> Result<DevNode, String> {
-        let host_key = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519)
-            .map_err(|e| format!("host key: {e}"))?;
+    pub async fn start(spec: DevNodeSpec, client: PublicKey) -> Result<DevNode, DevError> {
+        let host_key =
+            PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519).map_err(DevError::HostKey)?;
         let tls = services::kubelet_tls(&spec.name, &spec.ip.to_string())?;
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .map_err(|e| format!("bind 127.0.0.1:0: {e}"))?;
-        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        let bind = |source| DevError::Bind { addr: any, source };
+        let listener = TcpListener::bind(any).await.map_err(bind)?;
+        let addr = listener.local_addr().map_err(bind)?;
         let mut node = DevNode {
             spec,
             addr,
@@ -116,12 +117,12 @@ impl DevNode {
     }
 
     /// Its host key, as a known_hosts line.
-    pub fn known_hosts_line(&self) -> Result<String, String> {
+    pub fn known_hosts_line(&self) -> Result<String, DevError> {
         let key = self
             .host_key
             .public_key()
             .to_openssh()
-            .map_err(|e| e.to_string())?;
+            .map_err(DevError::HostKey)?;
         Ok(format!("[{}]:{} {key}", self.addr.ip(), self.addr.port()))
     }
 
@@ -148,11 +149,14 @@ impl DevNode {
     }
 
     /// Bring the node back on the same port.
-    pub async fn restart(&mut self) -> Result<(), String> {
+    pub async fn restart(&mut self) -> Result<(), DevError> {
         self.stop().await;
         let listener = TcpListener::bind(self.addr)
             .await
-            .map_err(|e| format!("rebind {}: {e}", self.addr))?;
+            .map_err(|source| DevError::Bind {
+                addr: self.addr,
+                source,
+            })?;
         self.serve(listener);
         Ok(())
     }

@@ -3,6 +3,7 @@
 //! the process on the SSH channel itself; no socket exists for them, so they
 //! are reachable only through the node's tunnel.
 
+use super::DevError;
 use std::convert::Infallible;
 use std::sync::Arc;
 
@@ -31,18 +32,15 @@ pub enum Service {
 /// A kubelet's TLS identity: a fresh self-signed certificate (the
 /// apiserver does not verify kubelet certificates by default, and neither
 /// do the printed curl commands: `-k`).
-pub fn kubelet_tls(node: &str, ip: &str) -> Result<Arc<rustls::ServerConfig>, String> {
-    let cert = rcgen::generate_simple_self_signed(vec![node.to_string(), ip.to_string()])
-        .map_err(|e| format!("kubelet certificate: {e}"))?;
+pub fn kubelet_tls(node: &str, ip: &str) -> Result<Arc<rustls::ServerConfig>, DevError> {
+    let cert = rcgen::generate_simple_self_signed(vec![node.to_string(), ip.to_string()])?;
     let der = CertificateDer::from(cert.cert.der().to_vec());
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.key_pair.serialize_der()));
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("kubelet TLS: {e}"))?
+        .with_safe_default_protocol_versions()?
         .with_no_client_auth()
-        .with_single_cert(vec![der], key)
-        .map_err(|e| format!("kubelet TLS: {e}"))?;
+        .with_single_cert(vec![der], key)?;
     Ok(Arc::new(config))
 }
 
@@ -54,7 +52,7 @@ where
     let result = match service {
         Service::Kubelet => match tokio_rustls::TlsAcceptor::from(tls).accept(stream).await {
             Ok(tls_stream) => http(tls_stream, Service::Kubelet, node).await,
-            Err(e) => Err(format!("kubelet TLS handshake: {e}")),
+            Err(e) => Err(ServiceError::Handshake(e)),
         },
         other => http(stream, other, node).await,
     };
@@ -63,7 +61,17 @@ where
     }
 }
 
-async fn http<S>(stream: S, service: Service, node: Arc<str>) -> Result<(), String>
+/// Why a service connection ended early (logged at debug: the client's
+/// business).
+#[derive(Debug, thiserror::Error)]
+enum ServiceError {
+    #[error("kubelet TLS handshake: {0}")]
+    Handshake(std::io::Error),
+    #[error("HTTP: {0}")]
+    Http(#[from] hyper::Error),
+}
+
+async fn http<S>(stream: S, service: Service, node: Arc<str>) -> Result<(), ServiceError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -75,7 +83,7 @@ where
         .half_close(true)
         .serve_connection(TokioIo::new(stream), handler)
         .await
-        .map_err(|e| e.to_string())
+        .map_err(ServiceError::from)
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {

@@ -2,7 +2,7 @@
 //! it uses: the kubelet's certificate unverified (as kube-apiserver without
 //! `--kubelet-certificate-authority`) or verified against `--kubelet-ca`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use http::Method;
@@ -17,13 +17,51 @@ use tokio_rustls::TlsConnector;
 use super::super::format;
 use super::{human, Checker, Failure};
 
+/// Why the kubelet TLS client cannot be built. The text names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeletTlsError {
+    /// rustls refused the protocol versions (a build without TLS 1.2/1.3).
+    #[error("TLS setup: {0}")]
+    Setup(rustls::Error),
+    /// The `--kubelet-ca` file cannot be read.
+    #[error("--kubelet-ca {}: {source}", path.display())]
+    Read {
+        /// The bundle.
+        path: PathBuf,
+        /// The read error.
+        source: std::io::Error,
+    },
+    /// The bundle is not valid PEM.
+    #[error("--kubelet-ca {}: invalid PEM: {source}", path.display())]
+    Pem {
+        /// The bundle.
+        path: PathBuf,
+        /// The parse error.
+        source: std::io::Error,
+    },
+    /// A certificate of the bundle cannot be a trust anchor.
+    #[error("--kubelet-ca {}: unusable CA certificate: {source}", path.display())]
+    Unusable {
+        /// The bundle.
+        path: PathBuf,
+        /// Why.
+        source: rustls::Error,
+    },
+    /// The bundle has no `CERTIFICATE` block.
+    #[error("--kubelet-ca {}: no CERTIFICATE found", path.display())]
+    Empty {
+        /// The bundle.
+        path: PathBuf,
+    },
+}
+
 /// The TLS client of step 8: verifying the kubelet's certificate against
 /// the `kubelet_ca` bundle (PEM) if given, else accepting any certificate.
-pub(super) fn connector(kubelet_ca: Option<&Path>) -> Result<TlsConnector, String> {
+pub(super) fn connector(kubelet_ca: Option<&Path>) -> Result<TlsConnector, KubeletTlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS setup: {e}"))?;
+        .map_err(KubeletTlsError::Setup)?;
     let tls = match kubelet_ca {
         None => builder
             .dangerous()
@@ -140,24 +178,27 @@ impl Checker {
 struct Unverified(Arc<CryptoProvider>);
 
 /// The certificates of a PEM bundle as trust anchors; errors name the file.
-fn load_ca_bundle(path: &Path) -> Result<rustls::RootCertStore, String> {
-    let pem = std::fs::read(path).map_err(|e| format!("--kubelet-ca {}: {e}", path.display()))?;
+fn load_ca_bundle(path: &Path) -> Result<rustls::RootCertStore, KubeletTlsError> {
+    let path_buf = || path.to_path_buf();
+    let pem = std::fs::read(path).map_err(|source| KubeletTlsError::Read {
+        path: path_buf(),
+        source,
+    })?;
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-        let cert =
-            cert.map_err(|e| format!("--kubelet-ca {}: invalid PEM: {e}", path.display()))?;
-        roots.add(cert).map_err(|e| {
-            format!(
-                "--kubelet-ca {}: unusable CA certificate: {e}",
-                path.display()
-            )
+        let cert = cert.map_err(|source| KubeletTlsError::Pem {
+            path: path_buf(),
+            source,
         })?;
+        roots
+            .add(cert)
+            .map_err(|source| KubeletTlsError::Unusable {
+                path: path_buf(),
+                source,
+            })?;
     }
     if roots.is_empty() {
-        return Err(format!(
-            "--kubelet-ca {}: no CERTIFICATE found",
-            path.display()
-        ));
+        return Err(KubeletTlsError::Empty { path: path_buf() });
     }
     Ok(roots)
 }

@@ -58,6 +58,7 @@ mod steps;
 #[cfg(test)]
 mod tests;
 
+pub use kubelet_tls::KubeletTlsError;
 pub use report::{render_all, render_step, Outcome, Report, StepResult};
 pub use steps::Step;
 
@@ -79,10 +80,44 @@ pub struct Target {
     pub user: String,
 }
 
+/// Why `NODE|ADDRESS` names no target. The text names what was given.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TargetError {
+    /// Nothing was given.
+    #[error("empty node name or address")]
+    Empty,
+    /// The port is not in 1..=65535.
+    #[error("{0:?}: the port is not a number in 1..=65535")]
+    BadPort(String),
+    /// `[` without its `]`.
+    #[error("{0:?}: missing ]")]
+    MissingBracket(String),
+    /// Something other than `:port` after `[address]`.
+    #[error("{0:?}: expected [address]:port")]
+    AfterBracket(String),
+    /// An IPv6 address and a port without brackets.
+    #[error("{0:?}: an IPv6 address with a port is written [address]:port")]
+    UnbracketedIpv6(String),
+}
+
+/// Why `check` cannot start: the checker's own setup failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckerError {
+    /// The config was loaded without its identity.
+    #[error("no identity loaded")]
+    NoIdentity,
+    /// The known_hosts file cannot be read or parsed.
+    #[error(transparent)]
+    KnownHosts(#[from] crate::known_hosts::KnownHostsError),
+    /// The kubelet TLS client cannot be built.
+    #[error(transparent)]
+    KubeletTls(#[from] KubeletTlsError),
+}
+
 /// The target for `NODE|ADDRESS`: a node of the config by name, else a
 /// node one of whose addresses it is, else an address (`host`,
 /// `host:port`, `[v6]:port` or a bare IPv6 address) with `[ssh]` defaults.
-pub fn resolve_target(config: &Config, what: &str) -> Result<Target, String> {
+pub fn resolve_target(config: &Config, what: &str) -> Result<Target, TargetError> {
     let node_target = |n: &crate::config::NodeConfig| Target {
         label: n.name.clone(),
         host: n.ssh_address().to_string(),
@@ -118,23 +153,22 @@ pub fn resolve_target(config: &Config, what: &str) -> Result<Target, String> {
     })
 }
 
-fn split_host_port(what: &str) -> Result<(String, Option<u16>), String> {
-    let bad_port = || format!("{what:?}: the port is not a number in 1..=65535");
+fn split_host_port(what: &str) -> Result<(String, Option<u16>), TargetError> {
     let parse_port = |p: &str| match p.parse::<u16>() {
-        Ok(0) | Err(_) => Err(bad_port()),
+        Ok(0) | Err(_) => Err(TargetError::BadPort(what.to_owned())),
         Ok(p) => Ok(p),
     };
     if what.is_empty() {
-        return Err("empty node name or address".into());
+        return Err(TargetError::Empty);
     }
     if let Some(rest) = what.strip_prefix('[') {
         let (inside, after) = rest
             .split_once(']')
-            .ok_or_else(|| format!("{what:?}: missing ]"))?;
+            .ok_or_else(|| TargetError::MissingBracket(what.to_owned()))?;
         let port = match after.strip_prefix(':') {
             Some(p) => Some(parse_port(p)?),
             None if after.is_empty() => None,
-            None => return Err(format!("{what:?}: expected [address]:port")),
+            None => return Err(TargetError::AfterBracket(what.to_owned())),
         };
         return Ok((inside.to_string(), port));
     }
@@ -145,9 +179,7 @@ fn split_host_port(what: &str) -> Result<(String, Option<u16>), String> {
         Some((host, port)) if !host.contains(':') => {
             Ok((host.to_string(), Some(parse_port(port)?)))
         }
-        Some(_) => Err(format!(
-            "{what:?}: an IPv6 address with a port is written [address]:port"
-        )),
+        Some(_) => Err(TargetError::UnbracketedIpv6(what.to_owned())),
         None => Ok((what.to_string(), None)),
     }
 }
@@ -320,12 +352,9 @@ impl Checker {
         kubelet_host: &str,
         kubelet_port: u16,
         kubelet_ca: Option<&Path>,
-    ) -> Result<Self, String> {
-        let identity = config
-            .identity
-            .clone()
-            .ok_or_else(|| "no identity loaded".to_string())?;
-        let known_hosts = KnownHosts::load(&config.ssh.known_hosts).map_err(|e| e.to_string())?;
+    ) -> Result<Self, CheckerError> {
+        let identity = config.identity.clone().ok_or(CheckerError::NoIdentity)?;
+        let known_hosts = KnownHosts::load(&config.ssh.known_hosts)?;
         for w in known_hosts.warnings() {
             eprintln!(
                 "warning: {} line {} skipped: {}",

@@ -56,8 +56,23 @@ fn targets_by_name_by_node_address_and_by_address() {
     );
     let bare_v6 = resolve_target(&c, "fd00::2").unwrap();
     assert_eq!((bare_v6.host.as_str(), bare_v6.port), ("fd00::2", 2222));
-    assert!(resolve_target(&c, "host:0").is_err());
-    assert!(resolve_target(&c, "").is_err());
+    assert_eq!(
+        resolve_target(&c, "host:0"),
+        Err(TargetError::BadPort("host:0".into()))
+    );
+    assert_eq!(resolve_target(&c, ""), Err(TargetError::Empty));
+    assert_eq!(
+        resolve_target(&c, "[fd00::1"),
+        Err(TargetError::MissingBracket("[fd00::1".into()))
+    );
+    assert_eq!(
+        resolve_target(&c, "[fd00::1]x"),
+        Err(TargetError::AfterBracket("[fd00::1]x".into()))
+    );
+    assert_eq!(
+        resolve_target(&c, "fd00::1x:22").map_err(|e| e.to_string()),
+        Err("\"fd00::1x:22\": an IPv6 address with a port is written [address]:port".into())
+    );
 }
 
 #[test]
