@@ -241,8 +241,8 @@ impl ReadinessConfig {
 mod tests {
     use super::*;
 
-    fn admin(text: &str) -> Result<AdminConfig, String> {
-        toml::from_str(text).map_err(|e| e.to_string())
+    fn admin(text: &str) -> Result<AdminConfig, toml::de::Error> {
+        toml::from_str(text)
     }
 
     #[test]
@@ -259,7 +259,7 @@ mod tests {
         let uds_only = admin("listen = \"\"\nuds = \"/run/nt/admin.sock\"").unwrap();
         assert!(uds_only.enabled());
         let e = admin("listen = \"localhost\"").unwrap_err();
-        assert!(e.contains("not an IP address and port"), "{e}");
+        assert!(e.to_string().contains("not an IP address and port"), "{e}");
     }
 
     #[test]

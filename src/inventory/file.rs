@@ -293,8 +293,10 @@ enum LastRead {
     Nothing,
     /// This text was applied.
     Applied(String),
-    /// This text (or read error) was refused and counted.
-    Refused(Result<String, String>),
+    /// This text was refused and counted.
+    RefusedText(String),
+    /// Reading failed with this message, counted.
+    ReadFailed(String),
 }
 
 /// The file source's task; see [`super::run`].
@@ -515,8 +517,8 @@ impl FileSource {
                     self.publisher.synced();
                     return;
                 }
-                (LastRead::Refused(Ok(previous)), Ok(text)) if previous == text => return,
-                (LastRead::Refused(Err(previous)), Err(e)) if *previous == e.to_string() => return,
+                (LastRead::RefusedText(previous), Ok(text)) if previous == text => return,
+                (LastRead::ReadFailed(previous), Err(e)) if *previous == e.to_string() => return,
                 _ => {}
             }
         }
@@ -524,7 +526,7 @@ impl FileSource {
             Ok(text) => text,
             Err(e) => {
                 self.publisher.failed(&e);
-                self.last = LastRead::Refused(Err(e.to_string()));
+                self.last = LastRead::ReadFailed(e.to_string());
                 return;
             }
         };
@@ -555,7 +557,7 @@ impl FileSource {
             }
             Err(e) => {
                 self.publisher.failed(&e);
-                self.last = LastRead::Refused(Ok(text));
+                self.last = LastRead::RefusedText(text);
             }
         }
     }
