@@ -413,3 +413,55 @@ fn all_checks_every_node_and_ends_with_a_summary() {
     assert_eq!(code, 0, "{stdout}");
     assert!(stdout.contains("1/1 nodes passed every step"), "{stdout}");
 }
+
+/// Step 7 dials what kube-apiserver dials: the kubelet port on the node's
+/// preferred address (its first), through the tunnel. A kubelet bound to
+/// that address only passes; probing loopback instead (`--kubelet-host
+/// 127.0.0.1`, the old default) fails at step 7, as it should: nothing
+/// the apiserver reaches listens there.
+#[test]
+fn the_kubelet_step_dials_the_nodes_preferred_address() {
+    let setup = Setup::new();
+    let sshd = setup.sshd(true);
+    let kubelet = spawn_local(ServerKind::kubelet(
+        SocketAddr::from(([127, 0, 0, 2], 0)),
+        "node-1",
+    ))
+    .expect("kubelet stand-in on 127.0.0.2");
+    let config = setup.config(
+        "preferred",
+        &[sshd.known_hosts_line()],
+        &[("node-1", sshd.port())],
+    );
+    // The node's address is 127.0.0.2; its sshd is reached on 127.0.0.1.
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "addresses = [\"127.0.0.1\"]",
+        "addresses = [\"127.0.0.2\", \"127.0.0.3\"]\nssh_address = \"127.0.0.1\"",
+    );
+    std::fs::write(&config, text).unwrap();
+    let port = kubelet.port().to_string();
+
+    let (code, stdout, stderr) = check(&config, &["node-1", "--kubelet-port", &port]);
+    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(
+        stdout.contains(&format!("127.0.0.2:{port} from the node")),
+        "{stdout}"
+    );
+
+    let (code, stdout, _) = check(
+        &config,
+        &[
+            "node-1",
+            "--kubelet-port",
+            &port,
+            "--kubelet-host",
+            "127.0.0.1",
+        ],
+    );
+    assert_eq!(code, 9, "{stdout}");
+    assert_eq!(marks(&stdout), "✓✓✓✓✓✓✗-", "{stdout}");
+    assert!(
+        stdout.contains("kube-apiserver dials the node's preferred address, 127.0.0.2"),
+        "{stdout}"
+    );
+}

@@ -119,9 +119,11 @@ pub enum Command {
         /// Nodes checked at once with --all.
         #[arg(long, default_value_t = 16)]
         parallel: usize,
-        /// Kubelet host as seen from the node.
-        #[arg(long, default_value = "127.0.0.1")]
-        kubelet_host: String,
+        /// Kubelet host as seen from the node [default: the node's
+        /// preferred address (its first address), which is what
+        /// kube-apiserver dials through the tunnel].
+        #[arg(long)]
+        kubelet_host: Option<String>,
         /// Kubelet port.
         #[arg(long, default_value_t = 10250)]
         kubelet_port: u16,

@@ -15,7 +15,7 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 use tokio_rustls::TlsConnector;
 
 use super::super::format;
-use super::{human, Checker, Failure};
+use super::{human, Checker, Failure, Target};
 
 /// Why the kubelet TLS client cannot be built. The text names the file.
 #[derive(Debug, thiserror::Error)]
@@ -79,14 +79,12 @@ impl Checker {
     pub(super) async fn kubelet_healthz(
         &self,
         channel: Channel<client::Msg>,
+        target: &Target,
     ) -> Result<((), String), Failure> {
-        let kubelet = self.kubelet();
-        let server_name = ServerName::try_from(self.kubelet_host.clone()).map_err(|e| {
-            Failure::new(
-                format!("{:?} is not a TLS server name: {e}", self.kubelet_host),
-                None,
-            )
-        })?;
+        let kubelet = self.kubelet(target);
+        let host = self.kubelet_host(target);
+        let server_name = ServerName::try_from(host.to_owned())
+            .map_err(|e| Failure::new(format!("{host:?} is not a TLS server name: {e}"), None))?;
         let probe = async {
             let tls = self
                 .tls
@@ -100,12 +98,11 @@ impl Checker {
                     let hint = match (&self.kubelet_ca, certificate) {
                         (Some(ca), true) => format!(
                             "the kubelet's certificate does not verify against {} for the name \
-                             {:?}: kube-apiserver with --kubelet-certificate-authority would \
+                             {host:?}: kube-apiserver with --kubelet-certificate-authority would \
                              refuse it too. Check that the bundle is the kubelet's CA and that \
-                             --kubelet-host is the address the apiserver uses for this node \
-                             (its certificate must name it)",
+                             {host:?} is the address the apiserver uses for this node (its \
+                             certificate must name it; another one: --kubelet-host)",
                             ca.display(),
-                            self.kubelet_host
                         ),
                         _ => format!(
                             "{kubelet} does not speak TLS: is it the kubelet's port \

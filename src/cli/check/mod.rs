@@ -14,13 +14,15 @@
 //!    key so that this step can name it; nothing is sent to an untrusted
 //!    host: a failure here stops before authentication;
 //! 6. public-key authentication (`ssh.auth_timeout`);
-//! 7. a direct-tcpip channel to the kubelet port as seen from the node
+//! 7. a direct-tcpip channel to the kubelet port on the node's preferred
+//!    address (its first `addresses` entry), which is what kube-apiserver
+//!    dials through the tunnel, or on `--kubelet-host`
 //!    (`ssh.channel_open_timeout`);
 //! 8. `GET /healthz` over TLS through that channel
 //!    (`ssh.channel_open_timeout`). The certificate is not verified, as
 //!    kube-apiserver does without `--kubelet-certificate-authority`; with
-//!    `--kubelet-ca` it is verified against that bundle for the name
-//!    `--kubelet-host`, as kube-apiserver does with it. A 401 or 403
+//!    `--kubelet-ca` it is verified against that bundle for the kubelet
+//!    host of step 7, as kube-apiserver does with it. A 401 or 403
 //!    passes: the kubelet is there and wants the apiserver's client
 //!    certificate.
 //!
@@ -78,6 +80,9 @@ pub struct Target {
     pub port: u16,
     /// SSH user.
     pub user: String,
+    /// The kubelet's host as kube-apiserver dials it: the node's preferred
+    /// address (its first), or the address given when it names no node.
+    pub kubelet_host: String,
 }
 
 /// Why `NODE|ADDRESS` names no target. The text names what was given.
@@ -126,6 +131,11 @@ pub fn resolve_target(config: &Config, what: &str) -> Result<Target, TargetError
             .ssh_user
             .clone()
             .unwrap_or_else(|| config.ssh.user.clone()),
+        kubelet_host: n
+            .addresses
+            .first()
+            .cloned()
+            .unwrap_or_else(|| n.ssh_address().to_string()),
     };
     if let Some(n) = config.nodes.iter().find(|n| n.name == what) {
         return Ok(node_target(n));
@@ -147,6 +157,7 @@ pub fn resolve_target(config: &Config, what: &str) -> Result<Target, TargetError
     let port = port.unwrap_or(config.ssh.port);
     Ok(Target {
         label: format!("{}:{port}", bracket(&host)),
+        kubelet_host: host.clone(),
         host,
         port,
         user: config.ssh.user.clone(),
@@ -193,8 +204,9 @@ pub struct CheckOptions {
     pub all: bool,
     /// Nodes checked at once with `all`.
     pub parallel: usize,
-    /// Kubelet host as seen from the node.
-    pub kubelet_host: String,
+    /// Kubelet host as seen from the node; `None`: the node's preferred
+    /// address ([`Target::kubelet_host`]), as kube-apiserver dials it.
+    pub kubelet_host: Option<String>,
     /// Kubelet port.
     pub kubelet_port: u16,
     /// Print one JSON document at the end instead of the steps as they run.
@@ -215,7 +227,7 @@ pub async fn run(config_path: &Path, options: CheckOptions) -> ExitCode {
     };
     let checker = match Checker::new(
         &config,
-        &options.kubelet_host,
+        options.kubelet_host.as_deref(),
         options.kubelet_port,
         options.kubelet_ca.as_deref(),
     ) {
@@ -335,7 +347,9 @@ pub struct Checker {
     pub(super) handshake_timeout: Duration,
     pub(super) auth_timeout: Duration,
     pub(super) channel_timeout: Duration,
-    pub(super) kubelet_host: String,
+    /// `--kubelet-host`: the same kubelet host for every node, instead of
+    /// each node's preferred address.
+    pub(super) kubelet_host: Option<String>,
     pub(super) kubelet_port: u16,
     pub(super) tls: tokio_rustls::TlsConnector,
     /// The `--kubelet-ca` bundle the kubelet's certificate is verified
@@ -345,11 +359,12 @@ pub struct Checker {
 
 impl Checker {
     /// A checker for `config` (loaded with its identity) probing the
-    /// kubelet at `kubelet_host:kubelet_port` as seen from the node,
+    /// kubelet at `kubelet_port` on the node's preferred address, or on
+    /// `kubelet_host` if given, as seen from the node,
     /// verifying its certificate against `kubelet_ca` (PEM) if given.
     pub fn new(
         config: &Config,
-        kubelet_host: &str,
+        kubelet_host: Option<&str>,
         kubelet_port: u16,
         kubelet_ca: Option<&Path>,
     ) -> Result<Self, CheckerError> {
@@ -378,7 +393,7 @@ impl Checker {
             handshake_timeout: config.ssh.handshake_timeout,
             auth_timeout: config.ssh.auth_timeout,
             channel_timeout: config.ssh.channel_open_timeout,
-            kubelet_host: kubelet_host.to_string(),
+            kubelet_host: kubelet_host.map(str::to_owned),
             kubelet_port,
             tls,
             kubelet_ca: kubelet_ca.map(Path::to_path_buf),

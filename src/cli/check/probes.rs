@@ -277,19 +277,30 @@ impl Checker {
         ))
     }
 
-    /// `host:port` of the kubelet as seen from the node.
-    pub(super) fn kubelet(&self) -> String {
-        format!("{}:{}", bracket(&self.kubelet_host), self.kubelet_port)
+    /// The kubelet's host for `target` as seen from the node:
+    /// `--kubelet-host`, else the node's preferred address.
+    pub(super) fn kubelet_host<'a>(&'a self, target: &'a Target) -> &'a str {
+        self.kubelet_host.as_deref().unwrap_or(&target.kubelet_host)
+    }
+
+    /// `host:port` of the kubelet for `target` as seen from the node.
+    pub(super) fn kubelet(&self, target: &Target) -> String {
+        format!(
+            "{}:{}",
+            bracket(self.kubelet_host(target)),
+            self.kubelet_port
+        )
     }
 
     /// Step 7: a direct-tcpip channel to the kubelet.
     pub(super) async fn open_kubelet(
         &self,
         session: &Handle<Recorder>,
+        target: &Target,
     ) -> Result<(Channel<client::Msg>, String), Failure> {
-        let kubelet = self.kubelet();
+        let kubelet = self.kubelet(target);
         let open = session.channel_open_direct_tcpip(
-            self.kubelet_host.clone(),
+            self.kubelet_host(target).to_owned(),
             u32::from(self.kubelet_port),
             "127.0.0.1",
             0,
@@ -303,7 +314,19 @@ impl Checker {
                 "the connect from the node to the kubelet hangs: a firewall on the node drops it?",
             )),
             Ok(Err(russh::Error::ChannelOpenFailure(reason))) => {
-                Err(open_failure(&reason, &kubelet, self.kubelet_port))
+                let apiserver_dials = match &self.kubelet_host {
+                    None => "and kube-apiserver dials the same address".to_owned(),
+                    Some(_) => format!(
+                        "(--kubelet-host; kube-apiserver dials the node's preferred address, {})",
+                        target.kubelet_host
+                    ),
+                };
+                Err(open_failure(
+                    &reason,
+                    &kubelet,
+                    self.kubelet_port,
+                    &apiserver_dials,
+                ))
             }
             Ok(Err(e)) => Err(Failure::new(format!("failed: {e}"), None)),
             Ok(Ok(channel)) => Ok((channel, format!("{kubelet} from the node"))),
@@ -336,7 +359,12 @@ fn connect_failure(addr: SocketAddr, e: &std::io::Error) -> Failure {
     Failure::new(format!("{addr}: {e}"), hint)
 }
 
-fn open_failure(reason: &russh::ChannelOpenFailure, kubelet: &str, port: u16) -> Failure {
+fn open_failure(
+    reason: &russh::ChannelOpenFailure,
+    kubelet: &str,
+    port: u16,
+    apiserver_dials: &str,
+) -> Failure {
     match reason {
         russh::ChannelOpenFailure::AdministrativelyProhibited => Failure::new(
             format!("channel to {kubelet} administratively prohibited"),
@@ -349,9 +377,10 @@ fn open_failure(reason: &russh::ChannelOpenFailure, kubelet: &str, port: u16) ->
         russh::ChannelOpenFailure::ConnectFailed => Failure::new(
             format!("the node could not connect to {kubelet}"),
             format!(
-                "nothing listens on {kubelet} as seen from the node: is the kubelet running \
-                 (systemctl status kubelet)? If it listens only on the node's IP, use \
-                 --kubelet-host <node IP>; another port: --kubelet-port (now {port})"
+                "nothing listens on {kubelet} as seen from the node {apiserver_dials}: is the \
+                 kubelet running (systemctl status kubelet), and bound \
+                 to this address (its --address)? To probe another address: --kubelet-host; \
+                 another port: --kubelet-port (now {port})"
             ),
         ),
         russh::ChannelOpenFailure::ResourceShortage => Failure::new(

@@ -141,9 +141,9 @@ impl Checker {
         )
         .await?;
         let channel = run
-            .step(Step::DirectTcpip, self.open_kubelet(session))
+            .step(Step::DirectTcpip, self.open_kubelet(session, target))
             .await?;
-        run.step(Step::KubeletHealthz, self.kubelet_healthz(channel))
+        run.step(Step::KubeletHealthz, self.kubelet_healthz(channel, target))
             .await
     }
 }

@@ -208,7 +208,7 @@ mod host_key_step {
             handshake_timeout: Duration::from_secs(1),
             auth_timeout: Duration::from_secs(1),
             channel_timeout: Duration::from_secs(1),
-            kubelet_host: "127.0.0.1".into(),
+            kubelet_host: None,
             kubelet_port: 10250,
             tls: kubelet_tls::connector(None).expect("TLS client"),
             kubelet_ca: None,
@@ -221,6 +221,7 @@ mod host_key_step {
             host: host.into(),
             port: 22,
             user: "core".into(),
+            kubelet_host: host.into(),
         }
     }
 
