@@ -205,6 +205,13 @@ impl ClientHandler {
                     t.node, t.host, t.port
                 ))
             }
+            HostKeyDecision::Refuse(HostKeyStatus::InvalidCertificate { problem }) => Err(format!(
+                "host certificate of node {} ({}:{}) {presented} is signed by a CA that {} trusts, but is not valid: {problem}; the node needs a valid host certificate (ssh-keygen -s CA_KEY -h), or the clocks are wrong",
+                t.node,
+                t.host,
+                t.port,
+                self.settings.known_hosts_path.display()
+            )),
             HostKeyDecision::Refuse(HostKeyStatus::Unknown | HostKeyStatus::Trusted) => Err(format!(
                 "host key of node {} ({}:{}) {presented} is not in {} (host_key_policy = {policy}); add it, e.g. with ssh-keyscan, after checking the fingerprint",
                 t.node,

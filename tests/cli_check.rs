@@ -465,3 +465,103 @@ fn the_kubelet_step_dials_the_nodes_preferred_address() {
         "{stdout}"
     );
 }
+
+/// `ssh-keygen ARGS` in `dir`, which must succeed.
+fn ssh_keygen(dir: &Path, args: &[&str]) {
+    let out = std::process::Command::new("ssh-keygen")
+        .current_dir(dir)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("running ssh-keygen (apt-get install openssh-client)");
+    assert!(
+        out.status.success(),
+        "ssh-keygen {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A node whose sshd presents a host certificate from a CA that
+/// known_hosts trusts (`@cert-authority`): a valid one passes step 5; an
+/// expired or not-yet-valid one fails step 5 saying so, with the times,
+/// instead of calling the host unknown and sending the operator to compare
+/// fingerprints.
+#[test]
+fn an_expired_host_certificate_is_named_not_called_unknown() {
+    let setup = Setup::new();
+    let dir = setup.dir.path();
+    ssh_keygen(
+        dir,
+        &[
+            "-q", "-t", "ed25519", "-N", "", "-C", "host-ca", "-f", "host_ca",
+        ],
+    );
+    let cases = [
+        ("valid", "-5m:+1h"),
+        ("expired", "20200101:20200102"),
+        ("future", "+1d:+2d"),
+    ];
+    for (tag, validity) in cases {
+        let key = format!("host_{tag}");
+        ssh_keygen(
+            dir,
+            &["-q", "-t", "ed25519", "-N", "", "-C", &key, "-f", &key],
+        );
+        ssh_keygen(
+            dir,
+            &[
+                "-q",
+                "-s",
+                "host_ca",
+                "-h",
+                "-I",
+                &key,
+                "-n",
+                "127.0.0.1",
+                "-V",
+                validity,
+                &format!("{key}.pub"),
+            ],
+        );
+        std::fs::set_permissions(
+            dir.join(&key),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
+        let sshd = Sshd::start(SshdOptions {
+            authorized_keys: vec![setup.key.public_line.clone()],
+            extra_config: vec![
+                format!("HostKey {}", dir.join(&key).display()),
+                format!(
+                    "HostCertificate {}",
+                    dir.join(format!("{key}-cert.pub")).display()
+                ),
+            ],
+            ..SshdOptions::default()
+        })
+        .unwrap_or_else(|e| panic!("starting sshd: {e:#}"));
+        let ca = std::fs::read_to_string(dir.join("host_ca.pub")).unwrap();
+        let line = format!("@cert-authority [127.0.0.1]:{} {}", sshd.port(), ca.trim());
+        let config = setup.config(tag, &[line], &[("node-1", sshd.port())]);
+        let (code, stdout, stderr) = check(&config, &["node-1", "--kubelet-port", "1"]);
+        let host_key = steps(&stdout)
+            .into_iter()
+            .nth(4)
+            .unwrap_or_else(|| panic!("no step 5: {stdout}\n{stderr}"));
+        match tag {
+            "valid" => assert_eq!(host_key.0, '✓', "{stdout}"),
+            _ => {
+                assert_eq!(code, 7, "{stdout}\n{stderr}");
+                assert_eq!(host_key.0, '✗', "{stdout}");
+                let want = if tag == "expired" {
+                    "certificate has expired: valid until 2020-01-0"
+                } else {
+                    "certificate is not valid yet: valid from "
+                };
+                assert!(stdout.contains(want), "{stdout}");
+                assert!(stdout.contains("must be re-issued"), "{stdout}");
+                assert!(!stdout.contains("not in known_hosts"), "{stdout}");
+            }
+        }
+    }
+}

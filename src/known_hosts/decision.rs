@@ -23,7 +23,8 @@ pub enum HostKeyDecision {
     /// accepted only because the policy is `insecure`.
     Insecure(HostKeyStatus),
     /// Refused. The status says why: [`HostKeyStatus::Revoked`],
-    /// [`HostKeyStatus::Changed`], or [`HostKeyStatus::Unknown`] under
+    /// [`HostKeyStatus::Changed`], [`HostKeyStatus::InvalidCertificate`],
+    /// or [`HostKeyStatus::Unknown`] under
     /// `strict` (and for a certificate under `accept-new`, which records
     /// plain keys only); never [`HostKeyStatus::Trusted`].
     Refuse(HostKeyStatus),
@@ -38,6 +39,7 @@ pub enum HostKeyDecision {
 /// | unknown              | Refuse  | Learn (a certificate: Refuse)  | Insecure |
 /// | changed              | Refuse  | Refuse                         | Insecure |
 /// | revoked              | Refuse  | Refuse                         | Insecure |
+/// | invalid certificate  | Refuse  | Refuse                         | Insecure |
 pub fn decide(
     known: &KnownHosts,
     host: &str,
@@ -55,8 +57,8 @@ pub fn decide(
             }
             _ => HostKeyDecision::Refuse(status),
         },
-        HostKeyStatus::Changed { .. } | HostKeyStatus::Revoked { .. } => {
-            HostKeyDecision::Refuse(status)
-        }
+        HostKeyStatus::Changed { .. }
+        | HostKeyStatus::Revoked { .. }
+        | HostKeyStatus::InvalidCertificate { .. } => HostKeyDecision::Refuse(status),
     }
 }

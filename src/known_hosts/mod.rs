@@ -49,6 +49,7 @@ mod parse;
 mod tests;
 
 pub use append::append_host_key;
+pub use certificates::CertificateProblem;
 pub use decision::{decide, HostKeyDecision, HostKeyPolicy};
 pub use matching::lookup_name;
 
@@ -190,6 +191,14 @@ pub enum HostKeyStatus {
         /// 1-based line number of the `@revoked` entry.
         line: usize,
     },
+    /// A host certificate signed by a CA that a matching `@cert-authority`
+    /// line lists, but not valid (expired, not yet valid, wrong principal,
+    /// ...), and no plain line matches the host: refused as an unknown host
+    /// would be, with the reason.
+    InvalidCertificate {
+        /// Why it is not valid.
+        problem: CertificateProblem,
+    },
 }
 
 impl HostKeyStatus {
@@ -204,6 +213,12 @@ impl fmt::Display for HostKeyStatus {
         match self {
             HostKeyStatus::Trusted => f.write_str("host key is trusted"),
             HostKeyStatus::Unknown => f.write_str("host is not in known_hosts"),
+            HostKeyStatus::InvalidCertificate { problem } => {
+                write!(
+                    f,
+                    "host certificate from a trusted CA is not valid: {problem}"
+                )
+            }
             HostKeyStatus::Changed { expected } => {
                 f.write_str("host key does not match known_hosts, which expects ")?;
                 for (i, key) in expected.iter().enumerate() {

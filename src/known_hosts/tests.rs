@@ -419,14 +419,22 @@ fn certificate_authority() {
         HostKeyStatus::Trusted
     );
 
-    // Wrong principal.
+    // Wrong principal: the CA is trusted for the host, so the verdict
+    // says why the certificate is not valid instead of "unknown".
+    let wrong_principal = CertificateProblem::PrincipalNotListed {
+        host: "node-2.example.com".into(),
+        principals: vec!["node-1.example.com".into(), "10.0.0.7".into()],
+    };
     assert_eq!(
         kh.check_certificate("node-2.example.com", 22, &cert),
-        HostKeyStatus::Unknown
+        HostKeyStatus::InvalidCertificate {
+            problem: wrong_principal.clone()
+        }
     );
-    assert!(kh
-        .certificate_problem("node-2.example.com", 22, &cert)
-        .is_some_and(|p| p.contains("principals")));
+    assert_eq!(
+        kh.certificate_problem("node-2.example.com", 22, &cert),
+        Some(wrong_principal)
+    );
 
     // Wildcard principal, as OpenSSH accepts for host certificates.
     let wild = host_cert(
@@ -446,7 +454,9 @@ fn certificate_authority() {
     let any = host_cert(&ca, host_pub, CertType::Host, &[], t - 60, t + 3600);
     assert_eq!(
         kh.check_certificate("node-1.example.com", 22, &any),
-        HostKeyStatus::Unknown
+        HostKeyStatus::InvalidCertificate {
+            problem: CertificateProblem::NoPrincipals
+        }
     );
 
     // Expired and not yet valid.
@@ -458,9 +468,21 @@ fn certificate_authority() {
         t - 7200,
         t - 3600,
     );
-    assert_eq!(
-        kh.check_certificate("node-1.example.com", 22, &expired),
-        HostKeyStatus::Unknown
+    let status = kh.check_certificate("node-1.example.com", 22, &expired);
+    assert!(
+        matches!(
+            status,
+            HostKeyStatus::InvalidCertificate {
+                problem: CertificateProblem::Expired { valid_before, .. }
+            } if valid_before == t - 3600
+        ),
+        "{status:?}"
+    );
+    assert!(
+        status
+            .to_string()
+            .contains("certificate has expired: valid until 20"),
+        "{status}"
     );
     let future = host_cert(
         &ca,
@@ -470,10 +492,12 @@ fn certificate_authority() {
         t + 3600,
         t + 7200,
     );
-    assert_eq!(
+    assert!(matches!(
         kh.check_certificate("node-1.example.com", 22, &future),
-        HostKeyStatus::Unknown
-    );
+        HostKeyStatus::InvalidCertificate {
+            problem: CertificateProblem::NotYetValid { valid_after, .. }
+        } if valid_after == t + 3600
+    ));
     // Validity bounds: valid_after <= now < valid_before.
     assert_eq!(
         kh.check_certificate_at("node-1.example.com", 22, &expired, Some(t - 7200)),
@@ -481,7 +505,12 @@ fn certificate_authority() {
     );
     assert_eq!(
         kh.check_certificate_at("node-1.example.com", 22, &expired, Some(t - 3600)),
-        HostKeyStatus::Unknown
+        HostKeyStatus::InvalidCertificate {
+            problem: CertificateProblem::Expired {
+                valid_before: t - 3600,
+                now: t - 3600
+            }
+        }
     );
 
     // A user certificate is not a host certificate.
@@ -495,7 +524,9 @@ fn certificate_authority() {
     );
     assert_eq!(
         kh.check_certificate("node-1.example.com", 22, &user),
-        HostKeyStatus::Unknown
+        HostKeyStatus::InvalidCertificate {
+            problem: CertificateProblem::NotHostCertificate
+        }
     );
 
     // Signed by a CA that is not listed.
@@ -508,6 +539,7 @@ fn certificate_authority() {
         t - 60,
         t + 3600,
     );
+    // Signed by a CA nobody trusts: an unknown host, as before.
     assert_eq!(
         kh.check_certificate("node-1.example.com", 22, &rogue_cert),
         HostKeyStatus::Unknown
@@ -1030,12 +1062,37 @@ mod decision {
             t - 7200,
             t - 3600,
         );
+        let decision = decide(
+            &f.kh,
+            "node-3.example.com",
+            22,
+            &PublicKeyOrCertificate::from(expired),
+            HostKeyPolicy::AcceptNew,
+        );
+        assert!(
+            matches!(
+                decision,
+                HostKeyDecision::Refuse(HostKeyStatus::InvalidCertificate {
+                    problem: CertificateProblem::Expired { valid_before, .. }
+                }) if valid_before == t - 3600
+            ),
+            "{decision:?}"
+        );
+        // Signed by a CA nobody trusts: unknown, and refused all the same.
+        let rogue = host_cert(
+            &new_key(),
+            &f.other,
+            CertType::Host,
+            &["node-3.example.com"],
+            t - 60,
+            t + 3600,
+        );
         assert_eq!(
             decide(
                 &f.kh,
                 "node-3.example.com",
                 22,
-                &PublicKeyOrCertificate::from(expired),
+                &PublicKeyOrCertificate::from(rogue),
                 HostKeyPolicy::AcceptNew
             ),
             HostKeyDecision::Refuse(HostKeyStatus::Unknown)

@@ -115,6 +115,18 @@ impl Checker {
                     hint,
                 ))
             }
+            HostKeyDecision::Refuse(HostKeyStatus::InvalidCertificate { problem }) => {
+                Err(Failure::new(
+                    format!("{presented} is not valid: {problem}"),
+                    format!(
+                        "{path} trusts the CA that signed it ({name}), so this is not an unknown \
+                         host: the node's host certificate must be re-issued (ssh-keygen -s \
+                         CA_KEY -h -n PRINCIPALS, listing {host}) or, if it looks valid, the \
+                         clock of this host or of the CA is wrong",
+                        host = target.host
+                    ),
+                ))
+            }
             HostKeyDecision::Refuse(HostKeyStatus::Revoked { line }) => Err(Failure::new(
                 format!("{presented} is revoked by {path}:{line}"),
                 "the key was revoked on purpose (@revoked); the node needs a new host key",

@@ -274,9 +274,41 @@ mod host_key_step {
             ),
             HostKeyPolicy::AcceptNew,
         );
+        // Expired, from a CA known_hosts trusts: not an unknown host, and
+        // the check says so (no hint to compare fingerprints).
         let Err(failure) = checker.judge_host_key(
             &target("node-1.example.com"),
             Some(PublicKeyOrCertificate::from(expired)),
+        ) else {
+            panic!("an expired certificate passed under accept-new");
+        };
+        assert!(
+            failure
+                .detail
+                .contains("is not valid: certificate has expired: valid until "),
+            "{}",
+            failure.detail
+        );
+        let hint = failure.hint.unwrap_or_default();
+        assert!(hint.contains("must be re-issued"), "{hint}");
+        assert!(!hint.contains("fingerprint"), "{hint}");
+        // Signed by a CA nobody trusts: an unknown host under accept-new.
+        let mut builder = Builder::new_with_random_nonce(
+            &mut safe_rng(),
+            new_key().public_key().key_data().clone(),
+            now - 60,
+            now + 3600,
+        )
+        .expect("builder");
+        builder.cert_type(CertType::Host).expect("cert type");
+        builder.key_id("test").expect("key id");
+        builder
+            .valid_principal("node-1.example.com")
+            .expect("principal");
+        let rogue = builder.sign(&new_key()).expect("sign certificate");
+        let Err(failure) = checker.judge_host_key(
+            &target("node-1.example.com"),
+            Some(PublicKeyOrCertificate::from(rogue)),
         ) else {
             panic!("an unknown certificate passed under accept-new");
         };
