@@ -9,7 +9,7 @@
 //! that context as a span instead of repeating its fields on every line:
 //! `connection{listener, peer, dest, node, stream}` (proxy/conn_span.rs)
 //! and `session{node, endpoint, session}` (tunnel.rs). Text lines show the
-//! span as a prefix, `connection{listener=tcp peer=127.0.0.1:5000
+//! span as a prefix, `connection{listener="tcp" peer=127.0.0.1:5000
 //! dest=10.0.0.1:10250}: CONNECT refused ...`. JSON lines carry it as a
 //! `span` object next to the event's own fields: `{"message": "CONNECT
 //! refused", "error": ..., "span": {"name": "connection", "listener":
