@@ -308,6 +308,13 @@ pub trait TunnelIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {
         Box::pin(std::future::pending())
     }
 
+    /// The node this stream runs to and the stream's id, for the `node`
+    /// and `stream` fields of its connection's log span. The default has
+    /// neither.
+    fn log_context(&self) -> (Option<&str>, Option<u64>) {
+        (None, None)
+    }
+
     /// Move up to `max` bytes the stream has received onto `out`, as
     /// chunks; `Ready(Ok(0))` is the end of the stream. The splice writes
     /// these chunks to the client with vectored writes, so a stream that

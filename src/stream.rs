@@ -785,6 +785,10 @@ impl TunnelStream {
 }
 
 impl crate::dial::TunnelIo for TunnelStream {
+    fn log_context(&self) -> (Option<&str>, Option<u64>) {
+        (Some(&self.shared.node), Some(self.shared.id))
+    }
+
     fn cut(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = String> + Send + 'static>> {
         let shared = self.shared.clone();
         Box::pin(async move {

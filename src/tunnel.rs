@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{Notify, Semaphore};
+use tracing::Instrument;
 
 use crate::backoff::Backoff;
 use crate::dial::{ChannelRefusal, DialError, LimitKind, NodeDownCause};
@@ -196,11 +197,14 @@ impl Tunnel {
         })
     }
 
-    /// Spawn one supervisor task per session.
+    /// Spawn one supervisor task per session, each in its own
+    /// [`session_span`]: the connect, the keepalives and the session's end
+    /// are logged in it.
     pub fn start(self: &Arc<Self>) {
         for slot in 0..self.ctx.sessions_per_node {
             let tunnel = self.clone();
-            tokio::spawn(async move { tunnel.supervise(slot).await });
+            let span = session_span(&self.name, &self.target, slot);
+            tokio::spawn(async move { tunnel.supervise(slot).await }.instrument(span));
         }
     }
 
@@ -515,7 +519,7 @@ impl Tunnel {
                             *entry = Slot::Ready(live.clone());
                         }
                     });
-                    tracing::info!(node = %self.name, session = slot, endpoint = %format!("{}:{}", self.target.host, self.target.port), "tunnel ready");
+                    tracing::info!("tunnel ready");
                     let ready_at = Instant::now();
                     let end = self.watch(&live).await;
                     if ready_at.elapsed() >= ctx.backoff_reset_after {
@@ -530,7 +534,7 @@ impl Tunnel {
                             break;
                         }
                         SessionEnd::Reconnect => {
-                            tracing::info!(node = %self.name, session = slot, "reconnecting on request");
+                            tracing::info!("reconnecting on request");
                             self.set_slot(slot, Slot::Connecting);
                             close_session(&live).await;
                             backoff.reset();
@@ -540,7 +544,7 @@ impl Tunnel {
                             // Sever the transport so that every stream on the
                             // session ends now, even if the peer is a blackhole.
                             live.session.cut.sever();
-                            tracing::warn!(node = %self.name, session = slot, error = %reason, "session lost");
+                            tracing::warn!(error = %reason, "session lost");
                             Some(reason)
                         }
                     }
@@ -560,7 +564,7 @@ impl Tunnel {
                     *entry = Slot::Backoff;
                 }
             });
-            tracing::debug!(node = %self.name, session = slot, delay = ?delay, "backing off");
+            tracing::debug!(delay = ?delay, "backing off");
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = self.reconnect.notified() => backoff.reset(),
@@ -602,7 +606,7 @@ impl Tunnel {
 
     fn record_failure(&self, e: &ConnectError) {
         self.ctx.metrics.handshake(e.reason());
-        tracing::warn!(node = %self.name, reason = e.reason(), error = %e, "ssh connect failed");
+        tracing::warn!(reason = e.reason(), error = %e, "ssh connect failed");
         self.update(|s| {
             *s.failures.entry(e.reason()).or_insert(0) += 1;
             s.last_error = Some(e.to_string());
@@ -648,6 +652,21 @@ impl Tunnel {
             self.changed.notify_waiters();
         }
     }
+}
+
+/// The log span of one SSH session of a node: `session{node, endpoint,
+/// session}` (`session` is the slot index, 0..`ssh.sessions_per_node`).
+/// A root span, so that it never inherits the span of whatever started the
+/// tunnel; at `error` level, so that it is enabled whenever any of its
+/// lines is.
+fn session_span(node: &str, target: &Target, slot: usize) -> tracing::Span {
+    tracing::error_span!(
+        parent: None,
+        "session",
+        node = %node,
+        endpoint = %format_args!("{}:{}", target.host, target.port),
+        session = slot,
+    )
 }
 
 /// Keepalives over a russh session.

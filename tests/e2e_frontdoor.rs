@@ -745,7 +745,7 @@ async fn a_stopped_node_is_refused_without_hanging_and_comes_back() {
     // sshd back: the tunnel reconnects by itself and node 3 serves again.
     blocking(|| cluster.bed.start_node(3)).expect("starting node-3's sshd");
     let ready = blocking(|| nt.expect_log(mark, START_TIMEOUT, "tunnel ready", Some("node-3")));
-    assert_eq!(nt.event(ready)["endpoint"], format!("{}:22", n3.ip));
+    assert_eq!(nt.event(ready)["span"]["endpoint"], format!("{}:22", n3.ip));
     let r = kubelet_get(&uds, kubelet3, n3.ip, "/healthz")
         .await
         .unwrap();

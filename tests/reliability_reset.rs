@@ -321,7 +321,7 @@ fn assert_reset(what: &str, end: &io::Result<()>) {
 fn abortive_closes(log: &Log, listener: &str) -> Vec<Value> {
     let mut events = log.with_message("client connection reset");
     events.extend(log.with_message("client connection closed without a reset (Unix socket)"));
-    events.retain(|v| v["listener"] == listener);
+    events.retain(|v| v["span"]["listener"] == listener);
     events
 }
 

@@ -941,3 +941,58 @@ async fn a_spent_buffer_budget_slows_streams_and_never_holds_more_than_it_allows
     assert_eq!(limits.committed(), 0, "every stream's budget came back");
     manager.shutdown(Duration::from_secs(1)).await;
 }
+
+/// Log lines in `serve`'s JSON format, captured for this thread.
+#[derive(Clone, Default)]
+struct JsonLog(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for JsonLog {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("log").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn session_lines_carry_the_session_span_in_json() {
+    let log = JsonLog::default();
+    let writer = log.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .event_format(nodetunnel::logging::json_format())
+        .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
+        .with_writer(move || writer.clone())
+        .finish();
+    // `#[tokio::test]` runs every task on this thread.
+    let _capture = tracing::subscriber::set_default(subscriber);
+
+    let fx = Fixture::new();
+    let node = SshNode::start(&fx.client).await;
+    fx.known_hosts(&[node.known_hosts_line()]);
+    let config = fx.config(&[("node-a", node.addr().port())], "");
+    let manager = fx.manager(&config);
+    wait_state(&manager, "node-a", TunnelState::Ready).await;
+    manager.shutdown(Duration::from_secs(1)).await;
+
+    let bytes = log.0.lock().expect("log").clone();
+    let ready: Vec<serde_json::Value> = String::from_utf8_lossy(&bytes)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|event| event["message"] == "tunnel ready")
+        .collect();
+    assert_eq!(ready.len(), 1, "{ready:?}");
+    let span = &ready[0]["span"];
+    assert_eq!(span["name"], "session", "{span}");
+    assert_eq!(span["node"], "node-a", "{span}");
+    assert_eq!(
+        span["endpoint"],
+        format!("127.0.0.1:{}", node.addr().port()),
+        "{span}"
+    );
+    assert_eq!(span["session"], 0, "{span}");
+    assert!(ready[0].get("node").is_none(), "{}", ready[0]);
+}

@@ -30,8 +30,8 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::relay::{relay, ClientIo, TunnelLog};
-use super::{error_node, Context, HostError, ListenerKind};
+use super::relay::{relay, ClientIo};
+use super::{conn_span, Context, HostError, ListenerKind};
 use crate::dial::{Destination, Dialer, Host};
 
 /// Largest request head accepted (hyper's read buffer); beyond it hyper
@@ -121,7 +121,6 @@ fn connect_destination(uri: &Uri) -> Result<Destination, TargetError> {
 struct Established<S> {
     on_upgrade: OnUpgrade,
     tunnel: S,
-    dest: Destination,
 }
 
 type Slot<S> = Arc<Mutex<Option<Established<S>>>>;
@@ -149,7 +148,6 @@ pub(crate) async fn serve<I, D>(
     io: I,
     ctx: &Arc<Context<D>>,
     listener: ListenerKind,
-    client: &str,
     admitted: bool,
 ) where
     I: ClientIo,
@@ -157,18 +155,16 @@ pub(crate) async fn serve<I, D>(
 {
     let builder = builder(ctx.header_read_timeout);
     if !admitted {
-        return serve_overflow(&builder, io, ctx, listener, client).await;
+        return serve_overflow(&builder, io, ctx, listener).await;
     }
     let slot: Slot<D::Stream> = Arc::new(Mutex::new(None));
     let service = {
         let ctx = ctx.clone();
         let slot = slot.clone();
-        let client: Arc<str> = client.into();
         service_fn(move |req| {
             let ctx = ctx.clone();
             let slot = slot.clone();
-            let client = client.clone();
-            async move { Ok::<_, Infallible>(answer(req, &ctx, listener, &client, &slot).await) }
+            async move { Ok::<_, Infallible>(answer(req, &ctx, listener, &slot).await) }
         })
     };
     let conn = builder
@@ -184,15 +180,10 @@ pub(crate) async fn serve<I, D>(
         }
     };
     if let Err(error) = served {
-        log_connection_error(ctx, listener, client, &error);
+        log_connection_error(ctx, listener, &error);
     }
     let established = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
-    let Some(Established {
-        on_upgrade,
-        tunnel,
-        dest,
-    }) = established
-    else {
+    let Some(Established { on_upgrade, tunnel }) = established else {
         return;
     };
     // The connection future resolved, so the upgrade is ready or failed:
@@ -200,20 +191,13 @@ pub(crate) async fn serve<I, D>(
     let upgraded = match tokio::time::timeout(ctx.header_read_timeout, on_upgrade).await {
         Ok(Ok(upgraded)) => upgraded,
         Ok(Err(error)) => {
-            tracing::debug!(listener = listener.as_str(), client, dest = %dest, error = %error,
-                "connection not upgraded after 200");
+            tracing::debug!(error = %error, "connection not upgraded after 200");
             return;
         }
         Err(_) => {
-            tracing::debug!(listener = listener.as_str(), client, dest = %dest,
-                "upgrade did not complete");
+            tracing::debug!("upgrade did not complete");
             return;
         }
-    };
-    let log = TunnelLog {
-        listener,
-        client,
-        dest: &dest,
     };
     // Back to the socket hyper was given (and the bytes it read past the
     // request head), so that a cut tunnel can reset it.
@@ -221,40 +205,28 @@ pub(crate) async fn serve<I, D>(
         Ok(parts) => {
             let early = parts.read_buf;
             let io = parts.io.into_inner();
-            relay(io, tunnel, &early, ctx.header_read_timeout, log).await;
+            relay(io, tunnel, &early, ctx.header_read_timeout).await;
         }
         Err(upgraded) => {
-            tracing::warn!(listener = listener.as_str(), client, dest = %dest,
-                "upgraded connection is not the socket it was served on: a cut tunnel will not reset it");
+            tracing::warn!(
+                "upgraded connection is not the socket it was served on: a cut tunnel will not reset it"
+            );
             let io = TokioIo::new(upgraded);
-            relay(io, tunnel, &[], ctx.header_read_timeout, log).await;
+            relay(io, tunnel, &[], ctx.header_read_timeout).await;
         }
     }
 }
 
-fn log_connection_error<D: Dialer>(
-    ctx: &Context<D>,
-    listener: ListenerKind,
-    client: &str,
-    error: &hyper::Error,
-) {
+fn log_connection_error<D: Dialer>(ctx: &Context<D>, listener: ListenerKind, error: &hyper::Error) {
     if error.is_parse_too_large() {
         ctx.metrics.proxy_request(listener.as_str(), "431");
         ctx.log_refusal("431", || {
-            tracing::info!(
-                listener = listener.as_str(),
-                client,
-                "request head too large: 431"
-            );
+            tracing::info!("request head too large: 431");
         });
     } else if error.is_timeout() {
-        tracing::debug!(
-            listener = listener.as_str(),
-            client,
-            "request head read timed out"
-        );
+        tracing::debug!("request head read timed out");
     } else {
-        tracing::debug!(listener = listener.as_str(), client, error = %error, "HTTP connection error");
+        tracing::debug!(error = %error, "HTTP connection error");
     }
 }
 
@@ -264,14 +236,13 @@ async fn answer<D: Dialer>(
     mut req: Request<Incoming>,
     ctx: &Context<D>,
     listener: ListenerKind,
-    client: &str,
     slot: &Slot<D::Stream>,
 ) -> Response<Full<Bytes>> {
     let label = listener.as_str();
     if req.method() != Method::CONNECT {
         ctx.metrics.proxy_request(label, "405");
         ctx.log_refusal("405", || {
-            tracing::info!(listener = label, client, method = %req.method(), "not CONNECT: 405");
+            tracing::info!(method = %req.method(), "not CONNECT: 405");
         });
         let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "only CONNECT is supported");
         response
@@ -288,8 +259,7 @@ async fn answer<D: Dialer>(
     {
         ctx.metrics.proxy_request(label, "400");
         ctx.log_refusal("400", || {
-            tracing::info!(listener = label, client, header = %name,
-                "CONNECT with a request body: 400");
+            tracing::info!(header = %name, "CONNECT with a request body: 400");
         });
         return text(
             StatusCode::BAD_REQUEST,
@@ -301,22 +271,21 @@ async fn answer<D: Dialer>(
         Err(error) => {
             ctx.metrics.proxy_request(label, "400");
             ctx.log_refusal("400", || {
-                tracing::info!(listener = label, client, dest = ?req.uri().to_string(),
+                tracing::info!(dest = ?req.uri().to_string(),
                     error = %error, "malformed CONNECT target: 400");
             });
             return text(StatusCode::BAD_REQUEST, &error.to_string());
         }
     };
+    conn_span::record_dest(&dest);
     match ctx.dial(&dest).await {
         Ok(tunnel) => {
+            conn_span::record_tunnel(&tunnel);
             let on_upgrade = hyper::upgrade::on(&mut req);
-            *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(Established {
-                on_upgrade,
-                tunnel,
-                dest: dest.clone(),
-            });
+            *slot.lock().unwrap_or_else(PoisonError::into_inner) =
+                Some(Established { on_upgrade, tunnel });
             ctx.metrics.proxy_request(label, "200");
-            tracing::debug!(listener = label, client, dest = %dest, "tunnel open");
+            tracing::debug!("tunnel open");
             let mut response = Response::new(Full::new(Bytes::new()));
             response
                 .extensions_mut()
@@ -327,9 +296,9 @@ async fn answer<D: Dialer>(
             let status =
                 StatusCode::from_u16(error.http_status()).unwrap_or(StatusCode::BAD_GATEWAY);
             ctx.count_refusal(listener, status.as_str());
+            conn_span::record_refusal(&error);
             ctx.log_refusal(error.reason(), || {
-                tracing::info!(listener = label, client, dest = %dest, node = error_node(&error),
-                    error = %error, status = status.as_u16(), "CONNECT refused");
+                tracing::info!(error = %error, status = status.as_u16(), "CONNECT refused");
             });
             text(status, &error.to_string())
         }
@@ -367,20 +336,14 @@ async fn serve_overflow<I, D>(
     io: I,
     ctx: &Context<D>,
     listener: ListenerKind,
-    client: &str,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     D: Dialer,
 {
     let metrics = ctx.metrics.clone();
-    let client_field: Arc<str> = client.into();
     let service = service_fn(move |_req: Request<Incoming>| {
         metrics.proxy_request(listener.as_str(), "503");
-        tracing::warn!(
-            listener = listener.as_str(),
-            client = %client_field,
-            "max_connections reached: 503"
-        );
+        tracing::warn!("max_connections reached: 503");
         async {
             Ok::<_, Infallible>(text(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -389,7 +352,7 @@ async fn serve_overflow<I, D>(
         }
     });
     if let Err(error) = builder.serve_connection(TokioIo::new(io), service).await {
-        log_connection_error(ctx, listener, client, &error);
+        log_connection_error(ctx, listener, &error);
     }
 }
 

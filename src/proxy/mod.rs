@@ -27,6 +27,7 @@
 //! many connections`, SOCKS5 with reply `0x01` (general failure) after a
 //! normal negotiation. Beyond that they are closed right after accept.
 
+mod conn_span;
 pub mod http_connect;
 mod refusal_log;
 mod relay;
@@ -50,6 +51,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
+use tracing::Instrument;
 
 use crate::dial::{Destination, DialError, Dialer};
 use crate::metrics::Metrics;
@@ -613,18 +615,17 @@ async fn run_listener<L: Accept, D: Dialer>(
             Some(joined) = tasks.join_next(), if !tasks.is_empty() => log_join(kind, joined),
             accepted = listener.next_conn() => match accepted {
                 Ok((io, client)) => {
+                    let span = conn_span::new(kind, &client);
                     let Some(admission) = limits.admit() else {
                         ctx.log_refusal("overflow_exhausted", || {
-                            tracing::warn!(
-                                listener = kind.as_str(),
-                                client = %client,
+                            span.in_scope(|| tracing::warn!(
                                 "connection limit and overflow allowance exhausted: closing at once"
-                            );
+                            ));
                         });
                         continue;
                     };
-                    let task = handle(io, client, kind, protocol.clone(), ctx.clone(), admission);
-                    tasks.spawn(task);
+                    let task = handle(io, kind, protocol.clone(), ctx.clone(), admission);
+                    tasks.spawn(task.instrument(span));
                 }
                 Err(error) => {
                     tracing::warn!(listener = kind.as_str(), error = %error, "accept failed");
@@ -672,10 +673,10 @@ fn log_join(kind: ListenerKind, joined: Result<(), tokio::task::JoinError>) {
     }
 }
 
-/// One client connection, from accept to close.
+/// One client connection, from accept to close (run in its
+/// [`conn_span`], which names the listener and the client).
 async fn handle<I, D>(
     io: I,
-    client: String,
     listener: ListenerKind,
     protocol: Protocol,
     ctx: Arc<Context<D>>,
@@ -688,24 +689,15 @@ async fn handle<I, D>(
     // `admission` (and its permit) lives until this function returns.
     let admitted = admission.admitted;
     match protocol {
-        Protocol::Http => http_connect::serve(io, &ctx, listener, &client, admitted).await,
+        Protocol::Http => http_connect::serve(io, &ctx, listener, admitted).await,
         Protocol::Https(acceptor) => {
             let handshake = acceptor.accept(io);
             match tokio::time::timeout(ctx.header_read_timeout, handshake).await {
-                Ok(Ok(tls)) => http_connect::serve(tls, &ctx, listener, &client, admitted).await,
-                Ok(Err(error)) => tracing::info!(
-                    listener = listener.as_str(),
-                    client = %client,
-                    error = %error,
-                    "TLS handshake failed"
-                ),
-                Err(_) => tracing::info!(
-                    listener = listener.as_str(),
-                    client = %client,
-                    "TLS handshake timed out"
-                ),
+                Ok(Ok(tls)) => http_connect::serve(tls, &ctx, listener, admitted).await,
+                Ok(Err(error)) => tracing::info!(error = %error, "TLS handshake failed"),
+                Err(_) => tracing::info!("TLS handshake timed out"),
             }
         }
-        Protocol::Socks5 => socks5::serve(io, &ctx, &client, admitted).await,
+        Protocol::Socks5 => socks5::serve(io, &ctx, admitted).await,
     }
 }

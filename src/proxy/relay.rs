@@ -25,7 +25,8 @@
 //!   closing, so whatever the client sent after that stays unread. A client
 //!   that writes afterwards gets `EPIPE`.
 //!
-//! Every abortive close is logged by the connection's task, with `cause`
+//! Every abortive close is logged by the connection's task (in its
+//! `connection` span: listener, peer, dest, node, stream), with `cause`
 //! and `reason`: `client connection reset` (or, on a Unix socket, `client
 //! connection closed without a reset (Unix socket)`) at info level for
 //! `cause` `tunnel_cut` (the reason is the stream's reset message or the
@@ -42,8 +43,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-use super::ListenerKind;
-use crate::dial::{Destination, TunnelIo};
+use crate::dial::TunnelIo;
 use crate::splice::splice_until;
 
 /// What an abortive close does to the client (see the module docs).
@@ -104,20 +104,19 @@ enum Ending {
 /// The client end of an established tunnel. Dropped without
 /// [`finished_cleanly`](Self::finished_cleanly), it closes abortively and
 /// logs why; that includes being dropped because its task was aborted.
-struct ClientEnd<'a, I: ClientIo> {
+struct ClientEnd<I: ClientIo> {
     io: I,
     clean: bool,
     ending: Option<Ending>,
-    log: &'a TunnelLog<'a>,
 }
 
-impl<I: ClientIo> ClientEnd<'_, I> {
+impl<I: ClientIo> ClientEnd<I> {
     fn finished_cleanly(&mut self) {
         self.clean = true;
     }
 }
 
-impl<I: ClientIo> Drop for ClientEnd<'_, I> {
+impl<I: ClientIo> Drop for ClientEnd<I> {
     fn drop(&mut self) {
         if self.clean {
             return;
@@ -133,42 +132,24 @@ impl<I: ClientIo> Drop for ClientEnd<'_, I> {
                     .to_string(),
             ),
         };
-        let TunnelLog {
-            listener,
-            client,
-            dest,
-        } = *self.log;
-        let listener = listener.as_str();
         match self.io.abort_on_close() {
             // The client broke its own connection: not news.
             Ok(_) if client_side => tracing::debug!(
-                listener,
-                client,
-                dest = %dest,
                 cause,
                 reason = %reason,
                 "client connection closed after a client-side error"
             ),
             Ok(AbortiveClose::Reset) => tracing::info!(
-                listener,
-                client,
-                dest = %dest,
                 cause,
                 reason = %reason,
                 "client connection reset"
             ),
             Ok(AbortiveClose::Close) => tracing::info!(
-                listener,
-                client,
-                dest = %dest,
                 cause,
                 reason = %reason,
                 "client connection closed without a reset (Unix socket)"
             ),
             Err(error) => tracing::warn!(
-                listener,
-                client,
-                dest = %dest,
                 cause,
                 reason = %reason,
                 error = %error,
@@ -260,38 +241,19 @@ impl<T: TunnelIo> TunnelIo for TunnelSide<T> {
     }
 }
 
-/// The log fields of one tunnel.
-#[derive(Clone, Copy)]
-pub(crate) struct TunnelLog<'a> {
-    pub(crate) listener: ListenerKind,
-    pub(crate) client: &'a str,
-    pub(crate) dest: &'a Destination,
-}
-
 /// Run an established tunnel to its end: forward `early` (bytes the client
 /// sent with its request, bounded by `early_timeout`), then splice `io`
 /// with `tunnel` until both directions ended or the tunnel is cut. Closes
 /// `io` with a FIN after a clean end, abortively otherwise (module docs).
-pub(crate) async fn relay<I, T>(
-    io: I,
-    tunnel: T,
-    early: &[u8],
-    early_timeout: Duration,
-    log: TunnelLog<'_>,
-) where
+pub(crate) async fn relay<I, T>(io: I, tunnel: T, early: &[u8], early_timeout: Duration)
+where
     I: ClientIo,
     T: TunnelIo,
 {
-    let TunnelLog {
-        listener,
-        client,
-        dest,
-    } = log;
     let mut client_end = ClientEnd {
         io,
         clean: false,
         ending: None,
-        log: &log,
     };
     let cut_fired = AtomicBool::new(false);
     let cut = tunnel.cut();
@@ -328,9 +290,6 @@ pub(crate) async fn relay<I, T>(
         Ok(moved) => {
             client_end.finished_cleanly();
             tracing::debug!(
-                listener = listener.as_str(),
-                client,
-                dest = %dest,
                 client_to_tunnel = moved.client_to_tunnel + early.len() as u64,
                 tunnel_to_client = moved.tunnel_to_client,
                 "tunnel closed"

@@ -24,8 +24,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::relay::{relay, ClientIo, TunnelLog};
-use super::{error_node, Context, ListenerKind};
+use super::relay::{relay, ClientIo};
+use super::{conn_span, Context, ListenerKind};
 use crate::dial::{Destination, Dialer, Host};
 
 /// The protocol version byte.
@@ -332,7 +332,7 @@ where
 
 /// Serve one SOCKS5 connection. `admitted` false means over the connection
 /// limit: negotiate, then reply 0x01.
-pub(crate) async fn serve<I, D>(mut io: I, ctx: &Context<D>, client: &str, admitted: bool)
+pub(crate) async fn serve<I, D>(mut io: I, ctx: &Context<D>, admitted: bool)
 where
     I: ClientIo,
     D: Dialer,
@@ -343,40 +343,28 @@ where
     let (dest, early) = match negotiated {
         Ok(Ok(negotiated)) => negotiated,
         Err(_) => {
-            tracing::debug!(listener = label, client, "SOCKS5 negotiation timed out");
+            tracing::debug!("SOCKS5 negotiation timed out");
             return;
         }
         Ok(Err(NegotiationError::Eof)) => {
-            tracing::debug!(
-                listener = label,
-                client,
-                "client closed during SOCKS5 negotiation"
-            );
+            tracing::debug!("client closed during SOCKS5 negotiation");
             return;
         }
         Ok(Err(NegotiationError::Overflow)) => {
             ctx.log_refusal("socks5_overflow", || {
-                tracing::warn!(
-                    listener = label,
-                    client,
-                    "SOCKS5 negotiation buffer overflow"
-                );
+                tracing::warn!("SOCKS5 negotiation buffer overflow");
             });
             return;
         }
         Ok(Err(NegotiationError::Io(error))) => {
-            tracing::debug!(listener = label, client, error = %error, "SOCKS5 negotiation failed");
+            tracing::debug!(error = %error, "SOCKS5 negotiation failed");
             return;
         }
         Ok(Err(NegotiationError::NoAcceptableMethod)) => {
             ctx.metrics
                 .proxy_request(label, &code_label(METHOD_NONE_ACCEPTABLE));
             ctx.log_refusal("socks5_no_method", || {
-                tracing::info!(
-                    listener = label,
-                    client,
-                    "client offers no acceptable SOCKS5 method"
-                );
+                tracing::info!("client offers no acceptable SOCKS5 method");
             });
             return;
         }
@@ -386,46 +374,45 @@ where
                 ctx.metrics.proxy_request(label, &code_label(rep));
             }
             ctx.log_refusal("socks5_invalid", || {
-                tracing::info!(listener = label, client, error = %error, "invalid SOCKS5 request");
+                tracing::info!(error = %error, "invalid SOCKS5 request");
             });
             return;
         }
     };
+    conn_span::record_dest(&dest);
     if !admitted {
         send_reply(&mut io, ctx, reply::GENERAL_FAILURE).await;
         ctx.metrics
             .proxy_request(label, &code_label(reply::GENERAL_FAILURE));
         ctx.log_refusal("max_connections", || {
-            tracing::warn!(listener = label, client, dest = %dest, "max_connections reached: refused");
+            tracing::warn!("max_connections reached: refused");
         });
         return;
     }
     let tunnel = match ctx.dial(&dest).await {
-        Ok(tunnel) => tunnel,
+        Ok(tunnel) => {
+            conn_span::record_tunnel(&tunnel);
+            tunnel
+        }
         Err(error) => {
+            conn_span::record_refusal(&error);
             let rep = error.socks5_reply();
             send_reply(&mut io, ctx, rep).await;
             ctx.count_refusal(listener, &code_label(rep));
             ctx.log_refusal(error.reason(), || {
-                tracing::info!(listener = label, client, dest = %dest, node = error_node(&error),
-                    error = %error, reply = rep, "SOCKS5 CONNECT refused");
+                tracing::info!(error = %error, reply = rep, "SOCKS5 CONNECT refused");
             });
             return;
         }
     };
     if !send_reply(&mut io, ctx, reply::SUCCEEDED).await {
-        tracing::debug!(listener = label, client, dest = %dest, "cannot send the SOCKS5 reply");
+        tracing::debug!("cannot send the SOCKS5 reply");
         return;
     }
     ctx.metrics
         .proxy_request(label, &code_label(reply::SUCCEEDED));
-    tracing::debug!(listener = label, client, dest = %dest, "tunnel open");
-    let log = TunnelLog {
-        listener,
-        client,
-        dest: &dest,
-    };
-    relay(io, tunnel, &early, ctx.header_read_timeout, log).await;
+    tracing::debug!("tunnel open");
+    relay(io, tunnel, &early, ctx.header_read_timeout).await;
 }
 
 #[cfg(test)]

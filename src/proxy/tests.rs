@@ -1404,3 +1404,39 @@ async fn a_tunnel_that_ends_cleanly_closes_with_eof_on_every_listener() {
     echo_whole("Unix socket", &mut uds, &payload).await;
     h.stop().await;
 }
+
+#[tokio::test]
+async fn a_refused_connect_is_logged_with_its_connection_span_in_json() {
+    let (log, _capture) = crate::logging::capture::JsonLog::capture();
+    let h = start(|_| {}).await;
+    let mut client = h.uds().await;
+    let (head, _) = exchange(&mut client, &connect_request("noroute.test:80")).await;
+    assert!(head.starts_with("HTTP/1.1 "), "{head:?}");
+    let mut client = h.uds().await;
+    exchange(&mut client, &connect_request("down.test:80")).await;
+    let mut socks = h.socks().await;
+    let peer = socks.local_addr().expect("local addr").to_string();
+    socks_exchange(&mut socks, &socks_domain_request("denied.test", 443)).await;
+    h.stop().await;
+
+    let refused = log.with_message("CONNECT refused");
+    assert_eq!(refused.len(), 2, "{refused:?}");
+    let span = &refused[0]["span"];
+    assert_eq!(span["name"], "connection", "{span}");
+    assert_eq!(span["listener"], "uds", "{span}");
+    assert!(span["peer"].is_string(), "{span}");
+    assert_eq!(span["dest"], "noroute.test:80", "{span}");
+    // The event itself no longer repeats the connection's fields.
+    assert!(refused[0].get("listener").is_none(), "{}", refused[0]);
+    assert!(refused[0].get("dest").is_none(), "{}", refused[0]);
+    // A refusal that names a node records it into the span.
+    assert_eq!(refused[1]["span"]["dest"], "down.test:80", "{}", refused[1]);
+    assert_eq!(refused[1]["span"]["node"], "node-a", "{}", refused[1]);
+
+    let refused = log.with_message("SOCKS5 CONNECT refused");
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    let span = &refused[0]["span"];
+    assert_eq!(span["listener"], "socks5", "{span}");
+    assert_eq!(span["peer"], peer.as_str(), "{span}");
+    assert_eq!(span["dest"], "denied.test:443", "{span}");
+}

@@ -181,9 +181,10 @@ impl Log {
     }
 }
 
-/// Whether a JSON log event is `message` (about `node`, if given).
+/// Whether a JSON log event is `message` (about `node`, if given: a field
+/// of the event or of its span).
 pub fn is_event(v: &Value, message: &str, node: Option<&str>) -> bool {
-    v["message"] == message && node.is_none_or(|n| v["node"] == n)
+    v["message"] == message && node.is_none_or(|n| v["node"] == n || v["span"]["node"] == n)
 }
 
 // ---------------------------------------------------------------------------
