@@ -15,10 +15,28 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+/// One keepalive in flight: resolves when the peer answered, or with why
+/// the session is gone.
+pub type ProbeFuture = Pin<Box<dyn Future<Output = Result<(), SessionGone>> + Send + 'static>>;
+
+/// Why a keepalive found the session gone.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SessionGone {
+    /// The session was closed before the keepalive was sent.
+    #[error("session closed")]
+    Closed,
+    /// The session closed while the keepalive waited for its reply.
+    #[error("session closed while waiting for a keepalive reply")]
+    ClosedWhileWaiting,
+    /// The keepalive could not be sent.
+    #[error("keepalive failed: {0}")]
+    SendFailed(std::sync::Arc<russh::Error>),
+}
+
 /// Sends one keepalive and resolves when the peer answered.
 pub trait Probe: Send + Sync {
     /// Send a keepalive; `Err` means the session is gone.
-    fn probe(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'static>>;
+    fn probe(&self) -> ProbeFuture;
     /// A counter that moves whenever the peer sent something (packets
     /// received); a probe that cannot tell returns a constant.
     fn activity(&self) -> u64 {
@@ -27,7 +45,7 @@ pub trait Probe: Send + Sync {
 }
 
 /// Why [`run`] returned.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Verdict {
     /// `max` keepalives in a row went unanswered.
     Silent {
@@ -35,7 +53,7 @@ pub enum Verdict {
         misses: u32,
     },
     /// The probe reported the session gone.
-    Gone(String),
+    Gone(SessionGone),
 }
 
 impl std::fmt::Display for Verdict {
@@ -58,8 +76,7 @@ pub async fn run<P: Probe>(
 ) -> Verdict {
     let mut ticker = tokio::time::interval_at(Instant::now() + interval, interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    type Pending = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
-    let mut pending: Option<(Instant, Pending)> = None;
+    let mut pending: Option<(Instant, ProbeFuture)> = None;
     let mut misses = 0u32;
     let mut seen = probe.activity();
     loop {
@@ -107,7 +124,7 @@ mod tests {
 
     struct Silent;
     impl Probe for Silent {
-        fn probe(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'static>> {
+        fn probe(&self) -> ProbeFuture {
             Box::pin(std::future::pending())
         }
     }
@@ -117,7 +134,7 @@ mod tests {
         sent: Arc<AtomicU32>,
     }
     impl Probe for Answers {
-        fn probe(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'static>> {
+        fn probe(&self) -> ProbeFuture {
             self.sent.fetch_add(1, Ordering::SeqCst);
             let delay = self.delay;
             Box::pin(async move {
@@ -132,7 +149,10 @@ mod tests {
         let interval = Duration::from_secs(15);
         let start = Instant::now();
         let verdict = run(&Silent, interval, 3, |_| {}).await;
-        assert_eq!(verdict, Verdict::Silent { misses: 3 });
+        assert!(
+            matches!(verdict, Verdict::Silent { misses: 3 }),
+            "{verdict:?}"
+        );
         let took = start.elapsed();
         // Virtual time: deterministic. The last answer was at `start`.
         assert!(took <= interval * 4, "{took:?}");
@@ -190,7 +210,7 @@ mod tests {
         busy_for: Duration,
     }
     impl Probe for BusyThenSilent {
-        fn probe(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'static>> {
+        fn probe(&self) -> ProbeFuture {
             Box::pin(std::future::pending())
         }
         fn activity(&self) -> u64 {
@@ -209,7 +229,10 @@ mod tests {
             busy_for: Duration::from_secs(30),
         };
         let verdict = run(&probe, interval, 2, |_| {}).await;
-        assert_eq!(verdict, Verdict::Silent { misses: 2 });
+        assert!(
+            matches!(verdict, Verdict::Silent { misses: 2 }),
+            "{verdict:?}"
+        );
         let took = start.elapsed();
         // Alive for all 30 s of sending (no answer ever came), then dead
         // within interval x (max + 1) of the last thing it sent.
@@ -221,11 +244,14 @@ mod tests {
     async fn a_gone_session_ends_at_once() {
         struct Gone;
         impl Probe for Gone {
-            fn probe(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'static>> {
-                Box::pin(async { Err("session closed".to_string()) })
+            fn probe(&self) -> ProbeFuture {
+                Box::pin(async { Err(SessionGone::Closed) })
             }
         }
         let verdict = run(&Gone, Duration::from_secs(1), 3, |_| {}).await;
-        assert_eq!(verdict, Verdict::Gone("session closed".into()));
+        assert!(
+            matches!(verdict, Verdict::Gone(SessionGone::Closed)),
+            "{verdict:?}"
+        );
     }
 }

@@ -18,7 +18,6 @@
 //! the node's state is Ready when any session is Ready.
 
 use std::collections::BTreeMap;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
@@ -599,7 +598,7 @@ impl Tunnel {
                     "no keepalive reply for {misses} x {} (ssh.keepalive_interval x ssh.keepalive_max)",
                     humantime::format_duration(self.ctx.keepalive_interval)
                 ),
-                keepalive::Verdict::Gone(why) => why,
+                keepalive::Verdict::Gone(why) => why.to_string(),
             }),
         }
     }
@@ -677,21 +676,19 @@ impl keepalive::Probe for SessionProbe {
         self.0.session.handle.received_packets()
     }
 
-    fn probe(
-        &self,
-    ) -> Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + 'static>> {
+    fn probe(&self) -> keepalive::ProbeFuture {
         let live = self.0.clone();
         Box::pin(async move {
             if live.session.handle.is_closed() {
-                return Err("session closed".into());
+                return Err(keepalive::SessionGone::Closed);
             }
             live.session
                 .handle
                 .send_ping()
                 .await
-                .map_err(|e| format!("keepalive failed: {e}"))?;
+                .map_err(|e| keepalive::SessionGone::SendFailed(Arc::new(e)))?;
             if live.session.handle.is_closed() {
-                return Err("session closed while waiting for a keepalive reply".into());
+                return Err(keepalive::SessionGone::ClosedWhileWaiting);
             }
             Ok(())
         })
