@@ -261,12 +261,7 @@ impl Checker {
         } else {
             format!(" (server accepts: {})", methods.join(", "))
         };
-        let line = self
-            .identity
-            .public_key()
-            .to_openssh()
-            .map(|k| format!("{k} nodetunnel"))
-            .unwrap_or_else(|_| "(cannot encode the public key)".into());
+        let line = authorized_keys_line(self.identity.public_key());
         Err(Failure::new(
             format!("{user} with key {key_text} was refused{accepts}"),
             format!(
@@ -334,6 +329,20 @@ impl Checker {
     }
 }
 
+/// The authorized_keys line for `key`: `type base64 comment`, the comment
+/// being the key's own, or `nodetunnel` if it has none.
+fn authorized_keys_line(key: &russh::keys::PublicKey) -> String {
+    let Ok(text) = key.to_openssh() else {
+        return "(cannot encode the public key)".into();
+    };
+    // `type base64`, then the comment if the key has one.
+    if text.split_whitespace().nth(2).is_some() {
+        text
+    } else {
+        format!("{text} nodetunnel")
+    }
+}
+
 fn offered<'a>(names: impl Iterator<Item = &'a str>) -> String {
     names
         .filter(|n| !n.starts_with("ext-info") && !n.starts_with("kex-strict"))
@@ -391,6 +400,26 @@ fn open_failure(
             format!("channel to {kubelet} refused: {other:?}"),
             "see the node's sshd log",
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::authorized_keys_line;
+    use russh::keys::ssh_key::Algorithm;
+    use russh::keys::PrivateKey;
+
+    #[test]
+    fn the_authorized_keys_line_names_the_key_once() {
+        let mut key = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519).expect("key");
+        let bare = authorized_keys_line(key.public_key());
+        assert!(bare.starts_with("ssh-ed25519 AAAA"), "{bare}");
+        assert!(bare.ends_with(" nodetunnel"), "{bare}");
+        assert_eq!(bare.split_whitespace().count(), 3, "{bare}");
+        key.set_comment("nodetunnel@cp-1");
+        let named = authorized_keys_line(key.public_key());
+        assert!(named.ends_with(" nodetunnel@cp-1"), "{named}");
+        assert_eq!(named.split_whitespace().count(), 3, "{named}");
     }
 }
 
