@@ -226,6 +226,10 @@ impl Config {
             ("ssh.sessions_per_node", ssh.sessions_per_node),
             ("ssh.max_streams_per_node", ssh.max_streams_per_node),
             ("ssh.max_handshakes_in_flight", ssh.max_handshakes_in_flight),
+            (
+                "ssh.max_probes_per_second",
+                ssh.max_probes_per_second as usize,
+            ),
         ] {
             if value == 0 {
                 return err(key, "must be greater than zero");

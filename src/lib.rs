@@ -63,6 +63,7 @@ pub mod metrics;
 pub mod node;
 pub mod proxy;
 pub mod read_buffer;
+pub mod reconnect;
 pub mod router;
 pub mod serve;
 pub mod session;

@@ -21,6 +21,7 @@ use crate::keys::Identity;
 use crate::known_hosts::KnownHosts;
 use crate::metrics::Metrics;
 use crate::node::NodeConfig;
+use crate::reconnect::Prober;
 use crate::router::{Conflict, Route, RouteNode, Router, RoutingConfig};
 use crate::session::{self, SessionSettings};
 use crate::ssh_config::{HostKeyPolicy, SshConfig};
@@ -159,6 +160,8 @@ impl TunnelManager {
             backoff_base: ssh.backoff_base,
             backoff_max: ssh.backoff_max,
             backoff_reset_after: ssh.backoff_reset_after,
+            probe_interval: ssh.reconnect_probe_interval,
+            prober: Arc::new(Prober::new(ssh.max_probes_per_second)),
         });
         let router = Router::new(&[], &routing);
         Ok(Arc::new(TunnelManager {

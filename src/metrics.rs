@@ -184,6 +184,23 @@ pub struct Metrics {
     /// `nodetunnel_inventory_sync_failures_total`: inventory syncs that
     /// failed (broken file, watch error); the previous inventory was kept.
     pub inventory_sync_failures: Counter,
+    /// `nodetunnel_reconnect_probes_total{result}`: TCP probes of the SSH
+    /// port of nodes away (`open`, `closed`, `timeout`).
+    pub reconnect_probes: Family<ResultLabel, Counter>,
+    /// `nodetunnel_reconnect_demands_total{trigger}`: attempts started
+    /// early, by a dial (`dial`) or by the inventory (`inventory`: the node
+    /// is Ready again in Kubernetes).
+    pub reconnect_demands: Family<TriggerLabel, Counter>,
+    /// `nodetunnel_reconnect_probe_to_ready_seconds`: from the probe that
+    /// found sshd again to the session Ready.
+    pub reconnect_probe_to_ready: Histogram,
+}
+
+/// `{trigger}` label: what asked for an early attempt.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TriggerLabel {
+    /// `dial` or `inventory`.
+    pub trigger: String,
 }
 
 impl Default for Metrics {
@@ -278,6 +295,24 @@ impl Metrics {
             "Inventory syncs that failed (the previous inventory was kept)",
             inventory_sync_failures.clone(),
         );
+        let reconnect_probes = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "reconnect_probes",
+            "TCP probes of the SSH port of nodes away, by result",
+            reconnect_probes.clone(),
+        );
+        let reconnect_demands = Family::<TriggerLabel, Counter>::default();
+        registry.register(
+            "reconnect_demands",
+            "Connection attempts started early, by what asked (dial, inventory)",
+            reconnect_demands.clone(),
+        );
+        let reconnect_probe_to_ready = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        registry.register(
+            "reconnect_probe_to_ready_seconds",
+            "Time from the probe that found sshd again to the session Ready",
+            reconnect_probe_to_ready.clone(),
+        );
         Metrics {
             registry,
             recent_errors: RecentErrors::default(),
@@ -296,7 +331,28 @@ impl Metrics {
             route_conflicts,
             inventory_last_sync,
             inventory_sync_failures,
+            reconnect_probes,
+            reconnect_demands,
+            reconnect_probe_to_ready,
         }
+    }
+
+    /// Count one reconnect probe by `{result}`.
+    pub fn reconnect_probe(&self, result: &str) {
+        self.reconnect_probes
+            .get_or_create(&ResultLabel {
+                result: result.to_string(),
+            })
+            .inc();
+    }
+
+    /// Count one early attempt asked for by `trigger`.
+    pub fn reconnect_demand(&self, trigger: &str) {
+        self.reconnect_demands
+            .get_or_create(&TriggerLabel {
+                trigger: trigger.to_string(),
+            })
+            .inc();
     }
 
     /// Count one SSH connection attempt by `{result}` (`ok` or a failure
@@ -543,6 +599,7 @@ mod tests {
             failures: std::collections::BTreeMap::from([("refused", 2)]),
             consecutive_failures: 0,
             retry_in: None,
+            retry_reason: None,
         };
         let extra = per_node_registry(&[status]);
         let text = metrics.encode_with(Some(&extra));

@@ -98,6 +98,20 @@ pub enum ConnectError {
 }
 
 impl ConnectError {
+    /// The TCP connect itself failed (refused, unreachable, timed out): the
+    /// node's SSH port is closed or unreachable, and is worth probing
+    /// rather than backing off from.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(
+            self,
+            ConnectError::Refused { .. }
+                | ConnectError::Timeout {
+                    stage: "tcp connect",
+                    ..
+                }
+        )
+    }
+
     /// Stable label for metrics and the tunnel table.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -664,7 +678,7 @@ pub fn config_for_host(
     Some(config)
 }
 
-async fn tcp_connect(host: &str, port: u16) -> std::io::Result<TcpStream> {
+pub(crate) async fn tcp_connect(host: &str, port: u16) -> std::io::Result<TcpStream> {
     let mut last = None;
     for addr in tokio::net::lookup_host((host, port)).await? {
         match TcpStream::connect(addr).await {

@@ -124,6 +124,18 @@ pub struct SshConfig {
     /// Time after which a session's keys are renegotiated whatever it moved.
     #[serde(with = "humantime_serde")]
     pub rekey_interval: Duration,
+    /// While a node's SSH port is closed or unreachable, how often its
+    /// sessions probe it (a TCP connect and banner read, jittered by ±20%);
+    /// the handshake starts as soon as a probe finds sshd. The exponential
+    /// backoff then applies only to handshakes that fail against a port
+    /// that answers. `0s`: no probes, every failure waits the backoff.
+    /// Cost: one TCP connect per probe, `nodes away x sessions_per_node /
+    /// interval` per second, within `max_probes_per_second`.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_probe_interval: Duration,
+    /// Probes started per second over all nodes (and the most in flight),
+    /// so that a mass outage costs a bounded trickle of TCP connects.
+    pub max_probes_per_second: u32,
 }
 
 /// Smallest `ssh.rekey_limit`: below it sessions would spend their time in
@@ -159,6 +171,8 @@ impl Default for SshConfig {
             drain_timeout: Duration::from_secs(30),
             rekey_limit: MAX_REKEY_LIMIT,
             rekey_interval: Duration::from_secs(3600),
+            reconnect_probe_interval: Duration::from_secs(2),
+            max_probes_per_second: 500,
         }
     }
 }

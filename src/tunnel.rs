@@ -8,8 +8,9 @@
 //!               ^     | failure                 | keepalive misses, disconnect,
 //!               |     v                         | reconnect request
 //!            +---------+ <----------------------+
-//!            | Backoff |  (full-jitter delay)
-//!            +---------+
+//!            | Backoff |  port closed: probe it every ssh.reconnect_probe_interval,
+//!            +---------+  attempt when sshd answers; handshake failed: full-jitter
+//!                         delay; a dial or the inventory may ask for an attempt now
 //!  removed from the inventory or shutdown: Draining (no new streams, open
 //!  ones get a grace period) --> Closed
 //! ```
@@ -18,7 +19,7 @@
 //! the node's state is Ready when any session is Ready.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -30,6 +31,7 @@ use crate::dial::{ChannelRefusal, DialError, LimitKind, NodeDownCause};
 use crate::keepalive;
 use crate::metrics::{Metrics, StateLabel};
 use crate::node::NodeConfig;
+use crate::reconnect::{jittered, Demand, ProbeResult, Prober, Retry};
 use crate::session::{self, ConnectError, SessionSettings, Target};
 use crate::shutdown::Shutdown;
 use crate::stream::{StreamCounters, StreamLimits, StreamSlot, TunnelStream};
@@ -64,6 +66,10 @@ pub struct TunnelContext {
     pub backoff_max: Duration,
     /// Ready this long resets the backoff.
     pub backoff_reset_after: Duration,
+    /// How often a node away is probed (`ZERO`: never; always back off).
+    pub probe_interval: Duration,
+    /// The process-wide bound on probes.
+    pub prober: Arc<Prober>,
 }
 
 /// One session slot of the tunnel: where its supervisor is in the state
@@ -123,7 +129,10 @@ struct Status {
     handshakes: u64,
     failures: BTreeMap<&'static str, u64>,
     consecutive_failures: u32,
-    retry_in: Option<Duration>,
+    /// When the next attempt (or probe) is due.
+    retry_due: Option<Instant>,
+    /// What the next attempt waits for.
+    retry_reason: Option<Retry>,
     /// One per session (`sessions_per_node`).
     slots: Vec<Slot>,
 }
@@ -142,12 +151,29 @@ pub struct Tunnel {
     reconnect: Notify,
     stopped: Notify,
     changed: Notify,
+    /// Early attempts asked for by dials and the inventory.
+    demand: Demand,
+    /// Connection attempts finished (either way), for dials waiting on one.
+    attempts_finished: AtomicU64,
 }
 
 enum SessionEnd {
     Stopped,
     Reconnect,
     Dead(String),
+}
+
+/// How a wait before the next attempt ended.
+enum WaitEnd {
+    /// Attempt now; `probe_open`: because a probe found sshd.
+    Attempt { probe_open: bool },
+    /// The tunnel stops.
+    Stop,
+}
+
+/// One probe of the node's SSH endpoint, within the process-wide bounds.
+async fn probe(prober: &Prober, target: &Target, timeout: Duration) -> ProbeResult {
+    prober.probe(&target.host, target.port, timeout).await
 }
 
 impl Tunnel {
@@ -182,7 +208,8 @@ impl Tunnel {
                 handshakes: 0,
                 failures: BTreeMap::new(),
                 consecutive_failures: 0,
-                retry_in: None,
+                retry_due: None,
+                retry_reason: None,
                 slots: std::iter::repeat_with(|| Slot::Connecting)
                     .take(sessions)
                     .collect(),
@@ -193,6 +220,8 @@ impl Tunnel {
             reconnect: Notify::new(),
             stopped: Notify::new(),
             changed: Notify::new(),
+            demand: Demand::new(),
+            attempts_finished: AtomicU64::new(0),
         })
     }
 
@@ -224,7 +253,16 @@ impl Tunnel {
     /// CIDRs). The SSH endpoint must be unchanged: sessions are kept.
     pub fn set_node(&self, node: NodeConfig) {
         if let Ok(mut slot) = self.node.write() {
+            let returned = slot.not_ready && !node.not_ready;
             *slot = node;
+            drop(slot);
+            if returned && !self.is_ready() {
+                // Kubernetes says the node is Ready again: try it now,
+                // backoff reset, instead of waiting out the delay.
+                tracing::info!(node = %self.name, "node Ready again in the inventory: reconnecting now");
+                self.ctx.metrics.reconnect_demand("inventory");
+                self.demand.node_returned();
+            }
         }
     }
 
@@ -285,7 +323,12 @@ impl Tunnel {
                 .filter(|slot| slot.session().is_some())
                 .count(),
         );
-        let (consecutive_failures, retry_in) = (s.consecutive_failures, s.retry_in);
+        let (consecutive_failures, retry_in, retry_reason) = (
+            s.consecutive_failures,
+            s.retry_due
+                .map(|due| due.saturating_duration_since(Instant::now())),
+            s.retry_reason.map(Retry::as_str),
+        );
         drop(s);
         let c = &self.counters;
         TunnelStatus {
@@ -311,6 +354,7 @@ impl Tunnel {
             failures,
             consecutive_failures,
             retry_in,
+            retry_reason,
         }
     }
 
@@ -334,6 +378,7 @@ impl Tunnel {
             failures: BTreeMap::new(),
             consecutive_failures: 0,
             retry_in: None,
+            retry_reason: None,
         }
     }
 
@@ -353,9 +398,12 @@ impl Tunnel {
                 cause: NodeDownCause::Draining,
             });
         }
-        let live = self
-            .least_loaded_session()
-            .ok_or_else(|| self.not_ready_error())?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let live = match self.least_loaded_session() {
+            Some(live) => live,
+            None => self.wait_for_session(deadline).await?,
+        };
+        let timeout = deadline.saturating_duration_since(tokio::time::Instant::now());
         if self.ctx.limits.over_budget() {
             return Err(DialError::Limit {
                 node: self.name.clone(),
@@ -429,6 +477,63 @@ impl Tunnel {
             .cloned()
     }
 
+    /// No session is Ready: ask for an attempt now (at most one per node
+    /// per second, [`Demand::from_dial`]) and wait until a session is Ready
+    /// or `deadline`. While the node's port is closed its sessions keep
+    /// probing it, so a node whose sshd returns within the dial timeout
+    /// serves the dial. A node whose handshakes fail against a port that
+    /// answers (host key, authentication, protocol) will not recover by
+    /// itself in seconds: the dial is refused as soon as the attempt it
+    /// asked for (or, rate-limited, the one under way) has failed.
+    async fn wait_for_session(
+        &self,
+        deadline: tokio::time::Instant,
+    ) -> Result<Arc<LiveSession>, DialError> {
+        let finished_before = self.attempts_finished.load(Ordering::Acquire);
+        let asked = self.demand.from_dial();
+        if asked {
+            self.ctx.metrics.reconnect_demand("dial");
+            tracing::debug!(node = %self.name, "no Ready session: asked for an attempt now");
+        }
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.draining.load(Ordering::Acquire) {
+                return Err(DialError::NodeDown {
+                    node: self.name.clone(),
+                    cause: NodeDownCause::Draining,
+                });
+            }
+            if let Some(live) = self.least_loaded_session() {
+                return Ok(live);
+            }
+            let attempted =
+                !asked || self.attempts_finished.load(Ordering::Acquire) > finished_before;
+            if attempted && self.backing_off() && !self.any_slot_connecting() {
+                return Err(self.not_ready_error());
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return Err(self.not_ready_error());
+            }
+        }
+    }
+
+    /// The last failure was a handshake against a port that answers.
+    fn backing_off(&self) -> bool {
+        self.status
+            .lock()
+            .map(|s| s.retry_reason != Some(Retry::Probe))
+            .unwrap_or(true)
+    }
+
+    fn any_slot_connecting(&self) -> bool {
+        self.status
+            .lock()
+            .map(|s| s.slots.iter().any(|slot| matches!(slot, Slot::Connecting)))
+            .unwrap_or(false)
+    }
+
     fn not_ready_error(&self) -> DialError {
         let status = self.status();
         DialError::NodeDown {
@@ -487,6 +592,9 @@ impl Tunnel {
     async fn supervise(self: Arc<Self>, slot: usize) {
         let ctx = self.ctx.clone();
         let mut backoff = Backoff::new(ctx.backoff_base, ctx.backoff_max);
+        let mut demand = self.demand.subscribe();
+        // When a probe found sshd again, for the probe-to-Ready histogram.
+        let mut probe_open_at: Option<Instant> = None;
         loop {
             self.set_slot(slot, Slot::Connecting);
             let permit = tokio::select! {
@@ -498,15 +606,22 @@ impl Tunnel {
                 _ = self.stop.wait() => break,
             };
             drop(permit);
+            self.attempts_finished.fetch_add(1, Ordering::AcqRel);
+            self.changed.notify_waiters();
             // Reached only after a failure: every other outcome breaks or
             // continues. `Some` carries the reason a Ready session was lost.
-            let lost: Option<String> = match attempt {
+            let (lost, retry): (Option<String>, Retry) = match attempt {
                 Err(e) => {
                     self.record_failure(&e);
-                    None
+                    (None, Retry::after_attempt(e.is_unreachable()))
                 }
                 Ok(session) => {
                     ctx.metrics.handshake("ok");
+                    if let Some(at) = probe_open_at.take() {
+                        ctx.metrics
+                            .reconnect_probe_to_ready
+                            .observe(at.elapsed().as_secs_f64());
+                    }
                     let live = Arc::new(LiveSession {
                         session,
                         streams: Arc::new(AtomicUsize::new(0)),
@@ -521,7 +636,8 @@ impl Tunnel {
                     tracing::info!("tunnel ready");
                     let ready_at = Instant::now();
                     let end = self.watch(&live).await;
-                    if ready_at.elapsed() >= ctx.backoff_reset_after {
+                    let lived = ready_at.elapsed();
+                    if lived >= ctx.backoff_reset_after {
                         backoff.reset();
                     }
                     match end {
@@ -544,12 +660,23 @@ impl Tunnel {
                             // session ends now, even if the peer is a blackhole.
                             live.session.cut.sever();
                             tracing::warn!(error = %reason, "session lost");
-                            Some(reason)
+                            (
+                                Some(reason),
+                                Retry::after_lost(lived, ctx.backoff_reset_after),
+                            )
                         }
                     }
                 }
             };
-            let delay = backoff.next_delay();
+            let retry = if ctx.probe_interval.is_zero() {
+                Retry::Backoff
+            } else {
+                retry
+            };
+            let delay = match retry {
+                Retry::Backoff => backoff.next_delay(),
+                Retry::Probe => jittered(ctx.probe_interval),
+            };
             // One change: the slot leaves Ready (dropping its session) as
             // the reason and the delay are recorded.
             self.update(|s| {
@@ -558,20 +685,74 @@ impl Tunnel {
                     s.rtt = None;
                 }
                 s.consecutive_failures = s.consecutive_failures.saturating_add(1);
-                s.retry_in = Some(delay);
+                s.retry_due = Some(Instant::now() + delay);
+                s.retry_reason = Some(retry);
                 if let Some(entry) = s.slots.get_mut(slot) {
                     *entry = Slot::Backoff;
                 }
             });
-            tracing::debug!(delay = ?delay, "backing off");
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = self.reconnect.notified() => backoff.reset(),
-                _ = self.stop.wait() => break,
+            tracing::debug!(delay = ?delay, wait = retry.as_str(), "backing off");
+            match self
+                .wait_to_retry(retry, delay, &mut demand, &mut backoff)
+                .await
+            {
+                WaitEnd::Attempt { probe_open } => {
+                    probe_open_at = probe_open.then(Instant::now);
+                }
+                WaitEnd::Stop => break,
             }
         }
         self.set_slot(slot, Slot::Stopped);
         self.stopped.notify_waiters();
+    }
+
+    /// Wait before the next attempt: `delay` of backoff, or (`Retry::Probe`)
+    /// probes every `ssh.reconnect_probe_interval` until sshd answers; cut
+    /// short by a demand (a dial, the inventory), a reconnect request, or
+    /// the stop.
+    async fn wait_to_retry(
+        &self,
+        retry: Retry,
+        mut delay: Duration,
+        demand: &mut tokio::sync::watch::Receiver<crate::reconnect::DemandSignal>,
+        backoff: &mut Backoff,
+    ) -> WaitEnd {
+        let ctx = &self.ctx;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                changed = demand.changed() => {
+                    if changed.is_ok() {
+                        if demand.borrow_and_update().reset_backoff {
+                            backoff.reset();
+                        }
+                        tracing::debug!("attempt on demand");
+                        return WaitEnd::Attempt { probe_open: false };
+                    }
+                    // The sender lives as long as the tunnel: not reached.
+                    tokio::time::sleep(delay).await;
+                }
+                _ = self.reconnect.notified() => {
+                    backoff.reset();
+                    return WaitEnd::Attempt { probe_open: false };
+                }
+                _ = self.stop.wait() => return WaitEnd::Stop,
+            }
+            if retry == Retry::Backoff {
+                return WaitEnd::Attempt { probe_open: false };
+            }
+            let result = tokio::select! {
+                r = probe(&ctx.prober, &self.target, ctx.session.connect_timeout) => r,
+                _ = self.stop.wait() => return WaitEnd::Stop,
+            };
+            ctx.metrics.reconnect_probe(result.as_str());
+            if result == ProbeResult::Open {
+                tracing::debug!("probe: sshd answers; attempting now");
+                return WaitEnd::Attempt { probe_open: true };
+            }
+            delay = jittered(ctx.probe_interval);
+            self.update(|s| s.retry_due = Some(Instant::now() + delay));
+        }
     }
 
     /// Keep one Ready session alive with keepalives until it dies, a

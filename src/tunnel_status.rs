@@ -78,6 +78,11 @@ pub struct TunnelStatus {
     pub failures: BTreeMap<&'static str, u64>,
     /// Failed attempts since the last Ready session.
     pub consecutive_failures: u32,
-    /// The reconnect delay drawn after the last failure.
+    /// Time until the next attempt (backoff) or probe after the last
+    /// failure; zero once that time has passed (kept while Ready).
     pub retry_in: Option<Duration>,
+    /// What the next attempt waits for: `probe` (the SSH port is closed or
+    /// unreachable; an attempt follows the first probe that finds sshd) or
+    /// `backoff` (a handshake failed against a port that answers).
+    pub retry_reason: Option<&'static str>,
 }

@@ -34,6 +34,7 @@ fn tunnel(node: &str, state: &str, rtt: Option<f64>, bytes: (u64, u64)) -> Tunne
         failures: BTreeMap::new(),
         consecutive_failures: 0,
         retry_in: None,
+        retry_reason: None,
     }
 }
 

@@ -149,6 +149,8 @@ fn exported_families() -> BTreeSet<String> {
     metrics.proxy_request("uds", "200");
     metrics.policy_denial("loopback");
     metrics.set_route_conflicts(std::iter::empty());
+    metrics.reconnect_probe("open");
+    metrics.reconnect_demand("dial");
     let node = TunnelStatus {
         node: "node-a".into(),
         addresses: vec!["10.0.0.1".into()],
@@ -168,6 +170,7 @@ fn exported_families() -> BTreeSet<String> {
         failures: [("timeout", 1)].into_iter().collect(),
         consecutive_failures: 0,
         retry_in: None,
+        retry_reason: None,
     };
     let text = metrics.encode_with(Some(&per_node_registry(&[node])));
     text.lines()

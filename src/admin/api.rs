@@ -62,8 +62,10 @@ pub struct TunnelInfo {
     pub failures: BTreeMap<String, u64>,
     /// Failed attempts since the last Ready session.
     pub consecutive_failures: u32,
-    /// The reconnect delay drawn after the last failure, in seconds.
+    /// Seconds until the next attempt (backoff) or probe.
     pub retry_in: Option<f64>,
+    /// What the next attempt waits for: `probe` or `backoff`.
+    pub retry_reason: Option<String>,
 }
 
 impl TunnelInfo {
@@ -98,6 +100,7 @@ impl TunnelInfo {
                 .collect(),
             consecutive_failures: status.consecutive_failures,
             retry_in: status.retry_in.map(|d| d.as_secs_f64()),
+            retry_reason: status.retry_reason.map(str::to_owned),
         }
     }
 
@@ -341,6 +344,7 @@ mod tests {
             failures: BTreeMap::new(),
             consecutive_failures: failures,
             retry_in: None,
+            retry_reason: None,
         }
     }
 

@@ -59,6 +59,18 @@ pub async fn run(client: &AdminClient, output: Output) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// When and why a tunnel without a Ready session tries again: `probe 2s`
+/// (its SSH port is closed: the next probe; an attempt follows the first
+/// that finds sshd), `backoff 37s` (a handshake failed), `-` otherwise.
+fn next_attempt(t: &TunnelInfo) -> String {
+    match (&t.retry_reason, t.retry_in) {
+        (Some(why), Some(secs)) if !t.is_ready() => {
+            format!("{why} {}", format::age(secs.ceil() as u64))
+        }
+        _ => "-".into(),
+    }
+}
+
 /// The table (trouble first) and the summary line.
 pub fn render(list: &TunnelList, wide: bool, colour: bool) -> String {
     let mut tunnels: Vec<&TunnelInfo> = list.tunnels.iter().collect();
@@ -77,10 +89,19 @@ pub fn render(list: &TunnelList, wide: bool, colour: bool) -> String {
             "FROM NODE",
             "RESETS",
             "FAILURES",
+            "NEXT",
             "LAST ERROR",
         ]
     } else {
-        vec!["NODE", "STATE", "FOR", "RTT", "STREAMS", "LAST ERROR"]
+        vec![
+            "NODE",
+            "STATE",
+            "FOR",
+            "RTT",
+            "STREAMS",
+            "NEXT",
+            "LAST ERROR",
+        ]
     };
     let mut rows = vec![header.iter().map(|h| h.to_string()).collect::<Vec<_>>()];
     for t in &tunnels {
@@ -109,6 +130,7 @@ pub fn render(list: &TunnelList, wide: bool, colour: bool) -> String {
                 } else {
                     failures
                 },
+                next_attempt(t),
                 error,
             ]);
         } else {
@@ -124,6 +146,7 @@ pub fn render(list: &TunnelList, wide: bool, colour: bool) -> String {
                 format::age(t.for_seconds),
                 format::seconds(t.rtt),
                 t.streams.to_string(),
+                next_attempt(t),
                 error,
             ]);
         }
@@ -225,6 +248,7 @@ mod tests {
             failures: BTreeMap::from([("refused".to_string(), 3)]),
             consecutive_failures: 0,
             retry_in: None,
+            retry_reason: None,
         }
     }
 
@@ -232,7 +256,11 @@ mod tests {
         let tunnels = vec![
             info("node-1", "ready", Some(0.0004), Some("old trouble")),
             info("node-2", "ready", Some(0.02), None),
-            info("node-3", "backoff", None, Some("tcp connect failed")),
+            TunnelInfo {
+                retry_in: Some(1.2),
+                retry_reason: Some("probe".into()),
+                ..info("node-3", "backoff", None, Some("tcp connect failed"))
+            },
         ];
         TunnelList {
             conflicts: Vec::new(),
@@ -247,14 +275,14 @@ mod tests {
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(
             lines[0],
-            "NODE    STATE    FOR    RTT     STREAMS  LAST ERROR"
+            "NODE    STATE    FOR    RTT     STREAMS  NEXT      LAST ERROR"
         );
         assert_eq!(
             lines[1],
-            "node-3  backoff  2m10s  -       2        tcp connect failed"
+            "node-3  backoff  2m10s  -       2        probe 2s  tcp connect failed"
         );
-        assert_eq!(lines[2], "node-2  ready    2m10s  20.0ms  2");
-        assert_eq!(lines[3], "node-1  ready    2m10s  0.40ms  2");
+        assert_eq!(lines[2], "node-2  ready    2m10s  20.0ms  2        -");
+        assert_eq!(lines[3], "node-1  ready    2m10s  0.40ms  2        -");
         assert_eq!(
             lines[4],
             "2/3 nodes ready, 6 streams open, 1 error in the last minute (1 backoff)"
