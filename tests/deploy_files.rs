@@ -1127,3 +1127,51 @@ fn the_links_of_deploy_and_monitoring_readmes_reach_their_targets() {
     }
     assert!(broken.is_empty(), "{}", broken.join("\n"));
 }
+
+/// A line as a file and its excerpt in the docs compare: without its
+/// trailing comment and indentation.
+fn bare(line: &str) -> &str {
+    line.split(" #").next().unwrap_or("").trim()
+}
+
+#[test]
+fn the_excerpts_in_operations_md_are_lines_of_the_deploy_files() {
+    let page = read("docs/operations.md");
+    let lines: Vec<&str> = page.lines().collect();
+    let mut checked = 0;
+    let mut drifted = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        let Some(file) = line
+            .strip_prefix("<!-- excerpt: ")
+            .and_then(|rest| rest.strip_suffix(" -->"))
+        else {
+            continue;
+        };
+        let source = read(file);
+        let source: BTreeSet<&str> = source.lines().map(bare).collect();
+        assert!(
+            lines.get(i + 1).is_some_and(|l| l.starts_with("```")),
+            "docs/operations.md:{}: the excerpt comment must precede a code block",
+            i + 1
+        );
+        for (j, excerpt) in lines[i + 2..]
+            .iter()
+            .take_while(|l| !l.starts_with("```"))
+            .enumerate()
+        {
+            let excerpt = bare(excerpt);
+            if excerpt.is_empty() || excerpt == "..." {
+                continue;
+            }
+            if !source.contains(excerpt) {
+                drifted.push(format!(
+                    "docs/operations.md:{}: `{excerpt}` is not in {file}",
+                    i + 3 + j
+                ));
+            }
+        }
+        checked += 1;
+    }
+    assert!(checked >= 4, "only {checked} excerpts marked");
+    assert!(drifted.is_empty(), "{}", drifted.join("\n"));
+}
