@@ -49,6 +49,8 @@ struct Bed {
     dir: tempfile::TempDir,
     ca: PathBuf,
     key: ClientKey,
+    /// The identity nodetunnel uses: the ed25519 `key`, or another one.
+    identity: PathBuf,
     sshd: Sshd,
     signed: std::cell::Cell<u32>,
 }
@@ -86,6 +88,7 @@ impl Bed {
         Bed {
             dir,
             ca,
+            identity: key.private_path.clone(),
             key,
             sshd,
             signed: std::cell::Cell::new(0),
@@ -121,9 +124,9 @@ impl Bed {
         std::fs::read_to_string(work.join("id-cert.pub")).unwrap()
     }
 
-    /// A certificate for the client key.
+    /// A certificate for the identity.
     fn sign(&self, serial: u64, principals: &str, validity: &str) -> String {
-        let public = self.key.private_path.with_extension("pub");
+        let public = self.identity.with_extension("pub");
         self.sign_key(&public, serial, principals, validity)
     }
 
@@ -154,7 +157,7 @@ impl Bed {
                  [admin]\nlisten = \"\"\n\
                  [[nodes]]\nname = \"node-1\"\naddresses = [\"127.0.0.1\"]\nssh_port = {port}\n",
                 user = Sshd::user(),
-                identity = self.key.private_path,
+                identity = self.identity,
                 kh = self.sshd.known_hosts_path(),
                 port = self.sshd.port(),
             ),
@@ -461,6 +464,44 @@ async fn a_principal_sshd_does_not_accept_is_refused_by_the_node_with_the_reason
     );
     assert!(bed.accepted().is_empty());
     server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rsa_and_ecdsa_certificates_are_accepted() {
+    // RSA: offered as rsa-sha2-512-cert-v01@openssh.com (vendored russh
+    // patch 0018; OpenSSH refuses the SHA-1 ssh-rsa-cert-v01 name).
+    let mut bed = Bed::start(None);
+    let echo = spawn_local(ServerKind::echo(local(0))).unwrap();
+    for (serial, kind, bits, logged) in [
+        (9, "rsa", "2048", "RSA-CERT"),
+        (10, "ecdsa", "256", "ECDSA-CERT"),
+    ] {
+        let key = bed.dir.path().join(format!("id_{kind}"));
+        ssh_keygen(&[
+            "-q",
+            "-t",
+            kind,
+            "-b",
+            bits,
+            "-N",
+            "",
+            "-f",
+            key.to_str().unwrap(),
+        ]);
+        bed.identity = key;
+        bed.install(&bed.sign(serial, &Sshd::user(), "-5m:+1h"));
+        let server = Server::start(&bed.config(true)).await.unwrap();
+        let manager = server.manager().clone();
+        ready(&manager, "node-1", &bed).await;
+        echo_stream(&manager, "node-1", echo.port(), serial, 1 << 20, async {}).await;
+        let accepted = bed.accepted();
+        let last = accepted.last().cloned().unwrap_or_default();
+        assert!(
+            last.contains(logged) && last.contains(&format!("(serial {serial})")),
+            "{kind}: {accepted:?}"
+        );
+        server.stop().await;
+    }
 }
 
 #[test]
