@@ -279,6 +279,17 @@ async fn a_node_trusting_only_the_ca_accepts_the_certificate_and_not_the_plain_k
             && accepted[0].contains("ID nodetunnel-test (serial 1)"),
         "{accepted:?}"
     );
+    // `check` authenticates with the certificate too.
+    let checked = check(&bed.config(true));
+    assert!(
+        checked.contains("✓ authentication")
+            && checked.contains(&format!(
+                "{} with certificate \"nodetunnel-test\" (serial 1, principals {}",
+                Sshd::user(),
+                Sshd::user()
+            )),
+        "{checked}"
+    );
     let expiry = config_expiry(&bed);
     assert_eq!(
         metric(
@@ -288,6 +299,18 @@ async fn a_node_trusting_only_the_ca_accepts_the_certificate_and_not_the_plain_k
         expiry as f64
     );
     server.stop().await;
+}
+
+/// `nodetunnel check --config CONFIG node-1`: its stdout.
+fn check(config: &Path) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_nodetunnel"))
+        .args(["check", "--config"])
+        .arg(config)
+        .arg("node-1")
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// valid_before of the certificate file now, as nodetunnel reads it.
@@ -463,6 +486,13 @@ async fn a_principal_sshd_does_not_accept_is_refused_by_the_node_with_the_reason
         "{error}"
     );
     assert!(bed.accepted().is_empty());
+    let checked = check(&bed.config(true));
+    assert!(
+        checked.contains("was refused")
+            && checked.contains("AuthorizedPrincipalsFile, the file for")
+            && checked.contains("TrustedUserCAKeys must hold the CA key SHA256:"),
+        "{checked}"
+    );
     server.stop().await;
 }
 
