@@ -428,7 +428,7 @@ async fn broken_mismatched_and_expired_replacements_are_refused_and_the_previous
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_certificate_that_expired_in_use_is_refused_locally_with_its_times() {
     let bed = Bed::start(None);
-    bed.install(&bed.sign(1, &Sshd::user(), "-5m:+3s"));
+    bed.install(&bed.sign(1, &Sshd::user(), "-5m:+5s"));
     let expiry = config_expiry(&bed);
     let server = Server::start(&bed.config(true)).await.unwrap();
     let manager = server.manager().clone();
