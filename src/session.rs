@@ -1,6 +1,8 @@
 //! One SSH session to one node: connecting it (TCP, key exchange, host-key
 //! verification, public-key authentication, each bounded by a timeout) and
-//! the russh client handler that watches it.
+//! the russh client handler that watches it. Authentication offers the
+//! user certificate in [`SessionSettings::certificate`] when there is one
+//! (checked again for this node's user first), the plain key otherwise.
 //!
 //! [`connect`] either returns a [`Session`] ready for direct-tcpip channels
 //! or a [`ConnectError`] whose [`reason`](ConnectError::reason) is one of the
