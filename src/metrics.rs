@@ -334,32 +334,6 @@ impl Metrics {
         }
     }
 
-    /// Count one re-read of `ssh.certificate` by `result` (`ok` or why it
-    /// was refused).
-    pub fn client_certificate_reload(&self, result: &str) {
-        self.client_certificate_reloads
-            .get_or_create(&ResultLabel {
-                result: result.to_string(),
-            })
-            .inc();
-    }
-
-    /// A user certificate expiring at `valid_before` (Unix seconds) is in
-    /// use: sets `nodetunnel_client_certificate_expiry_timestamp_seconds`.
-    pub fn client_certificate_in_use(&self, valid_before: u64) {
-        self.client_certificate_expiry
-            .set(i64::try_from(valid_before).unwrap_or(i64::MAX));
-    }
-
-    /// Count one certificate authentication refused, by `reason`.
-    pub fn client_certificate_refused(&self, reason: &str) {
-        self.client_certificate_refusals
-            .get_or_create(&ReasonLabel {
-                reason: reason.to_string(),
-            })
-            .inc();
-    }
-
     /// Count one SSH connection attempt by `{result}` (`ok` or a failure
     /// reason; failures also count as recent errors).
     pub fn handshake(&self, result: &str) {
@@ -468,6 +442,32 @@ impl Metrics {
         }
         let _ = encode_eof(&mut out);
         out
+    }
+
+    /// Count one re-read of `ssh.certificate` by `result` (`ok` or why it
+    /// was refused).
+    pub fn client_certificate_reload(&self, result: &str) {
+        self.client_certificate_reloads
+            .get_or_create(&ResultLabel {
+                result: result.to_string(),
+            })
+            .inc();
+    }
+
+    /// A user certificate expiring at `valid_before` (Unix seconds) is in
+    /// use: sets `nodetunnel_client_certificate_expiry_timestamp_seconds`.
+    pub fn client_certificate_in_use(&self, valid_before: u64) {
+        self.client_certificate_expiry
+            .set(i64::try_from(valid_before).unwrap_or(i64::MAX));
+    }
+
+    /// Count one certificate authentication refused, by `reason`.
+    pub fn client_certificate_refused(&self, reason: &str) {
+        self.client_certificate_refusals
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            })
+            .inc();
     }
 }
 
