@@ -21,6 +21,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use crate::admin::{AdminConfig, ReadinessConfig};
+use crate::client_certificate::{self, ClientCertificate};
 use crate::inventory::InventoryConfig;
 use crate::keys::{self, Identity};
 use crate::manager::ManagerConfig;
@@ -63,6 +64,10 @@ pub struct Config {
     /// The loaded identity (filled by [`Config::load`]).
     #[serde(skip)]
     pub identity: Option<Arc<Identity>>,
+    /// The loaded and checked `ssh.certificate` (filled by
+    /// [`Config::load`] when the key is set).
+    #[serde(skip)]
+    pub client_certificate: Option<Arc<ClientCertificate>>,
 }
 
 impl<'a> From<&'a Config> for ManagerConfig<'a> {
@@ -70,6 +75,7 @@ impl<'a> From<&'a Config> for ManagerConfig<'a> {
         ManagerConfig {
             ssh: &config.ssh,
             identity: config.identity.clone(),
+            client_certificate: config.client_certificate.clone(),
             dial_timeout: config
                 .proxy
                 .as_ref()
@@ -138,6 +144,16 @@ impl Config {
         let identity =
             keys::load_identity(&config.ssh.identity, config.ssh.passphrase_file.as_deref())
                 .map_err(|e| ConfigError::new(path, "ssh.identity", e.to_string()))?;
+        if let Some(cert_path) = &config.ssh.certificate {
+            let certificate = client_certificate::load(
+                cert_path,
+                identity.public_key(),
+                &config.ssh.user,
+                std::time::SystemTime::now(),
+            )
+            .map_err(|e| ConfigError::new(path, "ssh.certificate", e.to_string()))?;
+            config.client_certificate = Some(Arc::new(certificate));
+        }
         config.identity = Some(Arc::new(identity));
         Ok(config)
     }
@@ -173,6 +189,7 @@ impl Config {
             .passphrase_file
             .as_ref()
             .map(|p| resolve(base, p));
+        config.ssh.certificate = config.ssh.certificate.as_ref().map(|p| resolve(base, p));
         config.inventory.path = config.inventory.path.as_ref().map(|p| resolve(base, p));
         config.inventory.kubeconfig = config
             .inventory

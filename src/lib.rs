@@ -48,6 +48,7 @@
 pub mod admin;
 pub mod backoff;
 pub mod cli;
+pub mod client_certificate;
 pub mod config;
 pub mod destination;
 pub mod dev;

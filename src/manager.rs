@@ -15,6 +15,7 @@ use dashmap::DashMap;
 use rand::RngExt;
 use tokio::sync::Semaphore;
 
+use crate::client_certificate::{CertificateSlot, ClientCertificate};
 use crate::dial::{Destination, DialError, Dialer, NodeDownCause};
 use crate::inventory::NodeSink;
 use crate::keys::Identity;
@@ -78,6 +79,9 @@ pub enum ReloadError {
     /// known_hosts could not be read.
     #[error(transparent)]
     KnownHosts(#[from] crate::known_hosts::KnownHostsError),
+    /// The certificate file was refused (the previous one stays in use).
+    #[error(transparent)]
+    Certificate(#[from] crate::client_certificate::CertificateError),
 }
 
 /// What the manager takes from the configuration file: the `[ssh]` table,
@@ -91,6 +95,9 @@ pub struct ManagerConfig<'a> {
     /// The identity key, loaded (`None` is refused with
     /// [`ManagerError::NoIdentity`]).
     pub identity: Option<Arc<Identity>>,
+    /// The loaded `ssh.certificate`, if any (the manager re-reads
+    /// `ssh.certificate` itself on [`TunnelManager::reload_certificate`]).
+    pub client_certificate: Option<Arc<ClientCertificate>>,
     /// Bound on one dial (route, stream open): `proxy.dial_timeout`, else
     /// `ssh.channel_open_timeout`.
     pub dial_timeout: Duration,
@@ -99,6 +106,8 @@ pub struct ManagerConfig<'a> {
 /// All tunnels. See the module docs.
 pub struct TunnelManager {
     ctx: Arc<TunnelContext>,
+    /// `ssh.certificate`, re-read by [`TunnelManager::reload_certificate`].
+    certificate_path: Option<std::path::PathBuf>,
     tunnels: DashMap<Arc<str>, Arc<Tunnel>>,
     /// Removed or replaced tunnels still draining: shown in status until
     /// they are closed, never dialled.
@@ -136,6 +145,7 @@ impl TunnelManager {
                 known_hosts.has_cert_authorities(),
             )),
             identity: RwLock::new(identity),
+            certificate: Arc::new(CertificateSlot::new(config.client_certificate.clone())),
             known_hosts: RwLock::new(known_hosts),
             known_hosts_path: ssh.known_hosts.clone(),
             host_key_policy: ssh.host_key_policy,
@@ -163,9 +173,15 @@ impl TunnelManager {
             probe_interval: ssh.reconnect_probe_interval,
             prober: Arc::new(Prober::new(ssh.max_probes_per_second)),
         });
+        if let Some(certificate) = &config.client_certificate {
+            ctx.metrics
+                .client_certificate_in_use(certificate.valid_before());
+            tracing::info!(path = %certificate.path.display(), key_id = certificate.key_id(), serial = certificate.serial(), valid_before = %crate::client_certificate::rfc3339(certificate.valid_before()), "authenticating with a user certificate");
+        }
         let router = Router::new(&[], &routing);
         Ok(Arc::new(TunnelManager {
             ctx,
+            certificate_path: ssh.certificate.clone(),
             tunnels: DashMap::new(),
             retiring: Arc::new(std::sync::Mutex::new(Vec::new())),
             sample: RwLock::new(Arc::new(Vec::new())),
@@ -398,6 +414,65 @@ impl TunnelManager {
             *slot = Arc::new(identity);
         }
         Ok(())
+    }
+
+    /// Re-read `ssh.certificate` (it changed on disk, or SIGHUP) and check
+    /// it against the identity in use and `ssh.user`: a good one is used
+    /// by new sessions at once (established sessions keep running); a
+    /// refused one is logged as an error and the previous certificate
+    /// stays in use. Nothing to do without `ssh.certificate`, or when the
+    /// file holds the certificate in use already.
+    pub fn reload_certificate(&self) -> Result<(), ReloadError> {
+        let Some(path) = &self.certificate_path else {
+            return Ok(());
+        };
+        let session = &self.ctx.session;
+        let Ok(identity) = session.identity.read().map(|i| i.clone()) else {
+            return Ok(());
+        };
+        let loaded = crate::client_certificate::load(
+            path,
+            identity.public_key(),
+            &self.ctx.default_user,
+            std::time::SystemTime::now(),
+        );
+        let fresh = match loaded {
+            Ok(fresh) => fresh,
+            Err(error) => {
+                self.ctx.metrics.client_certificate_reload(error.reason());
+                let previous = session.certificate.current();
+                tracing::error!(
+                    %error,
+                    reason = error.reason(),
+                    previous_serial = previous.as_ref().map(|c| c.serial()),
+                    "certificate replacement refused; the previous certificate stays in use"
+                );
+                return Err(error.into());
+            }
+        };
+        if let Some(previous) = session.certificate.current() {
+            if previous.certificate == fresh.certificate {
+                return Ok(());
+            }
+        }
+        tracing::info!(
+            path = %path.display(),
+            key_id = fresh.key_id(),
+            serial = fresh.serial(),
+            valid_before = %crate::client_certificate::rfc3339(fresh.valid_before()),
+            "certificate reloaded; new sessions use it"
+        );
+        self.ctx
+            .metrics
+            .client_certificate_in_use(fresh.valid_before());
+        self.ctx.metrics.client_certificate_reload("ok");
+        session.certificate.install(Arc::new(fresh));
+        Ok(())
+    }
+
+    /// `ssh.certificate`, when set.
+    pub fn certificate_path(&self) -> Option<&Path> {
+        self.certificate_path.as_deref()
     }
 
     /// Re-read known_hosts.

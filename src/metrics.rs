@@ -184,6 +184,20 @@ pub struct Metrics {
     /// `nodetunnel_inventory_sync_failures_total`: inventory syncs that
     /// failed (broken file, watch error); the previous inventory was kept.
     pub inventory_sync_failures: Counter,
+    /// `nodetunnel_client_certificate_expiry_timestamp_seconds`: when the
+    /// user certificate in use expires (Unix seconds; 0 without
+    /// `ssh.certificate`).
+    pub client_certificate_expiry: Gauge,
+    /// `nodetunnel_client_certificate_auth_refusals_total{reason}`:
+    /// authentications with the certificate refused, locally (`expired`,
+    /// `not_yet_valid`, `principal`, `key_mismatch`) or by the node
+    /// (`refused_by_node`).
+    pub client_certificate_refusals: Family<ReasonLabel, Counter>,
+    /// `nodetunnel_client_certificate_reloads_total{result}`: re-reads of
+    /// `ssh.certificate` that installed a new certificate (`ok`) or were
+    /// refused (a [`CertificateError`](crate::client_certificate::CertificateError)
+    /// reason; the previous certificate stayed in use).
+    pub client_certificate_reloads: Family<ResultLabel, Counter>,
     /// `nodetunnel_reconnect_probes_total{result}`: TCP probes of the SSH
     /// port of nodes away (`open`, `closed`, `timeout`).
     pub reconnect_probes: Family<ResultLabel, Counter>,
@@ -313,6 +327,24 @@ impl Metrics {
             "Time from the probe that found sshd again to the session Ready",
             reconnect_probe_to_ready.clone(),
         );
+        let client_certificate_expiry = Gauge::default();
+        registry.register(
+            "client_certificate_expiry_timestamp_seconds",
+            "Unix time the user certificate in use expires (0: no ssh.certificate)",
+            client_certificate_expiry.clone(),
+        );
+        let client_certificate_refusals = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "client_certificate_auth_refusals",
+            "Authentications with the user certificate refused, by reason (expired, not_yet_valid, principal, key_mismatch: locally; refused_by_node)",
+            client_certificate_refusals.clone(),
+        );
+        let client_certificate_reloads = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "client_certificate_reloads",
+            "Re-reads of ssh.certificate that installed a new certificate (ok) or were refused (the reason; the previous one stays in use)",
+            client_certificate_reloads.clone(),
+        );
         Metrics {
             registry,
             recent_errors: RecentErrors::default(),
@@ -334,6 +366,9 @@ impl Metrics {
             reconnect_probes,
             reconnect_demands,
             reconnect_probe_to_ready,
+            client_certificate_expiry,
+            client_certificate_refusals,
+            client_certificate_reloads,
         }
     }
 
@@ -465,6 +500,32 @@ impl Metrics {
         }
         let _ = encode_eof(&mut out);
         out
+    }
+
+    /// Count one re-read of `ssh.certificate` by `result` (`ok` or why it
+    /// was refused).
+    pub fn client_certificate_reload(&self, result: &str) {
+        self.client_certificate_reloads
+            .get_or_create(&ResultLabel {
+                result: result.to_string(),
+            })
+            .inc();
+    }
+
+    /// A user certificate expiring at `valid_before` (Unix seconds) is in
+    /// use: sets `nodetunnel_client_certificate_expiry_timestamp_seconds`.
+    pub fn client_certificate_in_use(&self, valid_before: u64) {
+        self.client_certificate_expiry
+            .set(i64::try_from(valid_before).unwrap_or(i64::MAX));
+    }
+
+    /// Count one certificate authentication refused, by `reason`.
+    pub fn client_certificate_refused(&self, reason: &str) {
+        self.client_certificate_refusals
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            })
+            .inc();
     }
 }
 

@@ -147,6 +147,20 @@ impl Server {
             }
         }
 
+        // The certificate file: replacements on disk are used by new
+        // sessions at once (SIGHUP re-reads it too).
+        if let Some(path) = config.ssh.certificate.clone() {
+            let reloader = manager.clone();
+            tasks.push(tokio::spawn(crate::client_certificate::watch(
+                path,
+                move || {
+                    // A refused replacement is logged by the manager.
+                    let _ = reloader.reload_certificate();
+                },
+                shutdown.clone(),
+            )));
+        }
+
         // Inventory health, read by readiness.
         let sync = Arc::new(SyncStatus::default());
         if config.inventory.source == InventorySource::Static {
@@ -253,7 +267,8 @@ impl Server {
         tracing::info!("stopped");
     }
 
-    /// SIGHUP: re-read the file; apply its nodes, identity and known_hosts.
+    /// SIGHUP: re-read the file; apply its nodes, identity, certificate and
+    /// known_hosts.
     /// A broken file keeps everything as it was. The file and kubernetes
     /// inventory sources re-read their nodes file or re-list their nodes.
     fn reload(&self) {
@@ -274,6 +289,9 @@ impl Server {
         {
             tracing::error!(error = %e, "SIGHUP: identity not reloaded");
         }
+        // After the identity: the certificate must be for the key in use.
+        // A refused one is logged by the manager.
+        let _ = manager.reload_certificate();
         if let Err(e) = manager.reload_known_hosts() {
             tracing::error!(error = %e, "SIGHUP: known_hosts not reloaded");
         }

@@ -1,6 +1,8 @@
 //! One SSH session to one node: connecting it (TCP, key exchange, host-key
 //! verification, public-key authentication, each bounded by a timeout) and
-//! the russh client handler that watches it.
+//! the russh client handler that watches it. Authentication offers the
+//! user certificate in [`SessionSettings::certificate`] when there is one
+//! (checked again for this node's user first), the plain key otherwise.
 //!
 //! [`connect`] either returns a [`Session`] ready for direct-tcpip channels
 //! or a [`ConnectError`] whose [`reason`](ConnectError::reason) is one of the
@@ -21,6 +23,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
+use crate::client_certificate::{self, CertificateSlot};
 use crate::keys::{fingerprint, Identity};
 use crate::known_hosts::{decide, HostKeyDecision, HostKeyStatus, KnownHosts, KnownHostsError};
 use crate::ssh_config::HostKeyPolicy;
@@ -29,6 +32,10 @@ use crate::ssh_config::HostKeyPolicy;
 pub struct SessionSettings {
     /// The key to authenticate with (replaced on SIGHUP for key rotation).
     pub identity: RwLock<Arc<Identity>>,
+    /// The user certificate to authenticate with (`ssh.certificate`);
+    /// empty: the plain key. Read at each authentication, so a
+    /// replacement installed there is used by the next session.
+    pub certificate: Arc<CertificateSlot>,
     /// Trusted host keys (updated in memory when accept-new learns a key).
     pub known_hosts: RwLock<KnownHosts>,
     /// Where known_hosts lives (accept-new appends to it).
@@ -91,6 +98,34 @@ pub enum ConnectError {
         /// What the server would accept instead, if it said.
         methods: String,
     },
+    /// The certificate in use was refused locally before it was offered:
+    /// expired, not yet valid, no principal for this node's user, or not
+    /// for the identity's key (see [`client_certificate::check`]).
+    #[error("certificate not offered: {message}")]
+    Certificate {
+        /// The [`CertificateError::reason`](client_certificate::CertificateError::reason) label.
+        reason: &'static str,
+        /// The refusal, with the file and the times or names involved.
+        message: String,
+    },
+    /// The node refused our certificate (its `TrustedUserCAKeys`,
+    /// `AuthorizedPrincipalsFile` or `RevokedKeys` decide).
+    #[error(
+        "authentication as {user} with certificate {key_id:?} (serial {serial}, principals {principals}) \
+         was refused: the node's TrustedUserCAKeys, AuthorizedPrincipalsFile and RevokedKeys decide{methods}"
+    )]
+    CertificateRefused {
+        /// Remote user.
+        user: String,
+        /// The certificate's key id.
+        key_id: String,
+        /// The certificate's serial.
+        serial: u64,
+        /// The principals it offered (`any` when it lists none).
+        principals: String,
+        /// What the server would accept instead, if it said.
+        methods: String,
+    },
     /// Anything else in the SSH protocol: no common algorithm, a
     /// disconnect during the handshake, a bad signature.
     #[error("ssh protocol error: {0}")]
@@ -119,7 +154,22 @@ impl ConnectError {
             ConnectError::Refused { .. } => "refused",
             ConnectError::HostKey(_) => "host_key",
             ConnectError::Auth { .. } => "auth",
+            ConnectError::Certificate { .. } => "auth",
+            ConnectError::CertificateRefused { .. } => "auth",
             ConnectError::Protocol(_) => "protocol",
+        }
+    }
+
+    /// Why a certificate authentication was refused, for the
+    /// `client_certificate_auth_refusals` metric: a
+    /// [`CertificateError::reason`](client_certificate::CertificateError::reason)
+    /// when refused locally, `refused_by_node` when the node refused it;
+    /// `None` for every other error.
+    pub fn certificate_refusal(&self) -> Option<&'static str> {
+        match self {
+            ConnectError::Certificate { reason, .. } => Some(reason),
+            ConnectError::CertificateRefused { .. } => Some("refused_by_node"),
+            _ => None,
         }
     }
 }
@@ -579,7 +629,32 @@ async fn establish(
         .read()
         .map(|i| i.clone())
         .map_err(|_| ConnectError::Protocol("identity lock poisoned".into()))?;
+    let certificate = settings.certificate.current();
+    if let Some(certificate) = &certificate {
+        // Checked again at each use: it may have expired since it was
+        // loaded, or this node may log in as another user.
+        client_certificate::check(
+            &certificate.certificate,
+            &certificate.path,
+            identity.public_key(),
+            &target.user,
+            std::time::SystemTime::now(),
+        )
+        .map_err(|e| ConnectError::Certificate {
+            reason: e.reason(),
+            message: e.to_string(),
+        })?;
+    }
     let auth = async {
+        if let Some(certificate) = &certificate {
+            return handle
+                .authenticate_openssh_cert(
+                    target.user.clone(),
+                    identity.key.clone(),
+                    certificate.certificate.clone(),
+                )
+                .await;
+        }
         let hash = if identity.key.algorithm().is_rsa() {
             handle.best_supported_rsa_hash().await?.flatten()
         } else {
@@ -608,13 +683,27 @@ async fn establish(
                 .iter()
                 .map(|m| String::from(<&str>::from(m)))
                 .collect();
-            Err(ConnectError::Auth {
-                user: target.user.clone(),
-                fingerprint: identity.fingerprint(),
-                methods: if methods.is_empty() {
-                    String::new()
-                } else {
-                    format!(" (server accepts: {})", methods.join(", "))
+            let methods = if methods.is_empty() {
+                String::new()
+            } else {
+                format!(" (server accepts: {})", methods.join(", "))
+            };
+            Err(match certificate {
+                Some(certificate) => ConnectError::CertificateRefused {
+                    user: target.user.clone(),
+                    key_id: certificate.key_id().to_string(),
+                    serial: certificate.serial(),
+                    principals: if certificate.principals().is_empty() {
+                        "any".into()
+                    } else {
+                        certificate.principals().join(",")
+                    },
+                    methods,
+                },
+                None => ConnectError::Auth {
+                    user: target.user.clone(),
+                    fingerprint: identity.fingerprint(),
+                    methods,
                 },
             })
         }

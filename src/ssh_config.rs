@@ -45,6 +45,11 @@ pub struct SshConfig {
     pub identity: PathBuf,
     /// File holding the passphrase of an encrypted identity (first line).
     pub passphrase_file: Option<PathBuf>,
+    /// OpenSSH user certificate for `identity` (`ssh-keygen -s` output,
+    /// `*-cert.pub`), relative to the config file. When set, sessions
+    /// authenticate with it instead of the plain key; the file is watched
+    /// and re-read on change and on SIGHUP.
+    pub certificate: Option<PathBuf>,
     /// OpenSSH known_hosts file used to verify node host keys.
     pub known_hosts: PathBuf,
     /// strict | accept-new | insecure.
@@ -151,6 +156,7 @@ impl Default for SshConfig {
             user: "root".into(),
             identity: PathBuf::from("keys/id_ed25519"),
             passphrase_file: None,
+            certificate: None,
             known_hosts: PathBuf::from("keys/known_hosts"),
             host_key_policy: HostKeyPolicy::Strict,
             port: 22,

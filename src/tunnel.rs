@@ -786,6 +786,9 @@ impl Tunnel {
 
     fn record_failure(&self, e: &ConnectError) {
         self.ctx.metrics.handshake(e.reason());
+        if let Some(reason) = e.certificate_refusal() {
+            self.ctx.metrics.client_certificate_refused(reason);
+        }
         tracing::warn!(reason = e.reason(), error = %e, "ssh connect failed");
         self.update(|s| {
             *s.failures.entry(e.reason()).or_insert(0) += 1;

@@ -26,13 +26,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::SystemTime;
 
 use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use nodetunnel::config::Config;
-use nodetunnel::metrics::{per_node_registry, DirectionLabel, Metrics, StateLabel};
-use nodetunnel::tunnel_status::{TunnelState, TunnelStatus};
+#[path = "support/exported_metrics.rs"]
+mod exported_metrics;
+use exported_metrics::{exported_families, family_of, metric_names};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -853,90 +853,9 @@ fn the_dashboard_shows_the_panels_on_call_looks_at_and_its_queries_parse() {
     assert!(ok, "a dashboard query does not parse:\n{out}");
 }
 
-/// Every metric family `/metrics` encodes, per-node series included (as
-/// tests/docs_drift.rs builds it: a labelled family shows once it has a
-/// series).
-fn exported_families() -> BTreeSet<String> {
-    let metrics = Metrics::new();
-    metrics
-        .tunnels
-        .get_or_create(&StateLabel {
-            state: "ready".into(),
-        })
-        .set(1);
-    metrics
-        .bytes
-        .get_or_create(&DirectionLabel {
-            direction: "to_node".into(),
-        })
-        .inc();
-    metrics.handshake("ok");
-    metrics.stream_open("ok", false);
-    metrics.stream_reset("session_lost");
-    metrics.proxy_request("uds", "200");
-    metrics.policy_denial("loopback");
-    metrics.set_route_conflicts(std::iter::empty());
-    let node = TunnelStatus {
-        node: "node-a".into(),
-        addresses: vec!["10.0.0.1".into()],
-        ssh_endpoint: "10.0.0.1:22".into(),
-        state: TunnelState::Ready,
-        since: SystemTime::now(),
-        last_error: None,
-        rtt: Some(std::time::Duration::from_millis(1)),
-        sessions_ready: 1,
-        sessions: 1,
-        streams: 0,
-        streams_total: 0,
-        bytes_to_node: 0,
-        bytes_from_node: 0,
-        stream_resets: 0,
-        handshakes: 1,
-        failures: [("timeout", 1)].into_iter().collect(),
-        consecutive_failures: 0,
-        retry_in: None,
-    };
-    let text = metrics.encode_with(Some(&per_node_registry(&[node])));
-    text.lines()
-        .filter_map(|l| l.strip_prefix("# TYPE "))
-        .filter_map(|l| l.split_whitespace().next())
-        .map(str::to_owned)
-        .collect()
-}
-
-/// Whether `name` is a series of an exported family, whether the counters'
-/// TYPE lines name the family with `_total` (classic text format) or
-/// without (OpenMetrics).
+/// Whether `name` is a series of an exported family.
 fn is_exported(name: &str, families: &BTreeSet<String>) -> bool {
-    let base = ["_total", "_bucket", "_count", "_sum", "_created"]
-        .iter()
-        .find_map(|suffix| name.strip_suffix(suffix));
-    [Some(name), base]
-        .into_iter()
-        .flatten()
-        .any(|n| families.contains(n) || families.contains(&format!("{n}_total")))
-}
-
-/// The `nodetunnel_*` names in `text` (alone, or inside a recorded name
-/// such as `instance:nodetunnel_bytes:rate5m`).
-fn metric_names(text: &str) -> BTreeSet<String> {
-    let bytes = text.as_bytes();
-    let mut names = BTreeSet::new();
-    let mut from = 0;
-    while let Some(at) = text[from..].find("nodetunnel_") {
-        let start = from + at;
-        let preceded =
-            start > 0 && (bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
-        let mut end = start;
-        while end < bytes.len() && (bytes[end].is_ascii_alphanumeric() || bytes[end] == b'_') {
-            end += 1;
-        }
-        if !preceded {
-            names.insert(text[start..end].to_owned());
-        }
-        from = end;
-    }
-    names
+    family_of(name, families).is_some()
 }
 
 /// Recorded series named in `text` (`level:metric:operations`).

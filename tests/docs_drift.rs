@@ -17,12 +17,13 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
 
 use nodetunnel::cli::check::Step;
 use nodetunnel::config::Config;
-use nodetunnel::metrics::{per_node_registry, DirectionLabel, Metrics, StateLabel};
-use nodetunnel::tunnel_status::{TunnelState, TunnelStatus};
+
+#[path = "support/exported_metrics.rs"]
+mod exported_metrics;
+use exported_metrics::{exported_families, family_of, metric_names};
 
 const NODETUNNEL: &str = env!("CARGO_BIN_EXE_nodetunnel");
 
@@ -124,98 +125,6 @@ fn every_toml_block_in_the_docs_parses_and_validates() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
-/// Every metric family `/metrics` encodes: the process-wide registry and
-/// the per-node series (`admin.per_node_metrics`), for one node. A family
-/// with labels shows only once it has a series, so one of each is made
-/// here: a new labelled family must be given one too (the docs check
-/// below fails for a documented family that is not exported).
-fn exported_families() -> BTreeSet<String> {
-    let metrics = Metrics::new();
-    metrics
-        .tunnels
-        .get_or_create(&StateLabel {
-            state: "ready".into(),
-        })
-        .set(1);
-    metrics
-        .bytes
-        .get_or_create(&DirectionLabel {
-            direction: "to_node".into(),
-        })
-        .inc();
-    metrics.handshake("ok");
-    metrics.stream_open("ok", false);
-    metrics.stream_reset("session_lost");
-    metrics.proxy_request("uds", "200");
-    metrics.policy_denial("loopback");
-    metrics.set_route_conflicts(std::iter::empty());
-    metrics.reconnect_probe("open");
-    metrics.reconnect_demand("dial");
-    let node = TunnelStatus {
-        node: "node-a".into(),
-        addresses: vec!["10.0.0.1".into()],
-        ssh_endpoint: "10.0.0.1:22".into(),
-        state: TunnelState::Ready,
-        since: SystemTime::now(),
-        last_error: None,
-        rtt: Some(std::time::Duration::from_millis(1)),
-        sessions_ready: 1,
-        sessions: 1,
-        streams: 0,
-        streams_total: 0,
-        bytes_to_node: 0,
-        bytes_from_node: 0,
-        stream_resets: 0,
-        handshakes: 1,
-        failures: [("timeout", 1)].into_iter().collect(),
-        consecutive_failures: 0,
-        retry_in: None,
-        retry_reason: None,
-    };
-    let text = metrics.encode_with(Some(&per_node_registry(&[node])));
-    text.lines()
-        .filter_map(|l| l.strip_prefix("# TYPE "))
-        .filter_map(|l| l.split_whitespace().next())
-        .map(str::to_owned)
-        .collect()
-}
-
-/// `name` as the family it is a series of (`_total` of a counter,
-/// `_bucket`/`_count`/`_sum` of a histogram), if it is one.
-fn family_of<'a>(name: &'a str, families: &BTreeSet<String>) -> Option<&'a str> {
-    if families.contains(name) {
-        return Some(name);
-    }
-    ["_total", "_bucket", "_count", "_sum", "_created"]
-        .iter()
-        .filter_map(|suffix| name.strip_suffix(suffix))
-        .find(|base| families.contains(*base))
-}
-
-fn metric_names(text: &str) -> BTreeSet<String> {
-    let bytes = text.as_bytes();
-    let mut names = BTreeSet::new();
-    let mut from = 0;
-    while let Some(at) = text[from..].find("nodetunnel_") {
-        let start = from + at;
-        let preceded =
-            start > 0 && (bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
-        let mut end = start;
-        while end < bytes.len()
-            && (bytes[end].is_ascii_lowercase()
-                || bytes[end].is_ascii_digit()
-                || bytes[end] == b'_')
-        {
-            end += 1;
-        }
-        if !preceded {
-            names.insert(text[start..end].to_owned());
-        }
-        from = end.max(start + 1);
-    }
-    names
-}
-
 #[test]
 fn every_metric_the_docs_name_is_exported_and_every_exported_one_is_documented() {
     let families = exported_families();
@@ -246,7 +155,7 @@ fn every_metric_the_docs_name_is_exported_and_every_exported_one_is_documented()
             .expect("docs/architecture.md");
     let documented: BTreeSet<String> = metric_names(&reference)
         .iter()
-        .filter_map(|n| family_of(n, &families).map(str::to_owned))
+        .filter_map(|n| family_of(n, &families))
         .collect();
     let missing: Vec<&String> = families.difference(&documented).collect();
     assert!(

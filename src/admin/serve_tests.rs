@@ -75,6 +75,7 @@ async fn start(extra: &str) -> Admin {
         ManagerConfig {
             ssh: &ssh,
             identity: Some(Arc::new(identity)),
+            client_certificate: None,
             dial_timeout: ssh.channel_open_timeout,
         },
         RoutingConfig::default(),

@@ -3,12 +3,14 @@
 //!
 //! The operator's commands live in their own files: [`status`] and [`top`]
 //! read a running sidecar's admin API (through [`client`]), [`check`] and
-//! [`route`] work offline from the configuration file; [`format`](mod@format) holds
+//! [`route`] work offline from the configuration file; [`inspect`] shows a
+//! certificate; [`format`](mod@format) holds
 //! the human formats they share.
 
 pub mod check;
 pub mod client;
 pub mod format;
+pub mod inspect;
 pub mod route;
 pub mod status;
 pub mod top;
@@ -212,6 +214,13 @@ pub enum KeysCommand {
         #[arg(long, default_value = "nodetunnel")]
         comment: String,
     },
+    /// Show what an OpenSSH certificate (`*-cert.pub`) says, as
+    /// `ssh-keygen -L` does: type, key id, serial, validity, principals,
+    /// critical options, extensions and the signing CA's fingerprint.
+    Inspect {
+        /// The certificate file.
+        file: PathBuf,
+    },
 }
 
 /// Run a parsed command line; the exit code says how it went.
@@ -229,6 +238,9 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Keys {
             command: KeysCommand::Generate { dir, name, comment },
         } => keys_generate(&dir, &name, &comment),
+        Command::Keys {
+            command: KeysCommand::Inspect { file },
+        } => inspect::run(&file),
         Command::Status { admin, output } => match admin.client("status") {
             Ok(client) => status::run(&client, output).await,
             Err(code) => code,

@@ -340,6 +340,8 @@ async fn run_all(
 /// Runs checks with one configuration's key, known_hosts and timeouts.
 pub struct Checker {
     pub(super) identity: Arc<Identity>,
+    /// `ssh.certificate`, loaded: authentication offers it when set.
+    pub(super) certificate: Option<Arc<crate::client_certificate::ClientCertificate>>,
     pub(super) known_hosts: KnownHosts,
     pub(super) policy: HostKeyPolicy,
     pub(super) russh: Arc<client::Config>,
@@ -386,6 +388,7 @@ impl Checker {
         let tls = kubelet_tls::connector(kubelet_ca)?;
         Ok(Checker {
             identity,
+            certificate: config.client_certificate.clone(),
             known_hosts,
             policy: config.ssh.host_key_policy,
             russh: Arc::new(russh),

@@ -217,12 +217,18 @@ impl Checker {
         Ok(((session, key), detail))
     }
 
-    /// Step 6: public-key authentication with the configured identity.
+    /// Step 6: public-key authentication with the configured identity,
+    /// or its certificate when `ssh.certificate` is set.
     pub(super) async fn authenticate(
         &self,
         session: &mut Handle<Recorder>,
         user: &str,
     ) -> Result<((), String), Failure> {
+        if let Some(certificate) = self.certificate.clone() {
+            return self
+                .authenticate_certificate(session, user, &certificate)
+                .await;
+        }
         let key_text = format!(
             "{} {} ({})",
             self.identity.algorithm(),
@@ -239,27 +245,9 @@ impl Checker {
             let key = PrivateKeyWithHashAlg::new(identity.key.clone(), hash);
             session.authenticate_publickey(user, key).await
         };
-        let remaining = match tokio::time::timeout(self.auth_timeout, auth).await {
-            Err(_) => {
-                return Err(Failure::new(
-                    format!("no answer within {}", human(self.auth_timeout)),
-                    "sshd may be slow to look up the user (UseDNS, LDAP/NSS); see its log",
-                ))
-            }
-            Ok(Err(e)) => return Err(Failure::new(format!("failed: {e}"), None)),
-            Ok(Ok(AuthResult::Success)) => return Ok(((), format!("{user} with {key_text}"))),
-            Ok(Ok(AuthResult::Failure {
-                remaining_methods, ..
-            })) => remaining_methods,
-        };
-        let methods: Vec<String> = remaining
-            .iter()
-            .map(|m| String::from(<&str>::from(m)))
-            .collect();
-        let accepts = if methods.is_empty() {
-            String::new()
-        } else {
-            format!(" (server accepts: {})", methods.join(", "))
+        let accepts = match self.run_auth(auth).await? {
+            None => return Ok(((), format!("{user} with {key_text}"))),
+            Some(accepts) => accepts,
         };
         let line = authorized_keys_line(self.identity.public_key());
         Err(Failure::new(
@@ -270,6 +258,89 @@ impl Checker {
                  ~/.ssh, AllowUsers, PermitRootLogin)"
             ),
         ))
+    }
+
+    /// Step 6 with `ssh.certificate`: checked locally for `user` first
+    /// (expired, not yet valid, principal, key), then offered.
+    async fn authenticate_certificate(
+        &self,
+        session: &mut Handle<Recorder>,
+        user: &str,
+        certificate: &crate::client_certificate::ClientCertificate,
+    ) -> Result<((), String), Failure> {
+        let principals = if certificate.principals().is_empty() {
+            "any".to_string()
+        } else {
+            certificate.principals().join(",")
+        };
+        let cert_text = format!(
+            "certificate {:?} (serial {}, principals {principals}, {})",
+            certificate.key_id(),
+            certificate.serial(),
+            certificate.path.display()
+        );
+        if let Err(e) = crate::client_certificate::check(
+            &certificate.certificate,
+            &certificate.path,
+            self.identity.public_key(),
+            user,
+            std::time::SystemTime::now(),
+        ) {
+            return Err(Failure::new(
+                format!("certificate not offered ({}): {e}", e.reason()),
+                "replace ssh.certificate with a valid one (nodetunnel keys inspect shows it)",
+            ));
+        }
+        let key = self.identity.key.clone();
+        let cert = certificate.certificate.clone();
+        let auth = session.authenticate_openssh_cert(user, key, cert);
+        let accepts = match self.run_auth(auth).await? {
+            None => return Ok(((), format!("{user} with {cert_text}"))),
+            Some(accepts) => accepts,
+        };
+        let ca = crate::keys::fingerprint(&russh::keys::PublicKey::from(
+            certificate.certificate.signature_key().clone(),
+        ));
+        Err(Failure::new(
+            format!("{user} with {cert_text} was refused{accepts}"),
+            format!(
+                "the node's sshd decides: TrustedUserCAKeys must hold the CA key {ca}; with \
+                 AuthorizedPrincipalsFile, the file for {user} must list one of the principals \
+                 offered ({principals}), without it they must include {user}; RevokedKeys must \
+                 not revoke it. The node's sshd log says which"
+            ),
+        ))
+    }
+
+    /// Run one authentication attempt within `auth_timeout`: `None` when
+    /// it succeeded, else what the server accepts instead (" (server
+    /// accepts: ...)" or empty).
+    async fn run_auth(
+        &self,
+        auth: impl std::future::Future<Output = Result<AuthResult, russh::Error>>,
+    ) -> Result<Option<String>, Failure> {
+        let remaining = match tokio::time::timeout(self.auth_timeout, auth).await {
+            Err(_) => {
+                return Err(Failure::new(
+                    format!("no answer within {}", human(self.auth_timeout)),
+                    "sshd may be slow to look up the user (UseDNS, LDAP/NSS); see its log",
+                ))
+            }
+            Ok(Err(e)) => return Err(Failure::new(format!("failed: {e}"), None)),
+            Ok(Ok(AuthResult::Success)) => return Ok(None),
+            Ok(Ok(AuthResult::Failure {
+                remaining_methods, ..
+            })) => remaining_methods,
+        };
+        let methods: Vec<String> = remaining
+            .iter()
+            .map(|m| String::from(<&str>::from(m)))
+            .collect();
+        Ok(Some(if methods.is_empty() {
+            String::new()
+        } else {
+            format!(" (server accepts: {})", methods.join(", "))
+        }))
     }
 
     /// The kubelet's host for `target` as seen from the node:

@@ -201,6 +201,7 @@ mod host_key_step {
         };
         Checker {
             identity: Arc::new(identity),
+            certificate: None,
             known_hosts: KnownHosts::parse(known_hosts, "known_hosts"),
             policy,
             russh: Arc::new(russh::client::Config::default()),

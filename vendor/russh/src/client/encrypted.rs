@@ -1509,7 +1509,11 @@ impl Encrypted {
                     self.write.push(0); // This is a probe
 
                     debug!("write_auth_request: cert - {:?}", cert.algorithm());
+                    // (nodetunnel patch) An RSA certificate is offered as
+                    // rsa-sha2-512-cert-v01@openssh.com, the hash its
+                    // signature is made with (see certificate_signature_hash).
                     cert.algorithm()
+                        .with_hash_alg(certificate_signature_hash(cert))
                         .to_certificate_type()
                         .encode(&mut self.write)?;
                     cert.to_bytes()?.as_slice().encode(&mut self.write)?;
@@ -1672,10 +1676,12 @@ impl Encrypted {
                 })
             }
             auth::Method::OpenSshCertificate { key, cert } => {
+                // (nodetunnel patch) The algorithm signed over names the
+                // hash of the signature for RSA, as in the request.
                 let i0 = self.client_make_to_sign(
                     user,
                     &PublicKeyOrCertificate::Certificate(cert.clone()),
-                    None,
+                    certificate_signature_hash(cert),
                     buffer,
                 )?;
 
@@ -1704,5 +1710,19 @@ impl Encrypted {
             }
         });
         Ok(())
+    }
+}
+
+/// (nodetunnel patch) The hash an RSA certificate's user-auth signature is
+/// made with: SHA-512 (`rsa-sha2-512`), which is what `ssh_key`'s `Signer`
+/// for an RSA `PrivateKey` produces. Offering it as the legacy
+/// `ssh-rsa-cert-v01@openssh.com` (SHA-1) made OpenSSH 8.8+ refuse it ("not
+/// in PubkeyAcceptedAlgorithms"), and the signature did not match that name
+/// anyway. `None` for other key types.
+fn certificate_signature_hash(cert: &ssh_key::Certificate) -> Option<ssh_key::HashAlg> {
+    if cert.algorithm().is_rsa() {
+        Some(ssh_key::HashAlg::Sha512)
+    } else {
+        None
     }
 }
