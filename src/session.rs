@@ -9,6 +9,7 @@
 //! stable labels `timeout`, `refused`, `auth`, `host_key`, `protocol`.
 
 use std::borrow::Cow;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -65,6 +66,91 @@ pub struct Target {
     pub user: String,
 }
 
+/// Why a node's host key (or host certificate) was refused. The text is
+/// what the tunnel table and the log show.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum HostKeyRejection {
+    /// A matching `@revoked` line lists it.
+    #[error("host key of node {node} ({endpoint}) {presented} is revoked in {} line {line}", known_hosts.display())]
+    Revoked {
+        /// The node.
+        node: String,
+        /// `host:port`.
+        endpoint: String,
+        /// What it presented (fingerprint).
+        presented: String,
+        /// The known_hosts file.
+        known_hosts: PathBuf,
+        /// The `@revoked` line.
+        line: usize,
+    },
+    /// known_hosts lists other keys for it.
+    #[error("HOST KEY CHANGED for node {node} ({endpoint}): presented {presented}, known_hosts has {expected}; if the node was reinstalled, replace its line")]
+    Changed {
+        /// The node.
+        node: String,
+        /// `host:port`.
+        endpoint: String,
+        /// What it presented.
+        presented: String,
+        /// The keys known_hosts expects, with their files and lines.
+        expected: String,
+    },
+    /// A host certificate from a trusted CA that is not valid.
+    #[error("host certificate of node {node} ({endpoint}) {presented} is signed by a CA that {} trusts, but is not valid: {problem}; the node needs a valid host certificate (ssh-keygen -s CA_KEY -h), or the clocks are wrong", known_hosts.display())]
+    InvalidCertificate {
+        /// The node.
+        node: String,
+        /// `host:port`.
+        endpoint: String,
+        /// What it presented.
+        presented: String,
+        /// The known_hosts file.
+        known_hosts: PathBuf,
+        /// Why the certificate is not valid.
+        problem: Box<crate::known_hosts::CertificateProblem>,
+    },
+    /// known_hosts does not list the host and the policy refuses unknown
+    /// hosts.
+    #[error("host key of node {node} ({endpoint}) {presented} is not in {} (host_key_policy = {policy}); add it, e.g. with ssh-keyscan, after checking the fingerprint", known_hosts.display())]
+    Unknown {
+        /// The node.
+        node: String,
+        /// `host:port`.
+        endpoint: String,
+        /// What it presented.
+        presented: String,
+        /// The known_hosts file.
+        known_hosts: PathBuf,
+        /// The policy in force.
+        policy: HostKeyPolicy,
+    },
+    /// accept-new: another session or process recorded a different key
+    /// for the host meanwhile.
+    #[error("HOST KEY CHANGED for node {node} ({endpoint}): presented {presented}, but {status} (recorded meanwhile by another session or process under accept-new); if the node was reinstalled, replace its line")]
+    RecordedMeanwhile {
+        /// The node.
+        node: String,
+        /// `host:port`.
+        endpoint: String,
+        /// What it presented.
+        presented: String,
+        /// What known_hosts says now.
+        status: Box<HostKeyStatus>,
+    },
+    /// accept-new could not write the key to known_hosts.
+    #[error("accept-new could not record the host key of node {node}: {reason}")]
+    NotRecorded {
+        /// The node.
+        node: String,
+        /// The file error.
+        reason: String,
+    },
+    /// An internal lock or task failed (a bug).
+    #[error("host key check failed: {0}")]
+    Internal(&'static str),
+}
+
 /// Why a session could not be established.
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -87,7 +173,7 @@ pub enum ConnectError {
     },
     /// The node's host key is not trusted.
     #[error("{0}")]
-    HostKey(String),
+    HostKey(HostKeyRejection),
     /// The node refused our key.
     #[error("authentication as {user} with key {fingerprint} was refused{methods}")]
     Auth {
@@ -223,18 +309,20 @@ impl SessionEnd {
 pub struct ClientHandler {
     settings: Arc<SessionSettings>,
     target: Target,
-    rejection: Arc<Mutex<Option<String>>>,
+    rejection: Arc<Mutex<Option<HostKeyRejection>>>,
     ended: Arc<SessionEnd>,
 }
 
 impl ClientHandler {
-    fn verify(&self, key: &PublicKeyOrCertificate) -> Result<Verdict, String> {
+    fn verify(&self, key: &PublicKeyOrCertificate) -> Result<Verdict, HostKeyRejection> {
         let t = &self.target;
         let policy = self.settings.host_key_policy;
         let decision = match self.settings.known_hosts.read() {
             Ok(kh) => decide(&kh, &t.host, t.port, key, policy),
-            Err(_) => return Err("known_hosts lock poisoned".into()),
+            Err(_) => return Err(HostKeyRejection::Internal("known_hosts lock poisoned")),
         };
+        let endpoint = format!("{}:{}", t.host, t.port);
+        let known_hosts = self.settings.known_hosts_path.clone();
         let presented = match key {
             PublicKeyOrCertificate::PublicKey { key, .. } => fingerprint(key),
             PublicKeyOrCertificate::Certificate(cert) => {
@@ -251,38 +339,46 @@ impl ClientHandler {
                 Ok(Verdict::Trusted)
             }
             HostKeyDecision::Learn(key) => Ok(Verdict::Learn(key)),
-            HostKeyDecision::Refuse(HostKeyStatus::Revoked { line }) => Err(format!(
-                "host key of node {} ({}:{}) {presented} is revoked in {} line {line}",
-                t.node,
-                t.host,
-                t.port,
-                self.settings.known_hosts_path.display()
-            )),
+            HostKeyDecision::Refuse(HostKeyStatus::Revoked { line }) => {
+                Err(HostKeyRejection::Revoked {
+                    node: t.node.clone(),
+                    endpoint,
+                    presented,
+                    known_hosts,
+                    line,
+                })
+            }
             HostKeyDecision::Refuse(HostKeyStatus::Changed { expected }) => {
-                let known = expected
+                let expected = expected
                     .iter()
                     .map(|k| format!("{} ({}:{}: {})", k.fingerprint, k.path.display(), k.line, k.raw_line))
                     .collect::<Vec<_>>()
                     .join(", ");
-                Err(format!(
-                    "HOST KEY CHANGED for node {} ({}:{}): presented {presented}, known_hosts has {known}; if the node was reinstalled, replace its line",
-                    t.node, t.host, t.port
-                ))
+                Err(HostKeyRejection::Changed {
+                    node: t.node.clone(),
+                    endpoint,
+                    presented,
+                    expected,
+                })
             }
-            HostKeyDecision::Refuse(HostKeyStatus::InvalidCertificate { problem }) => Err(format!(
-                "host certificate of node {} ({}:{}) {presented} is signed by a CA that {} trusts, but is not valid: {problem}; the node needs a valid host certificate (ssh-keygen -s CA_KEY -h), or the clocks are wrong",
-                t.node,
-                t.host,
-                t.port,
-                self.settings.known_hosts_path.display()
-            )),
-            HostKeyDecision::Refuse(HostKeyStatus::Unknown | HostKeyStatus::Trusted) => Err(format!(
-                "host key of node {} ({}:{}) {presented} is not in {} (host_key_policy = {policy}); add it, e.g. with ssh-keyscan, after checking the fingerprint",
-                t.node,
-                t.host,
-                t.port,
-                self.settings.known_hosts_path.display()
-            )),
+            HostKeyDecision::Refuse(HostKeyStatus::InvalidCertificate { problem }) => {
+                Err(HostKeyRejection::InvalidCertificate {
+                    node: t.node.clone(),
+                    endpoint,
+                    presented,
+                    known_hosts,
+                    problem: Box::new(problem),
+                })
+            }
+            HostKeyDecision::Refuse(HostKeyStatus::Unknown | HostKeyStatus::Trusted) => {
+                Err(HostKeyRejection::Unknown {
+                    node: t.node.clone(),
+                    endpoint,
+                    presented,
+                    known_hosts,
+                    policy,
+                })
+            }
         }
     }
 }
@@ -298,7 +394,7 @@ enum Verdict {
 impl ClientHandler {
     /// accept-new: append the key to known_hosts (blocking file I/O, off the
     /// async threads) and trust it in memory.
-    async fn learn(&self, key: russh::keys::PublicKey) -> Result<(), String> {
+    async fn learn(&self, key: russh::keys::PublicKey) -> Result<(), HostKeyRejection> {
         let settings = self.settings.clone();
         let t = self.target.clone();
         let presented = fingerprint(&key);
@@ -306,7 +402,7 @@ impl ClientHandler {
             let mut kh = settings
                 .known_hosts
                 .write()
-                .map_err(|_| "known_hosts lock poisoned".to_string())?;
+                .map_err(|_| HostKeyRejection::Internal("known_hosts lock poisoned"))?;
             // Another session may have learned it meanwhile: the same key is
             // trusted as is; learn re-checks under its lock, and a different
             // key recorded meanwhile refuses this one as a changed key.
@@ -318,18 +414,22 @@ impl ClientHandler {
                     tracing::info!(node = %t.node, key = %presented, path = %settings.known_hosts_path.display(), "learned new host key (accept-new)");
                     Ok(())
                 }
-                Err(KnownHostsError::NoLongerUnknown { status, .. }) => Err(format!(
-                    "HOST KEY CHANGED for node {} ({}:{}): presented {presented}, but {status} (recorded meanwhile by another session or process under accept-new); if the node was reinstalled, replace its line",
-                    t.node, t.host, t.port
-                )),
-                Err(e) => Err(format!(
-                    "accept-new could not record the host key of node {}: {e}",
-                    t.node
-                )),
+                Err(KnownHostsError::NoLongerUnknown { status, .. }) => {
+                    Err(HostKeyRejection::RecordedMeanwhile {
+                        node: t.node.clone(),
+                        endpoint: format!("{}:{}", t.host, t.port),
+                        presented,
+                        status: Box::new(status),
+                    })
+                }
+                Err(e) => Err(HostKeyRejection::NotRecorded {
+                    node: t.node.clone(),
+                    reason: e.to_string(),
+                }),
             }
         })
         .await
-        .map_err(|e| format!("accept-new: {e}"))?
+        .map_err(|_| HostKeyRejection::Internal("the accept-new task failed"))?
     }
 }
 

@@ -227,7 +227,8 @@ async fn sshd_killed_mid_stream_ends_that_nodes_streams_and_the_node_comes_back(
         v["state"] == "backoff" && u64_of(&v["failures"]["refused"]) >= 1
     })
     .await;
-    // A CONNECT routed to it is refused at once, naming the node.
+    // A CONNECT routed to it asks for an attempt, waits for it within the
+    // dial timeout while sshd is still down, and is refused, naming the node.
     let t1 = Instant::now();
     let r = expect_refused(&nt.proxy, &c.target(3, SOURCE_PORT)).await;
     figure(
@@ -317,7 +318,8 @@ async fn blackholed_node_is_detected_by_keepalives_and_refused_meanwhile() {
         "lost for another reason: {why}"
     );
 
-    // Meanwhile: refused at once with 503 naming the node.
+    // Meanwhile: refused with 503 naming the node (after the dial timeout:
+    // the node is away, so the dial waits for it).
     let t1 = Instant::now();
     let r = expect_refused(&nt.proxy, &c.target(3, ECHO_PORT)).await;
     figure(

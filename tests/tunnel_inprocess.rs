@@ -270,7 +270,7 @@ async fn a_node_killed_mid_stream_errors_its_streams_and_the_tunnel_reconnects()
 }
 
 #[tokio::test]
-async fn an_unreachable_node_backs_off_with_capped_delays() {
+async fn an_unreachable_node_is_probed_not_handshaked_again() {
     let fx = Fixture::new();
     // A port nothing listens on: bind, note, close.
     let port = {
@@ -278,7 +278,45 @@ async fn an_unreachable_node_backs_off_with_capped_delays() {
         l.local_addr().unwrap().port()
     };
     fx.known_hosts(&[]);
-    let config = fx.config(&[("node-a", port)], "");
+    let config = fx.config(&[("node-a", port)], "reconnect_probe_interval = \"20ms\"\n");
+    let manager = fx.manager(&config);
+    let tunnel = manager.tunnel("node-a").unwrap();
+    let probes = |manager: &TunnelManager| {
+        manager
+            .metrics()
+            .encode()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("nodetunnel_reconnect_probes_total{result=\"closed\"} ")?
+                    .parse::<f64>()
+                    .ok()
+            })
+            .unwrap_or(0.0)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while probes(&manager) < 5.0 {
+        assert!(std::time::Instant::now() < deadline, "too few probes");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // One attempt found the port closed; since then only TCP probes, no
+    // connection attempt (and no backoff) until sshd answers.
+    let status = tunnel.status();
+    assert_eq!(status.failures.get("refused").copied(), Some(1), "{status:?}");
+    assert_eq!(status.retry_reason, Some("probe"), "{status:?}");
+    assert!(status.retry_in.is_some_and(|r| r <= Duration::from_millis(24)));
+    manager.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn an_unreachable_node_backs_off_with_capped_delays_when_probes_are_off() {
+    let fx = Fixture::new();
+    // A port nothing listens on: bind, note, close.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    fx.known_hosts(&[]);
+    let config = fx.config(&[("node-a", port)], "reconnect_probe_interval = \"0s\"\n");
     let manager = fx.manager(&config);
     let tunnel = manager.tunnel("node-a").unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);

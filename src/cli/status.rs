@@ -2,10 +2,10 @@
 //! admin API (`GET /api/v1/tunnels`), trouble first, with a summary line.
 //!
 //! ```text
-//! NODE    STATE    FOR    RTT     STREAMS  LAST ERROR
-//! node-3  backoff  2m10s  -       0        tcp connect to 10.0.0.3:22 failed: Connection refused (os error 111)
-//! node-1  ready    3h05m  12.3ms  4
-//! node-2  ready    3h05m  0.42ms  1
+//! NODE    STATE    FOR    RTT     STREAMS  NEXT      LAST ERROR
+//! node-3  backoff  2m10s  -       0        probe 2s  tcp connect to 10.0.0.3:22 failed: Connection refused (os error 111)
+//! node-1  ready    3h05m  12.3ms  4        -
+//! node-2  ready    3h05m  0.42ms  1        -
 //! 2/3 nodes ready, 5 streams open, 3 errors in the last minute (1 backoff)
 //! ```
 //!
