@@ -351,7 +351,15 @@ impl ClientHandler {
             HostKeyDecision::Refuse(HostKeyStatus::Changed { expected }) => {
                 let expected = expected
                     .iter()
-                    .map(|k| format!("{} ({}:{}: {})", k.fingerprint, k.path.display(), k.line, k.raw_line))
+                    .map(|k| {
+                        format!(
+                            "{} ({}:{}: {})",
+                            k.fingerprint,
+                            k.path.display(),
+                            k.line,
+                            k.raw_line
+                        )
+                    })
                     .collect::<Vec<_>>()
                     .join(", ");
                 Err(HostKeyRejection::Changed {

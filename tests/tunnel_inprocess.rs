@@ -301,9 +301,15 @@ async fn an_unreachable_node_is_probed_not_handshaked_again() {
     // One attempt found the port closed; since then only TCP probes, no
     // connection attempt (and no backoff) until sshd answers.
     let status = tunnel.status();
-    assert_eq!(status.failures.get("refused").copied(), Some(1), "{status:?}");
+    assert_eq!(
+        status.failures.get("refused").copied(),
+        Some(1),
+        "{status:?}"
+    );
     assert_eq!(status.retry_reason, Some("probe"), "{status:?}");
-    assert!(status.retry_in.is_some_and(|r| r <= Duration::from_millis(24)));
+    assert!(status
+        .retry_in
+        .is_some_and(|r| r <= Duration::from_millis(24)));
     manager.shutdown(Duration::from_secs(1)).await;
 }
 
