@@ -45,9 +45,15 @@ async fn bed(ssh_extra: &str) -> Bed {
         &config_path,
         format!(
             "[ssh]\nuser = \"{user}\"\nidentity = \"{identity}\"\nknown_hosts = \"{kh}\"\n\
-             backoff_base = \"1h\"\nbackoff_max = \"1h\"\nbackoff_reset_after = \"1ms\"\n{ssh_extra}\n\
+             {backoff}{ssh_extra}\n\
              [[nodes]]\nname = \"local\"\naddresses = [\"127.0.0.1\"]\nssh_port = {port}\n",
             user = Sshd::user(),
+            // An hour of backoff unless the test sets its own.
+            backoff = if ssh_extra.contains("backoff_base") {
+                ""
+            } else {
+                "backoff_base = \"1h\"\nbackoff_max = \"1h\"\nbackoff_reset_after = \"1ms\"\n"
+            },
             identity = key.private_path.display(),
             kh = sshd.known_hosts_path().display(),
             port = sshd.port(),
@@ -270,4 +276,62 @@ async fn a_node_ready_again_in_the_inventory_is_tried_at_once() {
         0.0
     );
     manager.shutdown(Duration::from_secs(2)).await;
+}
+
+/// The recovery table of docs/reliability.md: sshd down for each outage
+/// (seconds, `NODETUNNEL_OUTAGES`, default `5,20,60,300`), then restarted;
+/// measured: the time from its return until the node is Ready by itself
+/// (probes only, no dial), and, in a second round, until a dial issued the
+/// moment sshd returns succeeds. Default configuration (probes every 2 s,
+/// backoff 1 s to 60 s). Prints a table; asserts only that every round
+/// recovers. Long: `cargo test --test reconnect -- --ignored --nocapture`.
+#[tokio::test]
+#[ignore = "long (minutes): run by hand for the recovery table"]
+async fn recovery_times_after_outages() {
+    let outages: Vec<u64> = std::env::var("NODETUNNEL_OUTAGES")
+        .unwrap_or_else(|_| "5,20,60,300".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let echo = spawn_local(ServerKind::echo(SocketAddr::from(([127, 0, 0, 1], 0)))).unwrap();
+    let mut rows = Vec::new();
+    for outage in outages {
+        let mut measured = Vec::new();
+        for with_dial in [false, true] {
+            let mut bed =
+                bed("backoff_base = \"1s\"\nbackoff_max = \"60s\"\nbackoff_reset_after = \"30s\"")
+                    .await;
+            bed.sshd.stop();
+            tokio::time::sleep(Duration::from_secs(outage)).await;
+            bed.sshd.restart().expect("restart sshd");
+            let back = std::time::Instant::now();
+            if with_dial {
+                echo_once(&bed.manager, echo.port())
+                    .await
+                    .expect("the first dial after sshd returned");
+            } else {
+                let manager = bed.manager.clone();
+                until("Ready again", Duration::from_secs(120), String::new, || {
+                    let ready = manager
+                        .status()
+                        .pop()
+                        .is_some_and(|s| s.sessions_ready == 1);
+                    async move { ready.then_some(()) }
+                })
+                .await;
+            }
+            measured.push(back.elapsed());
+            bed.manager.shutdown(Duration::from_secs(2)).await;
+        }
+        rows.push(format!(
+            "| {outage} s | {:.2} s | {:.2} s |",
+            measured[0].as_secs_f64(),
+            measured[1].as_secs_f64()
+        ));
+    }
+    println!("| outage | Ready again (probes) | first dial succeeds after |");
+    println!("|---:|---:|---:|");
+    for row in rows {
+        println!("{row}");
+    }
 }
