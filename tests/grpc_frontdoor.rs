@@ -353,6 +353,7 @@ async fn several_dials_on_one_stream_stay_separate_and_ordered() {
         .expect("DATA");
     let packet = stream.recv().await.expect("recv").expect("packet");
     assert!(matches!(packet.payload, Some(Payload::Data(ref d)) if d.connect_id == ids[1] && &d.data[..] == b"still"));
+    drop(stream);
     h.stop().await;
 }
 
@@ -424,7 +425,7 @@ async fn a_client_that_stops_reading_does_not_block_a_second_stream() {
         sent < 8 * 1024 * 1024,
         "the stalled tunnel's far end pushed {sent} bytes: nodetunnel buffered without bound"
     );
-    drop(stalled);
+    drop((stalled, second));
     h.stop().await;
 }
 

@@ -409,7 +409,7 @@ async fn run_stream<D: Dialer>(new: NewStream, ctx: Arc<Context<D>>, dials: Arc<
     };
     let mut decoder = MessageDecoder::default();
     let end = loop {
-        if stream.draining && stream.open.is_empty() && stream.pending.is_empty() {
+        if stream.draining && stream.tunnels.is_empty() && stream.pending.is_empty() {
             break StreamEnd::Drained;
         }
         tokio::select! {
