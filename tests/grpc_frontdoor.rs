@@ -123,10 +123,20 @@ impl Dialer for FakeDialer {
                 }
                 "gate.test" => {
                     self.gate.notified().await;
-                    self.far.lock().expect("far").entry(host).or_default().push(far);
+                    self.far
+                        .lock()
+                        .expect("far")
+                        .entry(host)
+                        .or_default()
+                        .push(far);
                 }
                 _ => {
-                    self.far.lock().expect("far").entry(host).or_default().push(far);
+                    self.far
+                        .lock()
+                        .expect("far")
+                        .entry(host)
+                        .or_default()
+                        .push(far);
                 }
             }
             Ok(near)
@@ -156,11 +166,7 @@ async fn start() -> Harness {
     let socket = door.grpc_uds_path().expect("grpc socket").to_path_buf();
     let shutdown = Shutdown::new();
     let dialer = Arc::new(FakeDialer::default());
-    let task = tokio::spawn(door.serve(
-        dialer.clone(),
-        shutdown.clone(),
-        Duration::from_secs(5),
-    ));
+    let task = tokio::spawn(door.serve(dialer.clone(), shutdown.clone(), Duration::from_secs(5)));
     Harness {
         task,
         shutdown,
@@ -231,7 +237,9 @@ async fn refusals_arrive_as_dial_rsp_errors_with_the_refusals_text() {
             .unwrap_or_else(|| panic!("{address}: dial accepted"));
         assert_eq!(error, want, "{address}");
     }
-    assert!(node_down().to_string().starts_with("node unavailable: node node-a"));
+    assert!(node_down()
+        .to_string()
+        .starts_with("node unavailable: node node-a"));
     assert!(denied().to_string().starts_with("denied by policy: "));
     let bad = guard("bad address", Tunnel::dial(&h.socket, "no-port"))
         .await
@@ -268,7 +276,10 @@ async fn dial_cls_before_the_dial_completes_leaves_no_stream() {
         .send(Packet::dial_request("gate.test:80", random))
         .await
         .expect("DIAL_REQ");
-    stream.send(Packet::close_dial(random)).await.expect("DIAL_CLS");
+    stream
+        .send(Packet::close_dial(random))
+        .await
+        .expect("DIAL_CLS");
     // A dial on the same stream after it: its DIAL_RSP is the first packet,
     // so the DIAL_CLS was handled (no DIAL_RSP for the cancelled one).
     let id = guard("second dial", stream.dial("echo.test:80"))
@@ -276,7 +287,9 @@ async fn dial_cls_before_the_dial_completes_leaves_no_stream() {
         .expect("dial")
         .expect("accepted");
     assert!(id > 0);
-    assert!(h.metric("nodetunnel_proxy_requests_total{listener=\"grpc\",code=\"dial_cancelled\"} 1"));
+    assert!(
+        h.metric("nodetunnel_proxy_requests_total{listener=\"grpc\",code=\"dial_cancelled\"} 1")
+    );
     // Let the cancelled dial complete: nodetunnel drops its stream.
     let mut far = loop {
         h.dialer.open_gate();
@@ -289,9 +302,15 @@ async fn dial_cls_before_the_dial_completes_leaves_no_stream() {
     let n = guard("the cancelled stream to be dropped", far.read(&mut buf))
         .await
         .expect("read");
-    assert_eq!(n, 0, "EOF: nodetunnel dropped the stream of the cancelled dial");
+    assert_eq!(
+        n, 0,
+        "EOF: nodetunnel dropped the stream of the cancelled dial"
+    );
     // And sent nothing for it.
-    stream.send(Packet::close_request(id)).await.expect("CLOSE_REQ");
+    stream
+        .send(Packet::close_request(id))
+        .await
+        .expect("CLOSE_REQ");
     let packet = stream.recv().await.expect("recv").expect("packet");
     assert!(
         matches!(packet.payload, Some(Payload::CloseResponse(ref c)) if c.connect_id == id),
@@ -308,7 +327,13 @@ async fn several_dials_on_one_stream_stay_separate_and_ordered() {
     let mut stream = ProxyStream::open(&h.socket).await.expect("open");
     let mut ids = Vec::new();
     for _ in 0..3 {
-        ids.push(stream.dial("echo.test:80").await.expect("dial").expect("ok"));
+        ids.push(
+            stream
+                .dial("echo.test:80")
+                .await
+                .expect("dial")
+                .expect("ok"),
+        );
     }
     let mut distinct = ids.clone();
     distinct.dedup();
@@ -344,15 +369,22 @@ async fn several_dials_on_one_stream_stay_separate_and_ordered() {
         assert_eq!(got[id], want[i], "connection {i}");
     }
     // Closing one leaves the others open.
-    stream.send(Packet::close_request(ids[0])).await.expect("close");
+    stream
+        .send(Packet::close_request(ids[0]))
+        .await
+        .expect("close");
     let packet = stream.recv().await.expect("recv").expect("packet");
-    assert!(matches!(packet.payload, Some(Payload::CloseResponse(ref c)) if c.connect_id == ids[0] && c.error.is_empty()));
+    assert!(
+        matches!(packet.payload, Some(Payload::CloseResponse(ref c)) if c.connect_id == ids[0] && c.error.is_empty())
+    );
     stream
         .send(Packet::data(ids[1], Bytes::from_static(b"still")))
         .await
         .expect("DATA");
     let packet = stream.recv().await.expect("recv").expect("packet");
-    assert!(matches!(packet.payload, Some(Payload::Data(ref d)) if d.connect_id == ids[1] && &d.data[..] == b"still"));
+    assert!(
+        matches!(packet.payload, Some(Payload::Data(ref d)) if d.connect_id == ids[1] && &d.data[..] == b"still")
+    );
     drop(stream);
     h.stop().await;
 }
@@ -366,7 +398,10 @@ async fn the_nodes_close_becomes_close_rsp_after_the_data() {
         .expect("dial")
         .expect("ok");
     assert_eq!(tunnel.read_exact(3).await.expect("bye"), b"bye");
-    assert_eq!(tunnel.read().await.expect("close"), Read::Closed(String::new()));
+    assert_eq!(
+        tunnel.read().await.expect("close"),
+        Read::Closed(String::new())
+    );
     h.stop().await;
 }
 
@@ -376,14 +411,20 @@ async fn the_end_of_the_connection_closes_every_tunnel_it_carried() {
     let h = start().await;
     let mut stream = ProxyStream::open(&h.socket).await.expect("open");
     for _ in 0..2 {
-        stream.dial("hold.test:80").await.expect("dial").expect("ok");
+        stream
+            .dial("hold.test:80")
+            .await
+            .expect("dial")
+            .expect("ok");
     }
     let fars = h.dialer.take_far("hold.test");
     assert_eq!(fars.len(), 2);
     drop(stream);
     for mut far in fars {
         let mut buf = [0u8; 1];
-        let n = guard("tunnel closed", far.read(&mut buf)).await.expect("read");
+        let n = guard("tunnel closed", far.read(&mut buf))
+            .await
+            .expect("read");
         assert_eq!(n, 0, "EOF once the client's connection is gone");
     }
     h.stop().await;
@@ -441,7 +482,11 @@ async fn other_methods_are_unimplemented_and_draining_refuses_new_dials() {
     assert_eq!(other.status.as_ref().map(|s| s.0.as_str()), Some("12"));
 
     let mut stream = ProxyStream::open(&h.socket).await.expect("open");
-    let id = stream.dial("echo.test:80").await.expect("dial").expect("ok");
+    let id = stream
+        .dial("echo.test:80")
+        .await
+        .expect("dial")
+        .expect("ok");
     h.shutdown.trigger();
     let refused = stream.dial("echo.test:80").await.expect("dial");
     assert_eq!(refused, Err("shutting down".to_string()));

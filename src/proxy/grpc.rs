@@ -102,8 +102,7 @@ use tracing::field::Empty as EmptyField;
 use tracing::{Instrument, Span};
 
 use super::grpc_proto::{
-    CloseDial, CloseRequest, Data, DialRequest, MessageDecoder, Packet, Payload,
-    PROXY_METHOD_PATH,
+    CloseDial, CloseRequest, Data, DialRequest, MessageDecoder, Packet, Payload, PROXY_METHOD_PATH,
 };
 use super::relay::ClientIo;
 use super::{conn_span, parse_connect_target, Context, ListenerKind};
@@ -246,12 +245,8 @@ struct NewStream {
 /// Serve one Unix socket connection: HTTP/2, `Proxy` streams.
 /// `admitted` false means over `max_connections`: every request gets
 /// `RESOURCE_EXHAUSTED`. `dials` bounds the open tunnels.
-pub(crate) async fn serve<I, D>(
-    io: I,
-    ctx: &Arc<Context<D>>,
-    admitted: bool,
-    dials: Arc<Semaphore>,
-) where
+pub(crate) async fn serve<I, D>(io: I, ctx: &Arc<Context<D>>, admitted: bool, dials: Arc<Semaphore>)
+where
     I: ClientIo,
     D: Dialer,
 {
@@ -469,7 +464,8 @@ async fn run_stream<D: Dialer>(new: NewStream, ctx: Arc<Context<D>>, dials: Arc<
             tracing::debug!(closed = carried, reason = %reason, "gRPC stream broken by the client");
         }
         StreamEnd::Protocol(reason) => {
-            ctx.metrics.proxy_request(ListenerKind::Grpc.as_str(), "bad_request");
+            ctx.metrics
+                .proxy_request(ListenerKind::Grpc.as_str(), "bad_request");
             tracing::info!(closed = carried, reason = %reason, "gRPC stream refused: protocol error");
             let status = if reason.contains("exceeds") {
                 GrpcStatus::ResourceExhausted
@@ -538,9 +534,7 @@ impl<D: Dialer> ProxyStream<D> {
 
     async fn refuse_dial(&self, random: i64, code: &str, error: String) -> Result<(), Gone> {
         self.count(code);
-        self.out
-            .send(Packet::dial_response(random, 0, error))
-            .await
+        self.out.send(Packet::dial_response(random, 0, error)).await
     }
 
     async fn on_dial_request(&mut self, req: DialRequest) -> Result<(), Gone> {
@@ -645,9 +639,7 @@ impl<D: Dialer> ProxyStream<D> {
         if self.pending.remove(&random).is_none() {
             // Cancelled by DIAL_CLS: a stream that opened anyway is closed.
             if result.is_ok() {
-                span.in_scope(|| {
-                    tracing::debug!("dial completed after DIAL_CLS: channel closed")
-                });
+                span.in_scope(|| tracing::debug!("dial completed after DIAL_CLS: channel closed"));
             }
             return Ok(());
         }
@@ -718,7 +710,11 @@ async fn run_tunnel<S: crate::dial::TunnelIo>(
             match reader.read_buf(&mut buf).await {
                 Ok(0) => return TunnelEnd::NodeClosed,
                 Ok(_) => {
-                    if out.send(Packet::data(connect_id, buf.freeze())).await.is_err() {
+                    if out
+                        .send(Packet::data(connect_id, buf.freeze()))
+                        .await
+                        .is_err()
+                    {
                         return TunnelEnd::ClientGone;
                     }
                 }

@@ -431,7 +431,11 @@ mod tests {
             };
             let (number, ty) = &packet[name];
             assert_eq!(wire_type(ty), 2);
-            assert_eq!(tags(&p.encode_to_vec()), vec![(1, 0), (*number, 2)], "{name}");
+            assert_eq!(
+                tags(&p.encode_to_vec()),
+                vec![(1, 0), (*number, 2)],
+                "{name}"
+            );
         }
     }
 
@@ -474,7 +478,7 @@ mod tests {
     fn a_dial_request_encodes_to_known_bytes() {
         let frame = Packet::dial_request("a:1", 1).to_grpc_frame();
         let message: &[u8] = &[
-            0x12, 0x0a, // field 2 (dialRequest), length 10
+            0x12, 0x0c, // field 2 (dialRequest), length 12
             0x0a, 0x03, b't', b'c', b'p', // protocol = "tcp"
             0x12, 0x03, b'a', b':', b'1', // address = "a:1"
             0x18, 0x01, // random = 1
@@ -487,8 +491,8 @@ mod tests {
         assert_eq!(
             rsp,
             [
-                0x08, 0x01, 0x1a, 0x0b, 0x18, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
-                0xff, 0x01
+                0x08, 0x01, 0x1a, 0x0b, 0x18, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+                0x01
             ]
         );
     }
@@ -518,7 +522,10 @@ mod tests {
 
         let mut big = MessageDecoder::default();
         big.push(&[0, 0xff, 0xff, 0xff, 0xff]);
-        assert!(matches!(big.next_packet(), Err(FrameError::TooLarge { .. })));
+        assert!(matches!(
+            big.next_packet(),
+            Err(FrameError::TooLarge { .. })
+        ));
         let mut compressed = MessageDecoder::default();
         compressed.push(&[1, 0, 0, 0, 0]);
         assert_eq!(compressed.next_packet(), Err(FrameError::Compressed(1)));

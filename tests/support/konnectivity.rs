@@ -219,26 +219,23 @@ impl ProxyStream {
 
     /// Wait for the `DIAL_RSP` of `random`: its connectID or its error.
     pub async fn dial_response(&mut self, random: i64) -> Result<Result<i64, String>> {
-        loop {
-            let packet = self
-                .recv()
-                .await?
-                .with_context(|| format!("stream ended before DIAL_RSP ({:?})", self.status))?;
-            if let Some(Payload::DialResponse(rsp)) = packet.payload {
-                if rsp.random != random {
-                    bail!("DIAL_RSP for random {} instead of {random}", rsp.random);
-                }
-                return Ok(if rsp.error.is_empty() {
-                    if rsp.connect_id == 0 {
-                        bail!("DIAL_RSP without error and with connectID 0");
-                    }
-                    Ok(rsp.connect_id)
-                } else {
-                    Err(rsp.error)
-                });
-            }
+        let packet = self
+            .recv()
+            .await?
+            .with_context(|| format!("stream ended before DIAL_RSP ({:?})", self.status))?;
+        let Some(Payload::DialResponse(rsp)) = packet.payload else {
             bail!("expected DIAL_RSP, got {packet:?}");
+        };
+        if rsp.random != random {
+            bail!("DIAL_RSP for random {} instead of {random}", rsp.random);
         }
+        if !rsp.error.is_empty() {
+            return Ok(Err(rsp.error));
+        }
+        if rsp.connect_id == 0 {
+            bail!("DIAL_RSP without error and with connectID 0");
+        }
+        Ok(Ok(rsp.connect_id))
     }
 }
 
@@ -275,21 +272,17 @@ impl Tunnel {
 
     /// The next DATA or CLOSE_RSP of this connection.
     pub async fn read(&mut self) -> Result<Read> {
-        loop {
-            let packet = self
-                .stream
-                .recv()
-                .await?
-                .with_context(|| format!("stream ended ({:?})", self.stream.status))?;
-            match packet.payload {
-                Some(Payload::Data(d)) if d.connect_id == self.connect_id => {
-                    return Ok(Read::Data(d.data))
-                }
-                Some(Payload::CloseResponse(c)) if c.connect_id == self.connect_id => {
-                    return Ok(Read::Closed(c.error))
-                }
-                _ => bail!("unexpected packet {packet:?}"),
+        let packet = self
+            .stream
+            .recv()
+            .await?
+            .with_context(|| format!("stream ended ({:?})", self.stream.status))?;
+        match packet.payload {
+            Some(Payload::Data(d)) if d.connect_id == self.connect_id => Ok(Read::Data(d.data)),
+            Some(Payload::CloseResponse(c)) if c.connect_id == self.connect_id => {
+                Ok(Read::Closed(c.error))
             }
+            _ => bail!("unexpected packet {packet:?}"),
         }
     }
 
@@ -350,10 +343,8 @@ impl Tunnel {
                     },
                     packet = stream.recv_unbounded() => match packet {
                         Ok(Some(p)) => match p.payload {
-                            Some(Payload::Data(d)) => {
-                                if wr.write_all(&d.data).await.is_err() {
-                                    return;
-                                }
+                            Some(Payload::Data(d)) if wr.write_all(&d.data).await.is_err() => {
+                                return;
                             }
                             Some(Payload::CloseResponse(_)) => {
                                 let _ = wr.shutdown().await;
