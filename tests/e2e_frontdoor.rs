@@ -836,3 +836,103 @@ impl Pki {
         }
     }
 }
+
+/// kube-apiserver's `GRPC` egress over the Unix socket, as
+/// konnectivity-client's single-use tunnel drives it (a connection, an
+/// HTTP/2 stream and a DIAL_REQ per dial; `support::konnectivity`): TLS to
+/// every node's kubelet through the tunnel, 8 MiB echoed byte-exact from a
+/// pod, and refusals (policy, a channel the node refuses) as DIAL_RSP
+/// errors with the refusal's text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apiserver_grpc_over_the_unix_socket() {
+    use support::konnectivity::Tunnel;
+    const ECHO_PORT: u16 = 9000;
+    let cluster = blocking(Cluster::up);
+    let n2 = cluster.bed.node(2);
+    let _echo = server_in_ns(
+        &cluster.bed,
+        &n2.ns,
+        ServerKind::echo(SocketAddr::from((n2.pod_ip, ECHO_PORT))),
+    );
+    let socket = cluster.path("grpc.sock");
+    let proxy = format!("[proxy]\ngrpc_uds = {socket:?}\ndial_timeout = \"3s\"\n");
+    let nt = blocking(|| NodeTunnel::start(&cluster, "grpc", &proxy));
+
+    // Every node's kubelet: /healthz over TLS through a gRPC tunnel.
+    for (n, kubelet) in cluster.bed.nodes().iter().zip(&cluster.kubelets) {
+        let target = format!("{}:{KUBELET_PORT}", n.ip);
+        let tunnel = Tunnel::dial(&socket, &target)
+            .await
+            .expect("gRPC stream")
+            .unwrap_or_else(|e| panic!("DIAL {target} refused: {e}"));
+        let connector = tls_connector(kubelet.tls_cert_der().expect("kubelet cert")).unwrap();
+        let mut tls = tokio::time::timeout(
+            IO_TIMEOUT,
+            tls_connect_ip(&connector, IpAddr::V4(n.ip), tunnel.into_io()),
+        )
+        .await
+        .expect("TLS handshake in time")
+        .expect("TLS handshake");
+        let r = tokio::time::timeout(
+            IO_TIMEOUT,
+            http_get(&mut tls, &n.ip.to_string(), "/healthz"),
+        )
+        .await
+        .expect("GET in time")
+        .expect("GET /healthz");
+        assert_eq!(
+            (r.status, r.text().as_str()),
+            (200, "ok"),
+            "{} /healthz",
+            n.name
+        );
+    }
+
+    // 8 MiB through a pod's echo server, byte-exact, written as the
+    // apiserver writes (32 KiB DATA packets) while it is read back.
+    let target = format!("{}:{ECHO_PORT}", n2.pod_ip);
+    let mut tunnel = Tunnel::dial(&socket, &target)
+        .await
+        .expect("gRPC stream")
+        .expect("echo dial");
+    let payload = pattern_bytes(17, 8 * 1024 * 1024);
+    let writer = {
+        let sink = tunnel.stream.sink();
+        let (id, payload) = (tunnel.connect_id, payload.clone());
+        tokio::spawn(async move { sink.write(id, &payload).await })
+    };
+    let back = tokio::time::timeout(Duration::from_secs(60), tunnel.read_exact(payload.len()))
+        .await
+        .expect("echo in time")
+        .expect("echo");
+    writer.await.expect("writer").expect("write");
+    assert!(back == payload, "8 MiB echoed byte-exact");
+    let error = tokio::time::timeout(IO_TIMEOUT, tunnel.close())
+        .await
+        .expect("CLOSE_RSP in time")
+        .expect("CLOSE_RSP");
+    assert_eq!(error, "");
+
+    // Refusals: the policy, then a channel node 1's sshd refuses.
+    for target in ["169.254.169.254:80", "10.240.0.11:22"] {
+        let error = Tunnel::dial(&socket, target)
+            .await
+            .expect("gRPC stream")
+            .err()
+            .unwrap_or_else(|| panic!("{target}: dial accepted"));
+        assert!(error.starts_with("denied by policy: "), "{target}: {error}");
+    }
+    let target = format!("10.244.1.10:{POD_PORT}");
+    let error = Tunnel::dial(&socket, &target)
+        .await
+        .expect("gRPC stream")
+        .err()
+        .expect("refused");
+    assert!(
+        error.starts_with("node node-1 refused the channel: connect failed"),
+        "{error}"
+    );
+
+    blocking(|| nt.stop());
+    assert!(!socket.exists(), "the socket file is removed on shutdown");
+}
