@@ -505,3 +505,101 @@ async fn other_methods_are_unimplemented_and_draining_refuses_new_dials() {
     assert_eq!(stream.status.as_ref().map(|s| s.0.as_str()), Some("14"));
     guard("serve to return", h.task).await.expect("serve");
 }
+
+/// One HTTP/2 frame: length (24 bits), type, flags, stream id.
+async fn write_frame(
+    s: &mut tokio::net::UnixStream,
+    ty: u8,
+    flags: u8,
+    stream: u32,
+    payload: &[u8],
+) {
+    let len = payload.len() as u32;
+    let mut frame = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, ty, flags];
+    frame.extend_from_slice(&stream.to_be_bytes());
+    frame.extend_from_slice(payload);
+    s.write_all(&frame).await.expect("write frame");
+}
+
+async fn read_frame(s: &mut tokio::net::UnixStream) -> (u8, u8, u32, Vec<u8>) {
+    let mut head = [0u8; 9];
+    guard("a frame", s.read_exact(&mut head))
+        .await
+        .expect("frame head");
+    let len = (usize::from(head[0]) << 16) | (usize::from(head[1]) << 8) | usize::from(head[2]);
+    let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+    let mut payload = vec![0u8; len];
+    guard("a frame", s.read_exact(&mut payload))
+        .await
+        .expect("frame payload");
+    (head[3], head[4], stream, payload)
+}
+
+/// An HPACK header block of literals without indexing (RFC 7541 6.2.2),
+/// no Huffman coding; names and values under 127 bytes.
+fn hpack_literals(headers: &[(&str, &str)]) -> Vec<u8> {
+    let mut block = Vec::new();
+    for (name, value) in headers {
+        block.push(0x00);
+        for s in [name, value] {
+            assert!(s.len() < 127, "short strings only");
+            block.push(s.len() as u8);
+            block.extend_from_slice(s.as_bytes());
+        }
+    }
+    block
+}
+
+/// grpc-go dialling a Unix socket through a passthrough target (what
+/// kube-apiserver's GRPC egress does) sends the socket's path as
+/// `:authority`, which is not a URI authority. Written as raw HTTP/2 frames
+/// (an HTTP client cannot send it): the request is served, not reset
+/// (vendor/h2/PATCHES.md, patch 0001).
+#[tokio::test]
+async fn a_client_that_sends_the_socket_path_as_authority_is_served() {
+    use nodetunnel::proxy::grpc_proto::MessageDecoder;
+    let h = start().await;
+    let mut s = tokio::net::UnixStream::connect(&h.socket)
+        .await
+        .expect("connect");
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .expect("preface");
+    write_frame(&mut s, 0x4, 0, 0, &[]).await; // SETTINGS
+    let socket = h.socket.to_str().expect("utf-8 path");
+    let block = hpack_literals(&[
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", "/ProxyService/Proxy"),
+        (":authority", socket),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ]);
+    write_frame(&mut s, 0x1, 0x4, 1, &block).await; // HEADERS, END_HEADERS
+    let random = 4242;
+    let dial = Packet::dial_request("echo.test:80", random).to_grpc_frame();
+    write_frame(&mut s, 0x0, 0, 1, &dial).await; // DATA
+    let mut decoder = MessageDecoder::default();
+    let rsp = loop {
+        let (ty, flags, stream, payload) = read_frame(&mut s).await;
+        match ty {
+            0x4 if flags & 0x1 == 0 => write_frame(&mut s, 0x4, 0x1, 0, &[]).await, // ACK
+            0x3 => panic!("RST_STREAM on stream {stream}: error code {payload:?}"),
+            0x7 => panic!("GOAWAY: {payload:?}"),
+            0x0 if stream == 1 => {
+                decoder.push(&payload);
+                if let Some(packet) = decoder.next_packet().expect("a Packet") {
+                    break packet;
+                }
+            }
+            _ => {}
+        }
+    };
+    let Some(Payload::DialResponse(rsp)) = rsp.payload else {
+        panic!("expected DIAL_RSP, got {rsp:?}");
+    };
+    assert_eq!((rsp.random, rsp.error.as_str()), (random, ""));
+    assert!(rsp.connect_id > 0);
+    drop(s);
+    h.stop().await;
+}
