@@ -14,11 +14,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-use nodetunnel::dial::{Destination, DialError, Dialer, NodeDownCause};
+use nodetunnel::dial::{Destination, DialError, Dialer, NodeDownCause, TunnelIo};
 use nodetunnel::metrics::Metrics;
 use nodetunnel::proxy::grpc_proto::{Packet, Payload};
 use nodetunnel::proxy::{FrontDoor, ProxyConfig};
@@ -66,6 +66,8 @@ fn timed_out() -> DialError {
 #[derive(Default)]
 struct FakeDialer {
     gate: Notify,
+    /// The cut switch of every `cut.test` stream.
+    cuts: Mutex<Vec<tokio::sync::watch::Sender<Option<String>>>>,
     far: Mutex<HashMap<String, Vec<DuplexStream>>>,
     source_sent: Arc<AtomicU64>,
 }
@@ -92,16 +94,76 @@ fn echo(far: DuplexStream) {
     });
 }
 
+/// A fake tunnel: a duplex stream, and for `cut.test` a switch that cuts
+/// it as a lost SSH session does ([`TunnelIo::cut`]).
+struct FakeStream {
+    io: DuplexStream,
+    cut: Option<tokio::sync::watch::Receiver<Option<String>>>,
+}
+
+impl TunnelIo for FakeStream {
+    fn cut(&self) -> std::pin::Pin<Box<dyn Future<Output = String> + Send + 'static>> {
+        let Some(mut cut) = self.cut.clone() else {
+            return Box::pin(std::future::pending());
+        };
+        Box::pin(async move {
+            let reason = match cut.wait_for(Option::is_some).await {
+                Ok(reason) => reason.clone(),
+                Err(_) => None,
+            };
+            match reason {
+                Some(reason) => reason,
+                None => std::future::pending().await,
+            }
+        })
+    }
+}
+
+impl AsyncRead for FakeStream {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for FakeStream {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
 impl Dialer for FakeDialer {
-    type Stream = DuplexStream;
+    type Stream = FakeStream;
 
     fn dial(
         &self,
         dest: &Destination,
-    ) -> impl Future<Output = Result<DuplexStream, DialError>> + Send {
+    ) -> impl Future<Output = Result<FakeStream, DialError>> + Send {
         let host = dest.host.to_string();
         async move {
             let (near, mut far) = tokio::io::duplex(64 * 1024);
+            let mut cut = None;
             match host.as_str() {
                 "down.refused" => return Err(node_down()),
                 "denied.refused" => return Err(denied()),
@@ -121,6 +183,17 @@ impl Dialer for FakeDialer {
                         }
                     });
                 }
+                "cut.test" => {
+                    let (switch, watch) = tokio::sync::watch::channel(None);
+                    self.cuts.lock().expect("cuts").push(switch);
+                    cut = Some(watch);
+                    self.far
+                        .lock()
+                        .expect("far")
+                        .entry(host)
+                        .or_default()
+                        .push(far);
+                }
                 "gate.test" => {
                     self.gate.notified().await;
                     self.far
@@ -139,7 +212,7 @@ impl Dialer for FakeDialer {
                         .push(far);
                 }
             }
-            Ok(near)
+            Ok(FakeStream { io: near, cut })
         }
     }
 }
@@ -402,6 +475,32 @@ async fn the_nodes_close_becomes_close_rsp_after_the_data() {
         tunnel.read().await.expect("close"),
         Read::Closed(String::new())
     );
+    h.stop().await;
+}
+
+/// A tunnel cut under its connection (its SSH session lost) ends with a
+/// CLOSE_RSP whose error says why, and nodetunnel drops the stream.
+#[tokio::test]
+async fn a_cut_tunnel_ends_with_close_rsp_carrying_the_reason() {
+    let h = start().await;
+    let mut tunnel = Tunnel::dial(&h.socket, "cut.test:80")
+        .await
+        .expect("dial")
+        .expect("ok");
+    let mut far = h.dialer.take_far("cut.test").pop().expect("far end");
+    for switch in h.dialer.cuts.lock().expect("cuts").iter() {
+        switch.send_replace(Some("session to node-a lost: keepalive timeout".into()));
+    }
+    assert_eq!(
+        tunnel.read().await.expect("CLOSE_RSP"),
+        Read::Closed("session to node-a lost: keepalive timeout".into())
+    );
+    let mut buf = [0u8; 1];
+    let n = guard("the cut stream dropped", far.read(&mut buf))
+        .await
+        .expect("read");
+    assert_eq!(n, 0);
+    drop(tunnel);
     h.stop().await;
 }
 
