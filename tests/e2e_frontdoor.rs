@@ -936,3 +936,46 @@ async fn apiserver_grpc_over_the_unix_socket() {
     blocking(|| nt.stop());
     assert!(!socket.exists(), "the socket file is removed on shutdown");
 }
+
+/// A gRPC tunnel through a node whose sshd dies ends with a CLOSE_RSP
+/// whose error says the session was lost (not a clean close, not a hang);
+/// a new dial to that node is a DIAL_RSP error naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_tunnel_through_a_stopped_node_ends_with_close_rsp_carrying_an_error() {
+    use support::konnectivity::{Read, Tunnel};
+    let cluster = blocking(Cluster::up);
+    let socket = cluster.path("grpcstop.sock");
+    let proxy = format!("[proxy]\ngrpc_uds = {socket:?}\ndial_timeout = \"3s\"\n");
+    let nt = blocking(|| NodeTunnel::start(&cluster, "grpcstop", &proxy));
+    let n3 = cluster.bed.node(3).clone();
+    let target3 = format!("{}:{KUBELET_PORT}", n3.ip);
+    let mut tunnel = Tunnel::dial(&socket, &target3)
+        .await
+        .expect("gRPC stream")
+        .expect("dial node-3");
+
+    blocking(|| cluster.bed.stop_node(3)).expect("stopping node-3's sshd");
+    let closed = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match tunnel
+                .read()
+                .await
+                .expect("a packet, not the end of the stream")
+            {
+                Read::Data(_) => continue,
+                Read::Closed(error) => break error,
+            }
+        }
+    })
+    .await
+    .expect("CLOSE_RSP once the session is lost");
+    assert!(!closed.is_empty(), "CLOSE_RSP must carry an error");
+
+    let error = Tunnel::dial(&socket, &target3)
+        .await
+        .expect("gRPC stream")
+        .err()
+        .expect("a dial to the stopped node is refused");
+    assert!(error.contains("node-3"), "{error}");
+    blocking(|| nt.stop());
+}
