@@ -979,3 +979,60 @@ async fn a_grpc_tunnel_through_a_stopped_node_ends_with_close_rsp_carrying_an_er
     assert!(error.contains("node-3"), "{error}");
     blocking(|| nt.stop());
 }
+
+/// DIAL_CLS right behind DIAL_REQ (one HTTP/2 DATA frame, so the cancel
+/// always arrives while the channel open is in flight), on a real node:
+/// the open completes anyway and its channel is closed, none is left
+/// behind (`nodetunnel_streams_open` back to 0 while every gRPC stream is
+/// still open, so the end of the streams cannot be what closed them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dial_cls_racing_the_open_leaves_no_channel_behind() {
+    use nodetunnel::proxy::grpc_proto::Packet;
+    use support::konnectivity::{next_random, ProxyStream};
+    let cluster = blocking(Cluster::up);
+    let socket = cluster.path("grpccls.sock");
+    let proxy = format!("[proxy]\ngrpc_uds = {socket:?}\ndial_timeout = \"3s\"\n");
+    let nt = blocking(|| NodeTunnel::start(&cluster, "grpccls", &proxy));
+    let target = format!("{}:{POD_PORT}", cluster.bed.node(2).pod_ip);
+    let mut streams = Vec::new();
+    for _ in 0..20 {
+        let stream = ProxyStream::open(&socket).await.expect("gRPC stream");
+        let random = next_random();
+        stream
+            .send_together(&[
+                Packet::dial_request(&target, random),
+                Packet::close_dial(random),
+            ])
+            .await
+            .expect("DIAL_REQ and DIAL_CLS");
+        streams.push(stream);
+    }
+    let admin = cluster.path("grpccls-admin.sock");
+    support::poll::until(
+        "nodetunnel_streams_open back to 0",
+        IO_TIMEOUT,
+        || nt.log.dump(),
+        || async {
+            let mut s = UnixStream::connect(&admin).await.ok()?;
+            let r = http_get(&mut s, "localhost", "/metrics").await.ok()?;
+            r.text()
+                .lines()
+                .any(|l| l == "nodetunnel_streams_open 0")
+                .then_some(())
+        },
+    )
+    .await;
+    // Every cancelled dial was counted, and none was answered.
+    let mut s = UnixStream::connect(&admin).await.expect("admin socket");
+    let metrics = http_get(&mut s, "localhost", "/metrics")
+        .await
+        .expect("metrics");
+    assert!(
+        metrics.text().lines().any(|l| l
+            == "nodetunnel_proxy_requests_total{listener=\"grpc\",code=\"dial_cancelled\"} 20"),
+        "{}",
+        metrics.text()
+    );
+    drop(streams);
+    blocking(|| nt.stop());
+}

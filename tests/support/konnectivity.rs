@@ -165,6 +165,19 @@ impl ProxyStream {
             .map_err(|_| anyhow!("the request body is gone"))
     }
 
+    /// Send `packets` in one HTTP/2 DATA frame (so that the server reads
+    /// them at once).
+    pub async fn send_together(&self, packets: &[Packet]) -> Result<()> {
+        let send = self.send.as_ref().context("send side closed")?;
+        let mut all = Vec::new();
+        for p in packets {
+            all.extend_from_slice(&p.to_grpc_frame());
+        }
+        send.send(Bytes::from(all))
+            .await
+            .map_err(|_| anyhow!("the request body is gone"))
+    }
+
     /// A sender for another task.
     pub fn sink(&self) -> PacketSink {
         PacketSink(self.send.clone().expect("send side open"))
