@@ -199,6 +199,7 @@ impl Config {
         config.admin.uds = config.admin.uds.as_ref().map(|p| resolve(base, p));
         if let Some(proxy) = config.proxy.as_mut() {
             proxy.uds = proxy.uds.as_ref().map(|p| resolve(base, p));
+            proxy.grpc_uds = proxy.grpc_uds.as_ref().map(|p| resolve(base, p));
             if let Some(tls) = proxy.tls.as_mut() {
                 tls.cert = resolve(base, &tls.cert);
                 tls.key = resolve(base, &tls.key);

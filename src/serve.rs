@@ -128,6 +128,8 @@ impl Server {
                     door.uds_path().map(|p| format!("uds={}", p.display())),
                     door.tcp_addr().map(|a| format!("tcp={a}")),
                     door.socks5_addr().map(|a| format!("socks5={a}")),
+                    door.grpc_uds_path()
+                        .map(|p| format!("grpc_uds={}", p.display())),
                 ]
                 .into_iter()
                 .flatten()

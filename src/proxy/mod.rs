@@ -9,6 +9,9 @@
 //! - [`http_connect`]: HTTP `CONNECT` as the apiserver's `HTTPConnect`
 //!   egress speaks it, served by hyper, over the Unix socket and over TCP.
 //! - [`socks5`]: RFC 1928 SOCKS5 `CONNECT`, no authentication.
+//! - `grpc`: the apiserver's `GRPC` egress (the konnectivity
+//!   `ProxyService`) over a Unix socket, HTTP/2 served by hyper; the
+//!   messages and gRPC framing in [`grpc_proto`].
 //! - `tls`: the mTLS material of the TCP listener.
 //! - `uds`: the Unix socket file (permissions, stale files, removal).
 //! - `relay`: an established tunnel, spliced with its client; a tunnel
@@ -28,6 +31,8 @@
 //! normal negotiation. Beyond that they are closed right after accept.
 
 mod conn_span;
+mod grpc;
+pub mod grpc_proto;
 pub mod http_connect;
 mod refusal_log;
 mod relay;
@@ -86,6 +91,9 @@ pub struct ProxyConfig {
     pub tcp: Option<SocketAddr>,
     /// SOCKS5 (RFC 1928) `CONNECT`, no authentication.
     pub socks5: Option<SocketAddr>,
+    /// kube-apiserver's `GRPC` egress (the konnectivity `ProxyService`,
+    /// h2c) over a Unix socket; mode and directory as for [`uds`](Self::uds).
+    pub grpc_uds: Option<PathBuf>,
     /// How long a dial may take (the dialer's own bound; the front door
     /// gives up [`DIAL_TIMEOUT_MARGIN`] later).
     #[serde(with = "humantime_serde")]
@@ -114,6 +122,7 @@ impl Default for ProxyConfig {
             uds: None,
             tcp: None,
             socks5: None,
+            grpc_uds: None,
             dial_timeout: Duration::from_secs(10),
             max_connections: 10_000,
             header_read_timeout: Duration::from_secs(10),
@@ -144,21 +153,34 @@ impl ProxyConfig {
     /// `proxy.tcp`) and why.
     pub fn validate(&self) -> Result<(), FieldError> {
         let err = |key: &str, reason: String| Err(FieldError::new(key.to_string(), reason));
-        if self.uds.is_none() && self.tcp.is_none() && self.socks5.is_none() {
+        if self.uds.is_none()
+            && self.tcp.is_none()
+            && self.socks5.is_none()
+            && self.grpc_uds.is_none()
+        {
             return err(
                 "proxy",
-                "no listener configured: set at least one of uds, tcp, socks5".into(),
+                "no listener configured: set at least one of uds, tcp, socks5, grpc_uds".into(),
             );
         }
-        if let Some(path) = &self.uds {
+        for (key, path) in [("proxy.uds", &self.uds), ("proxy.grpc_uds", &self.grpc_uds)] {
+            let Some(path) = path else { continue };
             let len = path.as_os_str().len();
             if len == 0 {
-                return err("proxy.uds", "empty path".into());
+                return err(key, "empty path".into());
             }
             if len > MAX_UDS_PATH {
                 return err(
-                    "proxy.uds",
+                    key,
                     format!("path is {len} bytes, Unix sockets take at most {MAX_UDS_PATH}"),
+                );
+            }
+        }
+        if let (Some(uds), Some(grpc)) = (&self.uds, &self.grpc_uds) {
+            if uds == grpc {
+                return err(
+                    "proxy.grpc_uds",
+                    format!("{} is also proxy.uds", grpc.display()),
                 );
             }
         }
@@ -290,6 +312,7 @@ pub(crate) enum ListenerKind {
     Uds,
     Tcp,
     Socks5,
+    Grpc,
 }
 
 impl ListenerKind {
@@ -298,6 +321,7 @@ impl ListenerKind {
             ListenerKind::Uds => "uds",
             ListenerKind::Tcp => "tcp",
             ListenerKind::Socks5 => "socks5",
+            ListenerKind::Grpc => "grpc",
         }
     }
 }
@@ -389,6 +413,8 @@ enum Protocol {
     Http,
     Https(TlsAcceptor),
     Socks5,
+    /// gRPC; the semaphore bounds the tunnels open over all its streams.
+    Grpc(Arc<Semaphore>),
 }
 
 /// A connection's slot: within `max_connections` (`admitted`), or one of
@@ -420,6 +446,7 @@ pub struct FrontDoor {
     uds: Option<uds::UdsListener>,
     tcp: Option<(TcpListener, SocketAddr, Option<TlsAcceptor>)>,
     socks5: Option<(TcpListener, SocketAddr)>,
+    grpc: Option<uds::UdsListener>,
     metrics: Arc<Metrics>,
     dial_timeout: Duration,
     header_read_timeout: Duration,
@@ -433,6 +460,7 @@ impl std::fmt::Debug for FrontDoor {
             .field("tcp", &self.tcp_addr())
             .field("tls", &self.tcp.as_ref().is_some_and(|t| t.2.is_some()))
             .field("socks5", &self.socks5_addr())
+            .field("grpc_uds", &self.grpc_uds_path())
             .field("max_connections", &self.max_connections)
             .finish_non_exhaustive()
     }
@@ -473,13 +501,18 @@ impl FrontDoor {
             None => None,
         };
         let uds = match &config.uds {
-            Some(path) => Some(uds::UdsListener::bind(path).await?),
+            Some(path) => Some(uds::UdsListener::bind(path, ListenerKind::Uds).await?),
+            None => None,
+        };
+        let grpc = match &config.grpc_uds {
+            Some(path) => Some(uds::UdsListener::bind(path, ListenerKind::Grpc).await?),
             None => None,
         };
         Ok(FrontDoor {
             uds,
             tcp,
             socks5,
+            grpc,
             metrics,
             dial_timeout: config.dial_timeout,
             header_read_timeout: config.header_read_timeout,
@@ -500,6 +533,11 @@ impl FrontDoor {
     /// The path of the HTTP CONNECT Unix socket.
     pub fn uds_path(&self) -> Option<&Path> {
         self.uds.as_ref().map(|u| u.path())
+    }
+
+    /// The path of the gRPC Unix socket.
+    pub fn grpc_uds_path(&self) -> Option<&Path> {
+        self.grpc.as_ref().map(|u| u.path())
     }
 
     /// Serve until `shutdown` fires; then stop accepting (the socket file is
@@ -554,7 +592,14 @@ impl FrontDoor {
                 .await;
             }
         };
-        tokio::join!(uds, tcp, socks5);
+        let grpc = async {
+            if let Some(listener) = self.grpc {
+                let tunnels = Arc::new(Semaphore::new(self.max_connections));
+                let protocol = Protocol::Grpc(tunnels);
+                run_listener(listener, ListenerKind::Grpc, protocol, &ctx, &limits, drain).await;
+            }
+        };
+        tokio::join!(uds, tcp, socks5, grpc);
         tracing::info!("front door stopped");
     }
 }
@@ -699,5 +744,6 @@ async fn handle<I, D>(
             }
         }
         Protocol::Socks5 => socks5::serve(io, &ctx, admitted).await,
+        Protocol::Grpc(tunnels) => grpc::serve(io, &ctx, admitted, tunnels).await,
     }
 }

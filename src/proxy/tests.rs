@@ -1076,6 +1076,11 @@ fn validate_accepts_sane_configs() {
         ..ProxyConfig::default()
     };
     assert_eq!(allowed.validate(), Ok(()));
+    let grpc_only = ProxyConfig {
+        grpc_uds: Some("/run/nodetunnel/konnectivity-server.socket".into()),
+        ..ProxyConfig::default()
+    };
+    assert_eq!(grpc_only.validate(), Ok(()));
 }
 
 #[test]
@@ -1088,6 +1093,28 @@ fn validate_refuses_unsafe_or_empty_configs() {
     let uds = Some(PathBuf::from("/run/p.sock"));
     let cases: Vec<(ProxyConfig, &str)> = vec![
         (ProxyConfig::default(), "proxy"),
+        (
+            ProxyConfig {
+                uds: uds.clone(),
+                grpc_uds: uds.clone(),
+                ..ProxyConfig::default()
+            },
+            "proxy.grpc_uds",
+        ),
+        (
+            ProxyConfig {
+                grpc_uds: Some(PathBuf::new()),
+                ..ProxyConfig::default()
+            },
+            "proxy.grpc_uds",
+        ),
+        (
+            ProxyConfig {
+                grpc_uds: Some(PathBuf::from("/".repeat(108))),
+                ..ProxyConfig::default()
+            },
+            "proxy.grpc_uds",
+        ),
         (
             ProxyConfig {
                 tcp: Some("0.0.0.0:8131".parse().expect("addr")),

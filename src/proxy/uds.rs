@@ -1,4 +1,4 @@
-//! The HTTP CONNECT Unix socket listener: a [`SocketFile`] (directory,
+//! The Unix socket listeners (HTTP CONNECT's and gRPC's): a [`SocketFile`] (directory,
 //! stale socket, mode 0660, removal on drop) that reports its clients'
 //! credentials.
 
@@ -17,19 +17,19 @@ pub(crate) struct UdsListener {
 
 impl UdsListener {
     /// Bind at `path` as [`SocketFile::bind`] does.
-    pub(crate) async fn bind(path: &Path) -> Result<Self, FrontDoorError> {
+    pub(crate) async fn bind(path: &Path, kind: ListenerKind) -> Result<Self, FrontDoorError> {
         let file = SocketFile::bind(path).await.map_err(|e| match e {
             SocketFileError::Path { reason } => FrontDoorError::SocketPath {
                 path: path.to_path_buf(),
                 reason,
             },
             SocketFileError::Io(error) => FrontDoorError::Bind {
-                listener: ListenerKind::Uds.as_str(),
+                listener: kind.as_str(),
                 address: path.display().to_string(),
                 error,
             },
         })?;
-        tracing::info!(listener = "uds", path = %path.display(), "listening");
+        tracing::info!(listener = kind.as_str(), path = %path.display(), "listening");
         Ok(UdsListener { file })
     }
 

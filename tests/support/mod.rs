@@ -4,7 +4,8 @@
 //! loopback ([`sshd`]), a multi-node cluster in network namespaces
 //! ([`testbed`], driven by `tests/testbed/testbed.sh`), the real
 //! `nodetunnel serve` in that cluster ([`serve`]), test servers
-//! ([`servers`]), small clients ([`clients`]), and for the suites that
+//! ([`servers`]), small clients ([`clients`], and the konnectivity gRPC
+//! client of [`konnectivity`]), and for the suites that
 //! run the tunnel manager in the test process against in-process SSH nodes
 //! ([`inproc`], [`inventory`]).
 //!
@@ -17,6 +18,7 @@
 pub mod clients;
 pub mod inproc;
 pub mod inventory;
+pub mod konnectivity;
 pub mod netns;
 pub mod poll;
 pub mod procs;
