@@ -55,6 +55,7 @@ pub mod dev;
 pub mod dial;
 pub mod field_error;
 pub mod inventory;
+pub mod issuer;
 pub mod keepalive;
 pub mod keys;
 pub mod known_hosts;

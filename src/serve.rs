@@ -77,6 +77,34 @@ fn handler(
     })
 }
 
+/// How often an expired certificate with no replacement is logged.
+const EXPIRED_CERTIFICATE_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Until `shutdown`, once a minute: when the certificate in use has
+/// expired with no replacement, log a warning (new sessions cannot
+/// authenticate; sessions up keep running, readiness is unchanged).
+async fn warn_while_certificate_expired(manager: Arc<TunnelManager>, shutdown: Shutdown) {
+    let mut every = tokio::time::interval(EXPIRED_CERTIFICATE_LOG_INTERVAL);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.wait() => return,
+            _ = every.tick() => {}
+        }
+        if let Some(certificate) = manager.current_certificate() {
+            if certificate.is_expired(std::time::SystemTime::now()) {
+                tracing::warn!(
+                    source = %certificate.path.display(),
+                    key_id = certificate.key_id(),
+                    serial = certificate.serial(),
+                    expired_at = %crate::client_certificate::rfc3339(certificate.valid_before()),
+                    "the certificate in use has expired and nothing replaced it: new sessions cannot authenticate (sessions up keep running)"
+                );
+            }
+        }
+    }
+}
+
 /// Where a running [`Server`] listens (the real ports when 0 was
 /// configured).
 #[derive(Clone, Debug, Default)]
@@ -101,6 +129,8 @@ pub struct Server {
     sync: Arc<SyncStatus>,
     shutdown: Shutdown,
     inventory_reload: Arc<Notify>,
+    /// Asks the `[ssh.issuer]` renewal task for a new certificate now.
+    certificate_reissue: Arc<Notify>,
     listeners: Listeners,
     tasks: Vec<JoinHandle<()>>,
     drain: Duration,
@@ -157,6 +187,25 @@ impl Server {
                     // A refused replacement is logged by the manager.
                     let _ = reloader.reload_certificate();
                 },
+                shutdown.clone(),
+            )));
+        }
+
+        // [ssh.issuer]: the first certificate was issued by Config::load;
+        // renew it at two thirds of its life (and on SIGHUP).
+        let certificate_reissue = Arc::new(Notify::new());
+        if let Some(issuer) = config.ssh.issuer.clone() {
+            tasks.push(tokio::spawn(crate::issuer::run(
+                issuer,
+                manager.clone(),
+                tokio::time::Instant::now(),
+                certificate_reissue.clone(),
+                shutdown.clone(),
+            )));
+        }
+        if config.client_certificate.is_some() {
+            tasks.push(tokio::spawn(warn_while_certificate_expired(
+                manager.clone(),
                 shutdown.clone(),
             )));
         }
@@ -218,6 +267,7 @@ impl Server {
             sync,
             shutdown,
             inventory_reload,
+            certificate_reissue,
             listeners,
             tasks,
             drain,
@@ -290,8 +340,13 @@ impl Server {
             tracing::error!(error = %e, "SIGHUP: identity not reloaded");
         }
         // After the identity: the certificate must be for the key in use.
-        // A refused one is logged by the manager.
-        let _ = manager.reload_certificate();
+        // A refused one is logged by the manager; an issuer signs a new
+        // one for the identity in use (and re-reads its CA key).
+        if running.ssh.issuer.is_some() {
+            self.certificate_reissue.notify_one();
+        } else {
+            let _ = manager.reload_certificate();
+        }
         if let Err(e) = manager.reload_known_hosts() {
             tracing::error!(error = %e, "SIGHUP: known_hosts not reloaded");
         }
