@@ -430,9 +430,16 @@ fn documented_match_block() -> String {
     docs[start..end].to_string()
 }
 
-/// `ssh` (openssh-client) to `sshd` as `user` with the identity and the
-/// certificate, bounded by `timeout 20`: (exit code, stdout, stderr).
-fn ssh_client(bed: &Bed, sshd: &Sshd, cert: &Path, args: &[&str]) -> (i32, String, String) {
+/// `ssh OPTIONS USER@127.0.0.1 COMMAND` (openssh-client) to `sshd` with
+/// the identity and the certificate, bounded by `timeout 20`: (exit code,
+/// stdout, stderr).
+fn ssh_client(
+    bed: &Bed,
+    sshd: &Sshd,
+    cert: &Path,
+    options: &[&str],
+    command: &[&str],
+) -> (i32, String, String) {
     let known_hosts = bed.dir.path().join("known_hosts");
     let out = Command::new("timeout")
         .arg("20")
@@ -455,8 +462,9 @@ fn ssh_client(bed: &Bed, sshd: &Sshd, cert: &Path, args: &[&str]) -> (i32, Strin
             "-p",
         ])
         .arg(sshd.port().to_string())
-        .args(args)
+        .args(options)
         .arg(format!("{}@127.0.0.1", Sshd::user()))
+        .args(command)
         .output()
         .expect("ssh (openssh-client) runs");
     (
@@ -500,12 +508,12 @@ async fn the_documented_match_block_accepts_the_tunnel_and_refuses_a_shell_a_pty
     let cert = bed.dir.path().join("issued-cert.pub");
     std::fs::write(&cert, issued.certificate.to_openssh().unwrap()).unwrap();
     let sshd = &bed.nodes[0];
-    let (code, stdout, stderr) = ssh_client(&bed, sshd, &cert, &["-T", "echo", "shell-ran"]);
+    let (code, stdout, stderr) = ssh_client(&bed, sshd, &cert, &["-T"], &["echo", "shell-ran"]);
     assert!(
         code != 0 && !stdout.contains("shell-ran") && !stderr.contains("Permission denied"),
         "command: exit {code}, stdout {stdout:?}, stderr {stderr:?}"
     );
-    let (code, stdout, stderr) = ssh_client(&bed, sshd, &cert, &["-tt", "echo", "pty-ran"]);
+    let (code, stdout, stderr) = ssh_client(&bed, sshd, &cert, &["-tt"], &["echo", "pty-ran"]);
     assert!(
         code != 0
             && !stdout.contains("pty-ran")
@@ -523,6 +531,7 @@ async fn the_documented_match_block_accepts_the_tunnel_and_refuses_a_shell_a_pty
             "-R",
             "0:127.0.0.1:9",
         ],
+        &[],
     );
     assert!(
         code == 255 && stderr.contains("remote port forwarding failed"),
