@@ -545,3 +545,72 @@ async fn the_documented_match_block_accepts_the_tunnel_and_refuses_a_shell_a_pty
         .count();
     assert_eq!(logins, 3, "{}", sshd.log());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_renewal_is_counted_and_retried_and_the_previous_certificate_stays_until_it_expires(
+) {
+    use std::os::unix::fs::PermissionsExt;
+    let bed = Bed::start(1);
+    let server = Server::start(&bed.config("3s", true)).await.unwrap();
+    let manager = server.manager().clone();
+    let metrics = manager.metrics().clone();
+    let admin = server.listeners().admin_tcp.unwrap();
+    ready(&manager, "node-1", &bed.nodes[0]).await;
+    let first = manager.current_certificate().unwrap();
+    let logs = || bed.nodes[0].log();
+    // A CA key others can read is refused at each renewal.
+    std::fs::set_permissions(&bed.ca, std::fs::Permissions::from_mode(0o644)).unwrap();
+    support::poll::until("a failed renewal", WAIT, logs, || async {
+        (metric(
+            &metrics,
+            "nodetunnel_client_certificate_renewals_total{result=\"ca_key\"}",
+        ) >= 1.0)
+            .then_some(())
+    })
+    .await;
+    support::poll::until("the first certificate to expire", WAIT, logs, || async {
+        (now_unix() >= first.valid_before()).then_some(())
+    })
+    .await;
+    // Nothing replaced it: still in use, and status warns.
+    assert_eq!(
+        manager.current_certificate().unwrap().serial(),
+        first.serial()
+    );
+    let shown = tokio::task::spawn_blocking(move || status(admin))
+        .await
+        .unwrap();
+    assert!(
+        shown.contains(&format!(
+            "WARNING: certificate {:?} serial {} expired at ",
+            first.key_id(),
+            first.serial()
+        )) && shown.contains("new sessions cannot authenticate"),
+        "{shown}"
+    );
+    // The session made before keeps running (readiness is unchanged).
+    assert!(manager.tunnel("node-1").unwrap().is_ready());
+    // Fixed: a retry issues a new certificate.
+    std::fs::set_permissions(&bed.ca, std::fs::Permissions::from_mode(0o600)).unwrap();
+    support::poll::until(
+        "a renewal after the CA key was fixed",
+        Duration::from_secs(90),
+        logs,
+        || async {
+            let current = manager.current_certificate()?;
+            (current.serial() > first.serial()).then_some(())
+        },
+    )
+    .await;
+    assert!(
+        metric(
+            &metrics,
+            "nodetunnel_client_certificate_renewals_total{result=\"ok\"}"
+        ) >= 1.0
+    );
+    let shown = tokio::task::spawn_blocking(move || status(admin))
+        .await
+        .unwrap();
+    assert!(!shown.contains("WARNING"), "{shown}");
+    server.stop().await;
+}
