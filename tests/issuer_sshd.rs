@@ -242,6 +242,21 @@ async fn a_node_trusting_only_the_ca_accepts_an_issued_certificate() {
         ),
         issued.valid_before() as f64
     );
+    // `check` authenticates with a certificate it issues the same way.
+    let out = Command::new(env!("CARGO_BIN_EXE_nodetunnel"))
+        .args(["check", "--config"])
+        .arg(bed.config("1h", false))
+        .arg("node-1")
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    let checked = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        checked.contains("✓ authentication")
+            && checked.contains("with certificate \"nodetunnel@")
+            && checked.contains("principals nodetunnel"),
+        "{checked}"
+    );
     // status shows it.
     let admin = server.listeners().admin_tcp.unwrap();
     let shown = tokio::task::spawn_blocking(move || status(admin))
@@ -613,4 +628,86 @@ async fn a_failed_renewal_is_counted_and_retried_and_the_previous_certificate_st
         .unwrap();
     assert!(!shown.contains("WARNING"), "{shown}");
     server.stop().await;
+}
+
+#[test]
+fn sighup_issues_a_new_certificate_for_the_identity_in_use() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    use std::io::BufRead;
+
+    /// Kills the sidecar if the test fails before it stopped it.
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let bed = Bed::start(1);
+    let config = bed.config("1h", false);
+    let mut child = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_nodetunnel"))
+            .args([
+                "--log-format",
+                "json",
+                "--log-level",
+                "info",
+                "serve",
+                "--config",
+            ])
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = Pid::from_raw(child.0.id() as i32);
+    let lines = Arc::new(std::sync::Mutex::new(Vec::<serde_json::Value>::new()));
+    let stderr = child.0.stderr.take().unwrap();
+    let sink = lines.clone();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Ok(v) = serde_json::from_str(&line) {
+                sink.lock().unwrap().push(v);
+            }
+        }
+    });
+    let serial_logged = |message: &str| {
+        lines
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|v| v["message"] == message)
+            .and_then(|v| v["serial"].as_u64())
+    };
+    let dump = || format!("{:?}\nsshd:\n{}", lines.lock().unwrap(), bed.nodes[0].log());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let first = runtime.block_on(support::poll::until(
+        "the first certificate accepted",
+        WAIT,
+        dump,
+        || async {
+            let serial = serial_logged("authenticating with a user certificate")?;
+            (accepted(&bed.nodes[0]).len() == 1).then_some(serial)
+        },
+    ));
+    kill(pid, Signal::SIGHUP).unwrap();
+    let second = runtime.block_on(support::poll::until(
+        "a certificate issued on SIGHUP",
+        WAIT,
+        dump,
+        || async { serial_logged("certificate issued (SIGHUP); new sessions use it") },
+    ));
+    assert!(second > first, "{second} after {first}");
+    kill(pid, Signal::SIGTERM).unwrap();
+    let status = child.0.wait().unwrap();
+    reader.join().unwrap();
+    assert!(status.success(), "{status:?}\n{}", dump());
 }
