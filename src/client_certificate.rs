@@ -331,6 +331,34 @@ impl CertificateSlot {
     }
 }
 
+/// How often an expired certificate with no replacement is reported.
+pub const EXPIRED_REPORT_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Until `shutdown`, every [`EXPIRED_REPORT_INTERVAL`] (the first check
+/// at once): when the certificate `current` returns has expired (nothing
+/// replaced it), call `report` with it (the server logs a warning: new
+/// sessions cannot authenticate; sessions up keep running, readiness is
+/// unchanged).
+pub async fn report_while_expired(
+    current: impl Fn() -> Option<Arc<ClientCertificate>>,
+    report: impl Fn(&ClientCertificate),
+    shutdown: Shutdown,
+) {
+    let mut every = tokio::time::interval(EXPIRED_REPORT_INTERVAL);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.wait() => return,
+            _ = every.tick() => {}
+        }
+        if let Some(certificate) = current() {
+            if certificate.is_expired(SystemTime::now()) {
+                report(&certificate);
+            }
+        }
+    }
+}
+
 /// Watch the directory of `path` until `shutdown`, calling `changed` after
 /// each burst of writes that may have touched the file (debounced: once
 /// the directory was quiet for 100 ms, at most 1 s after the first event).
@@ -602,6 +630,50 @@ mod tests {
         assert_eq!(slot.current().unwrap().valid_before(), NOW + 7200);
         // What a session took before stays as it was.
         assert_eq!(held.valid_before(), NOW + 3600);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_expired_certificate_is_reported_every_minute_until_replaced() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let identity = key();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let expired = cert(&identity, CertType::User, now - 3600, now - 1, &[]);
+        let slot = Arc::new(CertificateSlot::new(Some(Arc::new(ClientCertificate {
+            path: path().into(),
+            certificate: expired,
+        }))));
+        let reports = Arc::new(AtomicUsize::new(0));
+        let shutdown = Shutdown::new();
+        let task = tokio::spawn(report_while_expired(
+            {
+                let slot = slot.clone();
+                move || slot.current()
+            },
+            {
+                let reports = reports.clone();
+                move |_: &ClientCertificate| {
+                    reports.fetch_add(1, Ordering::SeqCst);
+                }
+            },
+            shutdown.clone(),
+        ));
+        // At once, then once a minute.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(reports.load(Ordering::SeqCst), 1);
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        assert_eq!(reports.load(Ordering::SeqCst), 3);
+        // Replaced by a valid one: no more reports.
+        slot.install(Arc::new(ClientCertificate {
+            path: path().into(),
+            certificate: cert(&identity, CertType::User, now - 60, now + 7200, &[]),
+        }));
+        tokio::time::sleep(Duration::from_secs(180)).await;
+        assert_eq!(reports.load(Ordering::SeqCst), 3);
+        shutdown.trigger();
+        task.await.unwrap();
     }
 
     #[test]

@@ -77,34 +77,6 @@ fn handler(
     })
 }
 
-/// How often an expired certificate with no replacement is logged.
-const EXPIRED_CERTIFICATE_LOG_INTERVAL: Duration = Duration::from_secs(60);
-
-/// Until `shutdown`, once a minute: when the certificate in use has
-/// expired with no replacement, log a warning (new sessions cannot
-/// authenticate; sessions up keep running, readiness is unchanged).
-async fn warn_while_certificate_expired(manager: Arc<TunnelManager>, shutdown: Shutdown) {
-    let mut every = tokio::time::interval(EXPIRED_CERTIFICATE_LOG_INTERVAL);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.wait() => return,
-            _ = every.tick() => {}
-        }
-        if let Some(certificate) = manager.current_certificate() {
-            if certificate.is_expired(std::time::SystemTime::now()) {
-                tracing::warn!(
-                    source = %certificate.path.display(),
-                    key_id = certificate.key_id(),
-                    serial = certificate.serial(),
-                    expired_at = %crate::client_certificate::rfc3339(certificate.valid_before()),
-                    "the certificate in use has expired and nothing replaced it: new sessions cannot authenticate (sessions up keep running)"
-                );
-            }
-        }
-    }
-}
-
 /// Where a running [`Server`] listens (the real ports when 0 was
 /// configured).
 #[derive(Clone, Debug, Default)]
@@ -204,8 +176,18 @@ impl Server {
             )));
         }
         if config.client_certificate.is_some() {
-            tasks.push(tokio::spawn(warn_while_certificate_expired(
-                manager.clone(),
+            let current = manager.clone();
+            tasks.push(tokio::spawn(crate::client_certificate::report_while_expired(
+                move || current.current_certificate(),
+                |certificate| {
+                    tracing::warn!(
+                        source = %certificate.path.display(),
+                        key_id = certificate.key_id(),
+                        serial = certificate.serial(),
+                        expired_at = %crate::client_certificate::rfc3339(certificate.valid_before()),
+                        "the certificate in use has expired and nothing replaced it: new sessions cannot authenticate (sessions up keep running)"
+                    );
+                },
                 shutdown.clone(),
             )));
         }
