@@ -434,6 +434,30 @@ pod_cidrs = ["10.244.1.0/24"]
     }
 
     #[test]
+    fn the_issuer_table_is_checked_and_its_ca_key_resolved() {
+        let c = parse("[ssh.issuer]\nca_key = \"ca/user_ca\"\nprincipals = [\"nodetunnel\"]\n")
+            .unwrap();
+        let issuer = c.ssh.issuer.unwrap();
+        assert_eq!(issuer.ca_key, Path::new("/etc/nodetunnel/ca/user_ca"));
+        assert_eq!(issuer.validity, Duration::from_secs(3600));
+        assert!(issuer.source_address.is_empty() && !issuer.test_only_short_validity);
+        let e = error("[ssh.issuer]\nca_key = \"ca\"\nprincipals = []\n");
+        assert!(
+            e.contains(": ssh.issuer.principals: must list at least one"),
+            "{e}"
+        );
+        let e = error("[ssh.issuer]\nprincipals = [\"nodetunnel\"]\n");
+        assert!(e.contains("ca_key"), "{e}");
+        let e = error(
+            "[ssh]\ncertificate = \"c\"\n[ssh.issuer]\nca_key = \"ca\"\nprincipals = [\"n\"]\n",
+        );
+        assert!(
+            e.contains(": ssh.issuer: ssh.certificate and [ssh.issuer] are mutually exclusive"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn zero_limits_are_refused() {
         for (key, line) in [
             ("ssh.max_streams_per_node", "max_streams_per_node = 0"),
