@@ -415,9 +415,14 @@ async fn a_session_killed_after_expiry_reconnects_with_a_renewed_certificate_and
     .await;
 
     let lines = accepted(node2);
-    assert_eq!(serial_of(&lines[0]), first.serial(), "{lines:?}");
+    // The session made after the first certificate expired authenticated
+    // (sshd accepted it: valid then) with a new serial (a loaded machine
+    // may have made node-2's first session with a renewed one already).
     let renewed = serial_of(&lines[1]);
-    assert!(renewed > first.serial(), "{lines:?}");
+    assert!(
+        renewed > serial_of(&lines[0]) && renewed > first.serial(),
+        "{lines:?}"
+    );
     // The stream's session never dropped.
     let node1 = manager.tunnel("node-1").unwrap().status();
     assert_eq!(node1.handshakes, 1);
@@ -571,10 +576,10 @@ async fn a_failed_renewal_is_counted_and_retried_and_the_previous_certificate_st
     let metrics = manager.metrics().clone();
     let admin = server.listeners().admin_tcp.unwrap();
     ready(&manager, "node-1", &bed.nodes[0]).await;
-    let first = manager.current_certificate().unwrap();
     let logs = || bed.nodes[0].log();
     // A CA key others can read is refused at each renewal.
     std::fs::set_permissions(&bed.ca, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let first = manager.current_certificate().unwrap();
     support::poll::until("a failed renewal", WAIT, logs, || async {
         (metric(
             &metrics,
