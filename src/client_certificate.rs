@@ -5,15 +5,18 @@
 //! This module owns three things about it:
 //! - loading and checking it locally ([`load`], [`check`]): a user
 //!   certificate, signed (its CA signature verifies), valid now, for the
-//!   identity's key, and listing the login user among its principals when
-//!   it lists any. Each refusal is a [`CertificateError`] variant with a
-//!   stable [`reason`](CertificateError::reason) label.
+//!   identity's key. Each refusal is a [`CertificateError`] variant with a
+//!   stable [`reason`](CertificateError::reason) label. Principals are not
+//!   a reason to refuse: the node's `AuthorizedPrincipalsFile` may map
+//!   other principals (`nodetunnel`) to the login user, so sshd decides;
+//!   [`principal_warning`] says when none of them is the login user, for a
+//!   warning at load.
 //! - the place sessions read it from ([`CertificateSlot`]): each
 //!   authentication takes the certificate in the slot at that moment, so a
 //!   replacement installed there is used by new sessions at once while
 //!   established sessions keep running (sshd checks a certificate only at
 //!   authentication). Whoever produces certificates (the file watcher
-//!   here, an issuer later) installs them with [`CertificateSlot::install`].
+//!   here, [`crate::issuer`]) installs them with [`CertificateSlot::install`].
 //! - following the file on disk ([`watch`]): the file's directory is
 //!   watched (notify), so issuers that replace it in place or rename a new
 //!   file over it are both seen; the caller re-reads the file on each
@@ -101,21 +104,11 @@ pub enum CertificateError {
         /// Fingerprint of `ssh.identity`'s key.
         identity: String,
     },
-    /// It lists principals and the login user is not one of them.
-    #[error("{} is not valid for user {user:?}: its principals are {}", path.display(), principals.join(", "))]
-    NoMatchingPrincipal {
-        /// The file.
-        path: PathBuf,
-        /// The login user.
-        user: String,
-        /// The principals it lists.
-        principals: Vec<String>,
-    },
 }
 
 impl CertificateError {
     /// Stable label for metrics: `read`, `malformed`, `not_user`,
-    /// `not_yet_valid`, `expired`, `key_mismatch` or `principal`.
+    /// `not_yet_valid`, `expired` or `key_mismatch`.
     pub fn reason(&self) -> &'static str {
         match self {
             CertificateError::Read { .. } => "read",
@@ -124,7 +117,6 @@ impl CertificateError {
             CertificateError::NotYetValid { .. } => "not_yet_valid",
             CertificateError::Expired { .. } => "expired",
             CertificateError::KeyMismatch { .. } => "key_mismatch",
-            CertificateError::NoMatchingPrincipal { .. } => "principal",
         }
     }
 }
@@ -157,6 +149,21 @@ impl ClientCertificate {
     /// The principals it lists (empty: any).
     pub fn principals(&self) -> &[String] {
         self.certificate.valid_principals()
+    }
+
+    /// Start of its validity, Unix seconds.
+    pub fn valid_after(&self) -> u64 {
+        self.certificate.valid_after()
+    }
+
+    /// Whether its validity ended at `now` (OpenSSH: valid while now <
+    /// valid_before).
+    pub fn is_expired(&self, now: SystemTime) -> bool {
+        let now = now
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        now >= self.valid_before()
     }
 }
 
@@ -204,13 +211,13 @@ pub fn parse(text: &str, path: &Path) -> Result<Certificate, CertificateError> {
     Ok(certificate)
 }
 
-/// Check `certificate` (read from `path`) for use as `user` with the key
-/// `identity` at `now`: see the module docs.
+/// Check `certificate` (read from `path`) for use with the key `identity`
+/// at `now`: see the module docs. The login user is not checked against
+/// its principals (see [`principal_warning`]).
 pub fn check(
     certificate: &Certificate,
     path: &Path,
     identity: &PublicKey,
-    user: &str,
     now: SystemTime,
 ) -> Result<(), CertificateError> {
     let path_buf = || path.to_path_buf();
@@ -243,23 +250,32 @@ pub fn check(
             identity: fingerprint(identity),
         });
     }
-    let principals = certificate.valid_principals();
-    if !principals.is_empty() && !principals.iter().any(|p| p == user) {
-        return Err(CertificateError::NoMatchingPrincipal {
-            path: path_buf(),
-            user: user.to_string(),
-            principals: principals.to_vec(),
-        });
-    }
     Ok(())
 }
 
-/// Read the certificate at `path`, parse it and [`check`] it for `user`
-/// with the key `identity` at `now`.
+/// When `certificate` lists principals and none of them is `user`: the
+/// warning to log once at load (not a refusal: the node's
+/// `AuthorizedPrincipalsFile` may map these principals to `user`, and
+/// sshd's refusal, if it comes, is reported as `refused_by_node` naming
+/// them). `None` when a principal is `user` or it lists none (any user).
+pub fn principal_warning(certificate: &Certificate, user: &str) -> Option<String> {
+    let principals = certificate.valid_principals();
+    if principals.is_empty() || principals.iter().any(|p| p == user) {
+        return None;
+    }
+    Some(format!(
+        "the certificate's principals ({}) do not include the login user {user:?}: \
+         the node accepts it only if its AuthorizedPrincipalsFile for {user:?} lists one of them \
+         (TrustedUserCAKeys and AuthorizedPrincipalsFile on the node decide)",
+        principals.join(", ")
+    ))
+}
+
+/// Read the certificate at `path`, parse it and [`check`] it for the key
+/// `identity` at `now`.
 pub fn load(
     path: &Path,
     identity: &PublicKey,
-    user: &str,
     now: SystemTime,
 ) -> Result<ClientCertificate, CertificateError> {
     let read_error = |source| CertificateError::Read {
@@ -280,7 +296,7 @@ pub fn load(
         });
     }
     let certificate = parse(&text, path)?;
-    check(&certificate, path, identity, user, now)?;
+    check(&certificate, path, identity, now)?;
     Ok(ClientCertificate {
         path: path.to_path_buf(),
         certificate,
@@ -311,6 +327,34 @@ impl CertificateSlot {
     pub fn install(&self, certificate: Arc<ClientCertificate>) {
         if let Ok(mut slot) = self.current.write() {
             *slot = Some(certificate);
+        }
+    }
+}
+
+/// How often an expired certificate with no replacement is reported.
+pub const EXPIRED_REPORT_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Until `shutdown`, every [`EXPIRED_REPORT_INTERVAL`] (the first check
+/// at once): when the certificate `current` returns has expired (nothing
+/// replaced it), call `report` with it (the server logs a warning: new
+/// sessions cannot authenticate; sessions up keep running, readiness is
+/// unchanged).
+pub async fn report_while_expired(
+    current: impl Fn() -> Option<Arc<ClientCertificate>>,
+    report: impl Fn(&ClientCertificate),
+    shutdown: Shutdown,
+) {
+    let mut every = tokio::time::interval(EXPIRED_REPORT_INTERVAL);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.wait() => return,
+            _ = every.tick() => {}
+        }
+        if let Some(certificate) = current() {
+            if certificate.is_expired(SystemTime::now()) {
+                report(&certificate);
+            }
         }
     }
 }
@@ -448,17 +492,17 @@ mod tests {
     fn a_valid_user_certificate_for_the_identity_passes() {
         let identity = key();
         let c = cert(&identity, CertType::User, NOW - 60, NOW + 3600, &["root"]);
-        check(&c, path(), identity.public_key(), "root", at(NOW)).unwrap();
+        check(&c, path(), identity.public_key(), at(NOW)).unwrap();
         // No principals: valid for any user.
         let any = cert(&identity, CertType::User, NOW - 60, NOW + 3600, &[]);
-        check(&any, path(), identity.public_key(), "admin", at(NOW)).unwrap();
+        check(&any, path(), identity.public_key(), at(NOW)).unwrap();
     }
 
     #[test]
     fn a_host_certificate_is_refused() {
         let identity = key();
         let c = cert(&identity, CertType::Host, NOW - 60, NOW + 3600, &["root"]);
-        let e = check(&c, path(), identity.public_key(), "root", at(NOW)).unwrap_err();
+        let e = check(&c, path(), identity.public_key(), at(NOW)).unwrap_err();
         assert!(
             matches!(e, CertificateError::NotUserCertificate { .. }),
             "{e}"
@@ -470,7 +514,7 @@ mod tests {
     fn expired_and_not_yet_valid_certificates_are_refused_with_their_times() {
         let identity = key();
         let c = cert(&identity, CertType::User, NOW - 3600, NOW, &[]);
-        let e = check(&c, path(), identity.public_key(), "root", at(NOW)).unwrap_err();
+        let e = check(&c, path(), identity.public_key(), at(NOW)).unwrap_err();
         assert_eq!(e.reason(), "expired");
         let text = e.to_string();
         assert!(
@@ -478,7 +522,7 @@ mod tests {
             "{text}"
         );
         let c = cert(&identity, CertType::User, NOW + 60, NOW + 3600, &[]);
-        let e = check(&c, path(), identity.public_key(), "root", at(NOW)).unwrap_err();
+        let e = check(&c, path(), identity.public_key(), at(NOW)).unwrap_err();
         assert_eq!(e.reason(), "not_yet_valid");
         assert!(
             e.to_string()
@@ -492,7 +536,7 @@ mod tests {
         let identity = key();
         let other = key();
         let c = cert(&other, CertType::User, NOW - 60, NOW + 3600, &[]);
-        let e = check(&c, path(), identity.public_key(), "root", at(NOW)).unwrap_err();
+        let e = check(&c, path(), identity.public_key(), at(NOW)).unwrap_err();
         assert_eq!(e.reason(), "key_mismatch");
         let text = e.to_string();
         assert!(
@@ -503,7 +547,9 @@ mod tests {
     }
 
     #[test]
-    fn a_certificate_without_the_login_user_among_its_principals_is_refused() {
+    fn a_certificate_without_the_login_user_among_its_principals_passes_with_a_warning() {
+        // sshd's AuthorizedPrincipalsFile may map `alice` to root: the node
+        // decides, nodetunnel only warns.
         let identity = key();
         let c = cert(
             &identity,
@@ -512,13 +558,17 @@ mod tests {
             NOW + 3600,
             &["alice", "bob"],
         );
-        let e = check(&c, path(), identity.public_key(), "root", at(NOW)).unwrap_err();
-        assert_eq!(e.reason(), "principal");
+        check(&c, path(), identity.public_key(), at(NOW)).unwrap();
+        let warning = principal_warning(&c, "root").expect("a warning");
         assert!(
-            e.to_string()
-                .ends_with("is not valid for user \"root\": its principals are alice, bob"),
-            "{e}"
+            warning.starts_with(
+                "the certificate's principals (alice, bob) do not include the login user \"root\""
+            ) && warning.contains("AuthorizedPrincipalsFile"),
+            "{warning}"
         );
+        assert_eq!(principal_warning(&c, "alice"), None);
+        let any = cert(&identity, CertType::User, NOW - 60, NOW + 3600, &[]);
+        assert_eq!(principal_warning(&any, "root"), None);
     }
 
     #[test]
@@ -555,15 +605,9 @@ mod tests {
         let c = cert(&identity, CertType::User, now - 60, now + 3600, &["root"]);
         let file = dir.path().join("id-cert.pub");
         std::fs::write(&file, format!("{}\n", c.to_openssh().unwrap())).unwrap();
-        let loaded = load(&file, identity.public_key(), "root", SystemTime::now()).unwrap();
+        let loaded = load(&file, identity.public_key(), SystemTime::now()).unwrap();
         assert_eq!((loaded.key_id(), loaded.serial()), ("test-id", 7));
-        let e = load(
-            &dir.path().join("missing"),
-            identity.public_key(),
-            "root",
-            at(now),
-        )
-        .unwrap_err();
+        let e = load(&dir.path().join("missing"), identity.public_key(), at(now)).unwrap_err();
         assert_eq!(e.reason(), "read");
     }
 
@@ -586,6 +630,50 @@ mod tests {
         assert_eq!(slot.current().unwrap().valid_before(), NOW + 7200);
         // What a session took before stays as it was.
         assert_eq!(held.valid_before(), NOW + 3600);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_expired_certificate_is_reported_every_minute_until_replaced() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let identity = key();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let expired = cert(&identity, CertType::User, now - 3600, now - 1, &[]);
+        let slot = Arc::new(CertificateSlot::new(Some(Arc::new(ClientCertificate {
+            path: path().into(),
+            certificate: expired,
+        }))));
+        let reports = Arc::new(AtomicUsize::new(0));
+        let shutdown = Shutdown::new();
+        let task = tokio::spawn(report_while_expired(
+            {
+                let slot = slot.clone();
+                move || slot.current()
+            },
+            {
+                let reports = reports.clone();
+                move |_: &ClientCertificate| {
+                    reports.fetch_add(1, Ordering::SeqCst);
+                }
+            },
+            shutdown.clone(),
+        ));
+        // At once, then once a minute.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(reports.load(Ordering::SeqCst), 1);
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        assert_eq!(reports.load(Ordering::SeqCst), 3);
+        // Replaced by a valid one: no more reports.
+        slot.install(Arc::new(ClientCertificate {
+            path: path().into(),
+            certificate: cert(&identity, CertType::User, now - 60, now + 7200, &[]),
+        }));
+        tokio::time::sleep(Duration::from_secs(180)).await;
+        assert_eq!(reports.load(Ordering::SeqCst), 3);
+        shutdown.trigger();
+        task.await.unwrap();
     }
 
     #[test]

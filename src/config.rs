@@ -148,10 +148,24 @@ impl Config {
             let certificate = client_certificate::load(
                 cert_path,
                 identity.public_key(),
-                &config.ssh.user,
                 std::time::SystemTime::now(),
             )
             .map_err(|e| ConfigError::new(path, "ssh.certificate", e.to_string()))?;
+            config.client_certificate = Some(Arc::new(certificate));
+        }
+        if let Some(issuer) = &config.ssh.issuer {
+            // The first certificate, issued now: a CA key that cannot be
+            // used stops the start (a renewal failure later only logs).
+            let certificate =
+                crate::issuer::issue(issuer, identity.public_key(), std::time::SystemTime::now())
+                    .map_err(|e| {
+                    let key = match e {
+                        crate::issuer::IssueError::CaKey(_)
+                        | crate::issuer::IssueError::CaKeyEncrypted { .. } => "ssh.issuer.ca_key",
+                        _ => "ssh.issuer",
+                    };
+                    ConfigError::new(path, key, e.to_string())
+                })?;
             config.client_certificate = Some(Arc::new(certificate));
         }
         config.identity = Some(Arc::new(identity));
@@ -190,6 +204,9 @@ impl Config {
             .as_ref()
             .map(|p| resolve(base, p));
         config.ssh.certificate = config.ssh.certificate.as_ref().map(|p| resolve(base, p));
+        if let Some(issuer) = config.ssh.issuer.as_mut() {
+            issuer.ca_key = resolve(base, &issuer.ca_key);
+        }
         config.inventory.path = config.inventory.path.as_ref().map(|p| resolve(base, p));
         config.inventory.kubeconfig = config
             .inventory
@@ -270,6 +287,17 @@ impl Config {
                 "ssh.rekey_limit",
                 "must be between 65536 bytes (64 KiB) and 1073741824 bytes (1 GiB, the most russh allows between key exchanges)",
             );
+        }
+        if let Some(issuer) = &ssh.issuer {
+            if ssh.certificate.is_some() {
+                return err(
+                    "ssh.issuer",
+                    "ssh.certificate and [ssh.issuer] are mutually exclusive: set ssh.certificate for a certificate issued elsewhere, or [ssh.issuer] for nodetunnel to sign its own",
+                );
+            }
+            crate::issuer::validate(issuer).map_err(|FieldError { key, reason }| {
+                ConfigError::new(&self.path, format!("ssh.issuer.{key}"), reason)
+            })?;
         }
         if let Some(proxy) = &self.proxy {
             proxy
@@ -402,6 +430,30 @@ pod_cidrs = ["10.244.1.0/24"]
         );
         assert!(
             e.contains(": nodes[1].name: duplicate node name \"a\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_issuer_table_is_checked_and_its_ca_key_resolved() {
+        let c = parse("[ssh.issuer]\nca_key = \"ca/user_ca\"\nprincipals = [\"nodetunnel\"]\n")
+            .unwrap();
+        let issuer = c.ssh.issuer.unwrap();
+        assert_eq!(issuer.ca_key, Path::new("/etc/nodetunnel/ca/user_ca"));
+        assert_eq!(issuer.validity, Duration::from_secs(3600));
+        assert!(issuer.source_address.is_empty() && !issuer.test_only_short_validity);
+        let e = error("[ssh.issuer]\nca_key = \"ca\"\nprincipals = []\n");
+        assert!(
+            e.contains(": ssh.issuer.principals: must list at least one"),
+            "{e}"
+        );
+        let e = error("[ssh.issuer]\nprincipals = [\"nodetunnel\"]\n");
+        assert!(e.contains("ca_key"), "{e}");
+        let e = error(
+            "[ssh]\ncertificate = \"c\"\n[ssh.issuer]\nca_key = \"ca\"\nprincipals = [\"n\"]\n",
+        );
+        assert!(
+            e.contains(": ssh.issuer: ssh.certificate and [ssh.issuer] are mutually exclusive"),
             "{e}"
         );
     }

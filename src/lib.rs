@@ -28,6 +28,9 @@
 //! - [`config`]: the TOML file, defaults and validation.
 //! - [`keys`]: the client identity (load, generate); [`known_hosts`]: host
 //!   key trust (OpenSSH known_hosts, hashed names, wildcards, CAs, revocation).
+//! - [`client_certificate`]: the OpenSSH user certificate sessions offer
+//!   (`ssh.certificate`); [`issuer`]: signing and renewing nodetunnel's own
+//!   (`[ssh.issuer]`).
 //! - [`session`]: connecting one SSH session (timeouts, host key check, auth);
 //!   [`read_buffer`]: its socket read buffer, grown under load.
 //! - [`keepalive`]: session liveness; [`backoff`]: reconnect delays.
@@ -55,6 +58,7 @@ pub mod dev;
 pub mod dial;
 pub mod field_error;
 pub mod inventory;
+pub mod issuer;
 pub mod keepalive;
 pub mod keys;
 pub mod known_hosts;

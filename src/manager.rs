@@ -103,6 +103,22 @@ pub struct ManagerConfig<'a> {
     pub dial_timeout: Duration,
 }
 
+/// Log, once per certificate loaded, that none of its principals is the
+/// login user (see [`crate::client_certificate::principal_warning`]).
+pub(crate) fn warn_about_principals(certificate: &ClientCertificate, user: &str) {
+    if let Some(warning) =
+        crate::client_certificate::principal_warning(&certificate.certificate, user)
+    {
+        tracing::warn!(
+            key_id = certificate.key_id(),
+            serial = certificate.serial(),
+            principals = %certificate.principals().join(","),
+            user,
+            "{warning}"
+        );
+    }
+}
+
 /// All tunnels. See the module docs.
 pub struct TunnelManager {
     ctx: Arc<TunnelContext>,
@@ -177,6 +193,7 @@ impl TunnelManager {
             ctx.metrics
                 .client_certificate_in_use(certificate.valid_before());
             tracing::info!(path = %certificate.path.display(), key_id = certificate.key_id(), serial = certificate.serial(), valid_before = %crate::client_certificate::rfc3339(certificate.valid_before()), "authenticating with a user certificate");
+            warn_about_principals(certificate, &ssh.user);
         }
         let router = Router::new(&[], &routing);
         Ok(Arc::new(TunnelManager {
@@ -433,7 +450,6 @@ impl TunnelManager {
         let loaded = crate::client_certificate::load(
             path,
             identity.public_key(),
-            &self.ctx.default_user,
             std::time::SystemTime::now(),
         );
         let fresh = match loaded {
@@ -462,12 +478,37 @@ impl TunnelManager {
             valid_before = %crate::client_certificate::rfc3339(fresh.valid_before()),
             "certificate reloaded; new sessions use it"
         );
+        warn_about_principals(&fresh, &self.ctx.default_user);
         self.ctx
             .metrics
             .client_certificate_in_use(fresh.valid_before());
         self.ctx.metrics.client_certificate_reload("ok");
         session.certificate.install(Arc::new(fresh));
         Ok(())
+    }
+
+    /// Use `certificate` (issued by [`crate::issuer`]) from the next
+    /// authentication on, and export its expiry.
+    pub fn install_certificate(&self, certificate: ClientCertificate) {
+        self.ctx
+            .metrics
+            .client_certificate_in_use(certificate.valid_before());
+        self.ctx.session.certificate.install(Arc::new(certificate));
+    }
+
+    /// The certificate new sessions authenticate with, if any.
+    pub fn current_certificate(&self) -> Option<Arc<ClientCertificate>> {
+        self.ctx.session.certificate.current()
+    }
+
+    /// The identity new sessions authenticate with.
+    pub fn identity(&self) -> Option<Arc<Identity>> {
+        self.ctx.session.identity.read().ok().map(|i| i.clone())
+    }
+
+    /// `ssh.user`, the login user of nodes that do not set their own.
+    pub fn default_user(&self) -> &str {
+        &self.ctx.default_user
     }
 
     /// `ssh.certificate`, when set.

@@ -190,7 +190,7 @@ pub struct Metrics {
     pub client_certificate_expiry: Gauge,
     /// `nodetunnel_client_certificate_auth_refusals_total{reason}`:
     /// authentications with the certificate refused, locally (`expired`,
-    /// `not_yet_valid`, `principal`, `key_mismatch`) or by the node
+    /// `not_yet_valid`, `key_mismatch`) or by the node
     /// (`refused_by_node`).
     pub client_certificate_refusals: Family<ReasonLabel, Counter>,
     /// `nodetunnel_client_certificate_reloads_total{result}`: re-reads of
@@ -198,6 +198,11 @@ pub struct Metrics {
     /// refused (a [`CertificateError`](crate::client_certificate::CertificateError)
     /// reason; the previous certificate stayed in use).
     pub client_certificate_reloads: Family<ResultLabel, Counter>,
+    /// `nodetunnel_client_certificate_renewals_total{result}`: renewals
+    /// by `[ssh.issuer]` that installed a new certificate (`ok`) or failed
+    /// (`ca_key`, `sign`; retried with backoff, the previous certificate
+    /// stayed in use).
+    pub client_certificate_renewals: Family<ResultLabel, Counter>,
     /// `nodetunnel_reconnect_probes_total{result}`: TCP probes of the SSH
     /// port of nodes away (`open`, `closed`, `timeout`).
     pub reconnect_probes: Family<ResultLabel, Counter>,
@@ -336,7 +341,7 @@ impl Metrics {
         let client_certificate_refusals = Family::<ReasonLabel, Counter>::default();
         registry.register(
             "client_certificate_auth_refusals",
-            "Authentications with the user certificate refused, by reason (expired, not_yet_valid, principal, key_mismatch: locally; refused_by_node)",
+            "Authentications with the user certificate refused, by reason (expired, not_yet_valid, key_mismatch: locally; refused_by_node)",
             client_certificate_refusals.clone(),
         );
         let client_certificate_reloads = Family::<ResultLabel, Counter>::default();
@@ -344,6 +349,12 @@ impl Metrics {
             "client_certificate_reloads",
             "Re-reads of ssh.certificate that installed a new certificate (ok) or were refused (the reason; the previous one stays in use)",
             client_certificate_reloads.clone(),
+        );
+        let client_certificate_renewals = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "client_certificate_renewals",
+            "Renewals by ssh.issuer that installed a new certificate (ok) or failed (ca_key, sign; retried, the previous one stays in use)",
+            client_certificate_renewals.clone(),
         );
         Metrics {
             registry,
@@ -369,6 +380,7 @@ impl Metrics {
             client_certificate_expiry,
             client_certificate_refusals,
             client_certificate_reloads,
+            client_certificate_renewals,
         }
     }
 
@@ -506,6 +518,16 @@ impl Metrics {
     /// was refused).
     pub fn client_certificate_reload(&self, result: &str) {
         self.client_certificate_reloads
+            .get_or_create(&ResultLabel {
+                result: result.to_string(),
+            })
+            .inc();
+    }
+
+    /// Count one renewal by `[ssh.issuer]` by `result` (`ok` or why it
+    /// failed).
+    pub fn client_certificate_renewal(&self, result: &str) {
+        self.client_certificate_renewals
             .get_or_create(&ResultLabel {
                 result: result.to_string(),
             })

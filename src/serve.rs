@@ -101,6 +101,8 @@ pub struct Server {
     sync: Arc<SyncStatus>,
     shutdown: Shutdown,
     inventory_reload: Arc<Notify>,
+    /// Asks the `[ssh.issuer]` renewal task for a new certificate now.
+    certificate_reissue: Arc<Notify>,
     listeners: Listeners,
     tasks: Vec<JoinHandle<()>>,
     drain: Duration,
@@ -163,6 +165,35 @@ impl Server {
             )));
         }
 
+        // [ssh.issuer]: the first certificate was issued by Config::load;
+        // renew it at two thirds of its life (and on SIGHUP).
+        let certificate_reissue = Arc::new(Notify::new());
+        if let Some(issuer) = config.ssh.issuer.clone() {
+            tasks.push(tokio::spawn(crate::issuer::run(
+                issuer,
+                manager.clone(),
+                tokio::time::Instant::now(),
+                certificate_reissue.clone(),
+                shutdown.clone(),
+            )));
+        }
+        if config.client_certificate.is_some() {
+            let current = manager.clone();
+            tasks.push(tokio::spawn(crate::client_certificate::report_while_expired(
+                move || current.current_certificate(),
+                |certificate| {
+                    tracing::warn!(
+                        source = %certificate.path.display(),
+                        key_id = certificate.key_id(),
+                        serial = certificate.serial(),
+                        expired_at = %crate::client_certificate::rfc3339(certificate.valid_before()),
+                        "the certificate in use has expired and nothing replaced it: new sessions cannot authenticate (sessions up keep running)"
+                    );
+                },
+                shutdown.clone(),
+            )));
+        }
+
         // Inventory health, read by readiness.
         let sync = Arc::new(SyncStatus::default());
         if config.inventory.source == InventorySource::Static {
@@ -220,6 +251,7 @@ impl Server {
             sync,
             shutdown,
             inventory_reload,
+            certificate_reissue,
             listeners,
             tasks,
             drain,
@@ -292,8 +324,13 @@ impl Server {
             tracing::error!(error = %e, "SIGHUP: identity not reloaded");
         }
         // After the identity: the certificate must be for the key in use.
-        // A refused one is logged by the manager.
-        let _ = manager.reload_certificate();
+        // A refused one is logged by the manager; an issuer signs a new
+        // one for the identity in use (and re-reads its CA key).
+        if running.ssh.issuer.is_some() {
+            self.certificate_reissue.notify_one();
+        } else {
+            let _ = manager.reload_certificate();
+        }
         if let Err(e) = manager.reload_known_hosts() {
             tracing::error!(error = %e, "SIGHUP: known_hosts not reloaded");
         }

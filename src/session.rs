@@ -185,8 +185,8 @@ pub enum ConnectError {
         methods: String,
     },
     /// The certificate in use was refused locally before it was offered:
-    /// expired, not yet valid, no principal for this node's user, or not
-    /// for the identity's key (see [`client_certificate::check`]).
+    /// expired, not yet valid, or not for the identity's key (see
+    /// [`client_certificate::check`]).
     #[error("certificate not offered: {message}")]
     Certificate {
         /// The [`CertificateError::reason`](client_certificate::CertificateError::reason) label.
@@ -740,12 +740,12 @@ async fn establish(
     let certificate = settings.certificate.current();
     if let Some(certificate) = &certificate {
         // Checked again at each use: it may have expired since it was
-        // loaded, or this node may log in as another user.
+        // loaded. Principals are the node's to judge (its
+        // AuthorizedPrincipalsFile may map them to the login user).
         client_certificate::check(
             &certificate.certificate,
             &certificate.path,
             identity.public_key(),
-            &target.user,
             std::time::SystemTime::now(),
         )
         .map_err(|e| ConnectError::Certificate {

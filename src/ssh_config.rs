@@ -35,6 +35,36 @@ impl fmt::Display for HostKeyPolicy {
     }
 }
 
+/// `[ssh.issuer]`: the user CA nodetunnel signs its own certificates with
+/// and what they say. Checked by [`crate::issuer::validate`]; used by
+/// [`crate::issuer`].
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct IssuerConfig {
+    /// The CA's OpenSSH private key (unencrypted, mode 0600), relative to
+    /// the config file; read at each issuance.
+    pub ca_key: PathBuf,
+    /// How long each certificate is valid (from now; its validity starts a
+    /// minute in the past for clock skew). Renewed at two thirds of it.
+    #[serde(with = "humantime_serde", default = "default_issuer_validity")]
+    pub validity: Duration,
+    /// The principals the certificate lists (sshd matches them against
+    /// `AuthorizedPrincipalsFile`, else against the login user).
+    pub principals: Vec<String>,
+    /// CIDRs (or addresses) the nodes accept the certificate from: the
+    /// `source-address` critical option. Empty: not set.
+    #[serde(default)]
+    pub source_address: Vec<String>,
+    /// Test only: lower the floor of `validity` from 1 minute to 1 second,
+    /// so renewal can be tested in seconds. Never in production.
+    #[serde(default)]
+    pub test_only_short_validity: bool,
+}
+
+fn default_issuer_validity() -> Duration {
+    Duration::from_secs(3600)
+}
+
 /// The `[ssh]` table: how sessions to nodes are made and kept.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -50,6 +80,9 @@ pub struct SshConfig {
     /// authenticate with it instead of the plain key; the file is watched
     /// and re-read on change and on SIGHUP.
     pub certificate: Option<PathBuf>,
+    /// `[ssh.issuer]`: nodetunnel signs its own short-lived user
+    /// certificates for `identity` (exclusive with `certificate`).
+    pub issuer: Option<IssuerConfig>,
     /// OpenSSH known_hosts file used to verify node host keys.
     pub known_hosts: PathBuf,
     /// strict | accept-new | insecure.
@@ -157,6 +190,7 @@ impl Default for SshConfig {
             identity: PathBuf::from("keys/id_ed25519"),
             passphrase_file: None,
             certificate: None,
+            issuer: None,
             known_hosts: PathBuf::from("keys/known_hosts"),
             host_key_policy: HostKeyPolicy::Strict,
             port: 22,

@@ -48,6 +48,7 @@ fn table(bytes_a: (u64, u64)) -> TunnelList {
         conflicts: Vec::new(),
         summary: Summary::of(&tunnels, 2),
         tunnels,
+        certificate: None,
     }
 }
 

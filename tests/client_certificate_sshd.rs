@@ -6,7 +6,10 @@
 //! complete byte-exact; broken, mismatched and expired replacements are
 //! refused with the previous certificate kept; an expired certificate is
 //! refused locally and a principal sshd does not accept is refused by
-//! sshd, each with its reason in the tunnel's error and the metrics.
+//! sshd, each with its reason in the tunnel's error and the metrics; a
+//! certificate whose principals are not the login user is offered (with a
+//! warning) and accepted when the node's AuthorizedPrincipalsFile maps
+//! them to it.
 
 mod support;
 
@@ -390,7 +393,6 @@ async fn broken_mismatched_and_expired_replacements_are_refused_and_the_previous
             ),
         ),
         ("expired", bed.sign(4, &Sshd::user(), "20200101:20200102")),
-        ("principal", bed.sign(5, "someone-else", "-5m:+1h")),
     ];
     for (reason, text) in replacements {
         bed.install(&text);
@@ -537,23 +539,55 @@ async fn rsa_and_ecdsa_certificates_are_accepted() {
 #[test]
 fn certificates_refused_at_load_name_the_key_and_the_reason() {
     let bed = Bed::start(None);
-    for (text, expected) in [
-        (
-            bed.sign(1, &Sshd::user(), "20200101:20200102"),
-            " expired at 2020-01-02T00:00:00Z",
-        ),
-        (
-            bed.sign(2, "someone-else", "-5m:+1h"),
-            "its principals are someone-else",
-        ),
-    ] {
-        bed.install(&text);
-        let e = Config::load(&bed.config(true)).unwrap_err().to_string();
-        assert!(
-            e.contains(": ssh.certificate: ") && e.contains(expected),
-            "{e}"
-        );
-    }
+    bed.install(&bed.sign(1, &Sshd::user(), "20200101:20200102"));
+    let e = Config::load(&bed.config(true)).unwrap_err().to_string();
+    assert!(
+        e.contains(": ssh.certificate: ") && e.contains(" expired at 2020-01-02T00:00:00Z"),
+        "{e}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn principals_the_authorized_principals_file_maps_to_the_user_are_accepted() {
+    // The login user is not among the principals: nodetunnel only warns,
+    // and sshd, whose AuthorizedPrincipalsFile for the user lists
+    // `nodetunnel`, accepts it.
+    let bed = Bed::start(Some("nodetunnel"));
+    bed.install(&bed.sign(1, "nodetunnel", "-5m:+1h"));
+    let server = Server::start(&bed.config(true)).await.unwrap();
+    let manager = server.manager().clone();
+    ready(&manager, "node-1", &bed).await;
+    let accepted = bed.accepted();
+    assert_eq!(accepted.len(), 1, "{accepted:?}");
+    assert!(accepted[0].contains("(serial 1)"), "{accepted:?}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn principals_the_node_does_not_map_are_refused_by_the_node_naming_them() {
+    // Loaded (a warning, not a refusal), offered, and refused by sshd.
+    let bed = Bed::start(None);
+    bed.install(&bed.sign(1, "someone-else", "-5m:+1h"));
+    let server = Server::start(&bed.config(true)).await.unwrap();
+    let manager = server.manager().clone();
+    until_metric(
+        manager.metrics(),
+        "nodetunnel_client_certificate_auth_refusals_total{reason=\"refused_by_node\"}",
+        1.0,
+        || bed.sshd.log(),
+    )
+    .await;
+    let error = manager
+        .tunnel("node-1")
+        .unwrap()
+        .status()
+        .last_error
+        .unwrap_or_default();
+    assert!(
+        error.contains("principals someone-else") && error.contains("AuthorizedPrincipalsFile"),
+        "{error}"
+    );
+    server.stop().await;
 }
 
 #[test]

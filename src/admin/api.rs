@@ -189,6 +189,57 @@ pub struct TunnelList {
     /// none of them; node addresses ignored).
     #[serde(default)]
     pub conflicts: Vec<ConflictInfo>,
+    /// The user certificate new sessions authenticate with
+    /// (`ssh.certificate` or `[ssh.issuer]`); absent with a plain key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<CertificateInfo>,
+}
+
+/// The user certificate in use, as `GET /api/v1/tunnels` shows it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CertificateInfo {
+    /// Where it came from: the `ssh.certificate` file, or
+    /// `certificate issued by ssh.issuer (CA <path>)`.
+    pub source: String,
+    /// Its key id.
+    pub key_id: String,
+    /// Its serial.
+    pub serial: u64,
+    /// The principals it lists (empty: any user).
+    pub principals: Vec<String>,
+    /// Start of its validity (RFC 3339, UTC).
+    pub valid_after: String,
+    /// End of its validity (RFC 3339, UTC; `forever`).
+    pub valid_before: String,
+    /// Seconds until it expires (negative: expired that long ago).
+    pub expires_in_seconds: i64,
+    /// It has expired and nothing replaced it: new sessions cannot
+    /// authenticate.
+    pub expired: bool,
+}
+
+impl CertificateInfo {
+    /// The document of `certificate` at time `now`.
+    pub fn of(certificate: &crate::client_certificate::ClientCertificate, now: SystemTime) -> Self {
+        let now_unix = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let before = certificate.valid_before();
+        let expires_in = i64::try_from(before)
+            .unwrap_or(i64::MAX)
+            .saturating_sub(i64::try_from(now_unix).unwrap_or(i64::MAX));
+        CertificateInfo {
+            source: certificate.path.display().to_string(),
+            key_id: certificate.key_id().to_string(),
+            serial: certificate.serial(),
+            principals: certificate.principals().to_vec(),
+            valid_after: crate::client_certificate::rfc3339(certificate.valid_after()),
+            valid_before: crate::client_certificate::rfc3339(before),
+            expires_in_seconds: expires_in,
+            expired: certificate.is_expired(now),
+        }
+    }
 }
 
 /// One routing conflict, as `GET /api/v1/tunnels` lists it.

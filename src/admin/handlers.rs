@@ -10,7 +10,8 @@ use http_body_util::Full;
 use serde::Serialize;
 
 use super::api::{
-    ApiError, ConflictInfo, ReconnectAnswer, RouteAnswer, Summary, TunnelInfo, TunnelList,
+    ApiError, CertificateInfo, ConflictInfo, ReconnectAnswer, RouteAnswer, Summary, TunnelInfo,
+    TunnelList,
 };
 use super::guard::{self, REQUEST_HEADER};
 use super::readiness::{self, Inputs};
@@ -179,6 +180,10 @@ fn tunnels(state: &AdminState) -> Answer {
             summary,
             tunnels,
             conflicts,
+            certificate: state
+                .manager
+                .current_certificate()
+                .map(|c| CertificateInfo::of(&c, now)),
         },
     )
 }

@@ -16,7 +16,7 @@ use std::process::ExitCode;
 
 use super::client::AdminClient;
 use super::format::{self, paint, Colour};
-use crate::admin::api::{trouble_order, Summary, TunnelInfo, TunnelList};
+use crate::admin::api::{trouble_order, CertificateInfo, Summary, TunnelInfo, TunnelList};
 
 /// Output formats of `status`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -166,6 +166,10 @@ pub fn render(list: &TunnelList, wide: bool, colour: bool) -> String {
     };
     out.push_str(&summary_line(&list.summary, colour));
     out.push('\n');
+    if let Some(certificate) = &list.certificate {
+        out.push_str(&certificate_line(certificate, colour));
+        out.push('\n');
+    }
     if !list.conflicts.is_empty() {
         out.push_str(&paint(
             &format!("{} routing conflict(s):", list.conflicts.len()),
@@ -178,6 +182,45 @@ pub fn render(list: &TunnelList, wide: bool, colour: bool) -> String {
         }
     }
     out
+}
+
+/// The certificate in use: `certificate "nodetunnel@cp-1" serial 42,
+/// principals nodetunnel, expires 2026-12-07T01:40:37Z (in 40m)`; when it
+/// expired with no replacement, a warning instead.
+pub fn certificate_line(c: &CertificateInfo, colour: bool) -> String {
+    let principals = if c.principals.is_empty() {
+        "any".to_string()
+    } else {
+        c.principals.join(",")
+    };
+    if c.expired {
+        return paint(
+            &format!(
+                "WARNING: certificate {:?} serial {} expired at {} ({} ago) and nothing replaced it: \
+                 new sessions cannot authenticate ({})",
+                c.key_id,
+                c.serial,
+                c.valid_before,
+                format::age(c.expires_in_seconds.unsigned_abs()),
+                c.source
+            ),
+            Colour::Red,
+            colour,
+        );
+    }
+    let expires = if c.valid_before == "forever" {
+        "never expires".to_string()
+    } else {
+        format!(
+            "expires {} (in {})",
+            c.valid_before,
+            format::age(c.expires_in_seconds.max(0).unsigned_abs())
+        )
+    };
+    format!(
+        "certificate {:?} serial {}, principals {principals}, {expires}",
+        c.key_id, c.serial
+    )
 }
 
 /// `2/3 nodes ready, 5 streams open, 3 errors in the last minute (1 backoff)`.
@@ -266,7 +309,48 @@ mod tests {
             conflicts: Vec::new(),
             summary: Summary::of(&tunnels, 1),
             tunnels,
+            certificate: None,
         }
+    }
+
+    fn certificate(expires_in_seconds: i64) -> CertificateInfo {
+        CertificateInfo {
+            source: "certificate issued by ssh.issuer (CA /etc/nodetunnel/user_ca)".into(),
+            key_id: "nodetunnel@cp-1".into(),
+            serial: 1_765_068_037_000,
+            principals: vec!["nodetunnel".into()],
+            valid_after: "2026-12-07T00:39:37Z".into(),
+            valid_before: "2026-12-07T01:40:37Z".into(),
+            expires_in_seconds,
+            expired: expires_in_seconds <= 0,
+        }
+    }
+
+    #[test]
+    fn the_certificate_in_use_follows_the_summary() {
+        let mut l = list();
+        l.certificate = Some(certificate(2400));
+        let text = render(&l, false, false);
+        assert_eq!(
+            text.lines().last().unwrap(),
+            "certificate \"nodetunnel@cp-1\" serial 1765068037000, principals nodetunnel, \
+             expires 2026-12-07T01:40:37Z (in 40m00s)"
+        );
+    }
+
+    #[test]
+    fn an_expired_certificate_is_a_warning() {
+        let mut l = list();
+        l.certificate = Some(certificate(-300));
+        let text = render(&l, false, false);
+        let last = text.lines().last().unwrap();
+        assert!(
+            last.starts_with(
+                "WARNING: certificate \"nodetunnel@cp-1\" serial 1765068037000 expired at \
+                 2026-12-07T01:40:37Z (5m00s ago) and nothing replaced it: new sessions cannot authenticate"
+            ),
+            "{last}"
+        );
     }
 
     #[test]

@@ -38,6 +38,7 @@ pub fn exported_families() -> BTreeSet<String> {
     metrics.reconnect_demand("dial");
     metrics.client_certificate_refused("expired");
     metrics.client_certificate_reload("ok");
+    metrics.client_certificate_renewal("ok");
     let node = TunnelStatus {
         node: "node-a".into(),
         addresses: vec!["10.0.0.1".into()],

@@ -260,8 +260,8 @@ impl Checker {
         ))
     }
 
-    /// Step 6 with `ssh.certificate`: checked locally for `user` first
-    /// (expired, not yet valid, principal, key), then offered.
+    /// Step 6 with `ssh.certificate`: checked locally first (expired, not
+    /// yet valid, key), then offered (the node judges the principals).
     async fn authenticate_certificate(
         &self,
         session: &mut Handle<Recorder>,
@@ -283,7 +283,6 @@ impl Checker {
             &certificate.certificate,
             &certificate.path,
             self.identity.public_key(),
-            user,
             std::time::SystemTime::now(),
         ) {
             return Err(Failure::new(
