@@ -408,18 +408,30 @@ fn the_egress_files_name_only_sockets_and_ports_a_deploy_configuration_listens_o
         );
         for selection in &egress.egress_selections {
             let connection = &selection.connection;
-            // GRPC comes with nodetunnel's gRPC mode; until then HTTPConnect.
-            assert_eq!(connection.proxy_protocol, "HTTPConnect", "{file}");
+            let grpc = match connection.proxy_protocol.as_str() {
+                "HTTPConnect" => false,
+                "GRPC" => true,
+                other => panic!("{file}: proxyProtocol {other}"),
+            };
             let transport = connection.transport.as_ref().expect("a transport");
             let listened = match (&transport.uds, &transport.tcp) {
                 (Some(uds), None) => configs
                     .iter()
                     .filter(|(_, c)| {
-                        c.proxy.as_ref().and_then(|p| p.uds.as_deref())
-                            == Some(Path::new(&uds.uds_name))
+                        let socket = c.proxy.as_ref().and_then(|p| {
+                            if grpc {
+                                p.grpc_uds.as_deref()
+                            } else {
+                                p.uds.as_deref()
+                            }
+                        });
+                        socket == Some(Path::new(&uds.uds_name))
                     })
                     .map(|(f, _)| f.clone())
                     .collect::<Vec<_>>(),
+                (None, Some(_)) if grpc => {
+                    panic!("{file}: the apiserver allows GRPC over a Unix socket only")
+                }
                 (None, Some(tcp)) => {
                     let (address, tls) = url_address(&tcp.url);
                     if tls {
