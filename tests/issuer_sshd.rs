@@ -716,3 +716,35 @@ fn sighup_issues_a_new_certificate_for_the_identity_in_use() {
     reader.join().unwrap();
     assert!(status.success(), "{status:?}\n{}", dump());
 }
+
+/// The same node without `TrustedUserCAKeys`: the issued certificate is
+/// refused by sshd, and `check` fails at authentication naming what the
+/// node's sshd decides (the CA it must trust, the principals offered).
+#[test]
+fn a_node_that_does_not_trust_the_ca_refuses_it_and_check_says_why() {
+    let bed = Bed::start(0);
+    let sshd = Sshd::start(SshdOptions::default())
+        .expect("start OpenSSH sshd (bash .ci/run installs openssh-server)");
+    let bed = Bed {
+        nodes: vec![sshd],
+        ..bed
+    };
+    let out = Command::new(env!("CARGO_BIN_EXE_nodetunnel"))
+        .args(["check", "--config"])
+        .arg(bed.config("1h", false))
+        .arg("node-1")
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    let checked = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(8), "{checked}");
+    assert!(
+        checked.contains("✗ authentication") && checked.contains("was refused"),
+        "{checked}"
+    );
+    assert!(
+        checked.contains("TrustedUserCAKeys must hold the CA key")
+            && checked.contains("nodetunnel"),
+        "{checked}"
+    );
+}
