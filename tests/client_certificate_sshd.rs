@@ -17,34 +17,20 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use nodetunnel::config::Config;
 use nodetunnel::manager::TunnelManager;
 use nodetunnel::metrics::Metrics;
 use nodetunnel::node::NodeConfig;
 use nodetunnel::serve::Server;
+use support::manager::{echo_stream, metric, now_unix, ssh_keygen};
 use support::{spawn_local, ClientKey, ServerKind, Sshd, SshdOptions};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const WAIT: Duration = Duration::from_secs(20);
 
 fn local(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
-}
-
-fn ssh_keygen(args: &[&str]) {
-    let out = Command::new("ssh-keygen")
-        .args(args)
-        // Absolute validity times are in UTC.
-        .env("TZ", "UTC")
-        .output()
-        .expect("ssh-keygen (openssh-client) runs");
-    assert!(
-        out.status.success(),
-        "ssh-keygen {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// A user CA, a client key and a node trusting only the CA.
@@ -192,15 +178,6 @@ impl Bed {
     }
 }
 
-/// The value of one metric series (`name{labels}`), 0 if absent.
-fn metric(metrics: &Metrics, series: &str) -> f64 {
-    metrics
-        .encode()
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 async fn until_metric(
     metrics: &Metrics,
     series: &str,
@@ -217,43 +194,6 @@ async fn ready(manager: &Arc<TunnelManager>, node: &str, bed: &Bed) {
     if let Err(e) = manager.wait_ready(node, WAIT).await {
         panic!("{node} not ready: {e}\nsshd log:\n{}", bed.sshd.log());
     }
-}
-
-/// One echo stream: `len` bytes of a pattern sent and checked on the way
-/// back, in two halves with `between` run after the first.
-async fn echo_stream<F: std::future::Future<Output = ()>>(
-    manager: &Arc<TunnelManager>,
-    node: &str,
-    echo_port: u16,
-    seed: u64,
-    len: usize,
-    between: F,
-) {
-    let data = support::pattern_bytes(seed, len);
-    let stream = manager
-        .dial_node(node, "127.0.0.1", echo_port)
-        .await
-        .unwrap();
-    let (mut rx, mut tx) = tokio::io::split(stream);
-    let reader = tokio::spawn(async move {
-        let mut back = Vec::new();
-        rx.read_to_end(&mut back).await.unwrap();
-        back
-    });
-    tx.write_all(&data[..len / 2]).await.unwrap();
-    between.await;
-    tx.write_all(&data[len / 2..]).await.unwrap();
-    tx.shutdown().await.unwrap();
-    let back = reader.await.unwrap();
-    assert_eq!(back.len(), len, "{node}: echo length");
-    assert!(back == data, "{node}: echo bytes differ");
-}
-
-fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

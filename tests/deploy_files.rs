@@ -32,7 +32,7 @@ use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use nodetunnel::config::Config;
 #[path = "support/exported_metrics.rs"]
 mod exported_metrics;
-use exported_metrics::{exported_families, family_of, metric_names};
+use exported_metrics::{anchors, exported_families, family_of, metric_names};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -957,33 +957,6 @@ fn the_buffered_bytes_alert_holds_deploys_budget() {
         config.ssh.max_buffered_bytes
     );
     assert!(rules.contains(&wanted), "no `{wanted}` in the rules");
-}
-
-/// GitHub's anchor of a heading (as tests/docs_drift.rs computes it).
-fn slug(heading: &str) -> String {
-    heading
-        .trim()
-        .to_lowercase()
-        .chars()
-        .filter_map(|c| match c {
-            ' ' => Some('-'),
-            c if c.is_alphanumeric() || c == '-' || c == '_' => Some(c),
-            _ => None,
-        })
-        .collect()
-}
-
-fn anchors(text: &str) -> BTreeSet<String> {
-    let mut in_code = false;
-    let mut out = BTreeSet::new();
-    for line in text.lines() {
-        if line.trim_start().starts_with("```") {
-            in_code = !in_code;
-        } else if !in_code && line.starts_with('#') {
-            out.insert(slug(line.trim_start_matches('#')));
-        }
-    }
-    out
 }
 
 /// Whether `target` (`path#anchor`, relative to `dir`) reaches a file and,

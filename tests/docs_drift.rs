@@ -23,7 +23,7 @@ use nodetunnel::config::Config;
 
 #[path = "support/exported_metrics.rs"]
 mod exported_metrics;
-use exported_metrics::{exported_families, family_of, metric_names};
+use exported_metrics::{anchors, exported_families, family_of, metric_names};
 
 const NODETUNNEL: &str = env!("CARGO_BIN_EXE_nodetunnel");
 
@@ -292,35 +292,6 @@ fn checks_exit_statuses_in_the_docs_are_the_codes() {
         );
         assert_eq!(*doc_code, step.exit_code(), "{doc_name}");
     }
-}
-
-/// GitHub's anchor for a heading: lower case, spaces to `-`, punctuation
-/// other than `-` and `_` dropped.
-fn slug(heading: &str) -> String {
-    heading
-        .trim()
-        .to_lowercase()
-        .chars()
-        .filter_map(|c| match c {
-            ' ' => Some('-'),
-            c if c.is_alphanumeric() || c == '-' || c == '_' => Some(c),
-            _ => None,
-        })
-        .collect()
-}
-
-/// The anchors of a page's headings (outside code blocks).
-fn anchors(text: &str) -> BTreeSet<String> {
-    let mut in_code = false;
-    let mut out = BTreeSet::new();
-    for line in text.lines() {
-        if line.trim_start().starts_with("```") {
-            in_code = !in_code;
-        } else if !in_code && line.starts_with('#') {
-            out.insert(slug(line.trim_start_matches('#')));
-        }
-    }
-    out
 }
 
 #[test]

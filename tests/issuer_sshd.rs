@@ -13,33 +13,18 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use nodetunnel::config::Config;
 use nodetunnel::manager::TunnelManager;
-use nodetunnel::metrics::Metrics;
 use nodetunnel::serve::Server;
+use support::manager::{echo_stream, metric, now_unix, ssh_keygen};
 use support::{spawn_local, ServerKind, Sshd, SshdOptions};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const WAIT: Duration = Duration::from_secs(20);
 
 fn local(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
-}
-
-fn ssh_keygen(args: &[&str]) -> String {
-    let out = Command::new("ssh-keygen")
-        .args(args)
-        .env("TZ", "UTC")
-        .output()
-        .expect("ssh-keygen (openssh-client) runs");
-    assert!(
-        out.status.success(),
-        "ssh-keygen {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A user CA, nodetunnel's key, and nodes trusting only the CA.
@@ -146,55 +131,10 @@ fn serial_of(line: &str) -> u64 {
     rest.split(')').next().unwrap().parse().unwrap()
 }
 
-/// The value of one metric series (`name{labels}`), 0 if absent.
-fn metric(metrics: &Metrics, series: &str) -> f64 {
-    metrics
-        .encode()
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 async fn ready(manager: &Arc<TunnelManager>, node: &str, sshd: &Sshd) {
     if let Err(e) = manager.wait_ready(node, WAIT).await {
         panic!("{node} not ready: {e}\nsshd log:\n{}", sshd.log());
     }
-}
-
-fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
-/// One echo stream of `len` bytes, sent in two halves with `between` run
-/// after the first; the bytes must come back exactly.
-async fn echo_stream<F: std::future::Future<Output = ()>>(
-    manager: &Arc<TunnelManager>,
-    node: &str,
-    echo_port: u16,
-    len: usize,
-    between: F,
-) {
-    let data = support::pattern_bytes(7, len);
-    let stream = manager
-        .dial_node(node, "127.0.0.1", echo_port)
-        .await
-        .unwrap();
-    let (mut rx, mut tx) = tokio::io::split(stream);
-    let reader = tokio::spawn(async move {
-        let mut back = Vec::new();
-        rx.read_to_end(&mut back).await.unwrap();
-        back
-    });
-    tx.write_all(&data[..len / 2]).await.unwrap();
-    between.await;
-    tx.write_all(&data[len / 2..]).await.unwrap();
-    tx.shutdown().await.unwrap();
-    let back = reader.await.unwrap();
-    assert_eq!(back.len(), len, "{node}: echo length");
-    assert!(back == data, "{node}: echo bytes differ");
 }
 
 /// `nodetunnel status --admin URL`: its stdout.
@@ -218,7 +158,7 @@ async fn a_node_trusting_only_the_ca_accepts_an_issued_certificate() {
     let manager = server.manager().clone();
     ready(&manager, "node-1", sshd).await;
     let echo = spawn_local(ServerKind::echo(local(0))).unwrap();
-    echo_stream(&manager, "node-1", echo.port(), 1 << 20, async {}).await;
+    echo_stream(&manager, "node-1", echo.port(), 7, 1 << 20, async {}).await;
 
     let issued = manager
         .current_certificate()
@@ -377,7 +317,7 @@ async fn a_session_killed_after_expiry_reconnects_with_a_renewed_certificate_and
     let echo = spawn_local(ServerKind::echo(local(0))).unwrap();
 
     // A stream on node-1's session runs across several renewals.
-    echo_stream(&manager, "node-1", echo.port(), 4 << 20, async {
+    echo_stream(&manager, "node-1", echo.port(), 7, 4 << 20, async {
         // The wall clock is the condition: the first certificate expires.
         support::poll::until("the first certificate to expire", WAIT, logs, || async {
             (now_unix() >= first.valid_before()).then_some(())
@@ -520,7 +460,7 @@ async fn the_documented_match_block_accepts_the_tunnel_and_refuses_a_shell_a_pty
     let manager = server.manager().clone();
     ready(&manager, "node-1", &bed.nodes[0]).await;
     let echo = spawn_local(ServerKind::echo(local(0))).unwrap();
-    echo_stream(&manager, "node-1", echo.port(), 1 << 20, async {}).await;
+    echo_stream(&manager, "node-1", echo.port(), 7, 1 << 20, async {}).await;
     server.stop().await;
 
     // The same certificate with OpenSSH's client: authenticated, then a

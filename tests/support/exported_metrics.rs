@@ -1,7 +1,8 @@
-//! The metric names `/metrics` exports, and the `nodetunnel_*` names a text
-//! mentions: shared by the tests that keep docs, rules and dashboards in
-//! step with the code (tests/docs_drift.rs, tests/deploy_files.rs), which
-//! include this file alone (`#[path]`), not the whole support module.
+//! The metric names `/metrics` exports, the `nodetunnel_*` names a text
+//! mentions, and the anchors of a Markdown page's headings: shared by the
+//! tests that keep docs, rules and dashboards in step with the code
+//! (tests/docs_drift.rs, tests/deploy_files.rs), which include this file
+//! alone (`#[path]`), not the whole support module.
 
 use std::collections::BTreeSet;
 use std::time::SystemTime;
@@ -109,4 +110,33 @@ pub fn metric_names(text: &str) -> BTreeSet<String> {
         from = end.max(start + 1);
     }
     names
+}
+
+/// GitHub's anchor for a heading: lower case, spaces to `-`, punctuation
+/// other than `-` and `_` dropped.
+pub fn slug(heading: &str) -> String {
+    heading
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter_map(|c| match c {
+            ' ' => Some('-'),
+            c if c.is_alphanumeric() || c == '-' || c == '_' => Some(c),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The anchors of a Markdown page's headings (outside code blocks).
+pub fn anchors(text: &str) -> BTreeSet<String> {
+    let mut in_code = false;
+    let mut out = BTreeSet::new();
+    for line in text.lines() {
+        if line.trim_start().starts_with("```") {
+            in_code = !in_code;
+        } else if !in_code && line.starts_with('#') {
+            out.insert(slug(line.trim_start_matches('#')));
+        }
+    }
+    out
 }

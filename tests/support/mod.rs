@@ -19,6 +19,7 @@ pub mod clients;
 pub mod inproc;
 pub mod inventory;
 pub mod konnectivity;
+pub mod manager;
 pub mod netns;
 pub mod poll;
 pub mod procs;
