@@ -22,10 +22,11 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
-/// Live and total counts of one kind of connection.
+/// Live, peak and total counts of one kind of connection.
 #[derive(Default)]
 pub struct Counter {
     live: AtomicUsize,
+    peak: AtomicUsize,
     total: AtomicU64,
 }
 
@@ -40,9 +41,15 @@ impl Counter {
         self.total.load(Ordering::SeqCst)
     }
 
+    /// The most open at once.
+    pub fn peak(&self) -> usize {
+        self.peak.load(Ordering::SeqCst)
+    }
+
     /// Count one connection open until the returned guard drops.
     pub fn open(self: &Arc<Self>) -> Live {
-        self.live.fetch_add(1, Ordering::SeqCst);
+        let live = self.live.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak.fetch_max(live, Ordering::SeqCst);
         self.total.fetch_add(1, Ordering::SeqCst);
         Live(self.clone())
     }
@@ -69,6 +76,11 @@ pub struct SshNode {
     /// One switch per accepted connection: russh runs server sessions in
     /// tasks of its own, so killing means cutting their sockets.
     cuts: Arc<Mutex<Vec<Arc<Severance>>>>,
+    /// Connections in their handshake: from the client's first byte (a TCP
+    /// probe that only reads the banner never sends one) to a successful
+    /// authentication or the end of the connection. Shared between nodes
+    /// by [`SshNode::count_handshakes_in`].
+    handshakes: Arc<Counter>,
 }
 
 impl SshNode {
@@ -87,9 +99,16 @@ impl SshNode {
             tasks: None,
             accept: None,
             cuts: Arc::new(Mutex::new(Vec::new())),
+            handshakes: Arc::new(Counter::default()),
         };
         node.serve(listener);
         node
+    }
+
+    /// Count this node's handshakes in `counter` (shared by several nodes
+    /// to see how many run at once across them), from the next (re)start.
+    pub fn count_handshakes_in(&mut self, counter: Arc<Counter>) {
+        self.handshakes = counter;
     }
 
     /// The address sshd would listen on.
@@ -178,7 +197,9 @@ impl SshNode {
             refuse: self.refuse_channels.clone(),
             channels: self.channels.clone(),
             tasks: tasks.clone(),
+            handshaking: Arc::new(Mutex::new(None)),
         };
+        let handshakes = self.handshakes.clone();
         let cuts = self.cuts.clone();
         let sessions = tasks.clone();
         self.accept = Some(tokio::spawn(async move {
@@ -187,6 +208,13 @@ impl SshNode {
                     continue;
                 };
                 let _ = socket.set_nodelay(true);
+                let handshaking = Arc::new(Mutex::new(None));
+                let socket = FirstByte {
+                    inner: socket,
+                    counter: handshakes.clone(),
+                    slot: handshaking.clone(),
+                    seen: false,
+                };
                 let (socket, cut) = Severable::new(socket);
                 {
                     let mut cuts = cuts.lock().unwrap();
@@ -195,7 +223,8 @@ impl SshNode {
                     cuts.push(cut);
                 }
                 let config = config.clone();
-                let handler = handler.clone();
+                let mut handler = handler.clone();
+                handler.handshaking = handshaking;
                 spawn_in(&sessions, async move {
                     if let Ok(session) = server::run_stream(config, socket, handler).await {
                         let _ = session.await;
@@ -238,6 +267,64 @@ struct NodeHandler {
     refuse: Arc<AtomicBool>,
     channels: Arc<Counter>,
     tasks: Arc<Mutex<JoinSet<()>>>,
+    /// This connection's place among the handshakes, until authenticated.
+    handshaking: Arc<Mutex<Option<Live>>>,
+}
+
+/// A server socket that joins the handshake count when the client sends
+/// its first byte (its identification line; a probe sends nothing).
+struct FirstByte {
+    inner: TcpStream,
+    counter: Arc<Counter>,
+    slot: Arc<Mutex<Option<Live>>>,
+    seen: bool,
+}
+
+impl tokio::io::AsyncRead for FirstByte {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if !self.seen && buf.filled().len() > before {
+            self.seen = true;
+            *self.slot.lock().unwrap() = Some(self.counter.open());
+        }
+        polled
+    }
+}
+
+impl tokio::io::AsyncWrite for FirstByte {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl Drop for FirstByte {
+    fn drop(&mut self) {
+        // The connection ended: it is no longer handshaking.
+        self.slot.lock().unwrap().take();
+    }
 }
 
 impl server::Handler for NodeHandler {
@@ -254,6 +341,9 @@ impl server::Handler for NodeHandler {
             .unwrap()
             .iter()
             .any(|k| k.key_data() == key.public_key.key_data());
+        if ok {
+            self.handshaking.lock().unwrap().take();
+        }
         Ok(if ok { Auth::Accept } else { Auth::reject() })
     }
 
