@@ -11,7 +11,8 @@
 //!   included) is in docs/architecture.md;
 //! - every `nodetunnel ...` command line in the docs names a real
 //!   subcommand and only flags its `--help` lists;
-//! - the exit statuses of `check` in docs/troubleshooting.md are the code's.
+//! - the exit statuses of `check` in docs/troubleshooting.md are the code's;
+//! - the quick reference of docs/configuration.md shows the code's defaults.
 //!
 //! No network, no root: the binary is only asked for `--help`.
 
@@ -123,6 +124,50 @@ fn every_toml_block_in_the_docs_parses_and_validates() {
         "only {checked} TOML blocks found: is docs/ there?"
     );
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The quick reference at the top of docs/configuration.md claims to show
+/// every key with its default. Loading it must give the same configuration
+/// as a file that sets only what has no default (its node and its proxy
+/// listener): a default that changes in the code, or a value mistyped in
+/// the block, makes the two differ.
+#[test]
+fn the_configuration_quick_reference_shows_the_defaults() {
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/configuration.md"),
+    )
+    .expect("docs/configuration.md");
+    let section = text
+        .split("\n## Quick reference\n")
+        .nth(1)
+        .expect("a `## Quick reference` section in docs/configuration.md");
+    let block = blocks(section)
+        .into_iter()
+        .find(|b| b.lang == "toml")
+        .expect("a TOML block in the quick reference");
+    let path = Path::new("nodetunnel.toml");
+    let shown = Config::parse_str(&block.text, path).expect("the quick reference loads");
+    let minimal = Config::parse_str(
+        "[[nodes]]\nname = \"node-a\"\naddresses = [\"10.240.0.11\"]\n\n\
+         [proxy]\nuds = \"/run/nodetunnel/proxy.sock\"\n",
+        path,
+    )
+    .expect("the minimal file loads");
+    let (shown, minimal) = (format!("{shown:#?}"), format!("{minimal:#?}"));
+    let differ: Vec<String> = shown
+        .lines()
+        .zip(minimal.lines())
+        .filter(|(s, m)| s != m)
+        .map(|(s, m)| {
+            format!(
+                "the quick reference says {}, the code {}",
+                s.trim(),
+                m.trim()
+            )
+        })
+        .collect();
+    assert!(differ.is_empty(), "{}", differ.join("\n"));
+    assert_eq!(shown.lines().count(), minimal.lines().count());
 }
 
 #[test]
