@@ -270,6 +270,80 @@ async fn sshd_killed_mid_stream_ends_that_nodes_streams_and_the_node_comes_back(
     blocking(|| nt.stop());
 }
 
+/// Node 3's sshd down for an outage with the backoff an hour away: its
+/// session probes the SSH port instead; a CONNECT sent while sshd is still
+/// down asks for an attempt and waits (dial timeout 30 s) instead of a 503;
+/// once sshd is back, that CONNECT completes byte-exact and the node is
+/// Ready again by itself, the other nodes untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_back_from_an_outage_is_found_by_a_probe_and_a_waiting_connect_succeeds() {
+    const T: &str = "outage";
+    let c = blocking(Cluster::up);
+    let opts = ServeOptions {
+        dial_timeout: "30s",
+        backoff: ("1h", "1h", "1ms"),
+        ..ServeOptions::default()
+    };
+    let nt = blocking(|| NodeTunnel::start(&c, "back", &opts));
+    let others = handshakes(&nt, &[1, 2]).await;
+
+    blocking(|| c.bed.stop_node(3)).expect("kill -9 of node-3's sshd");
+    let v = nt
+        .until_tunnel("node-3", "probing its SSH port", |v| {
+            v["state"] == "backoff" && v["retry_reason"] == "probe"
+        })
+        .await;
+    figure(T, "node-3 while sshd is down", &v["last_error"]);
+    // A CONNECT while sshd is down: it waits for the node.
+    let waiting = traffic::start(
+        "echo sent while node-3's sshd is down",
+        &nt.proxy,
+        c.target(3, ECHO_PORT),
+        Kind::Echo,
+        1024 * 1024,
+        31,
+        None,
+    );
+    nt.until(
+        "the CONNECT asked for an attempt",
+        STATE_TIMEOUT,
+        || async {
+            let m = nt.metrics().await;
+            (metric(
+                &m,
+                "nodetunnel_reconnect_demands_total",
+                &[("trigger", "dial")],
+            ) >= Some(1.0))
+            .then_some(())
+        },
+    )
+    .await;
+    let back = Instant::now();
+    blocking(|| c.bed.start_node(3)).expect("restarting node-3's sshd");
+    let took = waiting.complete().await;
+    figure(
+        T,
+        "the waiting CONNECT completed (1 MiB echo), after sshd returned",
+        format!("{:?} (the CONNECT itself waited {took:?})", back.elapsed()),
+    );
+    nt.until_tunnel("node-3", "Ready again", |v| v["state"] == "ready")
+        .await;
+    let m = nt.metrics().await;
+    // The waiting CONNECT's own attempt failed (sshd still down); a probe
+    // found sshd back, and that brought the session.
+    assert!(
+        metric(
+            &m,
+            "nodetunnel_reconnect_probes_total",
+            &[("result", "open")]
+        ) >= Some(1.0),
+        "{m}"
+    );
+    must_serve(&c, &nt.proxy, 3).await;
+    assert_untouched(&nt, &[1, 2], &others).await;
+    blocking(|| nt.stop());
+}
+
 /// `ip link set down` on node 3's bridge port: a pure blackhole (no RST,
 /// no ICMP). Only keepalives can tell.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -81,6 +81,10 @@ pub struct ServeOptions {
     pub dial_timeout: &'static str,
     /// `[[nodes]]` entries: (node index, extra pod CIDRs).
     pub nodes: Vec<(usize, Vec<String>)>,
+    /// `ssh.backoff_base`, `ssh.backoff_max`, `ssh.backoff_reset_after`:
+    /// the suite's `100ms`..`1s` (reset after `30s`) unless a test needs
+    /// the backoff out of the way.
+    pub backoff: (&'static str, &'static str, &'static str),
 }
 
 impl Default for ServeOptions {
@@ -92,6 +96,7 @@ impl Default for ServeOptions {
             keepalive: ("1s", 2),
             dial_timeout: "3s",
             nodes: vec![(1, vec![]), (2, vec![]), (3, vec![])],
+            backoff: ("100ms", "1s", "30s"),
         }
     }
 }
@@ -161,8 +166,9 @@ handshake_timeout = "5s"
 auth_timeout = "5s"
 keepalive_interval = "{keepalive_interval}"
 keepalive_max = {keepalive_max}
-backoff_base = "100ms"
-backoff_max = "1s"
+backoff_base = "{backoff_base}"
+backoff_max = "{backoff_max}"
+backoff_reset_after = "{backoff_reset_after}"
 drain_timeout = "{drain}"
 
 [proxy]
@@ -178,6 +184,9 @@ uds = {admin:?}
             policy = opts.host_key_policy,
             drain = opts.drain_timeout,
             dial_timeout = opts.dial_timeout,
+            backoff_base = opts.backoff.0,
+            backoff_max = opts.backoff.1,
+            backoff_reset_after = opts.backoff.2,
             keepalive_interval = opts.keepalive.0,
             keepalive_max = opts.keepalive.1,
             proxy = self.path(&format!("{tag}.sock")),
