@@ -31,7 +31,7 @@ use crate::dial::{ChannelRefusal, DialError, LimitKind, NodeDownCause};
 use crate::keepalive;
 use crate::metrics::{Metrics, StateLabel};
 use crate::node::NodeConfig;
-use crate::reconnect::{jittered, Demand, ProbeResult, Prober, Retry};
+use crate::reconnect::{jittered, Demand, ProbeResult, Prober, Retry, DEMAND_INTERVAL};
 use crate::session::{self, ConnectError, SessionSettings, Target};
 use crate::shutdown::Shutdown;
 use crate::stream::{StreamCounters, StreamLimits, StreamSlot, TunnelStream};
@@ -513,8 +513,18 @@ impl Tunnel {
             if attempted && self.backing_off() && !self.any_slot_connecting() {
                 return Err(self.not_ready_error());
             }
-            if tokio::time::timeout_at(deadline, changed).await.is_err() {
-                return Err(self.not_ready_error());
+            // While dials wait for a node that is away, it is tried once
+            // per DEMAND_INTERVAL (the demand's own rate limit), so a dial
+            // is served within about a second of sshd's return.
+            let next_ask = tokio::time::Instant::now() + DEMAND_INTERVAL;
+            match tokio::time::timeout_at(deadline.min(next_ask), changed).await {
+                Ok(()) => {}
+                Err(_) if next_ask < deadline => {
+                    if self.demand.from_dial() {
+                        self.ctx.metrics.reconnect_demand("dial");
+                    }
+                }
+                Err(_) => return Err(self.not_ready_error()),
             }
         }
     }

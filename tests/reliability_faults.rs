@@ -272,9 +272,10 @@ async fn sshd_killed_mid_stream_ends_that_nodes_streams_and_the_node_comes_back(
 
 /// Node 3's sshd down for an outage with the backoff an hour away: its
 /// session probes the SSH port instead; a CONNECT sent while sshd is still
-/// down asks for an attempt and waits (dial timeout 30 s) instead of a 503;
-/// once sshd is back, that CONNECT completes byte-exact and the node is
-/// Ready again by itself, the other nodes untouched.
+/// down asks for an attempt (again each second while it waits) and waits
+/// (dial timeout 30 s) instead of a 503; once sshd is back, that CONNECT
+/// completes byte-exact and the node is Ready again, the other nodes
+/// untouched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_back_from_an_outage_is_found_by_a_probe_and_a_waiting_connect_succeeds() {
     const T: &str = "outage";
@@ -328,17 +329,6 @@ async fn a_node_back_from_an_outage_is_found_by_a_probe_and_a_waiting_connect_su
     );
     nt.until_tunnel("node-3", "Ready again", |v| v["state"] == "ready")
         .await;
-    let m = nt.metrics().await;
-    // The waiting CONNECT's own attempt failed (sshd still down); a probe
-    // found sshd back, and that brought the session.
-    assert!(
-        metric(
-            &m,
-            "nodetunnel_reconnect_probes_total",
-            &[("result", "open")]
-        ) >= Some(1.0),
-        "{m}"
-    );
     must_serve(&c, &nt.proxy, 3).await;
     assert_untouched(&nt, &[1, 2], &others).await;
     blocking(|| nt.stop());
