@@ -601,10 +601,6 @@ fn sighup_re_reads_a_certificate_the_watch_cannot_see() {
     // The configured path is a symlink to a file in another directory
     // (changes there are not seen by the watch on the link's directory):
     // SIGHUP re-reads it.
-    use nix::sys::signal::{kill, Signal};
-    use nix::unistd::Pid;
-    use std::io::BufRead;
-
     let bed = Bed::start(None);
     let store = bed.dir.path().join("store");
     std::fs::create_dir(&store).unwrap();
@@ -612,59 +608,12 @@ fn sighup_re_reads_a_certificate_the_watch_cannot_see() {
     std::fs::write(&target, bed.sign(1, &Sshd::user(), "-5m:+1h")).unwrap();
     std::os::unix::fs::symlink(&target, bed.cert_path()).unwrap();
     let config = bed.config(true);
-    /// Kills the sidecar if the test fails before it stopped it.
-    struct KillOnDrop(std::process::Child);
-    impl Drop for KillOnDrop {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut child = KillOnDrop(
-        Command::new(env!("CARGO_BIN_EXE_nodetunnel"))
-            .args([
-                "--log-format",
-                "json",
-                "--log-level",
-                "info",
-                "serve",
-                "--config",
-            ])
-            .arg(&config)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let pid = Pid::from_raw(child.0.id() as i32);
-    let lines = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let stderr = child.0.stderr.take().unwrap();
-    let sink = lines.clone();
-    let reader = std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            sink.lock().unwrap().push(line);
-        }
-    });
-    let logged = |message: &str, serial: u64| {
-        lines.lock().unwrap().iter().any(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .is_ok_and(|v| v["message"] == message && v["serial"] == serial)
-        })
-    };
+    let sidecar = support::serve::ServeProcess::spawn_on_host("sighup", &config, WAIT);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let dump = || {
-        format!(
-            "{}\nsshd:\n{}",
-            lines.lock().unwrap().join("\n"),
-            bed.sshd.log()
-        )
-    };
+    let dump = || format!("{}\nsshd:\n{}", sidecar.log.dump(), bed.sshd.log());
     runtime.block_on(support::poll::until(
         "serial 1 accepted",
         WAIT,
@@ -672,15 +621,10 @@ fn sighup_re_reads_a_certificate_the_watch_cannot_see() {
         || async { (bed.accepted().len() == 1).then_some(()) },
     ));
     std::fs::write(&target, bed.sign(2, &Sshd::user(), "-5m:+2h")).unwrap();
-    kill(pid, Signal::SIGHUP).unwrap();
-    runtime.block_on(support::poll::until(
-        "the reload on SIGHUP",
-        WAIT,
-        dump,
-        || async { logged("certificate reloaded; new sessions use it", 2).then_some(()) },
-    ));
-    kill(pid, Signal::SIGTERM).unwrap();
-    let status = child.0.wait().unwrap();
-    reader.join().unwrap();
-    assert!(status.success(), "{status:?}\n{}", dump());
+    let mark = sidecar.log.len();
+    sidecar.signal(nix::sys::signal::Signal::SIGHUP);
+    sidecar.expect(mark, WAIT, "the reload on SIGHUP", |v| {
+        v["message"] == "certificate reloaded; new sessions use it" && v["serial"] == 2
+    });
+    sidecar.stop(WAIT);
 }

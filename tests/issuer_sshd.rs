@@ -577,84 +577,31 @@ async fn a_failed_renewal_is_counted_and_retried_and_the_previous_certificate_st
 
 #[test]
 fn sighup_issues_a_new_certificate_for_the_identity_in_use() {
-    use nix::sys::signal::{kill, Signal};
-    use nix::unistd::Pid;
-    use std::io::BufRead;
-
-    /// Kills the sidecar if the test fails before it stopped it.
-    struct KillOnDrop(std::process::Child);
-    impl Drop for KillOnDrop {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     let bed = Bed::start(1);
     let config = bed.config("1h", false);
-    let mut child = KillOnDrop(
-        Command::new(env!("CARGO_BIN_EXE_nodetunnel"))
-            .args([
-                "--log-format",
-                "json",
-                "--log-level",
-                "info",
-                "serve",
-                "--config",
-            ])
-            .arg(&config)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let pid = Pid::from_raw(child.0.id() as i32);
-    let lines = Arc::new(std::sync::Mutex::new(Vec::<serde_json::Value>::new()));
-    let stderr = child.0.stderr.take().unwrap();
-    let sink = lines.clone();
-    let reader = std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if let Ok(v) = serde_json::from_str(&line) {
-                sink.lock().unwrap().push(v);
-            }
-        }
+    let sidecar = support::serve::ServeProcess::spawn_on_host("sighup", &config, WAIT);
+    let first = sidecar.expect(0, WAIT, "authenticating with a user certificate", |v| {
+        v["message"] == "authenticating with a user certificate"
     });
-    let serial_logged = |message: &str| {
-        lines
-            .lock()
-            .unwrap()
-            .iter()
-            .find(|v| v["message"] == message)
-            .and_then(|v| v["serial"].as_u64())
-    };
-    let dump = || format!("{:?}\nsshd:\n{}", lines.lock().unwrap(), bed.nodes[0].log());
+    let first = sidecar.event(first)["serial"].as_u64().expect("a serial");
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let first = runtime.block_on(support::poll::until(
+    runtime.block_on(support::poll::until(
         "the first certificate accepted",
         WAIT,
-        dump,
-        || async {
-            let serial = serial_logged("authenticating with a user certificate")?;
-            (accepted(&bed.nodes[0]).len() == 1).then_some(serial)
-        },
+        || format!("{}\nsshd:\n{}", sidecar.log.dump(), bed.nodes[0].log()),
+        || async { (accepted(&bed.nodes[0]).len() == 1).then_some(()) },
     ));
-    kill(pid, Signal::SIGHUP).unwrap();
-    let second = runtime.block_on(support::poll::until(
-        "a certificate issued on SIGHUP",
-        WAIT,
-        dump,
-        || async { serial_logged("certificate issued (SIGHUP); new sessions use it") },
-    ));
+    let mark = sidecar.log.len();
+    sidecar.signal(nix::sys::signal::Signal::SIGHUP);
+    let issued = sidecar.expect(mark, WAIT, "a certificate issued on SIGHUP", |v| {
+        v["message"] == "certificate issued (SIGHUP); new sessions use it"
+    });
+    let second = sidecar.event(issued)["serial"].as_u64().expect("a serial");
     assert!(second > first, "{second} after {first}");
-    kill(pid, Signal::SIGTERM).unwrap();
-    let status = child.0.wait().unwrap();
-    reader.join().unwrap();
-    assert!(status.success(), "{status:?}\n{}", dump());
+    sidecar.stop(WAIT);
 }
 
 /// The same node without `TrustedUserCAKeys`: the issued certificate is

@@ -86,6 +86,24 @@ impl Bed {
             .unwrap_or(0.0)
     }
 
+    /// Wait until the node has a Ready session again.
+    async fn until_ready(&self, what: &str) {
+        let manager = self.manager.clone();
+        until(
+            what,
+            WAIT,
+            || format!("{:?}", self.manager.status()),
+            || {
+                let ready = manager
+                    .status()
+                    .pop()
+                    .is_some_and(|s| s.sessions_ready == 1);
+                async move { ready.then_some(()) }
+            },
+        )
+        .await;
+    }
+
     /// Kill sshd and wait until the node is waiting to retry with `reason`.
     async fn take_sshd_down(&mut self, reason: &'static str) {
         self.sshd.stop();
@@ -127,19 +145,7 @@ async fn a_node_whose_sshd_returns_is_found_by_a_probe_not_the_backoff() {
     .await;
     bed.sshd.restart().expect("restart sshd");
     // The backoff is an hour: only a probe brings the node back now.
-    until(
-        "Ready after sshd returned",
-        WAIT,
-        || format!("{:?}", manager.status()),
-        || {
-            let ready = manager
-                .status()
-                .pop()
-                .is_some_and(|s| s.sessions_ready == 1);
-            async move { ready.then_some(()) }
-        },
-    )
-    .await;
+    bed.until_ready("Ready after sshd returned").await;
     assert!(bed.metric("nodetunnel_reconnect_probes_total{result=\"open\"}") >= 1.0);
     assert_eq!(
         bed.metric("nodetunnel_reconnect_probe_to_ready_seconds_count"),
@@ -253,20 +259,8 @@ async fn a_node_ready_again_in_the_inventory_is_tried_at_once() {
     // Kubernetes reports the Node Ready again: no probe for an hour, no
     // dial, yet the node connects.
     bed.manager.apply(vec![up]);
+    bed.until_ready("Ready after the inventory said so").await;
     let manager = bed.manager.clone();
-    until(
-        "Ready after the inventory said so",
-        WAIT,
-        || format!("{:?}", manager.status()),
-        || {
-            let ready = manager
-                .status()
-                .pop()
-                .is_some_and(|s| s.sessions_ready == 1);
-            async move { ready.then_some(()) }
-        },
-    )
-    .await;
     assert_eq!(
         bed.metric("nodetunnel_reconnect_demands_total{trigger=\"inventory\"}"),
         1.0

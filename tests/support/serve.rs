@@ -208,7 +208,30 @@ impl ServeProcess {
     /// [`ServeProcess::log`]. Returns at once: the caller waits for the
     /// events that make it ready.
     pub fn spawn(bed: &Testbed, name: &str, config: &Path, drop_timeout: Duration) -> ServeProcess {
-        let mut cmd = bed.command_in_cp(NODETUNNEL);
+        let what = format!("{NODETUNNEL} in {}", bed.cp_ns());
+        Self::spawn_command(
+            bed.command_in_cp(NODETUNNEL),
+            &what,
+            name,
+            config,
+            drop_timeout,
+        )
+    }
+
+    /// As [`ServeProcess::spawn`], on the host (no namespace): for suites
+    /// whose nodes are sshd on loopback.
+    pub fn spawn_on_host(name: &str, config: &Path, drop_timeout: Duration) -> ServeProcess {
+        let cmd = std::process::Command::new(NODETUNNEL);
+        Self::spawn_command(cmd, NODETUNNEL, name, config, drop_timeout)
+    }
+
+    fn spawn_command(
+        mut cmd: std::process::Command,
+        what: &str,
+        name: &str,
+        config: &Path,
+        drop_timeout: Duration,
+    ) -> ServeProcess {
         cmd.args(SERVE_ARGS)
             .arg(config)
             .env_remove("RUST_LOG")
@@ -217,7 +240,7 @@ impl ServeProcess {
             .stderr(Stdio::piped());
         let mut child = cmd
             .spawn()
-            .unwrap_or_else(|e| panic!("spawning {NODETUNNEL} in {}: {e}", bed.cp_ns()));
+            .unwrap_or_else(|e| panic!("spawning {what}: {e}"));
         let log = Log::default();
         let stderr = child.stderr.take().expect("piped stderr");
         let sink = log.clone();
