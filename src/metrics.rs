@@ -8,6 +8,10 @@
 //! them after the process families ([`Metrics::encode_with`]); removed nodes
 //! therefore never linger as stale series.
 //!
+//! `/metrics` answers in OpenMetrics or the classic text format, as the
+//! scraper asks ([`exposition`]); the standard `process_*` families and the
+//! runtime's worker count are read at each scrape ([`process`]).
+//!
 //! The registry also keeps a one-minute window of error events (failed
 //! handshakes, failed stream opens, stream resets) for the "errors in the
 //! last minute" of `nodetunnel status` ([`Metrics::errors_last_minute`]).
@@ -25,6 +29,11 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use crate::tunnel_status::{TunnelState, TunnelStatus};
+
+pub mod exposition;
+pub mod process;
+
+pub use exposition::Format;
 
 /// `{result}` label: `ok` or a failure reason.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -149,6 +158,8 @@ fn unix_seconds() -> u64 {
 /// Every metric of the process. Cheap to share behind an `Arc`.
 pub struct Metrics {
     registry: Registry,
+    /// The unprefixed `process_*` families.
+    process_registry: Registry,
     recent_errors: RecentErrors,
     /// `nodetunnel_tunnels{state}`: node tunnels per state.
     pub tunnels: Family<StateLabel, Gauge>,
@@ -356,8 +367,12 @@ impl Metrics {
             "Renewals by ssh.issuer that installed a new certificate (ok) or failed (ca_key, sign; retried, the previous one stays in use)",
             client_certificate_renewals.clone(),
         );
+        registry.register_collector(Box::new(process::RuntimeCollector));
+        let mut process_registry = Registry::default();
+        process_registry.register_collector(Box::new(process::ProcessCollector));
         Metrics {
             registry,
+            process_registry,
             recent_errors: RecentErrors::default(),
             tunnels,
             ssh_handshakes,
@@ -495,8 +510,7 @@ impl Metrics {
         self.recent_errors.count_at(unix_seconds())
     }
 
-    /// Render the Prometheus text exposition format (OpenMetrics flavour,
-    /// ending in `# EOF`).
+    /// Render every family in OpenMetrics text (ending in `# EOF`).
     pub fn encode(&self) -> String {
         self.encode_with(None)
     }
@@ -504,14 +518,23 @@ impl Metrics {
     /// Like [`encode`](Self::encode), with the families of `extra` (for
     /// example [`per_node_registry`]) after the process families.
     pub fn encode_with(&self, extra: Option<&Registry>) -> String {
+        self.encode_as(Format::OpenMetrics, extra)
+    }
+
+    /// Render every family, and those of `extra`, in `format`.
+    pub fn encode_as(&self, format: Format, extra: Option<&Registry>) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode_registry(&mut out, &self.registry);
+        let _ = encode_registry(&mut out, &self.process_registry);
         if let Some(extra) = extra {
             let _ = encode_registry(&mut out, extra);
         }
         let _ = encode_eof(&mut out);
-        out
+        match format {
+            Format::OpenMetrics => out,
+            Format::Classic => exposition::to_classic(&out),
+        }
     }
 
     /// Count one re-read of `ssh.certificate` by `result` (`ok` or why it

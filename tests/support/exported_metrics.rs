@@ -60,6 +60,11 @@ pub fn exported_families() -> BTreeSet<String> {
         retry_in: None,
         retry_reason: None,
     };
+    // Inside a runtime, as at a scrape: `nodetunnel_runtime_workers` reads it.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("a tokio runtime");
+    let _inside = runtime.enter();
     let text = metrics.encode_with(Some(&per_node_registry(&[node])));
     text.lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))
@@ -83,14 +88,20 @@ pub fn family_of(name: &str, families: &BTreeSet<String>) -> Option<String> {
     })
 }
 
-/// The `nodetunnel_*` names in `text` (alone, or inside a recorded name
-/// such as `instance:nodetunnel_bytes:rate5m`); a name ending in `_` is a
-/// prefix mentioned in prose.
+/// The `nodetunnel_*` and standard `process_*` names in `text` (alone, or
+/// inside a recorded name such as `instance:nodetunnel_bytes:rate5m`); a
+/// name ending in `_` is a prefix mentioned in prose.
 pub fn metric_names(text: &str) -> BTreeSet<String> {
+    let mut names = names_with_prefix(text, "nodetunnel_");
+    names.append(&mut names_with_prefix(text, "process_"));
+    names
+}
+
+fn names_with_prefix(text: &str, prefix: &str) -> BTreeSet<String> {
     let bytes = text.as_bytes();
     let mut names = BTreeSet::new();
     let mut from = 0;
-    while let Some(at) = text[from..].find("nodetunnel_") {
+    while let Some(at) = text[from..].find(prefix) {
         let start = from + at;
         // Part of a longer word, or a file name (`/etc/ssh/nodetunnel_user_ca.pub`).
         let preceded = start > 0
