@@ -70,6 +70,15 @@ pub struct DirectionLabel {
     pub direction: String,
 }
 
+impl DirectionLabel {
+    /// Every direction.
+    pub const VALUES: [&'static str; 2] = ["to_node", "from_node"];
+}
+
+/// `nodetunnel_stream_resets_total{reason}` of streams cut when the drain
+/// deadline passed (the proxy's, not a [`StreamResetReason`](crate::stream::StreamResetReason)).
+pub const DRAIN_DEADLINE: &str = "drain_deadline";
+
 /// `{listener,code}` labels of proxy requests.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProxyLabel {
@@ -233,6 +242,11 @@ pub struct TriggerLabel {
     pub trigger: String,
 }
 
+impl TriggerLabel {
+    /// Every trigger.
+    pub const VALUES: [&'static str; 2] = ["dial", "inventory"];
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -370,7 +384,7 @@ impl Metrics {
         registry.register_collector(Box::new(process::RuntimeCollector));
         let mut process_registry = Registry::default();
         process_registry.register_collector(Box::new(process::ProcessCollector));
-        Metrics {
+        let metrics = Metrics {
             registry,
             process_registry,
             recent_errors: RecentErrors::default(),
@@ -396,7 +410,53 @@ impl Metrics {
             client_certificate_refusals,
             client_certificate_reloads,
             client_certificate_renewals,
+        };
+        metrics.export_known_series();
+        metrics
+    }
+
+    /// Create at 0 every series whose label values are known in advance,
+    /// so `rate()` and `increase()` work from the first scrape and an
+    /// absent series means a missing target, not a quiet one.
+    fn export_known_series(&self) {
+        for state in TunnelState::ALL {
+            let _ = self.tunnels.get_or_create(&StateLabel {
+                state: state.as_str().to_string(),
+            });
         }
+        let result = |r: &str| ResultLabel {
+            result: r.to_string(),
+        };
+        for r in std::iter::once("ok").chain(crate::session::ConnectError::REASONS) {
+            let _ = self.ssh_handshakes.get_or_create(&result(r));
+        }
+        for r in std::iter::once("ok").chain(crate::dial::DialError::STREAM_OPEN_REASONS) {
+            let _ = self.stream_opens.get_or_create(&result(r));
+        }
+        for r in crate::reconnect::ProbeResult::ALL {
+            let _ = self.reconnect_probes.get_or_create(&result(r.as_str()));
+        }
+        for direction in DirectionLabel::VALUES {
+            let _ = self.bytes.get_or_create(&DirectionLabel {
+                direction: direction.to_string(),
+            });
+        }
+        for trigger in TriggerLabel::VALUES {
+            let _ = self.reconnect_demands.get_or_create(&TriggerLabel {
+                trigger: trigger.to_string(),
+            });
+        }
+        let reason = |r: &str| ReasonLabel {
+            reason: r.to_string(),
+        };
+        for r in crate::router::DenyReason::LABELS {
+            let _ = self.policy_denials.get_or_create(&reason(r));
+        }
+        let resets = crate::stream::StreamResetReason::ALL.map(|r| r.label());
+        for r in resets.into_iter().chain([DRAIN_DEADLINE]) {
+            let _ = self.stream_resets.get_or_create(&reason(r));
+        }
+        self.set_route_conflicts(std::iter::empty());
     }
 
     /// Count one reconnect probe by `{result}`.
@@ -652,6 +712,41 @@ pub fn per_node_registry(tunnels: &[TunnelStatus]) -> Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fresh_registry_exports_every_known_label_value_at_zero() {
+        let text = Metrics::new().encode_as(Format::Classic, None);
+        let mut expected = vec![
+            "nodetunnel_tunnels{state=\"backoff\"} 0".to_string(),
+            "nodetunnel_ssh_handshakes_total{result=\"ok\"} 0".into(),
+            "nodetunnel_ssh_handshakes_total{result=\"host_key\"} 0".into(),
+            "nodetunnel_stream_opens_total{result=\"ok\"} 0".into(),
+            "nodetunnel_stream_opens_total{result=\"shutting_down\"} 0".into(),
+            "nodetunnel_bytes_total{direction=\"to_node\"} 0".into(),
+            "nodetunnel_bytes_total{direction=\"from_node\"} 0".into(),
+            "nodetunnel_reconnect_probes_total{result=\"timeout\"} 0".into(),
+            "nodetunnel_reconnect_demands_total{trigger=\"inventory\"} 0".into(),
+            "nodetunnel_stream_resets_total{reason=\"drain_deadline\"} 0".into(),
+            "nodetunnel_route_conflicts{kind=\"pod_cidr\"} 0".into(),
+        ];
+        for state in TunnelState::ALL {
+            expected.push(format!("nodetunnel_tunnels{{state=\"{state}\"}} 0"));
+        }
+        for reason in crate::router::DenyReason::LABELS {
+            expected.push(format!(
+                "nodetunnel_policy_denials_total{{reason=\"{reason}\"}} 0"
+            ));
+        }
+        for reason in crate::stream::StreamResetReason::ALL {
+            expected.push(format!(
+                "nodetunnel_stream_resets_total{{reason=\"{}\"}} 0",
+                reason.label()
+            ));
+        }
+        for line in expected {
+            assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
+        }
+    }
 
     #[test]
     fn recent_errors_count_only_the_last_minute() {

@@ -246,6 +246,10 @@ impl ConnectError {
         }
     }
 
+    /// Every value [`reason`](Self::reason) gives, for the series exported
+    /// at 0 from the start (keep in step with it).
+    pub const REASONS: [&'static str; 5] = ["timeout", "refused", "host_key", "auth", "protocol"];
+
     /// Why a certificate authentication was refused, for the
     /// `client_certificate_auth_refusals` metric: a
     /// [`CertificateError::reason`](client_certificate::CertificateError::reason)
