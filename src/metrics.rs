@@ -262,7 +262,7 @@ impl Metrics {
         let ssh_handshakes = Family::<ResultLabel, Counter>::default();
         registry.register(
             "ssh_handshakes",
-            "SSH connection attempts by result (ok, timeout, refused, auth, host_key, protocol)",
+            "SSH connection attempts by result (ok, timeout, refused, local_resources, auth, host_key, protocol)",
             ssh_handshakes.clone(),
         );
         let keepalive_rtt = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
