@@ -254,6 +254,18 @@ impl DialError {
         }
     }
 
+    /// Every value [`reason`](Self::reason) gives for a refusal counted in
+    /// `nodetunnel_stream_opens_total` (not a routing refusal), for the
+    /// series exported at 0 from the start (keep in step with it).
+    pub const STREAM_OPEN_REASONS: [&'static str; 6] = [
+        "node_down",
+        "limit",
+        "refused",
+        "timeout",
+        "session",
+        "shutting_down",
+    ];
+
     /// Whether this outcome is a fault of the tunnels (it counts as a recent
     /// error in `status`): a destination nothing listens at, a policy
     /// refusal or a shutdown is not.

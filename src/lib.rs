@@ -41,7 +41,7 @@
 //!   [`splice`]: the copy loop with half-close.
 //! - [`router`]: destination to node, and the destination policy.
 //! - [`proxy`]: the front door (HTTP CONNECT over UDS or TCP+mTLS, SOCKS5).
-//! - [`metrics`], [`logging`], [`shutdown`], [`socket_file`]: process plumbing.
+//! - [`metrics`], [`logging`], [`shutdown`], [`socket_file`], [`descriptors`]: process plumbing.
 //! - [`inventory`]: where nodes come from; [`admin`]: the admin API.
 //! - [`dev`]: `nodetunnel dev`, an in-process cluster for trying it out.
 //! - [`cli`] and [`serve`]: the binary's commands.
@@ -53,6 +53,7 @@ pub mod backoff;
 pub mod cli;
 pub mod client_certificate;
 pub mod config;
+pub mod descriptors;
 pub mod destination;
 pub mod dev;
 pub mod dial;

@@ -8,6 +8,10 @@
 //! them after the process families ([`Metrics::encode_with`]); removed nodes
 //! therefore never linger as stale series.
 //!
+//! `/metrics` answers in OpenMetrics or the classic text format, as the
+//! scraper asks ([`exposition`]); the standard `process_*` families and the
+//! runtime's worker count are read at each scrape ([`process`]).
+//!
 //! The registry also keeps a one-minute window of error events (failed
 //! handshakes, failed stream opens, stream resets) for the "errors in the
 //! last minute" of `nodetunnel status` ([`Metrics::errors_last_minute`]).
@@ -25,6 +29,11 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use crate::tunnel_status::{TunnelState, TunnelStatus};
+
+pub mod exposition;
+pub mod process;
+
+pub use exposition::Format;
 
 /// `{result}` label: `ok` or a failure reason.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -60,6 +69,15 @@ pub struct DirectionLabel {
     /// `to_node` or `from_node`.
     pub direction: String,
 }
+
+impl DirectionLabel {
+    /// Every direction.
+    pub const VALUES: [&'static str; 2] = ["to_node", "from_node"];
+}
+
+/// `nodetunnel_stream_resets_total{reason}` of streams cut when the drain
+/// deadline passed (the proxy's, not a [`StreamResetReason`](crate::stream::StreamResetReason)).
+pub const DRAIN_DEADLINE: &str = "drain_deadline";
 
 /// `{listener,code}` labels of proxy requests.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -149,6 +167,8 @@ fn unix_seconds() -> u64 {
 /// Every metric of the process. Cheap to share behind an `Arc`.
 pub struct Metrics {
     registry: Registry,
+    /// The unprefixed `process_*` families.
+    process_registry: Registry,
     recent_errors: RecentErrors,
     /// `nodetunnel_tunnels{state}`: node tunnels per state.
     pub tunnels: Family<StateLabel, Gauge>,
@@ -222,6 +242,11 @@ pub struct TriggerLabel {
     pub trigger: String,
 }
 
+impl TriggerLabel {
+    /// Every trigger.
+    pub const VALUES: [&'static str; 2] = ["dial", "inventory"];
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -237,7 +262,7 @@ impl Metrics {
         let ssh_handshakes = Family::<ResultLabel, Counter>::default();
         registry.register(
             "ssh_handshakes",
-            "SSH connection attempts by result (ok, timeout, refused, auth, host_key, protocol)",
+            "SSH connection attempts by result (ok, timeout, refused, local_resources, auth, host_key, protocol)",
             ssh_handshakes.clone(),
         );
         let keepalive_rtt = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
@@ -356,8 +381,12 @@ impl Metrics {
             "Renewals by ssh.issuer that installed a new certificate (ok) or failed (ca_key, sign; retried, the previous one stays in use)",
             client_certificate_renewals.clone(),
         );
-        Metrics {
+        registry.register_collector(Box::new(process::RuntimeCollector));
+        let mut process_registry = Registry::default();
+        process_registry.register_collector(Box::new(process::ProcessCollector));
+        let metrics = Metrics {
             registry,
+            process_registry,
             recent_errors: RecentErrors::default(),
             tunnels,
             ssh_handshakes,
@@ -381,7 +410,53 @@ impl Metrics {
             client_certificate_refusals,
             client_certificate_reloads,
             client_certificate_renewals,
+        };
+        metrics.export_known_series();
+        metrics
+    }
+
+    /// Create at 0 every series whose label values are known in advance,
+    /// so `rate()` and `increase()` work from the first scrape and an
+    /// absent series means a missing target, not a quiet one.
+    fn export_known_series(&self) {
+        for state in TunnelState::ALL {
+            let _ = self.tunnels.get_or_create(&StateLabel {
+                state: state.as_str().to_string(),
+            });
         }
+        let result = |r: &str| ResultLabel {
+            result: r.to_string(),
+        };
+        for r in std::iter::once("ok").chain(crate::session::ConnectError::REASONS) {
+            let _ = self.ssh_handshakes.get_or_create(&result(r));
+        }
+        for r in std::iter::once("ok").chain(crate::dial::DialError::STREAM_OPEN_REASONS) {
+            let _ = self.stream_opens.get_or_create(&result(r));
+        }
+        for r in crate::reconnect::ProbeResult::ALL {
+            let _ = self.reconnect_probes.get_or_create(&result(r.as_str()));
+        }
+        for direction in DirectionLabel::VALUES {
+            let _ = self.bytes.get_or_create(&DirectionLabel {
+                direction: direction.to_string(),
+            });
+        }
+        for trigger in TriggerLabel::VALUES {
+            let _ = self.reconnect_demands.get_or_create(&TriggerLabel {
+                trigger: trigger.to_string(),
+            });
+        }
+        let reason = |r: &str| ReasonLabel {
+            reason: r.to_string(),
+        };
+        for r in crate::router::DenyReason::LABELS {
+            let _ = self.policy_denials.get_or_create(&reason(r));
+        }
+        let resets = crate::stream::StreamResetReason::ALL.map(|r| r.label());
+        for r in resets.into_iter().chain([DRAIN_DEADLINE]) {
+            let _ = self.stream_resets.get_or_create(&reason(r));
+        }
+        self.set_route_conflicts(std::iter::empty());
     }
 
     /// Count one reconnect probe by `{result}`.
@@ -495,8 +570,7 @@ impl Metrics {
         self.recent_errors.count_at(unix_seconds())
     }
 
-    /// Render the Prometheus text exposition format (OpenMetrics flavour,
-    /// ending in `# EOF`).
+    /// Render every family in OpenMetrics text (ending in `# EOF`).
     pub fn encode(&self) -> String {
         self.encode_with(None)
     }
@@ -504,14 +578,23 @@ impl Metrics {
     /// Like [`encode`](Self::encode), with the families of `extra` (for
     /// example [`per_node_registry`]) after the process families.
     pub fn encode_with(&self, extra: Option<&Registry>) -> String {
+        self.encode_as(Format::OpenMetrics, extra)
+    }
+
+    /// Render every family, and those of `extra`, in `format`.
+    pub fn encode_as(&self, format: Format, extra: Option<&Registry>) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode_registry(&mut out, &self.registry);
+        let _ = encode_registry(&mut out, &self.process_registry);
         if let Some(extra) = extra {
             let _ = encode_registry(&mut out, extra);
         }
         let _ = encode_eof(&mut out);
-        out
+        match format {
+            Format::OpenMetrics => out,
+            Format::Classic => exposition::to_classic(&out),
+        }
     }
 
     /// Count one re-read of `ssh.certificate` by `result` (`ok` or why it
@@ -629,6 +712,41 @@ pub fn per_node_registry(tunnels: &[TunnelStatus]) -> Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fresh_registry_exports_every_known_label_value_at_zero() {
+        let text = Metrics::new().encode_as(Format::Classic, None);
+        let mut expected = vec![
+            "nodetunnel_tunnels{state=\"backoff\"} 0".to_string(),
+            "nodetunnel_ssh_handshakes_total{result=\"ok\"} 0".into(),
+            "nodetunnel_ssh_handshakes_total{result=\"host_key\"} 0".into(),
+            "nodetunnel_stream_opens_total{result=\"ok\"} 0".into(),
+            "nodetunnel_stream_opens_total{result=\"shutting_down\"} 0".into(),
+            "nodetunnel_bytes_total{direction=\"to_node\"} 0".into(),
+            "nodetunnel_bytes_total{direction=\"from_node\"} 0".into(),
+            "nodetunnel_reconnect_probes_total{result=\"timeout\"} 0".into(),
+            "nodetunnel_reconnect_demands_total{trigger=\"inventory\"} 0".into(),
+            "nodetunnel_stream_resets_total{reason=\"drain_deadline\"} 0".into(),
+            "nodetunnel_route_conflicts{kind=\"pod_cidr\"} 0".into(),
+        ];
+        for state in TunnelState::ALL {
+            expected.push(format!("nodetunnel_tunnels{{state=\"{state}\"}} 0"));
+        }
+        for reason in crate::router::DenyReason::LABELS {
+            expected.push(format!(
+                "nodetunnel_policy_denials_total{{reason=\"{reason}\"}} 0"
+            ));
+        }
+        for reason in crate::stream::StreamResetReason::ALL {
+            expected.push(format!(
+                "nodetunnel_stream_resets_total{{reason=\"{}\"}} 0",
+                reason.label()
+            ));
+        }
+        for line in expected {
+            assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
+        }
+    }
 
     #[test]
     fn recent_errors_count_only_the_last_minute() {

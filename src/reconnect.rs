@@ -93,6 +93,10 @@ impl ProbeResult {
             ProbeResult::Timeout => "timeout",
         }
     }
+
+    /// Every result, for the series exported at 0 from the start.
+    pub const ALL: [ProbeResult; 3] =
+        [ProbeResult::Open, ProbeResult::Closed, ProbeResult::Timeout];
 }
 
 /// The process-wide bound on probes: a token bucket of `max_per_second`

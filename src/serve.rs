@@ -113,6 +113,7 @@ impl Server {
     /// inventory and the admin API.
     pub async fn start(config_path: &Path) -> Result<Server, StartError> {
         let config = Config::load(config_path)?;
+        crate::descriptors::raise_soft_limit();
         let metrics = Arc::new(Metrics::new());
         let manager = TunnelManager::new(&config, config.routing.clone(), metrics.clone())?;
         let shutdown = Shutdown::new();

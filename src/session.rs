@@ -171,6 +171,19 @@ pub enum ConnectError {
         /// The OS error.
         reason: String,
     },
+    /// No file descriptor was left for the TCP connection (EMFILE, ENFILE):
+    /// a local limit, not the node's refusal.
+    #[error(
+        "tcp connect to {addr} failed for lack of a local file descriptor ({reason}): \
+         the node was not asked; raise the descriptor limit (systemd LimitNOFILE=, \
+         ulimit -n, the container runtime's nofile limit)"
+    )]
+    LocalResources {
+        /// host:port.
+        addr: String,
+        /// The OS error.
+        reason: String,
+    },
     /// The node's host key is not trusted.
     #[error("{0}")]
     HostKey(HostKeyRejection),
@@ -238,11 +251,43 @@ impl ConnectError {
         match self {
             ConnectError::Timeout { .. } => "timeout",
             ConnectError::Refused { .. } => "refused",
+            ConnectError::LocalResources { .. } => "local_resources",
             ConnectError::HostKey(_) => "host_key",
             ConnectError::Auth { .. } => "auth",
             ConnectError::Certificate { .. } => "auth",
             ConnectError::CertificateRefused { .. } => "auth",
             ConnectError::Protocol(_) => "protocol",
+        }
+    }
+
+    /// Every value [`reason`](Self::reason) gives, for the series exported
+    /// at 0 from the start (keep in step with it).
+    pub const REASONS: [&'static str; 6] = [
+        "timeout",
+        "refused",
+        "local_resources",
+        "host_key",
+        "auth",
+        "protocol",
+    ];
+
+    /// The error of a failed TCP connect to `addr`: out of descriptors is a
+    /// local failure ([`LocalResources`](Self::LocalResources)), anything
+    /// else the node's or the network's ([`Refused`](Self::Refused)).
+    pub fn tcp_connect_failed(addr: &str, error: &std::io::Error) -> ConnectError {
+        let out_of_descriptors = [rustix::io::Errno::MFILE, rustix::io::Errno::NFILE]
+            .iter()
+            .any(|errno| error.raw_os_error() == Some(errno.raw_os_error()));
+        if out_of_descriptors {
+            ConnectError::LocalResources {
+                addr: addr.to_string(),
+                reason: error.to_string(),
+            }
+        } else {
+            ConnectError::Refused {
+                addr: addr.to_string(),
+                reason: error.to_string(),
+            }
         }
     }
 
@@ -681,10 +726,7 @@ pub async fn connect(
         stage: "tcp connect",
         after: settings.connect_timeout,
     })?
-    .map_err(|e| ConnectError::Refused {
-        addr: addr.clone(),
-        reason: e.to_string(),
-    })?;
+    .map_err(|e| ConnectError::tcp_connect_failed(&addr, &e))?;
     let _ = tcp.set_nodelay(true);
     // Best effort: without it a new stream's open may queue behind
     // megabytes of other streams' data in the kernel (see UNSENT_LOWAT).
@@ -988,6 +1030,21 @@ mod tests {
     use super::*;
     use russh::keys::key::safe_rng;
     use russh::keys::{Algorithm, PrivateKey};
+
+    #[test]
+    fn out_of_descriptors_is_a_local_failure_not_the_nodes_refusal() {
+        for errno in [rustix::io::Errno::MFILE, rustix::io::Errno::NFILE] {
+            let e = std::io::Error::from_raw_os_error(errno.raw_os_error());
+            let error = ConnectError::tcp_connect_failed("10.0.0.1:22", &e);
+            assert_eq!(error.reason(), "local_resources", "{error}");
+            assert!(!error.is_unreachable(), "{error}");
+            assert!(error.to_string().contains("LimitNOFILE"), "{error}");
+        }
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let error = ConnectError::tcp_connect_failed("10.0.0.1:22", &refused);
+        assert_eq!(error.reason(), "refused");
+        assert!(error.is_unreachable());
+    }
 
     fn key_line(prefix: &str) -> String {
         key_line_of(prefix, Algorithm::Ed25519)

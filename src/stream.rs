@@ -236,6 +236,13 @@ impl StreamResetReason {
             StreamResetReason::ProtocolViolation => "protocol_violation",
         }
     }
+
+    /// Every reason, for the series exported at 0 from the start.
+    pub const ALL: [StreamResetReason; 3] = [
+        StreamResetReason::WindowExceeded,
+        StreamResetReason::SessionLost,
+        StreamResetReason::ProtocolViolation,
+    ];
 }
 
 /// Per-node byte and stream counters, shared by the node's streams.
@@ -1214,7 +1221,12 @@ mod tests {
         s.abandon();
         assert!(s.inbound.lock().unwrap().reset.is_none());
         assert_eq!(counters.resets.load(Ordering::Acquire), 0);
-        assert!(!metrics.encode().contains("nodetunnel_stream_resets_total{"));
+        let text = metrics.encode();
+        let resets = text
+            .lines()
+            .filter(|l| l.starts_with("nodetunnel_stream_resets_total{"));
+        assert!(resets.clone().count() > 0, "{text}");
+        assert!(resets.clone().all(|l| l.ends_with(" 0")), "{text}");
         assert_eq!(metrics.errors_last_minute(), 0);
     }
 

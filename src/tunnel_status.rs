@@ -33,6 +33,15 @@ impl TunnelState {
             TunnelState::Closed => "closed",
         }
     }
+
+    /// Every state, for the series exported at 0 from the start.
+    pub const ALL: [TunnelState; 5] = [
+        TunnelState::Connecting,
+        TunnelState::Ready,
+        TunnelState::Backoff,
+        TunnelState::Draining,
+        TunnelState::Closed,
+    ];
 }
 
 impl std::fmt::Display for TunnelState {

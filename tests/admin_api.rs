@@ -203,6 +203,20 @@ async fn admin(addr: SocketAddr, path: &str) -> Result<HttpResponse> {
         .context("admin request timed out")?
 }
 
+/// `GET /metrics` asking for OpenMetrics, as Prometheus does (without the
+/// `Accept` header the answer is the classic text format:
+/// tests/prometheus_scrape.rs).
+async fn openmetrics(addr: SocketAddr) -> Result<HttpResponse> {
+    let mut s = TcpStream::connect(addr).await?;
+    let accept = [("Accept", "application/openmetrics-text;version=1.0.0")];
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        http_get_with(&mut s, "127.0.0.1", "/metrics", &accept),
+    )
+    .await
+    .context("admin request timed out")?
+}
+
 /// Any method over any stream, `Connection: close`; (status, body).
 async fn raw_request<S>(mut s: S, method: &str, path: &str) -> Result<(u16, String)>
 where
@@ -300,7 +314,7 @@ async fn readiness_follows_the_nodes_and_status_shows_the_trouble() {
     .await;
 
     // Per-node series are on in this fixture.
-    let metrics = admin(addr, "/metrics").await.unwrap().text();
+    let metrics = openmetrics(addr).await.unwrap().text();
     let families = parse_exposition(&metrics).unwrap_or_else(|e| panic!("{e}\n{metrics}"));
     assert_eq!(
         value(&families, "nodetunnel_node_up", &[("node", "node-1")]),
@@ -351,7 +365,7 @@ async fn readiness_follows_the_nodes_and_status_shows_the_trouble() {
             .is_some_and(|e| e.contains("tcp connect") && e.contains("refused")),
         "{v}"
     );
-    let metrics = admin(addr, "/metrics").await.unwrap().text();
+    let metrics = openmetrics(addr).await.unwrap().text();
     let families = parse_exposition(&metrics).unwrap_or_else(|e| panic!("{e}\n{metrics}"));
     assert_eq!(
         value(&families, "nodetunnel_node_up", &[("node", "node-1")]),
@@ -406,7 +420,7 @@ async fn counters_move_and_the_json_endpoints_answer() {
     .await;
 
     let scrape = move || async move {
-        let r = admin(addr, "/metrics").await.expect("/metrics");
+        let r = openmetrics(addr).await.expect("/metrics");
         assert_eq!(r.status, 200);
         assert!(
             r.header("content-type")
@@ -580,7 +594,7 @@ async fn counters_move_and_the_json_endpoints_answer() {
     // Bytes are counted both ways once the stream is done.
     drop(stream);
     let done = until("stream closed", &sidecar, move || async move {
-        let r = admin(addr, "/metrics").await.ok()?;
+        let r = openmetrics(addr).await.ok()?;
         let f = parse_exposition(&r.text()).ok()?;
         (value(&f, "nodetunnel_streams_open", &[]) == Some(0.0)).then_some(f)
     })

@@ -16,10 +16,7 @@ use super::api::{
 use super::guard::{self, REQUEST_HEADER};
 use super::readiness::{self, Inputs};
 use super::state::{AdminState, Lane, Transport};
-use crate::metrics::per_node_registry;
-
-/// Content type of `/metrics` (prometheus-client writes OpenMetrics text).
-pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+use crate::metrics::{per_node_registry, Format};
 
 const ENDPOINTS: &str = "GET /healthz, GET /readyz, GET /metrics, GET /api/v1/tunnels, \
      GET /api/v1/tunnels/{node}, POST /api/v1/tunnels/{node}/reconnect, \
@@ -90,7 +87,14 @@ pub(super) fn answer<B>(
     match segments.as_slice() {
         ["healthz"] if get => text(StatusCode::OK, "ok\n".into()),
         ["readyz"] if get => readyz(state),
-        ["metrics"] if get => metrics(state),
+        ["metrics"] if get => metrics(
+            state,
+            Format::negotiate(
+                req.headers()
+                    .get(header::ACCEPT)
+                    .and_then(|a| a.to_str().ok()),
+            ),
+        ),
         ["api", "v1", "tunnels"] if get => tunnels(state),
         ["api", "v1", "tunnels", node] if get => match percent_decode(node) {
             Some(node) => tunnel(state, &node),
@@ -140,7 +144,9 @@ fn readyz(state: &AdminState) -> Answer {
     text(status, format!("{}\n", verdict.reason))
 }
 
-fn metrics(state: &AdminState) -> Answer {
+/// `/metrics` in `format` (OpenMetrics when the scraper asks for it, the
+/// classic text format otherwise).
+fn metrics(state: &AdminState, format: Format) -> Answer {
     if let Some(at) = state.sync.last_sync_unix() {
         state.metrics.inventory_last_sync.set(at);
     }
@@ -151,8 +157,8 @@ fn metrics(state: &AdminState) -> Answer {
     let extra = state
         .per_node_metrics
         .then(|| per_node_registry(&state.manager.status()));
-    let body = state.metrics.encode_with(extra.as_ref());
-    respond(StatusCode::OK, METRICS_CONTENT_TYPE, body.into())
+    let body = state.metrics.encode_as(format, extra.as_ref());
+    respond(StatusCode::OK, format.content_type(), body.into())
 }
 
 fn tunnels(state: &AdminState) -> Answer {

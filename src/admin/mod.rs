@@ -9,7 +9,7 @@
 //!
 //! - `GET /healthz`: 200 while the process runs.
 //! - `GET /readyz`: 200 or 503 with the reason ([`readiness`]).
-//! - `GET /metrics`: Prometheus/OpenMetrics text.
+//! - `GET /metrics`: OpenMetrics text when the `Accept` header asks for it, the classic Prometheus text format otherwise.
 //! - `GET /api/v1/tunnels`, `GET /api/v1/tunnels/{node}`,
 //!   `POST /api/v1/tunnels/{node}/reconnect`, `GET /api/v1/route?dest=HOST:PORT`:
 //!   JSON ([`api`]).

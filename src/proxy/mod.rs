@@ -700,7 +700,7 @@ async fn run_listener<L: Accept, D: Dialer>(
                     "drain deadline reached: aborting the remaining connections"
                 );
                 for _ in 0..tasks.len() {
-                    ctx.metrics.stream_reset("drain_deadline");
+                    ctx.metrics.stream_reset(crate::metrics::DRAIN_DEADLINE);
                 }
                 tasks.abort_all();
                 while tasks.join_next().await.is_some() {}

@@ -84,6 +84,21 @@ impl DenyReason {
             DenyReason::NodeWithoutAddress { .. } => "node_without_address",
         }
     }
+
+    /// Every value [`label`](Self::label) gives, for the series exported
+    /// at 0 from the start (keep in step with it).
+    pub const LABELS: [&'static str; 10] = [
+        "loopback",
+        "link_local",
+        "unspecified",
+        "multicast",
+        "cloud_metadata",
+        "deny_cidr",
+        "port",
+        "node_ssh_port",
+        "localhost_name",
+        "node_without_address",
+    ];
 }
 
 impl fmt::Display for DenyReason {

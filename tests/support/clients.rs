@@ -41,8 +41,25 @@ pub async fn http_get<S>(stream: &mut S, host: &str, path: &str) -> Result<HttpR
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    http_get_with(stream, host, path, &[]).await
+}
+
+/// [`http_get`] with extra request headers (`(name, value)`).
+pub async fn http_get_with<S>(
+    stream: &mut S,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<HttpResponse>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let extra: String = headers
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect();
     let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: nodetunnel-tests\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: nodetunnel-tests\r\n{extra}Connection: close\r\n\r\n"
     );
     stream
         .write_all(req.as_bytes())

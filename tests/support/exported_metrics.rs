@@ -7,36 +7,18 @@
 use std::collections::BTreeSet;
 use std::time::SystemTime;
 
-use nodetunnel::metrics::{per_node_registry, DirectionLabel, Metrics, StateLabel};
+use nodetunnel::metrics::{per_node_registry, Metrics};
 use nodetunnel::tunnel_status::{TunnelState, TunnelStatus};
 
 /// Every metric family `/metrics` encodes: the process-wide registry and
 /// the per-node series (`admin.per_node_metrics`), for one node. A family
-/// with labels shows only once it has a series, so one of each is made
-/// here: a new labelled family must be given one too (the docs check fails
-/// for a documented family that is not exported).
+/// whose label values are known in advance is exported at 0 from the start;
+/// one whose values are not shows only once it has a series, so one of each
+/// of those is made here: a new one must be given one too (the docs check
+/// fails for a documented family that is not exported).
 pub fn exported_families() -> BTreeSet<String> {
     let metrics = Metrics::new();
-    metrics
-        .tunnels
-        .get_or_create(&StateLabel {
-            state: "ready".into(),
-        })
-        .set(1);
-    metrics
-        .bytes
-        .get_or_create(&DirectionLabel {
-            direction: "to_node".into(),
-        })
-        .inc();
-    metrics.handshake("ok");
-    metrics.stream_open("ok", false);
-    metrics.stream_reset("session_lost");
     metrics.proxy_request("uds", "200");
-    metrics.policy_denial("loopback");
-    metrics.set_route_conflicts(std::iter::empty());
-    metrics.reconnect_probe("open");
-    metrics.reconnect_demand("dial");
     metrics.client_certificate_refused("expired");
     metrics.client_certificate_reload("ok");
     metrics.client_certificate_renewal("ok");
@@ -61,6 +43,11 @@ pub fn exported_families() -> BTreeSet<String> {
         retry_in: None,
         retry_reason: None,
     };
+    // Inside a runtime, as at a scrape: `nodetunnel_runtime_workers` reads it.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("a tokio runtime");
+    let _inside = runtime.enter();
     let text = metrics.encode_with(Some(&per_node_registry(&[node])));
     text.lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))
@@ -84,14 +71,20 @@ pub fn family_of(name: &str, families: &BTreeSet<String>) -> Option<String> {
     })
 }
 
-/// The `nodetunnel_*` names in `text` (alone, or inside a recorded name
-/// such as `instance:nodetunnel_bytes:rate5m`); a name ending in `_` is a
-/// prefix mentioned in prose.
+/// The `nodetunnel_*` and standard `process_*` names in `text` (alone, or
+/// inside a recorded name such as `instance:nodetunnel_bytes:rate5m`); a
+/// name ending in `_` is a prefix mentioned in prose.
 pub fn metric_names(text: &str) -> BTreeSet<String> {
+    let mut names = names_with_prefix(text, "nodetunnel_");
+    names.append(&mut names_with_prefix(text, "process_"));
+    names
+}
+
+fn names_with_prefix(text: &str, prefix: &str) -> BTreeSet<String> {
     let bytes = text.as_bytes();
     let mut names = BTreeSet::new();
     let mut from = 0;
-    while let Some(at) = text[from..].find("nodetunnel_") {
+    while let Some(at) = text[from..].find(prefix) {
         let start = from + at;
         // Part of a longer word, or a file name (`/etc/ssh/nodetunnel_user_ca.pub`).
         let preceded = start > 0
