@@ -254,18 +254,6 @@ impl DialError {
         }
     }
 
-    /// Every value [`reason`](Self::reason) gives for a refusal counted in
-    /// `nodetunnel_stream_opens_total` (not a routing refusal), for the
-    /// series exported at 0 from the start (keep in step with it).
-    pub const STREAM_OPEN_REASONS: [&'static str; 6] = [
-        "node_down",
-        "limit",
-        "refused",
-        "timeout",
-        "session",
-        "shutting_down",
-    ];
-
     /// Whether this outcome is a fault of the tunnels (it counts as a recent
     /// error in `status`): a destination nothing listens at, a policy
     /// refusal or a shutdown is not.
@@ -365,4 +353,44 @@ pub trait Dialer: Send + Sync + 'static {
         &self,
         dest: &Destination,
     ) -> impl Future<Output = Result<Self::Stream, DialError>> + Send;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_refusal_the_front_door_counts_is_exported_from_the_start() {
+        let node: Arc<str> = "node-a".into();
+        let refusals = [
+            DialError::NodeDown {
+                node: node.clone(),
+                cause: NodeDownCause::NoTunnel,
+            },
+            DialError::Limit {
+                node,
+                kind: LimitKind::StreamsPerNode { max: 1 },
+            },
+            DialError::Refused {
+                node: "node-a".into(),
+                reason: ChannelRefusal(russh::ChannelOpenFailure::ConnectFailed),
+            },
+            DialError::Timeout {
+                node: "node-a".into(),
+                after: Duration::from_secs(1),
+            },
+            DialError::Session {
+                node: "node-a".into(),
+                reason: "EOF".into(),
+            },
+            DialError::ShuttingDown,
+        ];
+        for e in &refusals {
+            assert!(
+                crate::metrics::STREAM_OPEN_RESULTS.contains(&e.reason()),
+                "{} is not in metrics::STREAM_OPEN_RESULTS",
+                e.reason()
+            );
+        }
+    }
 }

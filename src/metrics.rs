@@ -164,6 +164,29 @@ fn unix_seconds() -> u64 {
         .unwrap_or(0)
 }
 
+/// Every `result` of `nodetunnel_stream_opens_total`: `ok` and the
+/// [`DialError::reason`](crate::dial::DialError::reason) of every refusal
+/// that is not the router's (a test in dial.rs keeps the two in step).
+pub const STREAM_OPEN_RESULTS: [&str; 7] = [
+    "ok",
+    "node_down",
+    "limit",
+    "refused",
+    "timeout",
+    "session",
+    "shutting_down",
+];
+
+/// Every `reason` of `nodetunnel_stream_resets_total`: the labels of
+/// [`StreamResetReason`](crate::stream::StreamResetReason) (a test in
+/// stream.rs keeps the two in step) and the drain deadline's.
+pub const STREAM_RESET_REASONS: [&str; 4] = [
+    "window_exceeded",
+    "session_lost",
+    "protocol_violation",
+    DRAIN_DEADLINE,
+];
+
 /// Every metric of the process. Cheap to share behind an `Arc`.
 pub struct Metrics {
     registry: Registry,
@@ -430,7 +453,7 @@ impl Metrics {
         for r in std::iter::once("ok").chain(crate::session::ConnectError::REASONS) {
             let _ = self.ssh_handshakes.get_or_create(&result(r));
         }
-        for r in std::iter::once("ok").chain(crate::dial::DialError::STREAM_OPEN_REASONS) {
+        for r in STREAM_OPEN_RESULTS {
             let _ = self.stream_opens.get_or_create(&result(r));
         }
         for r in crate::reconnect::ProbeResult::ALL {
@@ -452,8 +475,7 @@ impl Metrics {
         for r in crate::router::DenyReason::LABELS {
             let _ = self.policy_denials.get_or_create(&reason(r));
         }
-        let resets = crate::stream::StreamResetReason::ALL.map(|r| r.label());
-        for r in resets.into_iter().chain([DRAIN_DEADLINE]) {
+        for r in STREAM_RESET_REASONS {
             let _ = self.stream_resets.get_or_create(&reason(r));
         }
         self.set_route_conflicts(std::iter::empty());
@@ -737,10 +759,14 @@ mod tests {
                 "nodetunnel_policy_denials_total{{reason=\"{reason}\"}} 0"
             ));
         }
-        for reason in crate::stream::StreamResetReason::ALL {
+        for reason in STREAM_RESET_REASONS {
             expected.push(format!(
-                "nodetunnel_stream_resets_total{{reason=\"{}\"}} 0",
-                reason.label()
+                "nodetunnel_stream_resets_total{{reason=\"{reason}\"}} 0"
+            ));
+        }
+        for result in STREAM_OPEN_RESULTS {
+            expected.push(format!(
+                "nodetunnel_stream_opens_total{{result=\"{result}\"}} 0"
             ));
         }
         for line in expected {

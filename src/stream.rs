@@ -958,6 +958,17 @@ mod tests {
     use super::*;
     use russh::ChannelSink;
 
+    #[test]
+    fn every_reset_reason_is_exported_from_the_start() {
+        for reason in StreamResetReason::ALL {
+            assert!(
+                crate::metrics::STREAM_RESET_REASONS.contains(&reason.label()),
+                "{} is not in metrics::STREAM_RESET_REASONS",
+                reason.label()
+            );
+        }
+    }
+
     fn inbound(window: usize) -> (Arc<StreamInbound>, Arc<StreamLimits>, Arc<StreamCounters>) {
         let limits = Arc::new(StreamLimits::new(window, usize::MAX));
         let counters = Arc::new(StreamCounters::default());
