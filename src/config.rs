@@ -81,8 +81,44 @@ impl<'a> From<&'a Config> for ManagerConfig<'a> {
                 .as_ref()
                 .map(|p| p.dial_timeout)
                 .unwrap_or(config.ssh.channel_open_timeout),
+            descriptors: descriptor_budget(config),
         }
     }
+}
+
+/// What `config` holds open besides the node sessions: the front door's
+/// and the admin API's connections and listeners.
+fn descriptor_budget(config: &Config) -> crate::descriptors::DescriptorBudget {
+    let proxy = config.proxy.as_ref();
+    let proxy_listeners = proxy.map_or(0, |p| {
+        [
+            p.uds.is_some(),
+            p.tcp.is_some(),
+            p.socks5.is_some(),
+            p.grpc_uds.is_some(),
+        ]
+        .into_iter()
+        .filter(|on| *on)
+        .count()
+    });
+    let admin_listeners =
+        usize::from(config.admin.listen.is_some()) + usize::from(config.admin.uds.is_some());
+    let admin_connections = if admin_listeners > 0 {
+        crate::admin::MAX_ADMIN_CONNECTIONS
+    } else {
+        0
+    };
+    // Beyond proxy.max_connections, the overflow connections accepted
+    // only to be refused hold a socket too.
+    let front_door = proxy.map_or(0, |p| {
+        p.max_connections
+            .saturating_add(crate::proxy::OVERFLOW_CONNECTIONS)
+    });
+    crate::descriptors::DescriptorBudget::new(
+        config.ssh.sessions_per_node,
+        front_door.saturating_add(admin_connections),
+        proxy_listeners + admin_listeners,
+    )
 }
 
 /// A configuration that cannot be used: the file, the key path inside it

@@ -16,6 +16,7 @@ use rand::RngExt;
 use tokio::sync::Semaphore;
 
 use crate::client_certificate::{CertificateSlot, ClientCertificate};
+use crate::descriptors::{DescriptorBudget, DescriptorFit, DescriptorWatch};
 use crate::dial::{Destination, DialError, Dialer, NodeDownCause};
 use crate::inventory::NodeSink;
 use crate::keys::Identity;
@@ -101,6 +102,10 @@ pub struct ManagerConfig<'a> {
     /// Bound on one dial (route, stream open): `proxy.dial_timeout`, else
     /// `ssh.channel_open_timeout`.
     pub dial_timeout: Duration,
+    /// What the configuration holds open besides the node sessions
+    /// (`proxy.max_connections`, the listeners): checked against the file
+    /// descriptor limit at start and at every inventory change.
+    pub descriptors: DescriptorBudget,
 }
 
 /// Log, once per certificate loaded, that none of its principals is the
@@ -134,6 +139,8 @@ pub struct TunnelManager {
     routing: RoutingConfig,
     drain_timeout: Duration,
     dial_timeout: Duration,
+    /// The configuration's descriptor needs against the limit.
+    descriptors: DescriptorWatch,
 }
 
 impl TunnelManager {
@@ -196,7 +203,7 @@ impl TunnelManager {
             warn_about_principals(certificate, &ssh.user);
         }
         let router = Router::new(&[], &routing);
-        Ok(Arc::new(TunnelManager {
+        let manager = Arc::new(TunnelManager {
             ctx,
             certificate_path: ssh.certificate.clone(),
             tunnels: DashMap::new(),
@@ -206,7 +213,31 @@ impl TunnelManager {
             routing,
             drain_timeout: ssh.drain_timeout,
             dial_timeout: config.dial_timeout,
-        }))
+            descriptors: DescriptorWatch::new(config.descriptors),
+        });
+        // At start: the listeners and connections alone may not fit.
+        manager.check_descriptors();
+        Ok(manager)
+    }
+
+    /// Check what the configuration needs with the current inventory
+    /// (draining tunnels still hold their sessions) against the soft
+    /// descriptor limit, export it and log a change of verdict once.
+    fn check_descriptors(&self) -> DescriptorFit {
+        let retiring = self.retiring.lock().map(|l| l.len()).unwrap_or(0);
+        let fit = self
+            .descriptors
+            .check_and_report(self.tunnels.len() + retiring);
+        self.ctx.metrics.set_descriptors(fit.needed, fit.limit);
+        fit
+    }
+
+    /// The last descriptor check (at start or at the last inventory
+    /// change).
+    pub fn descriptor_fit(&self) -> DescriptorFit {
+        self.descriptors
+            .last()
+            .unwrap_or_else(|| self.check_descriptors())
     }
 
     /// The metrics registry.
@@ -259,6 +290,7 @@ impl TunnelManager {
             }
         }
         self.rebuild_indexes();
+        self.check_descriptors();
         tracing::info!(
             added = summary.added.len(),
             changed = summary.changed.len(),

@@ -187,6 +187,88 @@ pub const STREAM_RESET_REASONS: [&str; 4] = [
     DRAIN_DEADLINE,
 ];
 
+/// Every `{listener,code}` pair of `nodetunnel_proxy_requests_total` the
+/// front door answers with: HTTP statuses on the HTTP CONNECT listeners
+/// (the [`DialError::http_status`](crate::dial::DialError::http_status) of
+/// every refusal, and the request errors), RFC 1928 reply codes (and
+/// `0xff`, no acceptable method) on SOCKS5, the gRPC answers on `grpc`.
+pub const PROXY_REQUEST_CODES: [(&str, &[&str]); 4] = [
+    ("uds", &HTTP_CODES),
+    ("tcp", &HTTP_CODES),
+    (
+        "socks5",
+        &[
+            "socks5_0x00",
+            "socks5_0x01",
+            "socks5_0x02",
+            "socks5_0x03",
+            "socks5_0x05",
+            "socks5_0x06",
+            "socks5_0x07",
+            "socks5_0x08",
+            "socks5_0xff",
+        ],
+    ),
+    (
+        "grpc",
+        &[
+            "dial_ok",
+            "dial_error",
+            "bad_request",
+            "draining",
+            "overflow",
+            "dial_cancelled",
+            "unimplemented",
+        ],
+    ),
+];
+
+const HTTP_CODES: [&str; 8] = ["200", "400", "403", "405", "431", "502", "503", "504"];
+
+/// Every `reason` of `nodetunnel_client_certificate_auth_refusals_total`:
+/// refused locally (a [`CertificateError::reason`](crate::client_certificate::CertificateError::reason)
+/// an authentication can meet) or by the node.
+pub const CERTIFICATE_AUTH_REFUSAL_REASONS: [&str; 4] = [
+    "expired",
+    "not_yet_valid",
+    "key_mismatch",
+    "refused_by_node",
+];
+
+/// Every `result` of `nodetunnel_client_certificate_reloads_total`: `ok`
+/// and every [`CertificateError::reason`](crate::client_certificate::CertificateError::reason).
+pub const CERTIFICATE_RELOAD_RESULTS: [&str; 7] = [
+    "ok",
+    "read",
+    "malformed",
+    "not_user",
+    "not_yet_valid",
+    "expired",
+    "key_mismatch",
+];
+
+/// Every `result` of `nodetunnel_client_certificate_renewals_total`: `ok`
+/// and every [`IssueError::reason`](crate::issuer::IssueError::reason).
+pub const CERTIFICATE_RENEWAL_RESULTS: [&str; 3] = ["ok", "ca_key", "sign"];
+
+/// Every `reason` of `nodetunnel_accept_failures_total`: out of file
+/// descriptors (`EMFILE`, `ENFILE`: a local resource failure) or anything
+/// else.
+pub const ACCEPT_FAILURE_REASONS: [&str; 2] = ["local_resources", "other"];
+
+/// Every `listener` of `nodetunnel_accept_failures_total`: the front
+/// door's and the admin API's.
+pub const ACCEPT_LISTENERS: [&str; 5] = ["uds", "tcp", "socks5", "grpc", "admin"];
+
+/// `{listener,reason}` labels of failed accepts.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerReasonLabel {
+    /// `uds`, `tcp`, `socks5`, `grpc` or `admin`.
+    pub listener: String,
+    /// `local_resources` (out of file descriptors) or `other`.
+    pub reason: String,
+}
+
 /// Every metric of the process. Cheap to share behind an `Arc`.
 pub struct Metrics {
     registry: Registry,
@@ -256,6 +338,15 @@ pub struct Metrics {
     /// `nodetunnel_reconnect_probe_to_ready_seconds`: from the probe that
     /// found sshd again to the session Ready.
     pub reconnect_probe_to_ready: Histogram,
+    /// `nodetunnel_descriptors_needed`: file descriptors the configuration
+    /// needs with the current inventory (see [`crate::descriptors`]).
+    pub descriptors_needed: Gauge,
+    /// `nodetunnel_descriptors_limit`: the soft `RLIMIT_NOFILE` it was
+    /// checked against (`i64::MAX`: unlimited).
+    pub descriptors_limit: Gauge,
+    /// `nodetunnel_accept_failures_total{listener,reason}`: failed
+    /// `accept`s, `local_resources` when out of file descriptors.
+    pub accept_failures: Family<ListenerReasonLabel, Counter>,
 }
 
 /// `{trigger}` label: what asked for an early attempt.
@@ -404,6 +495,24 @@ impl Metrics {
             "Renewals by ssh.issuer that installed a new certificate (ok) or failed (ca_key, sign; retried, the previous one stays in use)",
             client_certificate_renewals.clone(),
         );
+        let descriptors_needed = Gauge::default();
+        registry.register(
+            "descriptors_needed",
+            "File descriptors the configuration needs with the current inventory (nodes x ssh.sessions_per_node + client connections + listeners + spare)",
+            descriptors_needed.clone(),
+        );
+        let descriptors_limit = Gauge::default();
+        registry.register(
+            "descriptors_limit",
+            "The soft RLIMIT_NOFILE the need was checked against",
+            descriptors_limit.clone(),
+        );
+        let accept_failures = Family::<ListenerReasonLabel, Counter>::default();
+        registry.register(
+            "accept_failures",
+            "Failed accepts by listener and reason (local_resources: out of file descriptors)",
+            accept_failures.clone(),
+        );
         registry.register_collector(Box::new(process::RuntimeCollector));
         let mut process_registry = Registry::default();
         process_registry.register_collector(Box::new(process::ProcessCollector));
@@ -433,6 +542,9 @@ impl Metrics {
             client_certificate_refusals,
             client_certificate_reloads,
             client_certificate_renewals,
+            descriptors_needed,
+            descriptors_limit,
+            accept_failures,
         };
         metrics.export_known_series();
         metrics
@@ -477,6 +589,31 @@ impl Metrics {
         }
         for r in STREAM_RESET_REASONS {
             let _ = self.stream_resets.get_or_create(&reason(r));
+        }
+        for r in CERTIFICATE_AUTH_REFUSAL_REASONS {
+            let _ = self.client_certificate_refusals.get_or_create(&reason(r));
+        }
+        for r in CERTIFICATE_RELOAD_RESULTS {
+            let _ = self.client_certificate_reloads.get_or_create(&result(r));
+        }
+        for r in CERTIFICATE_RENEWAL_RESULTS {
+            let _ = self.client_certificate_renewals.get_or_create(&result(r));
+        }
+        for (listener, codes) in PROXY_REQUEST_CODES {
+            for code in codes {
+                let _ = self.proxy_requests.get_or_create(&ProxyLabel {
+                    listener: listener.to_string(),
+                    code: code.to_string(),
+                });
+            }
+        }
+        for listener in ACCEPT_LISTENERS {
+            for r in ACCEPT_FAILURE_REASONS {
+                let _ = self.accept_failures.get_or_create(&ListenerReasonLabel {
+                    listener: listener.to_string(),
+                    reason: r.to_string(),
+                });
+            }
         }
         self.set_route_conflicts(std::iter::empty());
     }
@@ -546,6 +683,25 @@ impl Metrics {
                 })
                 .set(n);
         }
+    }
+
+    /// Count a failed accept on `listener` by `reason`.
+    pub fn accept_failure(&self, listener: &str, reason: &str) {
+        self.accept_failures
+            .get_or_create(&ListenerReasonLabel {
+                listener: listener.to_string(),
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    /// Set `nodetunnel_descriptors_needed` and `nodetunnel_descriptors_limit`
+    /// (`None`: unlimited, exported as `i64::MAX`).
+    pub fn set_descriptors(&self, needed: u64, limit: Option<u64>) {
+        self.descriptors_needed
+            .set(i64::try_from(needed).unwrap_or(i64::MAX));
+        self.descriptors_limit
+            .set(limit.map_or(i64::MAX, |l| i64::try_from(l).unwrap_or(i64::MAX)));
     }
 
     /// Count a policy denial.
@@ -750,7 +906,34 @@ mod tests {
             "nodetunnel_reconnect_demands_total{trigger=\"inventory\"} 0".into(),
             "nodetunnel_stream_resets_total{reason=\"drain_deadline\"} 0".into(),
             "nodetunnel_route_conflicts{kind=\"pod_cidr\"} 0".into(),
+            "nodetunnel_proxy_requests_total{listener=\"uds\",code=\"200\"} 0".into(),
+            "nodetunnel_proxy_requests_total{listener=\"socks5\",code=\"socks5_0x05\"} 0".into(),
+            "nodetunnel_proxy_requests_total{listener=\"grpc\",code=\"dial_ok\"} 0".into(),
+            "nodetunnel_accept_failures_total{listener=\"admin\",reason=\"local_resources\"} 0"
+                .into(),
         ];
+        for (listener, codes) in PROXY_REQUEST_CODES {
+            for code in codes {
+                expected.push(format!(
+                    "nodetunnel_proxy_requests_total{{listener=\"{listener}\",code=\"{code}\"}} 0"
+                ));
+            }
+        }
+        for reason in CERTIFICATE_AUTH_REFUSAL_REASONS {
+            expected.push(format!(
+                "nodetunnel_client_certificate_auth_refusals_total{{reason=\"{reason}\"}} 0"
+            ));
+        }
+        for result in CERTIFICATE_RELOAD_RESULTS {
+            expected.push(format!(
+                "nodetunnel_client_certificate_reloads_total{{result=\"{result}\"}} 0"
+            ));
+        }
+        for result in CERTIFICATE_RENEWAL_RESULTS {
+            expected.push(format!(
+                "nodetunnel_client_certificate_renewals_total{{result=\"{result}\"}} 0"
+            ));
+        }
         for state in TunnelState::ALL {
             expected.push(format!("nodetunnel_tunnels{{state=\"{state}\"}} 0"));
         }

@@ -49,6 +49,7 @@ fn table(bytes_a: (u64, u64)) -> TunnelList {
         summary: Summary::of(&tunnels, 2),
         tunnels,
         certificate: None,
+        descriptors: None,
     }
 }
 

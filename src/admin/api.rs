@@ -193,6 +193,42 @@ pub struct TunnelList {
     /// (`ssh.certificate` or `[ssh.issuer]`); absent with a plain key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificate: Option<CertificateInfo>,
+    /// The file descriptors the configuration needs against the limit
+    /// (absent from an older sidecar).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub descriptors: Option<DescriptorInfo>,
+}
+
+/// What the configuration needs in file descriptors against the soft
+/// `RLIMIT_NOFILE`, as `GET /api/v1/tunnels` shows it (see
+/// [`crate::descriptors`]).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DescriptorInfo {
+    /// Descriptors needed: nodes x `ssh.sessions_per_node`, client
+    /// connections, listeners and spare.
+    pub needed: u64,
+    /// The soft limit (absent: unlimited).
+    pub limit: Option<u64>,
+    /// Nodes counted (draining ones included).
+    pub nodes: usize,
+    /// `needed` is within `limit`.
+    pub fits: bool,
+    /// A limit that fits with headroom, for `LimitNOFILE=` or the
+    /// container's `nofile` ulimit.
+    pub suggested_limit: u64,
+}
+
+impl DescriptorInfo {
+    /// The document of `fit`.
+    pub fn of(fit: &crate::descriptors::DescriptorFit) -> Self {
+        DescriptorInfo {
+            needed: fit.needed,
+            limit: fit.limit,
+            nodes: fit.nodes,
+            fits: fit.fits(),
+            suggested_limit: fit.suggested_limit(),
+        }
+    }
 }
 
 /// The user certificate in use, as `GET /api/v1/tunnels` shows it.

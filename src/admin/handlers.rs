@@ -10,8 +10,8 @@ use http_body_util::Full;
 use serde::Serialize;
 
 use super::api::{
-    ApiError, CertificateInfo, ConflictInfo, ReconnectAnswer, RouteAnswer, Summary, TunnelInfo,
-    TunnelList,
+    ApiError, CertificateInfo, ConflictInfo, DescriptorInfo, ReconnectAnswer, RouteAnswer, Summary,
+    TunnelInfo, TunnelList,
 };
 use super::guard::{self, REQUEST_HEADER};
 use super::readiness::{self, Inputs};
@@ -190,6 +190,7 @@ fn tunnels(state: &AdminState) -> Answer {
                 .manager
                 .current_certificate()
                 .map(|c| CertificateInfo::of(&c, now)),
+            descriptors: Some(DescriptorInfo::of(&state.manager.descriptor_fit())),
         },
     )
 }

@@ -33,6 +33,10 @@ mod server;
 mod state;
 
 pub use server::{AdminError, AdminServer};
+
+/// Connections the admin API holds open at most, one descriptor each:
+/// its connection limit and the probe reserve beyond it.
+pub const MAX_ADMIN_CONNECTIONS: usize = server::MAX_CONNECTIONS + server::PROBE_RESERVE;
 pub use state::AdminState;
 
 use crate::field_error::FieldError;

@@ -13,6 +13,7 @@ use tokio::net::TcpStream;
 use super::guard::ReconnectLimiter;
 use super::server::MAX_CONNECTIONS;
 use super::{AdminConfig, AdminServer, AdminState, ReadinessConfig};
+use crate::descriptors::DescriptorBudget;
 use crate::inventory::SyncStatus;
 use crate::manager::{ManagerConfig, TunnelManager};
 use crate::metrics::Metrics;
@@ -39,6 +40,11 @@ impl Drop for Admin {
 /// An admin server (TCP on 127.0.0.1, port chosen by the kernel) over two
 /// nodes, `extra` appended to `[admin]`.
 async fn start(extra: &str) -> Admin {
+    start_with(extra, DescriptorBudget::default()).await
+}
+
+/// [`start`] with a manager checking `descriptors` against the limit.
+async fn start_with(extra: &str, descriptors: DescriptorBudget) -> Admin {
     let dir = tempfile::tempdir().unwrap();
     crate::keys::generate(dir.path(), "id_ed25519", "admin-test").unwrap();
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
@@ -77,6 +83,7 @@ async fn start(extra: &str) -> Admin {
             identity: Some(Arc::new(identity)),
             client_certificate: None,
             dial_timeout: ssh.channel_open_timeout,
+            descriptors,
         },
         RoutingConfig::default(),
         metrics.clone(),
@@ -262,4 +269,55 @@ async fn idle_connections_do_not_starve_the_probes() {
         );
         tokio::task::yield_now().await;
     }
+}
+
+#[tokio::test]
+async fn a_configuration_beyond_the_descriptor_limit_shows_in_status_and_metrics() {
+    // The limit injected through the budget: connections alone one more
+    // than the soft limit allows.
+    let limit = crate::descriptors::soft_limit().expect("a finite RLIMIT_NOFILE");
+    let budget = DescriptorBudget {
+        connections: limit + 1,
+        ..DescriptorBudget::default()
+    };
+    let admin = start_with("", budget).await;
+    let (status, _, body) = send(
+        admin.addr,
+        "GET /api/v1/tunnels HTTP/1.1\r\nHost: 127.0.0.1\r\n",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let list: super::api::TunnelList = serde_json::from_str(&body).expect("the tunnel table");
+    let descriptors = list.descriptors.expect("the descriptor check in the table");
+    assert!(!descriptors.fits, "{descriptors:?}");
+    assert_eq!(descriptors.nodes, 2, "{descriptors:?}");
+    assert_eq!(descriptors.limit, Some(limit));
+    assert_eq!(descriptors.needed, budget.needed(2));
+    assert!(descriptors.suggested_limit >= descriptors.needed);
+
+    let (status, _, body) = send(admin.addr, "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n").await;
+    assert_eq!(status, 200, "{body}");
+    let value = |name: &str| {
+        body.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("{name} missing:\n{body}"))
+    };
+    assert_eq!(value("nodetunnel_descriptors_needed"), budget.needed(2));
+    assert_eq!(value("nodetunnel_descriptors_limit"), limit);
+}
+
+#[tokio::test]
+async fn a_configuration_within_the_descriptor_limit_shows_its_need() {
+    let admin = start("").await;
+    let (status, _, body) = send(
+        admin.addr,
+        "GET /api/v1/tunnels HTTP/1.1\r\nHost: 127.0.0.1\r\n",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let list: super::api::TunnelList = serde_json::from_str(&body).expect("the tunnel table");
+    let descriptors = list.descriptors.expect("the descriptor check in the table");
+    assert!(descriptors.fits, "{descriptors:?}");
+    assert_eq!(descriptors.needed, DescriptorBudget::default().needed(2));
 }

@@ -32,6 +32,7 @@ use tokio::task::JoinSet;
 
 use super::state::{AdminState, Lane, Transport};
 use super::{AdminConfig, ReadinessConfig};
+use crate::descriptors::{AcceptFailures, ACCEPT_ERROR_BACKOFF};
 use crate::shutdown::Shutdown;
 use crate::socket_file::{SocketFile, SocketFileError};
 
@@ -50,8 +51,6 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_HEADER_BYTES: usize = 8192;
 /// How long open admin connections may finish after shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
-/// Pause after a failed accept (EMFILE), so it does not spin.
-const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Why the admin server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -162,6 +161,7 @@ impl AdminServer {
         let reserve = Arc::new(Semaphore::new(PROBE_RESERVE));
         let mut tasks = JoinSet::new();
         let AdminServer { tcp, uds } = self;
+        let mut failures = AcceptFailures::new("admin");
         loop {
             let accepted = tokio::select! {
                 biased;
@@ -179,6 +179,7 @@ impl AdminServer {
             };
             match accepted {
                 Ok(conn) => {
+                    failures.succeeded();
                     let (permit, lane) = match limit.clone().try_acquire_owned() {
                         Ok(permit) => (permit, Lane::General),
                         Err(_) => match reserve.clone().try_acquire_owned() {
@@ -205,7 +206,7 @@ impl AdminServer {
                     });
                 }
                 Err(error) => {
-                    tracing::warn!(error = %error, "admin accept failed");
+                    failures.failed(&error, &state.metrics);
                     tokio::select! {
                         () = shutdown.wait() => break,
                         () = tokio::time::sleep(ACCEPT_ERROR_BACKOFF) => {}

@@ -100,6 +100,19 @@ pub fn bytes(n: u64) -> String {
     format!("{value:.1}{}", UNITS[unit])
 }
 
+/// `1048576` as `1,048,576`.
+pub fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// A rate in bytes per second: `0B/s`, `1.5KiB/s`.
 pub fn rate(bytes_per_second: f64) -> String {
     if !bytes_per_second.is_finite() || bytes_per_second < 0.5 {
@@ -151,6 +164,20 @@ pub fn columns(rows: &[Vec<String>], paint_cell: impl Fn(usize, usize, &str) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn thousands_are_grouped_by_commas() {
+        for (n, text) in [
+            (0, "0"),
+            (999, "999"),
+            (1_000, "1,000"),
+            (65_536, "65,536"),
+            (1_048_576, "1,048,576"),
+            (u64::MAX, "18,446,744,073,709,551,615"),
+        ] {
+            assert_eq!(thousands(n), text);
+        }
+    }
 
     #[test]
     fn human_formats() {

@@ -7,6 +7,7 @@
 //! node-1  ready    3h05m  12.3ms  4        -
 //! node-2  ready    3h05m  0.42ms  1        -
 //! 2/3 nodes ready, 5 streams open, 3 errors in the last minute (1 backoff)
+//! file descriptors: 10,399 needed, limit 1,048,576
 //! ```
 //!
 //! `-o wide` adds the SSH endpoint, sessions, stream and byte totals and
@@ -16,7 +17,9 @@ use std::process::ExitCode;
 
 use super::client::AdminClient;
 use super::format::{self, paint, Colour};
-use crate::admin::api::{trouble_order, CertificateInfo, Summary, TunnelInfo, TunnelList};
+use crate::admin::api::{
+    trouble_order, CertificateInfo, DescriptorInfo, Summary, TunnelInfo, TunnelList,
+};
 
 /// Output formats of `status`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -170,6 +173,10 @@ pub fn render(list: &TunnelList, wide: bool, colour: bool) -> String {
         out.push_str(&certificate_line(certificate, colour));
         out.push('\n');
     }
+    if let Some(descriptors) = &list.descriptors {
+        out.push_str(&descriptors_line(descriptors, colour));
+        out.push('\n');
+    }
     if !list.conflicts.is_empty() {
         out.push_str(&paint(
             &format!("{} routing conflict(s):", list.conflicts.len()),
@@ -220,6 +227,32 @@ pub fn certificate_line(c: &CertificateInfo, colour: bool) -> String {
     format!(
         "certificate {:?} serial {}, principals {principals}, {expires}",
         c.key_id, c.serial
+    )
+}
+
+/// `file descriptors: 10,399 needed, limit 1,048,576`; when the
+/// configuration does not fit, a warning with the fix instead.
+pub fn descriptors_line(d: &DescriptorInfo, colour: bool) -> String {
+    let limit = d
+        .limit
+        .map_or_else(|| "unlimited".to_string(), format::thousands);
+    let suggested = d.suggested_limit;
+    if d.fits {
+        return format!(
+            "file descriptors: {} needed, limit {limit}",
+            format::thousands(d.needed)
+        );
+    }
+    paint(
+        &format!(
+            "WARNING: file descriptors: {} needed ({} nodes) but the limit is {limit}: \
+             sessions and connections beyond it fail (local_resources); raise it: \
+             systemd LimitNOFILE={suggested}, container --ulimit nofile={suggested}:{suggested}",
+            format::thousands(d.needed),
+            format::thousands(d.nodes as u64),
+        ),
+        Colour::Red,
+        colour,
     )
 }
 
@@ -310,6 +343,7 @@ mod tests {
             summary: Summary::of(&tunnels, 1),
             tunnels,
             certificate: None,
+            descriptors: None,
         }
     }
 
@@ -324,6 +358,47 @@ mod tests {
             expires_in_seconds,
             expired: expires_in_seconds <= 0,
         }
+    }
+
+    #[test]
+    fn the_descriptor_need_follows_the_summary_and_warns_when_it_does_not_fit() {
+        let mut table = list();
+        table.descriptors = Some(DescriptorInfo {
+            needed: 10_399,
+            limit: Some(1_048_576),
+            nodes: 3,
+            fits: true,
+            suggested_limit: 13_312,
+        });
+        let out = render(&table, false, false);
+        assert!(
+            out.lines()
+                .any(|l| l == "file descriptors: 10,399 needed, limit 1,048,576"),
+            "{out}"
+        );
+        table.descriptors = Some(DescriptorInfo {
+            needed: 30_399,
+            limit: Some(20_000),
+            nodes: 20_000,
+            fits: false,
+            suggested_limit: 38_912,
+        });
+        let out = render(&table, false, false);
+        let line = out
+            .lines()
+            .find(|l| l.starts_with("WARNING: file descriptors"))
+            .unwrap_or_else(|| panic!("no warning in:\n{out}"));
+        for part in [
+            "30,399 needed",
+            "20,000 nodes",
+            "limit is 20,000",
+            "LimitNOFILE=38912",
+            "--ulimit nofile=38912:38912",
+        ] {
+            assert!(line.contains(part), "{part} missing: {line}");
+        }
+        // Red when colours are on.
+        assert!(render(&table, false, true).contains("\x1b[31mWARNING: file descriptors"));
     }
 
     #[test]

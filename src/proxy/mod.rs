@@ -58,6 +58,7 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
+use crate::descriptors::{AcceptFailures, ACCEPT_ERROR_BACKOFF};
 use crate::dial::{Destination, DialError, Dialer};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
@@ -74,10 +75,6 @@ pub const DIAL_TIMEOUT_MARGIN: Duration = Duration::from_secs(1);
 /// How many connections beyond `max_connections` are accepted just to be
 /// answered "too many connections"; more than that are closed at once.
 pub const OVERFLOW_CONNECTIONS: usize = 256;
-
-/// Pause after a failed `accept` (for example `EMFILE`), so a persistent
-/// failure does not spin a core.
-const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 
 /// The `[proxy]` section: which listeners to open and their limits.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -653,6 +650,7 @@ async fn run_listener<L: Accept, D: Dialer>(
     drain: Duration,
 ) {
     let mut tasks = JoinSet::new();
+    let mut failures = AcceptFailures::new(kind.as_str());
     loop {
         tokio::select! {
             biased;
@@ -660,6 +658,7 @@ async fn run_listener<L: Accept, D: Dialer>(
             Some(joined) = tasks.join_next(), if !tasks.is_empty() => log_join(kind, joined),
             accepted = listener.next_conn() => match accepted {
                 Ok((io, client)) => {
+                    failures.succeeded();
                     let span = conn_span::new(kind, &client);
                     let Some(admission) = limits.admit() else {
                         ctx.log_refusal("overflow_exhausted", || {
@@ -673,7 +672,9 @@ async fn run_listener<L: Accept, D: Dialer>(
                     tasks.spawn(task.instrument(span));
                 }
                 Err(error) => {
-                    tracing::warn!(listener = kind.as_str(), error = %error, "accept failed");
+                    // Out of descriptors, the connection stays in the
+                    // backlog and accept fails again at once: wait.
+                    failures.failed(&error, &ctx.metrics);
                     tokio::select! {
                         () = ctx.shutdown.wait() => break,
                         () = tokio::time::sleep(ACCEPT_ERROR_BACKOFF) => {}
@@ -745,5 +746,94 @@ async fn handle<I, D>(
         }
         Protocol::Socks5 => socks5::serve(io, &ctx, admitted).await,
         Protocol::Grpc(tunnels) => grpc::serve(io, &ctx, admitted, tunnels).await,
+    }
+}
+
+/// The accept loop under failing accepts (an injected listener).
+#[cfg(test)]
+mod accept_tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use super::*;
+
+    /// A listener whose every accept fails with `errno`, counting calls.
+    struct Failing {
+        errno: rustix::io::Errno,
+        calls: Arc<AtomicU64>,
+    }
+
+    impl Accept for Failing {
+        type Io = tokio::net::UnixStream;
+        async fn next_conn(&self) -> io::Result<(Self::Io, String)> {
+            self.calls.fetch_add(1, Ordering::Relaxed);
+            Err(io::Error::from_raw_os_error(self.errno.raw_os_error()))
+        }
+    }
+
+    /// Never asked: no connection is ever accepted.
+    struct NoDialer;
+
+    impl Dialer for NoDialer {
+        type Stream = tokio::io::DuplexStream;
+        async fn dial(&self, _: &Destination) -> Result<Self::Stream, DialError> {
+            Err(DialError::ShuttingDown)
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn out_of_descriptors_at_accept_backs_off_and_counts_local_resources() {
+        let metrics = Arc::new(Metrics::new());
+        let shutdown = Shutdown::new();
+        let ctx = Arc::new(Context {
+            dialer: Arc::new(NoDialer),
+            metrics: metrics.clone(),
+            dial_timeout: Duration::from_secs(1),
+            header_read_timeout: Duration::from_secs(1),
+            shutdown: shutdown.clone(),
+            refusals: refusal_log::RefusalLog::default(),
+        });
+        let limits = Limits {
+            admitted: Arc::new(Semaphore::new(1)),
+            overflow: Arc::new(Semaphore::new(1)),
+        };
+        let calls = Arc::new(AtomicU64::new(0));
+        let listener = Failing {
+            errno: rustix::io::Errno::MFILE,
+            calls: calls.clone(),
+        };
+        let started = tokio::time::Instant::now();
+        let run = async {
+            run_listener(
+                listener,
+                ListenerKind::Socks5,
+                Protocol::Socks5,
+                &ctx,
+                &limits,
+                Duration::ZERO,
+            )
+            .await;
+        };
+        let stop = async {
+            // One second of (virtual) failing accepts, then shutdown.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            shutdown.trigger();
+        };
+        tokio::join!(run, stop);
+        assert!(started.elapsed() >= Duration::from_secs(1));
+        // One accept per backoff, not a spin: 1 s / 100 ms, plus the first.
+        let calls = calls.load(Ordering::Relaxed);
+        let most = 1 + Duration::from_secs(1).as_millis() / ACCEPT_ERROR_BACKOFF.as_millis();
+        assert!(calls >= 2 && u128::from(calls) <= most, "{calls} accepts");
+        let counted = |reason: &str| {
+            metrics
+                .accept_failures
+                .get_or_create(&crate::metrics::ListenerReasonLabel {
+                    listener: "socks5".into(),
+                    reason: reason.into(),
+                })
+                .get()
+        };
+        assert_eq!(counted("local_resources"), calls);
+        assert_eq!(counted("other"), 0);
     }
 }
