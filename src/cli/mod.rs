@@ -5,13 +5,15 @@
 //! read a running sidecar's admin API (through [`client`]), [`check`] and
 //! [`route`] work offline from the configuration file; [`inspect`] shows a
 //! certificate; [`format`](mod@format) holds
-//! the human formats they share.
+//! the human formats they share; [`shell`] writes the completion scripts
+//! and manual pages generated from these definitions.
 
 pub mod check;
 pub mod client;
 pub mod format;
 pub mod inspect;
 pub mod route;
+pub mod shell;
 pub mod status;
 pub mod top;
 
@@ -168,6 +170,22 @@ pub enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Print the shell completion script for SHELL to stdout, for example
+    /// `nodetunnel completions bash > /usr/share/bash-completion/completions/nodetunnel`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: shell::CompletionShell,
+    },
+    /// Print the manual page nodetunnel(1) (roff) to stdout, for example
+    /// `nodetunnel man > /usr/share/man/man1/nodetunnel.1`; with --dir, write
+    /// it and one page per subcommand there.
+    Man {
+        /// Write nodetunnel.1 and nodetunnel-SUBCOMMAND.1 pages into this
+        /// directory instead.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 /// Where the configuration file is by default.
@@ -271,6 +289,8 @@ pub async fn run(cli: Cli) -> ExitCode {
             Ok(client) => top::run(client, interval).await,
             Err(code) => code,
         },
+        Command::Completions { shell } => shell::run_completions(shell),
+        Command::Man { dir } => shell::run_man(dir.as_deref()),
     }
 }
 
@@ -312,11 +332,20 @@ async fn dial(config_path: &std::path::Path, node: &str, target: &str) -> ExitCo
             known.join(", ")
         ));
     };
-    let manager =
-        match TunnelManager::new(&config, config.routing.clone(), Arc::new(Metrics::new())) {
-            Ok(m) => m,
-            Err(e) => return fail(e.to_string()),
-        };
+    // One node, no front door: the serve-time descriptor check (listeners,
+    // proxy.max_connections) does not apply to a dial.
+    let manager_config = crate::manager::ManagerConfig {
+        descriptors: crate::descriptors::DescriptorBudget::default(),
+        ..crate::manager::ManagerConfig::from(&config)
+    };
+    let manager = match TunnelManager::new(
+        manager_config,
+        config.routing.clone(),
+        Arc::new(Metrics::new()),
+    ) {
+        Ok(m) => m,
+        Err(e) => return fail(e.to_string()),
+    };
     manager.apply(vec![spec]);
     let ssh = &config.ssh;
     let budget =
