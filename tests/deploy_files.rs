@@ -480,15 +480,12 @@ fn pod_volume_host_path(pod: &Pod, mount_path: &str) -> Option<String> {
 }
 
 /// The `LimitNOFILE` the deploy configuration needs at `SIZED_FOR_NODES`
-/// nodes: a descriptor per SSH session and per client connection, plus
-/// listeners, files and the Node watch.
+/// nodes, as the sidecar itself computes it at start
+/// (`nodetunnel_descriptors_needed`): a descriptor per SSH session and per
+/// client connection, plus listeners and spare.
 fn descriptors_needed(config: &Config) -> u64 {
-    let sessions = SIZED_FOR_NODES * config.ssh.sessions_per_node as u64;
-    let connections = config
-        .proxy
-        .as_ref()
-        .map_or(0, |p| p.max_connections as u64);
-    sessions + connections + 100
+    let budget = nodetunnel::manager::ManagerConfig::from(config).descriptors;
+    budget.needed(SIZED_FOR_NODES as usize)
 }
 
 #[test]
