@@ -385,12 +385,30 @@ mod tests {
             },
             DialError::ShuttingDown,
         ];
+        let codes = |listener: &str| {
+            crate::metrics::PROXY_REQUEST_CODES
+                .iter()
+                .find(|(l, _)| *l == listener)
+                .map(|(_, codes)| codes.to_vec())
+                .unwrap_or_default()
+        };
         for e in &refusals {
             assert!(
                 crate::metrics::STREAM_OPEN_RESULTS.contains(&e.reason()),
                 "{} is not in metrics::STREAM_OPEN_RESULTS",
                 e.reason()
             );
+            // Its answer, on each listener, is a proxy_requests series
+            // exported from the start.
+            let status = e.http_status().to_string();
+            let reply = format!("socks5_{:#04x}", e.socks5_reply());
+            for listener in ["uds", "tcp"] {
+                assert!(
+                    codes(listener).contains(&status.as_str()),
+                    "{status} on {listener}"
+                );
+            }
+            assert!(codes("socks5").contains(&reply.as_str()), "{reply}");
         }
     }
 }
