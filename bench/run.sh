@@ -3,7 +3,7 @@
 # one run; prints one `metric=... nodetunnel=... openssh=... ratio=...` line
 # per metric and a markdown table.
 #
-#   bash bench/run.sh                 everything (metrics 1-6), full sizes
+#   bash bench/run.sh                 everything (metrics 1-7), full sizes
 #   bash bench/run.sh --quick         small sizes, one repetition (a smoke test)
 #   bash bench/run.sh --no-scale      skip metric 5 (idle sessions at scale)
 #   bash bench/run.sh --write-docs    also rewrite the generated block of
@@ -14,7 +14,7 @@
 # counts of metric 5), BENCH_SCALE_SSH_MAX (1000: the largest count also run
 # with one `ssh -N` per node), BENCH_NO_BUILD=1 (use the binaries as built),
 # BENCH_KEEP=1 (keep the work directory with all logs), BENCH_ONLY (a comma
-# list of single,aggregate,latency,hol,scale, or single_upload or
+# list of single,aggregate,latency,hol,echo,scale, or single_upload or
 # single_download: run only these metrics),
 # BENCH_PERF=FILE (record a perf profile of the single-session nodetunnel
 # while metrics 1-4 run, into FILE; needs perf; BENCH_PERF_ARGS adds
@@ -54,13 +54,13 @@ REPS=${BENCH_REPS:-3}
 SESSIONS=${BENCH_SESSIONS:-4}
 SCALE_COUNTS=${BENCH_SCALE:-1000 5000}
 SCALE_SSH_MAX=${BENCH_SCALE_SSH_MAX:-1000}
-ONLY=${BENCH_ONLY:-single,aggregate,latency,hol,scale}
+ONLY=${BENCH_ONLY:-single,aggregate,latency,hol,echo,scale}
 case ",$ONLY," in *,scale,*) ;; *) SCALE=0 ;; esac
 COMPARE_ONLY=$(echo "$ONLY" | tr ',' '\n' | { grep -v '^scale$' || true; } | paste -sd, -)
 CIPHER=aes256-gcm@openssh.com
 if [ $QUICK = 1 ]; then
     REPS=${BENCH_REPS:-1}
-    SIZES=(--single-bytes $((64 << 20)) --aggregate-bytes-per-stream $((1 << 20)) --opens 200 --opens-secs 1 --hol-bytes $((32 << 20)))
+    SIZES=(--single-bytes $((64 << 20)) --aggregate-bytes-per-stream $((1 << 20)) --opens 200 --opens-secs 1 --hol-bytes $((32 << 20)) --echo-rounds 200)
     SCALE_COUNTS=${BENCH_SCALE:-100}
     SCALE_SSH_MAX=${BENCH_SCALE_SSH_MAX:-100}
 else
@@ -226,7 +226,7 @@ LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 RESULTS=$WORK/results.tsv
 : >"$RESULTS"
 
-# --- metrics 1-4 and 6 ---------------------------------------------------------
+# --- metrics 1-4, 6 and 7 -----------------------------------------------------
 PERF_PID=
 if [ -n "${BENCH_PERF:-}" ] && [ -n "$COMPARE_ONLY" ]; then
     command -v perf >/dev/null || die "BENCH_PERF needs perf (apt-get install linux-perf)"
@@ -234,7 +234,7 @@ if [ -n "${BENCH_PERF:-}" ] && [ -n "$COMPARE_ONLY" ]; then
     perf record -g ${BENCH_PERF_ARGS:-} -o "$BENCH_PERF" -p "$NT1_PID" >"$WORK/perf.log" 2>&1 &
     PERF_PID=$!
 fi
-[ -z "$COMPARE_ONLY" ] || note "metrics 1-4, 6 (reps=$REPS, only $COMPARE_ONLY)"
+[ -z "$COMPARE_ONLY" ] || note "metrics 1-4, 6, 7 (reps=$REPS, only $COMPARE_ONLY)"
 [ -z "$COMPARE_ONLY" ] || ip netns exec "$CP" timeout 3600 "$BENCH" compare \
     --nt-socks5 socks5://127.0.0.1:1080 \
     --nt-http "http+unix://$WORK/nt1.sock" --nt-pid "$NT1_PID" \

@@ -1,4 +1,4 @@
-//! `compare`: metrics 1-4 and 6, nodetunnel against `ssh -D`, in one run.
+//! `compare`: metrics 1-4, 6 and 7, nodetunnel against `ssh -D`, in one run.
 //!
 //! Every measurement is repeated `--reps` times; within a repetition the
 //! systems take turns (the order rotates from one repetition to the next),
@@ -19,6 +19,7 @@ use tokio::sync::Barrier;
 
 use crate::args::Args;
 use crate::client::{self, close, open, pattern, read_to_eof, write_n, Proxy, CHUNK};
+use crate::echo_load;
 use crate::procstat::{context_switches, cpu_seconds};
 use crate::stats::{median, percentile, sorted};
 
@@ -408,7 +409,7 @@ pub async fn run(args: &Args) -> Result<(), String> {
     };
     let only: Vec<String> = args
         .get("only")
-        .unwrap_or("single,aggregate,latency,hol")
+        .unwrap_or("single,aggregate,latency,hol,echo")
         .split(',')
         .map(str::to_string)
         .collect();
@@ -420,6 +421,10 @@ pub async fn run(args: &Args) -> Result<(), String> {
     let clients: usize = args.get_parse("clients", 64usize)?;
     let opens_secs: f64 = args.get_parse("opens-secs", 5.0f64)?;
     let hol_bytes: u64 = args.get_parse("hol-bytes", 256u64 << 20)?;
+    let echo_pace = echo_load::Pace {
+        rounds: args.get_parse("echo-rounds", 1000usize)?.max(1),
+        every: Duration::from_secs_f64(args.get_parse("echo-every-ms", 2.0f64)? / 1e3),
+    };
     let reps = ctx.reps;
 
     // Warm-up: a few opens and a small transfer through each system.
@@ -717,6 +722,95 @@ pub async fn run(args: &Args) -> Result<(), String> {
             "nt>=90",
             &format!("nt {} / ssh {}", fmt_raw(&k0), fmt_raw(&k1)),
         );
+    }
+
+    if want("echo") {
+        // Metric 7: a one-byte echo on an open stream, idle and beside a
+        // bulk upload and a bulk download on the same proxy and node.
+        let systems = [ctx.nt.clone(), ctx.nt_http.clone(), ctx.ssh.clone()];
+        let mut idle50: [Vec<f64>; 3] = Default::default();
+        let mut load50: [Vec<f64>; 3] = Default::default();
+        let mut load99: [Vec<f64>; 3] = Default::default();
+        let mut bulk: [Vec<String>; 3] = Default::default();
+        for rep in 0..reps {
+            for i in rotate(&[0usize, 1, 2], rep) {
+                let s = &systems[i];
+                let r = echo_load::run(
+                    &s.proxy,
+                    ctx.echo,
+                    ctx.sink,
+                    ctx.source,
+                    ctx.pattern.clone(),
+                    echo_pace,
+                )
+                .await
+                .map_err(|e| format!("{} echo under load: {e}", s.label))?;
+                let (idle, load) = (sorted(r.idle_us), sorted(r.load_us));
+                log(format!(
+                    "echo x{} every {:?} {} rep {rep}: idle p50 {:.0} us, p99 {:.0} us; \
+                     under load p50 {:.0} us, p90 {:.0} us, p99 {:.0} us, max {:.0} us; \
+                     bulk meanwhile {:.1} MB/s up, {:.1} MB/s down",
+                    echo_pace.rounds,
+                    echo_pace.every,
+                    s.label,
+                    percentile(&idle, 50.0),
+                    percentile(&idle, 99.0),
+                    percentile(&load, 50.0),
+                    percentile(&load, 90.0),
+                    percentile(&load, 99.0),
+                    load.last().copied().unwrap_or(f64::NAN),
+                    r.upload_mbps,
+                    r.download_mbps,
+                ));
+                idle50[i].push(percentile(&idle, 50.0));
+                load50[i].push(percentile(&load, 50.0));
+                load99[i].push(percentile(&load, 99.0));
+                bulk[i].push(format!("{:.0}/{:.0}", r.upload_mbps, r.download_mbps));
+                // Let the proxy tear the two bulk streams down.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+        for (suffix, i) in [("", 0usize), (".http_connect", 1)] {
+            let goal = if suffix.is_empty() { "ratio<=1.0" } else { "-" };
+            let raw = |v: &[Vec<f64>; 3]| {
+                format!(
+                    "{} {} / ssh {}",
+                    systems[i].label,
+                    fmt_raw(&v[i]),
+                    fmt_raw(&v[2])
+                )
+            };
+            ctx.row(
+                &format!("echo_idle_p50_us{suffix}"),
+                "us",
+                median(&idle50[i]),
+                median(&idle50[2]),
+                "-",
+                &raw(&idle50),
+            );
+            ctx.row(
+                &format!("echo_load_p50_us{suffix}"),
+                "us",
+                median(&load50[i]),
+                median(&load50[2]),
+                goal,
+                &format!(
+                    "{}; bulk MB/s up/down meanwhile: {} {} / ssh {}",
+                    raw(&load50),
+                    systems[i].label,
+                    bulk[i].join(","),
+                    bulk[2].join(",")
+                ),
+            );
+            ctx.row(
+                &format!("echo_load_p99_us{suffix}"),
+                "us",
+                median(&load99[i]),
+                median(&load99[2]),
+                goal,
+                &raw(&load99),
+            );
+        }
     }
     Ok(())
 }
