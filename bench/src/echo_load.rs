@@ -9,7 +9,9 @@
 //! The bulk streams run on a thread of their own (with a current-thread
 //! runtime), as `kubectl cp` is a process of its own: on the load
 //! generator's single thread a 256 KiB read of the bulk download would sit
-//! between the echo's byte arriving and its timestamp. They are open-ended
+//! between the echo's byte arriving and its timestamp. (`--echo-bulk
+//! shared` runs them on that one thread anyway: less CPU for the load
+//! generator, see [`BulkOn`].) They are open-ended
 //! (the upload writes until told to stop, the download asks the source for
 //! 1 TiB), run from before the first timed echo until after the last, and
 //! stop when the echo run is done; a bulk stream that ends or fails before
@@ -25,7 +27,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::time::MissedTickBehavior;
 
-use crate::client::{open, Conn, Proxy, CHUNK};
+use crate::client::{open, pump_down, pump_up, Conn, Proxy};
 
 /// What the download asks the source for: far more than the echo run lasts.
 const DOWNLOAD_ASK: u64 = 1 << 40;
@@ -39,9 +41,11 @@ pub struct EchoRun {
     pub download_mbps: f64,
 }
 
-/// Pace and count of the echoes.
+/// Pace and count of the echoes, and where the bulk streams run.
 #[derive(Clone, Copy)]
 pub struct Pace {
+    /// Where the bulk streams run in the load generator.
+    pub bulk_on: BulkOn,
     /// Timed echoes per series (idle, loaded).
     pub rounds: usize,
     /// One echo starts every `every` (later if the previous one is not back).
@@ -55,12 +59,40 @@ struct Moved {
     down: AtomicU64,
 }
 
-/// The bulk upload and download, running on their own thread until
-/// [`Load::stop`].
+/// Where the bulk streams run in the load generator.
+#[derive(Clone, Copy, Debug)]
+pub enum BulkOn {
+    /// A thread of their own (the default): like `kubectl cp`, a process of
+    /// its own, so the echo's thread only waits for its own byte.
+    OwnThread,
+    /// The echo's own single-threaded runtime: the bulk streams take at
+    /// most that one thread, so less of the machine, but the echo's wake-up
+    /// waits behind their reads and writes on the client side.
+    Shared,
+}
+
+impl std::str::FromStr for BulkOn {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "own-thread" => Ok(BulkOn::OwnThread),
+            "shared" => Ok(BulkOn::Shared),
+            _ => Err(format!("{s:?}: own-thread or shared")),
+        }
+    }
+}
+
+/// The running bulk load.
+enum Runner {
+    Thread(JoinHandle<Result<(), String>>),
+    Task(tokio::task::JoinHandle<Result<(), String>>),
+}
+
+/// The bulk upload and download, running until [`Load::stop`].
 struct Load {
     moved: Arc<Moved>,
     stop: watch::Sender<bool>,
-    thread: Option<JoinHandle<Result<(), String>>>,
+    runner: Option<Runner>,
 }
 
 impl Load {
@@ -69,25 +101,33 @@ impl Load {
         sink: SocketAddrV4,
         source: SocketAddrV4,
         pattern: Arc<Vec<u8>>,
+        on: BulkOn,
     ) -> Result<Load, String> {
         let moved = Arc::new(Moved::default());
         let (stop, stopped) = watch::channel(false);
         let proxy = proxy.clone();
         let m = moved.clone();
-        let thread = std::thread::Builder::new()
-            .name("bulk-load".into())
-            .spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(|e| format!("bulk load runtime: {e}"))?;
-                rt.block_on(bulk(proxy, sink, source, pattern, m, stopped))
-            })
-            .map_err(|e| format!("starting the bulk load thread: {e}"))?;
+        let runner = match on {
+            BulkOn::OwnThread => Runner::Thread(
+                std::thread::Builder::new()
+                    .name("bulk-load".into())
+                    .spawn(move || {
+                        let rt = tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()
+                            .map_err(|e| format!("bulk load runtime: {e}"))?;
+                        rt.block_on(bulk(proxy, sink, source, pattern, m, stopped))
+                    })
+                    .map_err(|e| format!("starting the bulk load thread: {e}"))?,
+            ),
+            BulkOn::Shared => {
+                Runner::Task(tokio::spawn(bulk(proxy, sink, source, pattern, m, stopped)))
+            }
+        };
         Ok(Load {
             moved,
             stop,
-            thread: Some(thread),
+            runner: Some(runner),
         })
     }
 
@@ -99,20 +139,28 @@ impl Load {
     }
 
     fn finished(&self) -> bool {
-        self.thread.as_ref().is_none_or(|t| t.is_finished())
+        match &self.runner {
+            None => true,
+            Some(Runner::Thread(t)) => t.is_finished(),
+            Some(Runner::Task(t)) => t.is_finished(),
+        }
     }
 
     /// Stop both bulk streams (they are dropped mid-transfer) and wait for
     /// the thread; its error if a stream failed before the stop.
     async fn stop(mut self) -> Result<(), String> {
         let _ = self.stop.send(true);
-        let Some(t) = self.thread.take() else {
-            return Ok(());
-        };
-        match tokio::task::spawn_blocking(move || t.join()).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err("the bulk load thread panicked".into()),
-            Err(e) => Err(format!("joining the bulk load thread: {e}")),
+        match self.runner.take() {
+            None => Ok(()),
+            Some(Runner::Thread(t)) => match tokio::task::spawn_blocking(move || t.join()).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(_)) => Err("the bulk load thread panicked".into()),
+                Err(e) => Err(format!("joining the bulk load thread: {e}")),
+            },
+            Some(Runner::Task(t)) => match t.await {
+                Ok(r) => r,
+                Err(e) => Err(format!("the bulk load task: {e}")),
+            },
         }
     }
 }
@@ -143,41 +191,14 @@ async fn bulk(
         Ok(Err(e)) => return Err(format!("opening the bulk streams: {e}")),
         Err(_) => return Err("opening the bulk streams: not done within 20 s".into()),
     };
-    let upload = pump_up(&mut up, &pattern, &moved);
-    let download = pump_down(&mut down, &moved);
+    let upload = pump_up(&mut up, &pattern, &moved.up);
+    let download = pump_down(&mut down, DOWNLOAD_ASK, &moved.down);
     tokio::select! {
         _ = stopped.wait_for(|s| *s) => Ok(()),
         r = upload => Err(format!("bulk upload: {}", r.err().map_or("ended".into(), |e| e.to_string()))),
         r = download => Err(format!("bulk download: {}", r.err().map_or("ended".into(), |e| e.to_string()))),
     }
     // `up` and `down` are dropped here: the proxy sees both streams close.
-}
-
-/// Write `pattern` to `up` over and over (until an error).
-async fn pump_up(up: &mut Conn, pattern: &[u8], moved: &Moved) -> std::io::Result<()> {
-    let mut off = 0usize;
-    loop {
-        let len = CHUNK.min(pattern.len() - off);
-        up.write_all(&pattern[off..off + len]).await?;
-        off = (off + len) % pattern.len();
-        moved.up.fetch_add(len as u64, Ordering::Relaxed);
-    }
-}
-
-/// Ask the source for [`DOWNLOAD_ASK`] bytes and read them (an error at
-/// EOF: the download must outlast the echo run).
-async fn pump_down(down: &mut Conn, moved: &Moved) -> std::io::Result<()> {
-    down.write_all(&DOWNLOAD_ASK.to_be_bytes()).await?;
-    let mut buf = vec![0u8; CHUNK];
-    loop {
-        let n = down.read(&mut buf).await?;
-        if n == 0 {
-            return Err(std::io::Error::other(
-                "the download ended before the echo run did",
-            ));
-        }
-        moved.down.fetch_add(n as u64, Ordering::Relaxed);
-    }
 }
 
 /// `rounds` one-byte echoes on `c`, one every `every`; microseconds each.
@@ -220,17 +241,10 @@ pub async fn run(
         Err(_) => return Err("opening the echo stream: not done within 10 s".into()),
     };
     // A few untimed echoes first (first-use costs on every hop).
-    echo_series(
-        &mut c,
-        Pace {
-            rounds: 20,
-            every: pace.every,
-        },
-    )
-    .await?;
+    echo_series(&mut c, Pace { rounds: 20, ..pace }).await?;
     let idle_us = echo_series(&mut c, pace).await?;
 
-    let load = Load::start(proxy, sink, source, pattern)?;
+    let load = Load::start(proxy, sink, source, pattern, pace.bulk_on)?;
     // Both bulk streams moving, then half a second for the windows and
     // socket buffers on the way to fill: the echoes see the steady state.
     let deadline = Instant::now() + Duration::from_secs(20);
