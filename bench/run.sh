@@ -3,7 +3,7 @@
 # one run; prints one `metric=... nodetunnel=... openssh=... ratio=...` line
 # per metric and a markdown table.
 #
-#   bash bench/run.sh                 everything (metrics 1-6), full sizes
+#   bash bench/run.sh                 everything (metrics 1-8), full sizes
 #   bash bench/run.sh --quick         small sizes, one repetition (a smoke test)
 #   bash bench/run.sh --no-scale      skip metric 5 (idle sessions at scale)
 #   bash bench/run.sh --write-docs    also rewrite the generated block of
@@ -14,8 +14,9 @@
 # counts of metric 5), BENCH_SCALE_SSH_MAX (1000: the largest count also run
 # with one `ssh -N` per node), BENCH_NO_BUILD=1 (use the binaries as built),
 # BENCH_KEEP=1 (keep the work directory with all logs), BENCH_ONLY (a comma
-# list of single,aggregate,latency,hol,scale, or single_upload or
-# single_download: run only these metrics),
+# list of single,aggregate,latency,hol,echo,fairness,scale, or single_upload
+# or single_download: run only these metrics), BENCH_ECHO_BULK (own-thread:
+# where metric 7's bulk streams run in the load generator; or shared),
 # BENCH_PERF=FILE (record a perf profile of the single-session nodetunnel
 # while metrics 1-4 run, into FILE; needs perf; BENCH_PERF_ARGS adds
 # arguments to `perf record`, e.g. "-e page-faults").
@@ -41,7 +42,7 @@ for a in "$@"; do
     --no-scale) SCALE=0 ;;
     --write-docs) WRITE_DOCS=1 ;;
     -h | --help)
-        sed -n '2,20p' "$0"
+        sed -n '2,/^set -e/{/^set -e/!p}' "$0"
         exit 0
         ;;
     *)
@@ -54,13 +55,13 @@ REPS=${BENCH_REPS:-3}
 SESSIONS=${BENCH_SESSIONS:-4}
 SCALE_COUNTS=${BENCH_SCALE:-1000 5000}
 SCALE_SSH_MAX=${BENCH_SCALE_SSH_MAX:-1000}
-ONLY=${BENCH_ONLY:-single,aggregate,latency,hol,scale}
+ONLY=${BENCH_ONLY:-single,aggregate,latency,hol,echo,fairness,scale}
 case ",$ONLY," in *,scale,*) ;; *) SCALE=0 ;; esac
 COMPARE_ONLY=$(echo "$ONLY" | tr ',' '\n' | { grep -v '^scale$' || true; } | paste -sd, -)
 CIPHER=aes256-gcm@openssh.com
 if [ $QUICK = 1 ]; then
     REPS=${BENCH_REPS:-1}
-    SIZES=(--single-bytes $((64 << 20)) --aggregate-bytes-per-stream $((1 << 20)) --opens 200 --opens-secs 1 --hol-bytes $((32 << 20)))
+    SIZES=(--single-bytes $((64 << 20)) --aggregate-bytes-per-stream $((1 << 20)) --opens 200 --opens-secs 1 --hol-bytes $((32 << 20)) --echo-rounds 200 --fairness-secs 2)
     SCALE_COUNTS=${BENCH_SCALE:-100}
     SCALE_SSH_MAX=${BENCH_SCALE_SSH_MAX:-100}
 else
@@ -68,7 +69,7 @@ else
 fi
 # The command as run, with the knobs that change what is measured.
 COMMAND="bash bench/run.sh $*"
-for v in BENCH_REPS BENCH_SESSIONS BENCH_SCALE BENCH_SCALE_SSH_MAX BENCH_ONLY NODETUNNEL_WORKER_THREADS; do
+for v in BENCH_REPS BENCH_SESSIONS BENCH_SCALE BENCH_SCALE_SSH_MAX BENCH_ONLY BENCH_ECHO_BULK NODETUNNEL_WORKER_THREADS; do
     [ -z "${!v:-}" ] || COMMAND="$v=${!v} $COMMAND"
 done
 
@@ -226,7 +227,7 @@ LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 RESULTS=$WORK/results.tsv
 : >"$RESULTS"
 
-# --- metrics 1-4 and 6 ---------------------------------------------------------
+# --- metrics 1-4, 6-8 -----------------------------------------------------
 PERF_PID=
 if [ -n "${BENCH_PERF:-}" ] && [ -n "$COMPARE_ONLY" ]; then
     command -v perf >/dev/null || die "BENCH_PERF needs perf (apt-get install linux-perf)"
@@ -234,13 +235,14 @@ if [ -n "${BENCH_PERF:-}" ] && [ -n "$COMPARE_ONLY" ]; then
     perf record -g ${BENCH_PERF_ARGS:-} -o "$BENCH_PERF" -p "$NT1_PID" >"$WORK/perf.log" 2>&1 &
     PERF_PID=$!
 fi
-[ -z "$COMPARE_ONLY" ] || note "metrics 1-4, 6 (reps=$REPS, only $COMPARE_ONLY)"
+[ -z "$COMPARE_ONLY" ] || note "metrics 1-4, 6-8 (reps=$REPS, only $COMPARE_ONLY)"
 [ -z "$COMPARE_ONLY" ] || ip netns exec "$CP" timeout 3600 "$BENCH" compare \
     --nt-socks5 socks5://127.0.0.1:1080 \
     --nt-http "http+unix://$WORK/nt1.sock" --nt-pid "$NT1_PID" \
     --nt-multi-socks5 socks5://127.0.0.1:1082 --nt-multi-pid "$NTM_PID" --nt-multi-sessions "$SESSIONS" \
     --ssh-socks5 socks5://127.0.0.1:1081 --ssh-pid "$SSH_PID" \
     --sink "$SINK" --source "$SOURCE" --echo "$ECHO" \
+    --echo-bulk "${BENCH_ECHO_BULK:-own-thread}" \
     --reps "$REPS" --clk-tck "$(getconf CLK_TCK)" --results "$RESULTS" --only "$COMPARE_ONLY" "${SIZES[@]}" \
     2> >(tee "$WORK/compare.log" >&2) || die "compare failed; logs in $WORK"
 

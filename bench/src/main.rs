@@ -8,7 +8,7 @@
 //! - `wait`: retry one echo round trip through a proxy until it works (a
 //!   readiness probe for `nodetunnel serve` and `ssh -D`).
 //! - `transfer`: one upload or download through a proxy, by hand.
-//! - `compare`: metrics 1-4 and 6 through nodetunnel (SOCKS5 and HTTP
+//! - `compare`: metrics 1-4 and 6-8 through nodetunnel (SOCKS5 and HTTP
 //!   CONNECT) and through `ssh -D` (SOCKS5); prints one
 //!   `metric=... nodetunnel=... openssh=... ratio=...` line per metric and
 //!   writes a markdown table.
@@ -24,6 +24,8 @@
 mod args;
 mod client;
 mod compare;
+mod echo_load;
+mod fairness;
 #[cfg(feature = "farm")]
 mod farm;
 mod procstat;
