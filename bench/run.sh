@@ -397,7 +397,8 @@ if [ $SMALL = 1 ]; then
     stop_pid "$SMALL_NT_PID"
     cat "$WORK/small-nt.out" >&2
 
-    # OpenSSH: one `ssh -N -D` per node.
+    # OpenSSH: one `ssh -N -D` per node, listening below the ephemeral port
+    # range (10000-65535 here), which the streams above may still hold.
     SMALL_SSH_OPTS=("${SSH_OPTS[@]}")
     for i in "${!SMALL_SSH_OPTS[@]}"; do
         [ "${SMALL_SSH_OPTS[$i]}" != "UserKnownHostsFile=$NT_KNOWN_HOSTS" ] ||
@@ -406,10 +407,10 @@ if [ $SMALL = 1 ]; then
     SMALL_SSH_PIDS=()
     SMALL_PROXIES=()
     for k in $(seq 1 "$SMALL_NODES"); do
-        spawn "$WORK/small-ssh-$k.log" ip netns exec "$CP" ssh -N -D "127.0.0.1:$((11000 + k))" -p 2222 "${SMALL_SSH_OPTS[@]}" \
+        spawn "$WORK/small-ssh-$k.log" ip netns exec "$CP" ssh -N -D "127.0.0.1:$((2000 + k))" -p 2222 "${SMALL_SSH_OPTS[@]}" \
             "root@${SMALL_ADDRS[$((k - 1))]}"
         SMALL_SSH_PIDS+=("$LAST_PID")
-        SMALL_PROXIES+=("socks5://127.0.0.1:$((11000 + k))")
+        SMALL_PROXIES+=("socks5://127.0.0.1:$((2000 + k))")
     done
     ip netns exec "$CP" timeout 1200 "$BENCH" small --proxies "$(
         IFS=,

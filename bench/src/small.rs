@@ -13,7 +13,8 @@
 //! (`pss`, for many `ssh` processes that share their code) before the
 //! first stream is opened, and again `--settle-secs` after the last one
 //! opened; the difference divided by the streams. Then one more stream
-//! (to the first target) times `--echo-rounds` one-byte echoes, one every
+//! (to the first target, on a thread of its own) times `--echo-rounds`
+//! one-byte echoes, one every
 //! `--echo-every-ms`, while the others go on, for at most `--echo-max-secs`
 //! (30). A stream that fails fails the run. Prints `key=value` lines on
 //! stdout, among them the messages per second the chain actually echoed
@@ -29,7 +30,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{watch, Semaphore};
 
 use crate::args::Args;
-use crate::client::{echo_open, open, Conn, Proxy};
+use crate::client::{close, echo_open, open, Conn, Proxy};
 use crate::procstat::{pss_kib, rss_kib};
 use crate::stats::{percentile, sorted};
 
@@ -130,6 +131,65 @@ async fn chatter(mut c: Conn, start: tokio::time::Instant, ch: Arc<Chatter>, k: 
         while matches!(c.read(&mut buf).await, Ok(n) if n > 0) {}
     })
     .await;
+}
+
+/// The timed echo: `rounds` one-byte echoes, one every `every`, for at
+/// most `max`, after 20 untimed ones (first-use costs on every hop).
+struct EchoSeries {
+    rounds: usize,
+    every: Duration,
+    max: Duration,
+}
+
+impl EchoSeries {
+    /// The latencies in microseconds; `recording` is set while they are
+    /// timed (the chatter records its own round trips meanwhile).
+    async fn run(
+        &self,
+        proxy: &Proxy,
+        target: SocketAddrV4,
+        recording: &AtomicBool,
+    ) -> Result<Vec<f64>, String> {
+        let mut c = match tokio::time::timeout(Duration::from_secs(20), open(proxy, target)).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return Err(format!("open: {e}")),
+            Err(_) => return Err("open timed out".into()),
+        };
+        let mut tick = tokio::time::interval(self.every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut lat = Vec::with_capacity(self.rounds);
+        let mut b = [0u8; 1];
+        let mut deadline = Instant::now() + self.max;
+        for i in 0..self.rounds + 20 {
+            // Bounded in time too: on an overloaded chain each echo can take
+            // seconds; what was timed by then is reported (`echo_rounds`).
+            if i > 20 && Instant::now() > deadline {
+                break;
+            }
+            tick.tick().await;
+            if i == 20 {
+                recording.store(true, Ordering::Relaxed);
+                deadline = Instant::now() + self.max;
+            }
+            let t = Instant::now();
+            let round = async {
+                c.write_all(b"k").await?;
+                c.read_exact(&mut b).await?;
+                Ok::<(), std::io::Error>(())
+            };
+            match tokio::time::timeout(Duration::from_secs(10), round).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(format!("echo {i}: {e}")),
+                Err(_) => return Err(format!("echo {i}: not back within 10 s")),
+            }
+            if i >= 20 {
+                lat.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+        recording.store(false, Ordering::Relaxed);
+        close(c).await;
+        Ok(lat)
+    }
 }
 
 pub async fn run(args: &Args) -> Result<(), String> {
@@ -254,46 +314,34 @@ pub async fn run(args: &Args) -> Result<(), String> {
         "[small] {msgs_per_s:.0} messages/s echoed of {offered:.0} offered; memory {before} -> {after} KiB"
     );
 
-    // The echo on one more stream, while the others chatter.
+    // The echo on one more stream, while the others chatter, on a thread of
+    // its own: on this one, the echoed byte would wait for the chatter's
+    // ready sockets to be served first, and the load generator's own queue
+    // would be measured.
     let (proxy, target) = route(0);
-    let mut c = match tokio::time::timeout(Duration::from_secs(20), open(proxy, target)).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => return Err(stop_all(format!("the echo stream: open: {e}"))),
-        Err(_) => return Err(stop_all("the echo stream: open timed out".into())),
+    let (proxy, echo_ch) = (proxy.clone(), ch.clone());
+    let echo = EchoSeries {
+        rounds,
+        every: echo_every,
+        max: echo_max,
     };
-    let mut tick = tokio::time::interval(echo_every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut lat = Vec::with_capacity(rounds);
-    let mut b = [0u8; 1];
-    let echo_deadline = Instant::now() + echo_max;
-    for i in 0..rounds + 20 {
-        // Bounded in time too: on an overloaded chain each echo can take
-        // seconds; what was timed by then is reported (`echo_rounds`).
-        if i > 20 && Instant::now() > echo_deadline {
-            break;
-        }
-        tick.tick().await;
-        if i == 20 {
-            ch.recording.store(true, Ordering::Relaxed);
-        }
-        let t = Instant::now();
-        let round = async {
-            c.write_all(b"k").await?;
-            c.read_exact(&mut b).await?;
-            Ok::<(), std::io::Error>(())
-        };
-        match tokio::time::timeout(Duration::from_secs(10), round).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(stop_all(format!("echo {i}: {e}"))),
-            Err(_) => return Err(stop_all(format!("echo {i}: not back within 10 s"))),
-        }
-        // The first 20 are untimed (first-use costs on every hop).
-        if i >= 20 {
-            lat.push(t.elapsed().as_secs_f64() * 1e6);
-        }
-    }
+    let thread = std::thread::Builder::new()
+        .name("echo".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| format!("echo runtime: {e}"))?;
+            rt.block_on(echo.run(&proxy, target, &echo_ch.recording))
+        })
+        .map_err(|e| stop_all(format!("starting the echo thread: {e}")))?;
+    let lat = match tokio::task::spawn_blocking(move || thread.join()).await {
+        Ok(Ok(Ok(lat))) => lat,
+        Ok(Ok(Err(e))) => return Err(stop_all(format!("the echo stream: {e}"))),
+        Ok(Err(_)) => return Err(stop_all("the echo thread panicked".into())),
+        Err(e) => return Err(stop_all(format!("joining the echo thread: {e}"))),
+    };
     ch.recording.store(false, Ordering::Relaxed);
-    drop(c);
     let failed = ch.failed.load(Ordering::Relaxed);
     let echoed = ch.echoed.load(Ordering::Relaxed);
     let _ = stop_tx.send(true);
