@@ -27,7 +27,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::time::MissedTickBehavior;
 
-use crate::client::{open, pump_down, pump_up, Conn, Proxy};
+use crate::client::{close, open, pump_down, pump_up, Conn, Proxy};
 
 /// What the download asks the source for: far more than the echo run lasts.
 const DOWNLOAD_ASK: u64 = 1 << 40;
@@ -276,8 +276,7 @@ pub async fn run(
     if !still_running {
         return Err("the bulk load ended before the echo run did".into());
     }
-    let _ = c.shutdown().await;
-    drop(c);
+    close(c).await;
     Ok(EchoRun {
         idle_us,
         load_us,

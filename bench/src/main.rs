@@ -15,6 +15,8 @@
 //! - `report`: the metric lines and the markdown table from a results file.
 //! - `scale-config`, `scale-nt`, `scale-ssh`: metric 5, idle sessions at
 //!   scale against the farm (see `scale.rs`).
+//! - `small`: metric 9, many small streams held open across many nodes
+//!   (see `small.rs`).
 //! - `farm` (feature `farm`): an SSH server accepting sessions on every
 //!   address of 127.0.0.0/8 at one port, for the scale benchmark.
 //!
@@ -32,12 +34,13 @@ mod procstat;
 mod report;
 mod scale;
 mod serve;
+mod small;
 mod stats;
 
 use std::process::ExitCode;
 
 fn usage() -> &'static str {
-    "usage: nodetunnel-bench serve|wait|transfer|compare|report|scale-config|scale-nt|scale-ssh|farm [--key value ...]\n\
+    "usage: nodetunnel-bench serve|wait|transfer|compare|report|scale-config|scale-nt|scale-ssh|small|farm [--key value ...]\n\
      see bench/README.md"
 }
 
@@ -89,6 +92,7 @@ fn main() -> ExitCode {
             "scale-config" => scale::config(&args).await,
             "scale-nt" => scale::nt(&args).await,
             "scale-ssh" => scale::ssh(&args).await,
+            "small" => small::run(&args).await,
             "report" => report::run(&args),
             #[cfg(feature = "farm")]
             "farm" => farm::run(&args).await,
