@@ -138,8 +138,23 @@ fn join_lines(text: &str) -> String {
 }
 
 impl Config {
-    /// Read, parse and check the file at `path`, and load the identity key.
+    /// Read, parse and check the file at `path`, and load the identity key;
+    /// with `[ssh.issuer]`, sign the first certificate (a CA key that cannot
+    /// be used stops the start).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Self::load_keys(path, true)
+    }
+
+    /// [`Config::load`] for SIGHUP: the identity key and `ssh.certificate`
+    /// are loaded (one that cannot be fails the reload), but with
+    /// `[ssh.issuer]` nothing is signed here (`client_certificate` stays
+    /// `None`): the running renewal task signs one for the identity in
+    /// use, so a reload signs once, not twice.
+    pub fn load_for_reload(path: &Path) -> Result<Config, ConfigError> {
+        Self::load_keys(path, false)
+    }
+
+    fn load_keys(path: &Path, sign: bool) -> Result<Config, ConfigError> {
         let mut config = Self::parse_file(path)?;
         let identity =
             keys::load_identity(&config.ssh.identity, config.ssh.passphrase_file.as_deref())
@@ -153,7 +168,7 @@ impl Config {
             .map_err(|e| ConfigError::new(path, "ssh.certificate", e.to_string()))?;
             config.client_certificate = Some(Arc::new(certificate));
         }
-        if let Some(issuer) = &config.ssh.issuer {
+        if let Some(issuer) = config.ssh.issuer.as_ref().filter(|_| sign) {
             // The first certificate, issued now: a CA key that cannot be
             // used stops the start (a renewal failure later only logs).
             let certificate =
@@ -543,6 +558,33 @@ pod_cidrs = ["10.244.1.0/24"]
         let e = error("[ssh]\n\"us\\ner\" = 1\n");
         assert_eq!(e.lines().count(), 1, "{e}");
         assert!(e.contains("ssh.us\\ner: "), "{e}");
+    }
+
+    #[test]
+    fn a_reload_loads_the_identity_but_signs_nothing_for_the_issuer() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::keys::generate(dir.path(), "id", "test").unwrap();
+        crate::keys::generate(dir.path(), "user_ca", "test ca").unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "[ssh]\nidentity = \"id\"\n[ssh.issuer]\nca_key = \"user_ca\"\nprincipals = [\"nodetunnel\"]\n",
+        )
+        .unwrap();
+        let started = Config::load(&path).unwrap();
+        assert!(started.client_certificate.is_some(), "the start signs");
+        let reloaded = Config::load_for_reload(&path).unwrap();
+        assert!(reloaded.identity.is_some());
+        assert!(
+            reloaded.client_certificate.is_none(),
+            "the renewal task signs on SIGHUP, not the reload's load"
+        );
+        // Without a usable CA key the start fails; the reload leaves that
+        // to the renewal task (which logs it) and applies the rest.
+        std::fs::remove_file(dir.path().join("user_ca")).unwrap();
+        let e = Config::load(&path).unwrap_err().to_string();
+        assert!(e.contains(": ssh.issuer.ca_key: "), "{e}");
+        assert!(Config::load_for_reload(&path).is_ok());
     }
 
     #[test]

@@ -312,7 +312,7 @@ impl Server {
         if running.inventory.source != InventorySource::Static {
             self.inventory_reload.notify_one();
         }
-        let fresh = match Config::load(&self.config_path) {
+        let fresh = match Config::load_for_reload(&self.config_path) {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(error = %e, "SIGHUP: configuration not reloaded; keeping the running one");
