@@ -112,12 +112,12 @@ pub(crate) struct Moved {
 
 impl Moved {
     /// `n` bytes went from the client towards the node.
-    pub(crate) fn to_node(&self, n: usize) {
+    pub(crate) fn add_to_node(&self, n: usize) {
         self.to_node.fetch_add(n as u64, Ordering::Relaxed);
     }
 
     /// `n` bytes went from the node to the client.
-    pub(crate) fn from_node(&self, n: usize) {
+    pub(crate) fn add_from_node(&self, n: usize) {
         self.from_node.fetch_add(n as u64, Ordering::Relaxed);
     }
 

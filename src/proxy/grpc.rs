@@ -758,7 +758,7 @@ async fn run_tunnel<S: crate::dial::TunnelIo>(
             match reader.read_buf(&mut buf).await {
                 Ok(0) => return TunnelEnd::NodeClosed,
                 Ok(n) => {
-                    moved.from_node(n);
+                    moved.add_from_node(n);
                     if out
                         .send(Packet::data(connect_id, buf.freeze()))
                         .await
@@ -776,7 +776,7 @@ async fn run_tunnel<S: crate::dial::TunnelIo>(
             if let Err(error) = writer.write_all(&data).await {
                 return Err(TunnelEnd::Failed(error.to_string()));
             }
-            moved.to_node(data.len());
+            moved.add_to_node(data.len());
         }
         Ok(())
     };

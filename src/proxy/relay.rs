@@ -182,7 +182,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for CountedClient<'_, I> {
             if n == 0 && buf.remaining() > 0 {
                 this.moved.client_eof();
             }
-            this.moved.to_node(n);
+            this.moved.add_to_node(n);
         }
         poll
     }
@@ -197,7 +197,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for CountedClient<'_, I> {
         let this = self.get_mut();
         let poll = Pin::new(&mut *this.io).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = &poll {
-            this.moved.from_node(*n);
+            this.moved.add_from_node(*n);
         }
         poll
     }
@@ -210,7 +210,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for CountedClient<'_, I> {
         let this = self.get_mut();
         let poll = Pin::new(&mut *this.io).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = &poll {
-            this.moved.from_node(*n);
+            this.moved.add_from_node(*n);
         }
         poll
     }
@@ -372,7 +372,7 @@ pub(crate) async fn relay<I, T>(
             );
             return;
         }
-        moved.to_node(early.len());
+        moved.add_to_node(early.len());
     }
     let mut client = CountedClient {
         io: &mut client_end.io,
