@@ -432,6 +432,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn log_mode_writes_each_record_as_one_audit_event() {
+        let (log, _capture) = crate::logging::capture::JsonLog::capture();
+        let metrics = Arc::new(Metrics::new());
+        let (sink, queue) = channel(4, metrics.clone());
+        let writer = tokio::spawn(run_writer(
+            queue,
+            Output::Log,
+            Arc::new(Notify::new()),
+            Shutdown::new(),
+            Duration::from_secs(5),
+        ));
+        sink.record(record(7));
+        drop(sink);
+        writer.await.expect("writer");
+        let events = log.with_message("audit");
+        assert_eq!(events.len(), 1, "{events:?}");
+        // The JSON format leaves targets out: the message says what it is
+        // (the target, LOG_TARGET, is for log filters).
+        assert_eq!(events[0]["level"], "INFO", "{}", events[0]);
+        let record: serde_json::Value =
+            serde_json::from_str(events[0]["record"].as_str().expect("record field"))
+                .expect("the record as JSON");
+        assert_eq!(record["bytes_to_node"], 7);
+        assert_eq!(metrics.audit_records_written.get(), 1);
+    }
+
+    #[tokio::test]
     async fn an_off_sink_records_nothing() {
         let sink = AuditSink::off();
         assert!(!sink.is_on());
