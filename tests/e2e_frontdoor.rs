@@ -1171,6 +1171,25 @@ async fn the_audit_file_records_real_tunnels_and_refusals() {
         ])
         .await;
     assert_eq!(out, "pod node-2\n");
+    let read_records = |path: &Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("one JSON record per line"))
+            .collect()
+    };
+    // Both records are written (the writer does not wait for more).
+    support::poll::until(
+        "two records in the audit file",
+        IO_TIMEOUT,
+        || nt.log.dump(),
+        || async { (read_records(&audit).len() == 2).then_some(()) },
+    )
+    .await;
+    // logrotate's create mode: rename, then SIGHUP from postrotate.
+    let rotated = cluster.path("audit.jsonl.1");
+    std::fs::rename(&audit, &rotated).expect("rotate the audit file");
+    nt.signal(nix::sys::signal::Signal::SIGHUP);
     let refusal = refused(&uds, "169.254.169.254:80")
         .await
         .expect("a refusal");
@@ -1183,12 +1202,10 @@ async fn the_audit_file_records_real_tunnels_and_refusals() {
         .permissions()
         .mode()
         & 0o777;
-    assert_eq!(mode, 0o600);
-    let records: Vec<serde_json::Value> = std::fs::read_to_string(&audit)
-        .expect("audit file")
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("one JSON record per line"))
-        .collect();
+    assert_eq!(mode, 0o600, "the file created after the rotation");
+    let after = read_records(&audit);
+    assert_eq!(after.len(), 1, "{after:#?}");
+    let records = read_records(&rotated);
     let find = |listener: &str, event: &str| {
         records
             .iter()
@@ -1221,7 +1238,8 @@ async fn the_audit_file_records_real_tunnels_and_refusals() {
     );
     assert!(curl["bytes_to_node"].as_u64() > Some(0), "{curl}");
 
-    let denied = find("uds", "refusal");
+    let denied = &after[0];
+    assert_eq!(denied["event"], "refusal");
     assert_eq!(denied["destination"], "169.254.169.254:80");
     assert_eq!(denied["result"], "denied");
     assert_eq!(denied["deny_reason"], "link_local");

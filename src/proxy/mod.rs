@@ -14,6 +14,9 @@
 //!   messages and gRPC framing in [`grpc_proto`].
 //! - `tls`: the mTLS material of the TCP listener.
 //! - `uds`: the Unix socket file (permissions, stale files, removal).
+//! - `audit_trail`: each connection's audit records (who asked, the
+//!   tunnel's bytes and end), sent to [`crate::audit`]; `client_subject`:
+//!   the mTLS client certificate's subject they name.
 //! - `relay`: an established tunnel, spliced with its client; a tunnel
 //!   that does not end cleanly (cut by a lost session or a reset, aborted
 //!   at the drain deadline) closes its client connection abortively: RST
