@@ -366,6 +366,22 @@ mod tests {
     }
 
     #[test]
+    fn the_audit_table_is_checked_and_its_path_resolved() {
+        let config = parse("[audit]\nmode = \"file\"\npath = \"audit/audit.jsonl\"\n")
+            .expect("valid [audit]");
+        assert_eq!(
+            config.audit.path.as_deref(),
+            Some(Path::new("/etc/nodetunnel/audit/audit.jsonl"))
+        );
+        let e = parse("[audit]\nmode = \"file\"\n").expect_err("no path");
+        assert_eq!(e.key, "audit.path", "{e}");
+        let e = parse("[audit]\nqueue = 0\n").expect_err("empty queue");
+        assert_eq!(e.key, "audit.queue", "{e}");
+        let e = parse("[audit]\nmode = \"syslog\"\n").expect_err("unknown mode");
+        assert_eq!(e.key, "audit.mode", "{e}");
+    }
+
+    #[test]
     fn the_documented_example_parses_with_its_values() {
         let config = parse(
             r#"

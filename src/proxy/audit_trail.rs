@@ -213,3 +213,39 @@ impl Drop for OpenTunnel {
         self.sink.record(record);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stream::StreamResetReason;
+
+    #[test]
+    fn a_cut_is_named_by_the_stream_reset_label() {
+        assert_eq!(
+            cut_end(Some(StreamResetReason::SessionLost.label())),
+            End::SessionLost
+        );
+        assert_eq!(
+            cut_end(Some(StreamResetReason::WindowExceeded.label())),
+            End::Reset
+        );
+        assert_eq!(
+            cut_end(Some(StreamResetReason::ProtocolViolation.label())),
+            End::Reset
+        );
+        assert_eq!(cut_end(None), End::TunnelError);
+    }
+
+    #[test]
+    fn a_clean_end_is_named_by_the_side_that_finished_first() {
+        let moved = Moved::default();
+        assert_eq!(moved.clean_end(), End::ClientClose);
+        moved.node_eof();
+        moved.client_eof();
+        assert_eq!(moved.clean_end(), End::NodeClose);
+        let moved = Moved::default();
+        moved.client_eof();
+        moved.node_eof();
+        assert_eq!(moved.clean_end(), End::ClientClose);
+    }
+}
