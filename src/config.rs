@@ -2,8 +2,8 @@
 //!
 //! This module assembles the file from the tables their feature modules
 //! own ([`SshConfig`] in [`crate::ssh_config`], [`NodeConfig`] in
-//! [`crate::node`], `[proxy]`, `[routing]`, `[inventory]`, `[admin]` and
-//! `[readiness]` in theirs) and checks it as a whole; no feature module
+//! [`crate::node`], `[proxy]`, `[routing]`, `[inventory]`, `[admin]`,
+//! `[readiness]` and `[audit]` in theirs) and checks it as a whole; no feature module
 //! imports [`Config`] back (the manager takes a [`ManagerConfig`]).
 //!
 //! [`Config::load`] reads one TOML file and either returns a fully checked
@@ -21,6 +21,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use crate::admin::{AdminConfig, ReadinessConfig};
+use crate::audit::AuditConfig;
 use crate::client_certificate::{self, ClientCertificate};
 use crate::inventory::InventoryConfig;
 use crate::keys::{self, Identity};
@@ -58,6 +59,9 @@ pub struct Config {
     /// `[readiness]`: when /readyz says ready.
     #[serde(default)]
     pub readiness: ReadinessConfig,
+    /// `[audit]`: the audit trail.
+    #[serde(default)]
+    pub audit: AuditConfig,
     /// Where the file was read from.
     #[serde(skip)]
     pub path: PathBuf,
@@ -229,6 +233,7 @@ impl Config {
             .as_ref()
             .map(|p| resolve(base, p));
         config.admin.uds = config.admin.uds.as_ref().map(|p| resolve(base, p));
+        config.audit.path = config.audit.path.as_ref().map(|p| resolve(base, p));
         if let Some(proxy) = config.proxy.as_mut() {
             proxy.uds = proxy.uds.as_ref().map(|p| resolve(base, p));
             proxy.grpc_uds = proxy.grpc_uds.as_ref().map(|p| resolve(base, p));
@@ -323,6 +328,7 @@ impl Config {
             self.inventory.validate(),
             self.admin.validate(),
             self.readiness.validate(),
+            self.audit.validate(),
         ] {
             check
                 .map_err(|FieldError { key, reason }| ConfigError::new(&self.path, key, reason))?;
@@ -372,6 +378,22 @@ mod tests {
         parse(text)
             .expect_err("config should be refused")
             .to_string()
+    }
+
+    #[test]
+    fn the_audit_table_is_checked_and_its_path_resolved() {
+        let config = parse("[audit]\nmode = \"file\"\npath = \"audit/audit.jsonl\"\n")
+            .expect("valid [audit]");
+        assert_eq!(
+            config.audit.path.as_deref(),
+            Some(Path::new("/etc/nodetunnel/audit/audit.jsonl"))
+        );
+        let e = parse("[audit]\nmode = \"file\"\n").expect_err("no path");
+        assert_eq!(e.key, "audit.path", "{e}");
+        let e = parse("[audit]\nqueue = 0\n").expect_err("empty queue");
+        assert_eq!(e.key, "audit.queue", "{e}");
+        let e = parse("[audit]\nmode = \"syslog\"\n").expect_err("unknown mode");
+        assert_eq!(e.key, "audit.mode", "{e}");
     }
 
     #[test]

@@ -18,6 +18,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
+use nodetunnel::audit::AuditSink;
 use nodetunnel::dial::{Destination, DialError, Dialer, NodeDownCause, TunnelIo};
 use nodetunnel::metrics::Metrics;
 use nodetunnel::proxy::grpc_proto::{Packet, Payload};
@@ -227,6 +228,11 @@ struct Harness {
 }
 
 async fn start() -> Harness {
+    start_with_audit(AuditSink::off()).await
+}
+
+/// [`start`], sending audit records to `audit`.
+async fn start_with_audit(audit: AuditSink) -> Harness {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = ProxyConfig {
         grpc_uds: Some(dir.path().join("konnectivity-server.socket")),
@@ -235,7 +241,8 @@ async fn start() -> Harness {
     let metrics = Arc::new(Metrics::new());
     let door = FrontDoor::bind(&config, metrics.clone())
         .await
-        .expect("bind");
+        .expect("bind")
+        .with_audit(audit);
     let socket = door.grpc_uds_path().expect("grpc socket").to_path_buf();
     let shutdown = Shutdown::new();
     let dialer = Arc::new(FakeDialer::default());
@@ -773,5 +780,45 @@ async fn ten_thousand_single_use_tunnels_leave_no_task_descriptor_or_slot_behind
             open_fds()
         );
     }
+    h.stop().await;
+}
+
+/// The gRPC front door leaves an audit record per tunnel (the asking
+/// process, the bytes each way, a client close) and per refused dial.
+#[tokio::test]
+async fn grpc_tunnels_and_refusals_leave_audit_records() {
+    let (sink, mut records) = nodetunnel::audit::channel(8, Arc::new(Metrics::new()));
+    let h = start_with_audit(sink).await;
+    let mut tunnel = guard("dial", Tunnel::dial(&h.socket, "echo.test:80"))
+        .await
+        .expect("dial")
+        .expect("dial accepted");
+    let payload = pattern(100_000);
+    tunnel.write(&payload).await.expect("write");
+    let back = guard("echo", tunnel.read_exact(payload.len()))
+        .await
+        .expect("echo");
+    assert!(back == payload);
+    let error = guard("close", tunnel.close()).await.expect("CLOSE_RSP");
+    assert_eq!(error, "");
+    let record = guard("a record", records.recv()).await.expect("record");
+    let record: serde_json::Value = serde_json::from_str(&record.to_line()).expect("JSON");
+    assert_eq!(record["listener"], "grpc");
+    assert_eq!(record["event"], "connection");
+    assert_eq!(record["destination"], "echo.test:80");
+    assert_eq!(record["bytes_to_node"], payload.len() as u64);
+    assert_eq!(record["bytes_from_node"], payload.len() as u64);
+    assert_eq!(record["end"], "client_close");
+    assert_eq!(record["client"]["pid"], std::process::id());
+
+    let refused = guard("dial", Tunnel::dial(&h.socket, "denied.refused:443"))
+        .await
+        .expect("dial");
+    assert!(refused.is_err());
+    let record = guard("a record", records.recv()).await.expect("record");
+    let record: serde_json::Value = serde_json::from_str(&record.to_line()).expect("JSON");
+    assert_eq!(record["event"], "refusal");
+    assert_eq!(record["result"], "denied");
+    assert_eq!(record["deny_reason"], "deny_cidr");
     h.stop().await;
 }
