@@ -3,7 +3,7 @@
 # one run; prints one `metric=... nodetunnel=... openssh=... ratio=...` line
 # per metric and a markdown table.
 #
-#   bash bench/run.sh                 everything (metrics 1-6), full sizes
+#   bash bench/run.sh                 everything (metrics 1-9), full sizes
 #   bash bench/run.sh --quick         small sizes, one repetition (a smoke test)
 #   bash bench/run.sh --no-scale      skip metric 5 (idle sessions at scale)
 #   bash bench/run.sh --write-docs    also rewrite the generated block of
@@ -14,8 +14,11 @@
 # counts of metric 5), BENCH_SCALE_SSH_MAX (1000: the largest count also run
 # with one `ssh -N` per node), BENCH_NO_BUILD=1 (use the binaries as built),
 # BENCH_KEEP=1 (keep the work directory with all logs), BENCH_ONLY (a comma
-# list of single,aggregate,latency,hol,scale, or single_upload or
-# single_download: run only these metrics),
+# list of single,aggregate,latency,hol,echo,fairness,scale,small, or
+# single_upload or single_download: run only these metrics), BENCH_ECHO_BULK (own-thread:
+# where metric 7's bulk streams run in the load generator; or shared),
+# BENCH_SMALL_STREAMS (10000) and BENCH_SMALL_NODES (100): metric 9's open
+# streams and node addresses,
 # BENCH_PERF=FILE (record a perf profile of the single-session nodetunnel
 # while metrics 1-4 run, into FILE; needs perf; BENCH_PERF_ARGS adds
 # arguments to `perf record`, e.g. "-e page-faults").
@@ -41,7 +44,7 @@ for a in "$@"; do
     --no-scale) SCALE=0 ;;
     --write-docs) WRITE_DOCS=1 ;;
     -h | --help)
-        sed -n '2,20p' "$0"
+        sed -n '2,/^set -e/{/^set -e/!p}' "$0"
         exit 0
         ;;
     *)
@@ -54,21 +57,29 @@ REPS=${BENCH_REPS:-3}
 SESSIONS=${BENCH_SESSIONS:-4}
 SCALE_COUNTS=${BENCH_SCALE:-1000 5000}
 SCALE_SSH_MAX=${BENCH_SCALE_SSH_MAX:-1000}
-ONLY=${BENCH_ONLY:-single,aggregate,latency,hol,scale}
+ONLY=${BENCH_ONLY:-single,aggregate,latency,hol,echo,fairness,scale,small}
 case ",$ONLY," in *,scale,*) ;; *) SCALE=0 ;; esac
-COMPARE_ONLY=$(echo "$ONLY" | tr ',' '\n' | { grep -v '^scale$' || true; } | paste -sd, -)
+SMALL=0
+case ",$ONLY," in *,small,*) SMALL=1 ;; esac
+SMALL_STREAMS=${BENCH_SMALL_STREAMS:-10000}
+SMALL_NODES=${BENCH_SMALL_NODES:-100}
+COMPARE_ONLY=$(echo "$ONLY" | tr ',' '\n' | { grep -Ev '^(scale|small)$' || true; } | paste -sd, -)
 CIPHER=aes256-gcm@openssh.com
 if [ $QUICK = 1 ]; then
     REPS=${BENCH_REPS:-1}
-    SIZES=(--single-bytes $((64 << 20)) --aggregate-bytes-per-stream $((1 << 20)) --opens 200 --opens-secs 1 --hol-bytes $((32 << 20)))
+    SIZES=(--single-bytes $((64 << 20)) --aggregate-bytes-per-stream $((1 << 20)) --opens 200 --opens-secs 1 --hol-bytes $((32 << 20)) --echo-rounds 200 --fairness-secs 2)
     SCALE_COUNTS=${BENCH_SCALE:-100}
     SCALE_SSH_MAX=${BENCH_SCALE_SSH_MAX:-100}
+    SMALL_STREAMS=${BENCH_SMALL_STREAMS:-1000}
+    SMALL_NODES=${BENCH_SMALL_NODES:-20}
+    SMALL_SIZES=(--echo-rounds 200 --settle-secs 3)
 else
     SIZES=()
+    SMALL_SIZES=()
 fi
 # The command as run, with the knobs that change what is measured.
 COMMAND="bash bench/run.sh $*"
-for v in BENCH_REPS BENCH_SESSIONS BENCH_SCALE BENCH_SCALE_SSH_MAX BENCH_ONLY NODETUNNEL_WORKER_THREADS; do
+for v in BENCH_REPS BENCH_SESSIONS BENCH_SCALE BENCH_SCALE_SSH_MAX BENCH_ONLY BENCH_ECHO_BULK BENCH_SMALL_STREAMS BENCH_SMALL_NODES NODETUNNEL_WORKER_THREADS; do
     [ -z "${!v:-}" ] || COMMAND="$v=${!v} $COMMAND"
 done
 
@@ -100,9 +111,11 @@ fi
 WORK=$(mktemp -d /tmp/ntbench.XXXXXX)
 BED=$WORK/bed
 PIDS=()
+SMALL_SSHD_PID=
 cleanup() {
     local rc=$? p
     trap - EXIT INT TERM
+    [ -z "$SMALL_SSHD_PID" ] || kill_tree "$SMALL_SSHD_PID"
     for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
     sleep 0.5
     for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
@@ -127,6 +140,24 @@ spawn() {
     "$@" >"$log" 2>&1 &
     PIDS+=($!)
     LAST_PID=$!
+}
+
+# The pids of a process's descendants.
+descendants() {
+    local c
+    for c in $(pgrep -P "$1" 2>/dev/null || true); do
+        echo "$c"
+        descendants "$c"
+    done
+}
+
+# Stop a process and every descendant (sshd's per-session processes), by pid.
+kill_tree() {
+    local p all
+    all="$(descendants "$1") $1"
+    for p in $all; do kill -TERM "$p" 2>/dev/null || true; done
+    sleep 0.3
+    for p in $all; do kill -KILL "$p" 2>/dev/null || true; done
 }
 
 stop_pid() {
@@ -226,7 +257,7 @@ LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 RESULTS=$WORK/results.tsv
 : >"$RESULTS"
 
-# --- metrics 1-4 and 6 ---------------------------------------------------------
+# --- metrics 1-4, 6-8 -----------------------------------------------------
 PERF_PID=
 if [ -n "${BENCH_PERF:-}" ] && [ -n "$COMPARE_ONLY" ]; then
     command -v perf >/dev/null || die "BENCH_PERF needs perf (apt-get install linux-perf)"
@@ -234,13 +265,14 @@ if [ -n "${BENCH_PERF:-}" ] && [ -n "$COMPARE_ONLY" ]; then
     perf record -g ${BENCH_PERF_ARGS:-} -o "$BENCH_PERF" -p "$NT1_PID" >"$WORK/perf.log" 2>&1 &
     PERF_PID=$!
 fi
-[ -z "$COMPARE_ONLY" ] || note "metrics 1-4, 6 (reps=$REPS, only $COMPARE_ONLY)"
+[ -z "$COMPARE_ONLY" ] || note "metrics 1-4, 6-8 (reps=$REPS, only $COMPARE_ONLY)"
 [ -z "$COMPARE_ONLY" ] || ip netns exec "$CP" timeout 3600 "$BENCH" compare \
     --nt-socks5 socks5://127.0.0.1:1080 \
     --nt-http "http+unix://$WORK/nt1.sock" --nt-pid "$NT1_PID" \
     --nt-multi-socks5 socks5://127.0.0.1:1082 --nt-multi-pid "$NTM_PID" --nt-multi-sessions "$SESSIONS" \
     --ssh-socks5 socks5://127.0.0.1:1081 --ssh-pid "$SSH_PID" \
     --sink "$SINK" --source "$SOURCE" --echo "$ECHO" \
+    --echo-bulk "${BENCH_ECHO_BULK:-own-thread}" \
     --reps "$REPS" --clk-tck "$(getconf CLK_TCK)" --results "$RESULTS" --only "$COMPARE_ONLY" "${SIZES[@]}" \
     2> >(tee "$WORK/compare.log" >&2) || die "compare failed; logs in $WORK"
 
@@ -303,6 +335,113 @@ if [ $SCALE = 1 ] && [ -n "$SCALE_COUNTS" ]; then
     done
     stop_pid "$FARM_PID"
 fi
+# --- metric 9: many small streams across many nodes -----------------------------
+# One node namespace stands for SMALL_NODES nodes: it gets SMALL_NODES more
+# addresses (10.240.0.101...), a second sshd (node 1's host key) listens on
+# port 2222 of all of them (one wildcard socket: sshd takes at most 16
+# ListenAddress sockets; it forks a process per session anyway), and an echo
+# server on port 9004 of all of them. nodetunnel's inventory lists each
+# address as a node (one session each); OpenSSH gets one `ssh -N -D` per
+# address.
+SMALL_NOTE=""
+if [ $SMALL = 1 ]; then
+    [ "$SMALL_NODES" -ge 1 ] && [ "$SMALL_NODES" -le 150 ] || die "BENCH_SMALL_NODES=$SMALL_NODES: 1 to 150"
+    ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+    # The proxy, the echo server and the load generator each hold one
+    # descriptor per stream, and nodetunnel one more per node.
+    [ "$(ulimit -n)" -ge $((SMALL_STREAMS + SMALL_NODES + 1000)) ] ||
+        die "metric 9: $SMALL_STREAMS streams need more than the $(ulimit -n) descriptors allowed (ulimit -Hn $(ulimit -Hn)): lower BENCH_SMALL_STREAMS"
+    note "metric 9: $SMALL_STREAMS small streams over $SMALL_NODES nodes"
+    SMALL_ADDRS=()
+    SMALL_TARGETS=()
+    sed -e '/^ListenAddress/d' -e '/^PidFile/d' "$BED/n1/sshd_config" >"$WORK/small-sshd_config"
+    printf 'ListenAddress 0.0.0.0:2222\nPidFile %s\n' "$WORK/small-sshd.pid" >>"$WORK/small-sshd_config"
+    : >"$WORK/small_known_hosts"
+    HOSTKEY=$(awk '{print $1, $2}' "$BED/n1/ssh_host_ed25519_key.pub")
+    for k in $(seq 1 "$SMALL_NODES"); do
+        a=10.240.0.$((100 + k))
+        SMALL_ADDRS+=("$a")
+        SMALL_TARGETS+=("$a:9004")
+        ip -n "$NODE_NS" addr add "$a/32" dev eth0
+        echo "[$a]:2222 $HOSTKEY" >>"$WORK/small_known_hosts"
+    done
+    ip netns exec "$NODE_NS" /usr/sbin/sshd -f "$WORK/small-sshd_config" -E "$WORK/small-sshd.log" ||
+        die "metric 9: the second sshd did not start: $(tail -5 "$WORK/small-sshd.log")"
+    for _ in $(seq 1 50); do
+        [ -s "$WORK/small-sshd.pid" ] && break
+        sleep 0.1
+    done
+    SMALL_SSHD_PID=$(cat "$WORK/small-sshd.pid") || die "metric 9: no pid file from the second sshd"
+    spawn "$WORK/small-serve.log" ip netns exec "$NODE_NS" "$BENCH" serve --echo 0.0.0.0:9004 --lifetime-secs 3600
+    TARGETS=$(
+        IFS=,
+        echo "${SMALL_TARGETS[*]}"
+    )
+
+    # nodetunnel: one process, one session per node.
+    {
+        printf '[ssh]\nuser = "root"\nidentity = "%s"\nknown_hosts = "%s"\nhost_key_policy = "strict"\nport = 2222\nsessions_per_node = 1\n' \
+            "$WORK/id_ed25519" "$WORK/small_known_hosts"
+        printf '\n[admin]\nlisten = ""\n\n[proxy]\nsocks5 = "127.0.0.1:1090"\nmax_connections = %s\n' $((SMALL_STREAMS + 1000))
+        for k in $(seq 1 "$SMALL_NODES"); do
+            printf '\n[[nodes]]\nname = "small-%s"\naddresses = ["%s"]\n' "$k" "${SMALL_ADDRS[$((k - 1))]}"
+        done
+    } >"$WORK/small.toml"
+    spawn "$WORK/small-nt.log" ip netns exec "$CP" env -u RUST_LOG "$NT" --log-format json --log-level info \
+        serve --config "$WORK/small.toml"
+    SMALL_NT_PID=$LAST_PID
+    ip netns exec "$CP" timeout 1200 "$BENCH" small --proxies socks5://127.0.0.1:1090 --targets "$TARGETS" \
+        --streams "$SMALL_STREAMS" --mem-pids "$SMALL_NT_PID" --mem rss "${SMALL_SIZES[@]}" \
+        >"$WORK/small-nt.out" 2> >(tee "$WORK/small-nt.err" >&2) ||
+        die "metric 9 (nodetunnel) failed: $(tail -3 "$WORK/small-nt.err")"
+    stop_pid "$SMALL_NT_PID"
+    cat "$WORK/small-nt.out" >&2
+
+    # OpenSSH: one `ssh -N -D` per node, listening below the ephemeral port
+    # range (10000-65535 here), which the streams above may still hold.
+    SMALL_SSH_OPTS=("${SSH_OPTS[@]}")
+    for i in "${!SMALL_SSH_OPTS[@]}"; do
+        [ "${SMALL_SSH_OPTS[$i]}" != "UserKnownHostsFile=$NT_KNOWN_HOSTS" ] ||
+            SMALL_SSH_OPTS[i]="UserKnownHostsFile=$WORK/small_known_hosts"
+    done
+    SMALL_SSH_PIDS=()
+    SMALL_PROXIES=()
+    for k in $(seq 1 "$SMALL_NODES"); do
+        spawn "$WORK/small-ssh-$k.log" ip netns exec "$CP" ssh -N -D "127.0.0.1:$((2000 + k))" -p 2222 "${SMALL_SSH_OPTS[@]}" \
+            "root@${SMALL_ADDRS[$((k - 1))]}"
+        SMALL_SSH_PIDS+=("$LAST_PID")
+        SMALL_PROXIES+=("socks5://127.0.0.1:$((2000 + k))")
+    done
+    ip netns exec "$CP" timeout 1200 "$BENCH" small --proxies "$(
+        IFS=,
+        echo "${SMALL_PROXIES[*]}"
+    )" --targets "$TARGETS" --streams "$SMALL_STREAMS" --mem-pids "$(
+        IFS=,
+        echo "${SMALL_SSH_PIDS[*]}"
+    )" --mem pss "${SMALL_SIZES[@]}" >"$WORK/small-ssh.out" 2> >(tee "$WORK/small-ssh.err" >&2) ||
+        die "metric 9 (ssh) failed: $(tail -3 "$WORK/small-ssh.err")"
+    for p in "${SMALL_SSH_PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+    for p in "${SMALL_SSH_PIDS[@]}"; do stop_pid "$p"; done
+    cat "$WORK/small-ssh.out" >&2
+    kill_tree "$SMALL_SSHD_PID"
+    SMALL_SSHD_PID=
+
+    kv() { sed -n "s/^$1=//p" "$2"; }
+    if [ $((SMALL_STREAMS % 1000)) = 0 ]; then sname=small$((SMALL_STREAMS / 1000))k; else sname=small$SMALL_STREAMS; fi
+    NTO=$WORK/small-nt.out
+    SSHO=$WORK/small-ssh.out
+    printf '%s_KiB_per_stream\tKiB\t%s\t%s\t-\tnt: (RSS %s KiB with the streams open - %s KiB before) / %s; ssh: PSS sum of %s `ssh -N -D` (%s KiB - %s KiB) / %s\n' \
+        "$sname" "$(kv kib_per_stream "$NTO")" "$(kv kib_per_stream "$SSHO")" \
+        "$(kv mem_after_kib "$NTO")" "$(kv mem_before_kib "$NTO")" "$SMALL_STREAMS" \
+        "$SMALL_NODES" "$(kv mem_after_kib "$SSHO")" "$(kv mem_before_kib "$SSHO")" "$SMALL_STREAMS" >>"$RESULTS"
+    printf '%s_echo_p99_us\tus\t%s\t%s\tratio<=1.0\techo p50 nt %s / ssh %s us (%s / %s echoes); small messages echoed per second nt %s / ssh %s of %s offered, their p99 nt %s / ssh %s us; all opened in nt %s / ssh %s s\n' \
+        "$sname" "$(kv echo_p99_us "$NTO")" "$(kv echo_p99_us "$SSHO")" \
+        "$(kv echo_p50_us "$NTO")" "$(kv echo_p50_us "$SSHO")" "$(kv echo_rounds "$NTO")" "$(kv echo_rounds "$SSHO")" \
+        "$(kv small_msgs_per_s "$NTO")" "$(kv small_msgs_per_s "$SSHO")" "$(kv small_msgs_offered_per_s "$NTO")" \
+        "$(kv small_msg_p99_us "$NTO")" "$(kv small_msg_p99_us "$SSHO")" \
+        "$(kv opened_s "$NTO")" "$(kv opened_s "$SSHO")" >>"$RESULTS"
+    SMALL_NOTE="$SMALL_STREAMS streams over $SMALL_NODES node addresses of one node namespace (one sshd listening on port 2222 of all), 16 bytes echoed every second on each; nodetunnel one process (sessions_per_node = 1), OpenSSH one \`ssh -N -D\` per node"
+fi
 LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # --- report --------------------------------------------------------------------
@@ -321,6 +460,7 @@ RUSSH=$(sed -n 's/^version = "\(.*\)"/\1/p' "$ROOT/vendor/russh/Cargo.toml" | he
     echo "- Repetitions: $REPS (medians shown; systems take turns within a repetition)."
     echo "- nodetunnel: sessions_per_node = 1 except the \`aggregate*_MBps\` rows without \`.spn1\` (sessions_per_node = $SESSIONS)."
     [ -n "$FARM_NOTE" ] && echo "- Idle-session farm: $FARM_NOTE."
+    [ -n "$SMALL_NOTE" ] && echo "- Many small streams: $SMALL_NOTE."
     echo
     cat "$WORK/table.md"
 } >"$WORK/report.md"

@@ -2,8 +2,8 @@
 //!
 //! This module assembles the file from the tables their feature modules
 //! own ([`SshConfig`] in [`crate::ssh_config`], [`NodeConfig`] in
-//! [`crate::node`], `[proxy]`, `[routing]`, `[inventory]`, `[admin]` and
-//! `[readiness]` in theirs) and checks it as a whole; no feature module
+//! [`crate::node`], `[proxy]`, `[routing]`, `[inventory]`, `[admin]`,
+//! `[readiness]` and `[audit]` in theirs) and checks it as a whole; no feature module
 //! imports [`Config`] back (the manager takes a [`ManagerConfig`]).
 //!
 //! [`Config::load`] reads one TOML file and either returns a fully checked
@@ -21,6 +21,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use crate::admin::{AdminConfig, ReadinessConfig};
+use crate::audit::AuditConfig;
 use crate::client_certificate::{self, ClientCertificate};
 use crate::inventory::InventoryConfig;
 use crate::keys::{self, Identity};
@@ -58,6 +59,9 @@ pub struct Config {
     /// `[readiness]`: when /readyz says ready.
     #[serde(default)]
     pub readiness: ReadinessConfig,
+    /// `[audit]`: the audit trail.
+    #[serde(default)]
+    pub audit: AuditConfig,
     /// Where the file was read from.
     #[serde(skip)]
     pub path: PathBuf,
@@ -174,8 +178,23 @@ fn join_lines(text: &str) -> String {
 }
 
 impl Config {
-    /// Read, parse and check the file at `path`, and load the identity key.
+    /// Read, parse and check the file at `path`, and load the identity key;
+    /// with `[ssh.issuer]`, sign the first certificate (a CA key that cannot
+    /// be used stops the start).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Self::load_keys(path, true)
+    }
+
+    /// [`Config::load`] for SIGHUP: the identity key and `ssh.certificate`
+    /// are loaded (one that cannot be fails the reload), but with
+    /// `[ssh.issuer]` nothing is signed here (`client_certificate` stays
+    /// `None`): the running renewal task signs one for the identity in
+    /// use, so a reload signs once, not twice.
+    pub fn load_for_reload(path: &Path) -> Result<Config, ConfigError> {
+        Self::load_keys(path, false)
+    }
+
+    fn load_keys(path: &Path, sign: bool) -> Result<Config, ConfigError> {
         let mut config = Self::parse_file(path)?;
         let identity =
             keys::load_identity(&config.ssh.identity, config.ssh.passphrase_file.as_deref())
@@ -189,7 +208,7 @@ impl Config {
             .map_err(|e| ConfigError::new(path, "ssh.certificate", e.to_string()))?;
             config.client_certificate = Some(Arc::new(certificate));
         }
-        if let Some(issuer) = &config.ssh.issuer {
+        if let Some(issuer) = config.ssh.issuer.as_ref().filter(|_| sign) {
             // The first certificate, issued now: a CA key that cannot be
             // used stops the start (a renewal failure later only logs).
             let certificate =
@@ -250,6 +269,7 @@ impl Config {
             .as_ref()
             .map(|p| resolve(base, p));
         config.admin.uds = config.admin.uds.as_ref().map(|p| resolve(base, p));
+        config.audit.path = config.audit.path.as_ref().map(|p| resolve(base, p));
         if let Some(proxy) = config.proxy.as_mut() {
             proxy.uds = proxy.uds.as_ref().map(|p| resolve(base, p));
             proxy.grpc_uds = proxy.grpc_uds.as_ref().map(|p| resolve(base, p));
@@ -344,6 +364,7 @@ impl Config {
             self.inventory.validate(),
             self.admin.validate(),
             self.readiness.validate(),
+            self.audit.validate(),
         ] {
             check
                 .map_err(|FieldError { key, reason }| ConfigError::new(&self.path, key, reason))?;
@@ -393,6 +414,22 @@ mod tests {
         parse(text)
             .expect_err("config should be refused")
             .to_string()
+    }
+
+    #[test]
+    fn the_audit_table_is_checked_and_its_path_resolved() {
+        let config = parse("[audit]\nmode = \"file\"\npath = \"audit/audit.jsonl\"\n")
+            .expect("valid [audit]");
+        assert_eq!(
+            config.audit.path.as_deref(),
+            Some(Path::new("/etc/nodetunnel/audit/audit.jsonl"))
+        );
+        let e = parse("[audit]\nmode = \"file\"\n").expect_err("no path");
+        assert_eq!(e.key, "audit.path", "{e}");
+        let e = parse("[audit]\nqueue = 0\n").expect_err("empty queue");
+        assert_eq!(e.key, "audit.queue", "{e}");
+        let e = parse("[audit]\nmode = \"syslog\"\n").expect_err("unknown mode");
+        assert_eq!(e.key, "audit.mode", "{e}");
     }
 
     #[test]
@@ -579,6 +616,33 @@ pod_cidrs = ["10.244.1.0/24"]
         let e = error("[ssh]\n\"us\\ner\" = 1\n");
         assert_eq!(e.lines().count(), 1, "{e}");
         assert!(e.contains("ssh.us\\ner: "), "{e}");
+    }
+
+    #[test]
+    fn a_reload_loads_the_identity_but_signs_nothing_for_the_issuer() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::keys::generate(dir.path(), "id", "test").unwrap();
+        crate::keys::generate(dir.path(), "user_ca", "test ca").unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "[ssh]\nidentity = \"id\"\n[ssh.issuer]\nca_key = \"user_ca\"\nprincipals = [\"nodetunnel\"]\n",
+        )
+        .unwrap();
+        let started = Config::load(&path).unwrap();
+        assert!(started.client_certificate.is_some(), "the start signs");
+        let reloaded = Config::load_for_reload(&path).unwrap();
+        assert!(reloaded.identity.is_some());
+        assert!(
+            reloaded.client_certificate.is_none(),
+            "the renewal task signs on SIGHUP, not the reload's load"
+        );
+        // Without a usable CA key the start fails; the reload leaves that
+        // to the renewal task (which logs it) and applies the rest.
+        std::fs::remove_file(dir.path().join("user_ca")).unwrap();
+        let e = Config::load(&path).unwrap_err().to_string();
+        assert!(e.contains(": ssh.issuer.ca_key: "), "{e}");
+        assert!(Config::load_for_reload(&path).is_ok());
     }
 
     #[test]

@@ -294,6 +294,20 @@ impl DialError {
     }
 }
 
+/// Where a dialled stream runs, as its audit record names it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StreamFacts {
+    /// The node.
+    pub node: Option<String>,
+    /// The stream's process-unique id.
+    pub stream: Option<u64>,
+    /// The index of the node's SSH session carrying it.
+    pub session: Option<usize>,
+    /// The label of the routing rule that chose the node
+    /// ([`RouteRule::label`](crate::router::RouteRule::label)).
+    pub rule: Option<&'static str>,
+}
+
 /// A dialled stream as the front door sees it.
 pub trait TunnelIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// Resolves, with the reason, once the stream was cut on the tunnel
@@ -313,6 +327,26 @@ pub trait TunnelIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// neither.
     fn log_context(&self) -> (Option<&str>, Option<u64>) {
         (None, None)
+    }
+
+    /// Where the stream runs, for its audit record. The default has the
+    /// node and stream of [`log_context`](Self::log_context) and nothing
+    /// else.
+    fn facts(&self) -> StreamFacts {
+        let (node, stream) = self.log_context();
+        StreamFacts {
+            node: node.map(str::to_string),
+            stream,
+            ..StreamFacts::default()
+        }
+    }
+
+    /// Once the stream was reset by nodetunnel, the reset's label
+    /// (`nodetunnel_stream_resets_total{reason}`: `session_lost`,
+    /// `window_exceeded`, ...); `None` before, or for a stream that is not
+    /// reset that way (the default).
+    fn reset_label(&self) -> Option<&'static str> {
+        None
     }
 
     /// Move up to `max` bytes the stream has received onto `out`, as

@@ -43,12 +43,15 @@
 //! - [`proxy`]: the front door (HTTP CONNECT over UDS or TCP+mTLS, SOCKS5).
 //! - [`metrics`], [`logging`], [`shutdown`], [`socket_file`], [`descriptors`]: process plumbing.
 //! - [`inventory`]: where nodes come from; [`admin`]: the admin API.
+//! - [`audit`]: the audit trail (`[audit]`): one record per tunnelled
+//!   connection and per refusal.
 //! - [`dev`]: `nodetunnel dev`, an in-process cluster for trying it out.
 //! - [`cli`] and [`serve`]: the binary's commands.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod audit;
 pub mod backoff;
 pub mod cli;
 pub mod client_certificate;

@@ -642,9 +642,11 @@ impl Dialer for TunnelManager {
                 // the node's resolver never decides where the name goes.
                 let host = connect_to.map_or(host, |ip| ip.to_string());
                 tracing::debug!(dest = %dest, node = %node, rule = %rule, connect_to = %host, "route");
-                tunnel
+                let mut stream = tunnel
                     .open_stream(&host, dest.port, self.dial_timeout)
-                    .await
+                    .await?;
+                stream.set_rule(rule.label());
+                Ok(stream)
             }
             Route::AnyNode { rule } => {
                 let first = self
@@ -655,7 +657,7 @@ impl Dialer for TunnelManager {
                     })?;
                 tracing::debug!(dest = %dest, node = %first.name(), rule = %rule, "route");
                 let started = tokio::time::Instant::now();
-                match first.open_stream(&host, dest.port, self.dial_timeout).await {
+                let opened = match first.open_stream(&host, dest.port, self.dial_timeout).await {
                     Ok(stream) => Ok(stream),
                     Err(e @ (DialError::Route(_) | DialError::ShuttingDown)) => Err(e),
                     Err(e) => {
@@ -671,7 +673,10 @@ impl Dialer for TunnelManager {
                         tracing::info!(dest = %dest, node = %first.name(), retry = %second.name(), error = %e, "dial failed; trying another node");
                         second.open_stream(&host, dest.port, left).await
                     }
-                }
+                };
+                let mut stream = opened?;
+                stream.set_rule(rule.label());
+                Ok(stream)
             }
         }
     }

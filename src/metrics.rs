@@ -298,6 +298,10 @@ pub struct Metrics {
     pub proxy_connections_open: Gauge,
     /// `nodetunnel_policy_denials_total{reason}`.
     pub policy_denials: Family<ReasonLabel, Counter>,
+    /// `nodetunnel_audit_records_written_total`.
+    pub audit_records_written: Counter,
+    /// `nodetunnel_audit_records_dropped_total`.
+    pub audit_records_dropped: Counter,
     /// `nodetunnel_stream_resets_total{reason}`.
     pub stream_resets: Family<ReasonLabel, Counter>,
     /// `nodetunnel_route_conflicts{kind}`: routing conflicts in the current
@@ -429,6 +433,18 @@ impl Metrics {
             "Destinations refused by policy, by reason",
             policy_denials.clone(),
         );
+        let audit_records_written = Counter::default();
+        registry.register(
+            "audit_records_written",
+            "Audit records written to the audit file or log",
+            audit_records_written.clone(),
+        );
+        let audit_records_dropped = Counter::default();
+        registry.register(
+            "audit_records_dropped",
+            "Audit records dropped: the audit queue was full (audit.queue) or the file could not be written",
+            audit_records_dropped.clone(),
+        );
         let route_conflicts = Family::<KindLabel, Gauge>::default();
         registry.register(
             "route_conflicts",
@@ -531,6 +547,8 @@ impl Metrics {
             proxy_requests,
             proxy_connections_open,
             policy_denials,
+            audit_records_written,
+            audit_records_dropped,
             stream_resets,
             route_conflicts,
             inventory_last_sync,

@@ -21,6 +21,10 @@ use crate::metrics::Metrics;
 use crate::proxy::{FrontDoor, FrontDoorError};
 use crate::shutdown::Shutdown;
 
+/// How long the audit writer waits, beyond the drain, for the records of
+/// the last connections before it stops.
+const AUDIT_LINGER: Duration = Duration::from_secs(5);
+
 /// Run until SIGTERM or SIGINT; exit 0 after draining.
 pub async fn run(config_path: &Path) -> ExitCode {
     let result = match Server::start(config_path).await {
@@ -53,6 +57,9 @@ pub enum StartError {
     /// The admin API could not bind its listeners.
     #[error(transparent)]
     Admin(#[from] AdminError),
+    /// The audit file could not be opened.
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditFileError),
 }
 
 /// Why [`Server::run_until_signal`] could not serve: a signal handler
@@ -103,6 +110,8 @@ pub struct Server {
     inventory_reload: Arc<Notify>,
     /// Asks the `[ssh.issuer]` renewal task for a new certificate now.
     certificate_reissue: Arc<Notify>,
+    /// Asks the audit writer to reopen its file (SIGHUP).
+    audit_reopen: Arc<Notify>,
     listeners: Listeners,
     tasks: Vec<JoinHandle<()>>,
     drain: Duration,
@@ -121,9 +130,31 @@ impl Server {
         let mut listeners = Listeners::default();
         let mut tasks = Vec::new();
 
+        // [audit]: the file is opened before any listener, so that a path
+        // that cannot be written stops the start. The writer outlives the
+        // front door's drain to write the records of drained connections.
+        let audit_reopen = Arc::new(Notify::new());
+        let audit = match crate::audit::Output::open(&config.audit)? {
+            Some(output) => {
+                let (sink, queue) = crate::audit::channel(config.audit.queue, metrics.clone());
+                tasks.push(tokio::spawn(crate::audit::run_writer(
+                    queue,
+                    output,
+                    audit_reopen.clone(),
+                    shutdown.clone(),
+                    drain + AUDIT_LINGER,
+                )));
+                tracing::info!(mode = ?config.audit.mode, path = ?config.audit.path, "audit trail on");
+                sink
+            }
+            None => crate::audit::AuditSink::off(),
+        };
+
         match &config.proxy {
             Some(proxy) => {
-                let door = FrontDoor::bind(proxy, metrics.clone()).await?;
+                let door = FrontDoor::bind(proxy, metrics.clone())
+                    .await?
+                    .with_audit(audit);
                 listeners.proxy_uds = door.uds_path().map(PathBuf::from);
                 listeners.proxy_tcp = door.tcp_addr();
                 listeners.socks5 = door.socks5_addr();
@@ -253,6 +284,7 @@ impl Server {
             shutdown,
             inventory_reload,
             certificate_reissue,
+            audit_reopen,
             listeners,
             tasks,
             drain,
@@ -309,10 +341,12 @@ impl Server {
     fn reload(&self) {
         let running = &self.config;
         let manager = &self.manager;
+        // logrotate's postrotate: whatever the file says.
+        self.audit_reopen.notify_one();
         if running.inventory.source != InventorySource::Static {
             self.inventory_reload.notify_one();
         }
-        let fresh = match Config::load(&self.config_path) {
+        let fresh = match Config::load_for_reload(&self.config_path) {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(error = %e, "SIGHUP: configuration not reloaded; keeping the running one");
@@ -366,6 +400,9 @@ impl Server {
         }
         if fresh.admin != running.admin || fresh.readiness != running.readiness {
             restart_needed.push("[admin]/[readiness]");
+        }
+        if fresh.audit != running.audit {
+            restart_needed.push("[audit]");
         }
         let mut ssh_then = running.ssh.clone();
         ssh_then.identity = fresh.ssh.identity.clone();

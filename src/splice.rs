@@ -25,11 +25,17 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::dial::TunnelIo;
 
-/// Bytes in flight per direction: the client-to-tunnel buffer, and the most
-/// taken from the stream before it was written to the client. 64 KiB keeps
-/// syscalls per SSH packet (32 KiB) low while bounding memory: 128 KiB per
-/// spliced connection.
+/// Bytes in flight per direction: the client-to-tunnel buffer at its
+/// largest, and the most taken from the stream before it was written to the
+/// client. 64 KiB keeps syscalls per SSH packet (32 KiB) low while bounding
+/// memory: 128 KiB per busy spliced connection.
 pub const SPLICE_BUFFER: usize = 64 * 1024;
+
+/// The client-to-tunnel buffer a connection starts with. It grows (x4, up
+/// to [`SPLICE_BUFFER`]) when a read fills it, so a connection that only
+/// ever sends a few bytes (a `kubectl logs -f`, an idle `exec`) holds 4 KiB,
+/// not 64 KiB, and an upload reaches full size after two reads.
+pub const SPLICE_BUFFER_INITIAL: usize = 4 * 1024;
 
 /// Chunks in one vectored write to the client, at most.
 const MAX_SLICES: usize = 16;
@@ -75,7 +81,7 @@ where
     T: TunnelIo + ?Sized,
 {
     let mut up = Direction::new(Buffered {
-        buf: vec![0; SPLICE_BUFFER].into_boxed_slice(),
+        buf: vec![0; SPLICE_BUFFER_INITIAL].into_boxed_slice(),
         pos: 0,
         filled: 0,
     });
@@ -206,6 +212,14 @@ where
         let mut read = ReadBuf::new(&mut self.buf);
         ready!(Pin::new(&mut *reader).poll_read(cx, &mut read))?;
         let n = read.filled().len();
+        if n == self.buf.len() && n < SPLICE_BUFFER {
+            // Full: the client sends more than a few bytes. The bytes just
+            // read move into the larger buffer (once or twice per
+            // connection).
+            let mut larger = vec![0; (n * 4).min(SPLICE_BUFFER)].into_boxed_slice();
+            larger[..n].copy_from_slice(&self.buf[..n]);
+            self.buf = larger;
+        }
         self.pos = 0;
         self.filled = n;
         Poll::Ready(Ok(n))
@@ -299,6 +313,74 @@ mod tests {
                 tunnel_to_client: 5
             }
         );
+    }
+
+    /// Fill `held` once from `reader`, which has data ready.
+    fn fill(held: &mut Buffered, reader: &mut &[u8]) -> usize {
+        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+        match Held::<&[u8], Vec<u8>>::poll_fill(held, &mut cx, reader) {
+            Poll::Ready(Ok(n)) => n,
+            other => panic!("a ready reader gave {other:?}"),
+        }
+    }
+
+    fn initial_buffer() -> Buffered {
+        Buffered {
+            buf: vec![0; SPLICE_BUFFER_INITIAL].into_boxed_slice(),
+            pos: 0,
+            filled: 0,
+        }
+    }
+
+    #[test]
+    fn a_client_that_sends_a_few_bytes_keeps_the_small_buffer() {
+        let mut held = initial_buffer();
+        for _ in 0..10 {
+            let mut reader: &[u8] = b"0123456789abcdef";
+            assert_eq!(fill(&mut held, &mut reader), 16);
+            held.pos = held.filled;
+        }
+        assert_eq!(held.buf.len(), SPLICE_BUFFER_INITIAL);
+    }
+
+    #[test]
+    fn the_buffer_grows_to_the_full_size_when_reads_fill_it_and_keeps_the_bytes() {
+        let payload: Vec<u8> = (0..SPLICE_BUFFER * 2).map(|i| (i % 251) as u8).collect();
+        let mut reader: &[u8] = &payload;
+        let mut held = initial_buffer();
+        let mut sizes = Vec::new();
+        let mut got = Vec::new();
+        while !reader.is_empty() {
+            let n = fill(&mut held, &mut reader);
+            got.extend_from_slice(&held.buf[..n]);
+            held.pos = held.filled;
+            sizes.push(held.buf.len());
+        }
+        assert_eq!(got, payload);
+        assert_eq!(&sizes[..3], &[16 * 1024, SPLICE_BUFFER, SPLICE_BUFFER]);
+    }
+
+    #[tokio::test]
+    async fn an_upload_larger_than_the_buffer_arrives_whole_and_in_order() {
+        let payload: Vec<u8> = (0..(5 * SPLICE_BUFFER + 123))
+            .map(|i| (i % 253) as u8)
+            .collect();
+        let (mut client, mut client_end) = tokio::io::duplex(8 * 1024);
+        let (mut tunnel, mut tunnel_end) = tokio::io::duplex(8 * 1024);
+        let task = tokio::spawn(async move { splice(&mut client_end, &mut tunnel_end).await });
+        let sent = payload.clone();
+        let writer = tokio::spawn(async move {
+            client.write_all(&sent).await.unwrap();
+            client.shutdown().await.unwrap();
+            client
+        });
+        let mut got = Vec::new();
+        tunnel.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, payload);
+        drop(tunnel);
+        drop(writer.await.unwrap());
+        let moved = task.await.unwrap().unwrap();
+        assert_eq!(moved.client_to_tunnel, payload.len() as u64);
     }
 
     #[tokio::test]

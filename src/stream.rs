@@ -748,6 +748,10 @@ pub struct TunnelStream {
     write: ChannelWriteHalf<Msg>,
     tx: Pin<Box<dyn AsyncWrite + Send + Sync>>,
     _guard: OpenGuard,
+    /// The index of the node's session carrying it, once known.
+    session: Option<usize>,
+    /// The label of the routing rule that chose the node, once known.
+    rule: Option<&'static str>,
 }
 
 impl std::fmt::Debug for TunnelStream {
@@ -777,7 +781,21 @@ impl TunnelStream {
             write,
             tx,
             _guard: guard,
+            session: None,
+            rule: None,
         }
+    }
+
+    /// Note the index of the node's SSH session carrying the stream (its
+    /// audit record names it).
+    pub fn set_session(&mut self, index: usize) {
+        self.session = Some(index);
+    }
+
+    /// Note the routing rule that chose the node (its
+    /// [`RouteRule::label`](crate::router::RouteRule::label)).
+    pub fn set_rule(&mut self, rule: &'static str) {
+        self.rule = Some(rule);
     }
 
     /// Process-unique stream id (the `stream` field of log lines).
@@ -794,6 +812,20 @@ impl TunnelStream {
 impl crate::dial::TunnelIo for TunnelStream {
     fn log_context(&self) -> (Option<&str>, Option<u64>) {
         (Some(&self.shared.node), Some(self.shared.id))
+    }
+
+    fn facts(&self) -> crate::dial::StreamFacts {
+        crate::dial::StreamFacts {
+            node: Some(self.shared.node.to_string()),
+            stream: Some(self.shared.id),
+            session: self.session,
+            rule: self.rule,
+        }
+    }
+
+    fn reset_label(&self) -> Option<&'static str> {
+        let inbound = self.shared.inbound.lock().ok()?;
+        inbound.reset.as_ref().map(|(reason, _)| reason.label())
     }
 
     fn cut(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = String> + Send + 'static>> {

@@ -119,6 +119,8 @@ impl Slot {
 struct LiveSession {
     session: session::Session,
     streams: Arc<AtomicUsize>,
+    /// Its slot index (0..`ssh.sessions_per_node`).
+    index: usize,
 }
 
 struct Status {
@@ -455,7 +457,9 @@ impl Tunnel {
         match result {
             Ok(channel) => {
                 inbound.confirm();
-                Ok(TunnelStream::new(channel, slot, inbound))
+                let mut stream = TunnelStream::new(channel, slot, inbound);
+                stream.set_session(live.index);
+                Ok(stream)
             }
             Err(e) => {
                 // A confirmation may still come after a timeout: its data
@@ -635,6 +639,7 @@ impl Tunnel {
                     let live = Arc::new(LiveSession {
                         session,
                         streams: Arc::new(AtomicUsize::new(0)),
+                        index: slot,
                     });
                     self.update(|s| {
                         s.handshakes += 1;

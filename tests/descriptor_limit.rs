@@ -99,10 +99,10 @@ fn an_inventory_beyond_a_lowered_limit_is_reported_once_with_the_fix() {
             break;
         }
     }
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
+    // Its way of stopping is not what this test is about (a SIGTERM this
+    // early can land before the signal handlers are installed).
+    let _ = child.kill();
+    let _ = child.wait();
 
     let raised = events
         .iter()
@@ -137,7 +137,4 @@ fn an_inventory_beyond_a_lowered_limit_is_reported_once_with_the_fix() {
     for fix in ["LimitNOFILE=", "--ulimit nofile="] {
         assert!(message.contains(fix), "{fix} missing: {message}");
     }
-
-    let status = child.wait().expect("nodetunnel serve exits");
-    assert!(status.success(), "{status}\n{log}");
 }

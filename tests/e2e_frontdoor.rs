@@ -1129,3 +1129,118 @@ async fn grpc_moves_100_mb_byte_exact_both_ways() {
     );
     blocking(|| nt.stop());
 }
+
+/// `[audit] mode = "file"` against real sshd: the apiserver's CONNECT over
+/// the Unix socket leaves a record naming the node, the routing rule, the
+/// asking process and the exact bytes each way; curl's CONNECT over TCP
+/// one naming its address and node; a policy refusal one with its reason.
+/// The file is 0600 and the records are flushed by the graceful stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_file_records_real_tunnels_and_refusals() {
+    use std::os::unix::fs::PermissionsExt;
+    let cluster = blocking(Cluster::up);
+    let audit = cluster.path("audit.jsonl");
+    let proxy = format!(
+        "{}\n[audit]\nmode = \"file\"\npath = {audit:?}\n",
+        cluster.plain_proxy("audit")
+    );
+    let nt = blocking(|| NodeTunnel::start(&cluster, "audit", &proxy));
+    let uds = cluster.path("audit.sock");
+    let pod_ip = cluster.bed.node(2).pod_ip;
+    let pod_target = format!("{pod_ip}:{POD_PORT}");
+
+    // One request, the response read to its end: exact byte counts.
+    let mut s = tunnel(&uds, &pod_target).await.expect("tunnel to the pod");
+    let request = format!("GET / HTTP/1.1\r\nHost: {pod_ip}\r\nConnection: close\r\n\r\n");
+    s.write_all(request.as_bytes()).await.expect("write");
+    let mut response = Vec::new();
+    tokio::time::timeout(IO_TIMEOUT, s.read_to_end(&mut response))
+        .await
+        .expect("the response within IO_TIMEOUT")
+        .expect("read the response");
+    assert!(response.ends_with(b"pod node-2\n"), "{response:?}");
+    drop(s);
+
+    let out = cluster
+        .curl_ok(&[
+            "--fail",
+            "--proxytunnel",
+            "-x",
+            &format!("http://127.0.0.1:{TCP_PORT}"),
+            &format!("http://{pod_target}/"),
+        ])
+        .await;
+    assert_eq!(out, "pod node-2\n");
+    let read_records = |path: &Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("one JSON record per line"))
+            .collect()
+    };
+    // Both records are written (the writer does not wait for more).
+    support::poll::until(
+        "two records in the audit file",
+        IO_TIMEOUT,
+        || nt.log.dump(),
+        || async { (read_records(&audit).len() == 2).then_some(()) },
+    )
+    .await;
+    // logrotate's create mode: rename, then SIGHUP from postrotate.
+    let rotated = cluster.path("audit.jsonl.1");
+    std::fs::rename(&audit, &rotated).expect("rotate the audit file");
+    nt.signal(nix::sys::signal::Signal::SIGHUP);
+    let refusal = refused(&uds, "169.254.169.254:80")
+        .await
+        .expect("a refusal");
+    assert_eq!(refusal.status, 403);
+    // SIGTERM: the writer writes what is queued before the exit.
+    blocking(|| nt.stop());
+
+    let mode = std::fs::metadata(&audit)
+        .expect("audit file")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600, "the file created after the rotation");
+    let after = read_records(&audit);
+    assert_eq!(after.len(), 1, "{after:#?}");
+    let records = read_records(&rotated);
+    let find = |listener: &str, event: &str| {
+        records
+            .iter()
+            .find(|r| r["listener"] == listener && r["event"] == event)
+            .unwrap_or_else(|| panic!("no {listener} {event} record in {records:#?}"))
+    };
+    let apiserver = find("uds", "connection");
+    assert_eq!(apiserver["destination"], pod_target.as_str());
+    assert_eq!(apiserver["node"], "node-2");
+    assert_eq!(apiserver["rule"], "pod_cidr");
+    assert_eq!(apiserver["result"], "ok");
+    assert_eq!(apiserver["bytes_to_node"], request.len() as u64);
+    assert_eq!(apiserver["bytes_from_node"], response.len() as u64);
+    assert_eq!(apiserver["end"], "node_close");
+    assert_eq!(apiserver["session"], 0);
+    assert_eq!(apiserver["client"]["pid"], std::process::id());
+    assert_eq!(apiserver["client"]["uid"], nix::unistd::getuid().as_raw());
+
+    let curl = find("tcp", "connection");
+    assert_eq!(curl["node"], "node-2");
+    assert!(
+        curl["client"]["address"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("127.0.0.1:")),
+        "{curl}"
+    );
+    assert!(
+        curl["bytes_from_node"].as_u64() > Some(out.len() as u64),
+        "{curl}"
+    );
+    assert!(curl["bytes_to_node"].as_u64() > Some(0), "{curl}");
+
+    let denied = &after[0];
+    assert_eq!(denied["event"], "refusal");
+    assert_eq!(denied["destination"], "169.254.169.254:80");
+    assert_eq!(denied["result"], "denied");
+    assert_eq!(denied["deny_reason"], "link_local");
+}

@@ -8,6 +8,7 @@ use std::io;
 use std::net::{SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -219,6 +220,33 @@ pub async fn write_n<W: AsyncWrite + Unpin>(w: &mut W, pattern: &[u8], n: u64) -
         left -= len as u64;
     }
     Ok(())
+}
+
+/// Write `pattern` to `up` over and over, adding each write to `moved`,
+/// until an error (an open-ended upload: the caller drops it to stop).
+pub async fn pump_up(up: &mut Conn, pattern: &[u8], moved: &AtomicU64) -> io::Result<()> {
+    let mut off = 0usize;
+    loop {
+        let len = CHUNK.min(pattern.len() - off);
+        up.write_all(&pattern[off..off + len]).await?;
+        off = (off + len) % pattern.len();
+        moved.fetch_add(len as u64, Ordering::Relaxed);
+    }
+}
+
+/// Ask the source for `ask` bytes and read them, adding each read to
+/// `moved`; EOF is an error (the caller stops the download by dropping it,
+/// long before `ask` bytes).
+pub async fn pump_down(down: &mut Conn, ask: u64, moved: &AtomicU64) -> io::Result<()> {
+    down.write_all(&ask.to_be_bytes()).await?;
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let n = down.read(&mut buf).await?;
+        if n == 0 {
+            return Err(err("the source's stream ended early"));
+        }
+        moved.fetch_add(n as u64, Ordering::Relaxed);
+    }
 }
 
 /// Read to EOF; the byte count.

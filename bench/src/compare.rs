@@ -1,4 +1,4 @@
-//! `compare`: metrics 1-4 and 6, nodetunnel against `ssh -D`, in one run.
+//! `compare`: metrics 1-4 and 6-8, nodetunnel against `ssh -D`, in one run.
 //!
 //! Every measurement is repeated `--reps` times; within a repetition the
 //! systems take turns (the order rotates from one repetition to the next),
@@ -19,8 +19,10 @@ use tokio::sync::Barrier;
 
 use crate::args::Args;
 use crate::client::{self, close, open, pattern, read_to_eof, write_n, Proxy, CHUNK};
+use crate::echo_load;
+use crate::fairness;
 use crate::procstat::{context_switches, cpu_seconds};
-use crate::stats::{median, percentile, sorted};
+use crate::stats::{jain, median, percentile, sorted};
 
 /// One system under test: a proxy and the process that does the work.
 #[derive(Clone)]
@@ -408,7 +410,7 @@ pub async fn run(args: &Args) -> Result<(), String> {
     };
     let only: Vec<String> = args
         .get("only")
-        .unwrap_or("single,aggregate,latency,hol")
+        .unwrap_or("single,aggregate,latency,hol,echo,fairness")
         .split(',')
         .map(str::to_string)
         .collect();
@@ -420,6 +422,13 @@ pub async fn run(args: &Args) -> Result<(), String> {
     let clients: usize = args.get_parse("clients", 64usize)?;
     let opens_secs: f64 = args.get_parse("opens-secs", 5.0f64)?;
     let hol_bytes: u64 = args.get_parse("hol-bytes", 256u64 << 20)?;
+    let echo_pace = echo_load::Pace {
+        bulk_on: args.get_parse("echo-bulk", echo_load::BulkOn::OwnThread)?,
+        rounds: args.get_parse("echo-rounds", 1000usize)?.max(1),
+        every: Duration::from_secs_f64(args.get_parse("echo-every-ms", 2.0f64)? / 1e3),
+    };
+    let fair_streams: usize = args.get_parse("fairness-streams", 8usize)?.max(1);
+    let fair_secs: f64 = args.get_parse("fairness-secs", 5.0f64)?;
     let reps = ctx.reps;
 
     // Warm-up: a few opens and a small transfer through each system.
@@ -718,7 +727,175 @@ pub async fn run(args: &Args) -> Result<(), String> {
             &format!("nt {} / ssh {}", fmt_raw(&k0), fmt_raw(&k1)),
         );
     }
+
+    if want("echo") {
+        // Metric 7: a one-byte echo on an open stream, idle and beside a
+        // bulk upload and a bulk download on the same proxy and node.
+        let systems = [ctx.nt.clone(), ctx.nt_http.clone(), ctx.ssh.clone()];
+        let mut idle50: [Vec<f64>; 3] = Default::default();
+        let mut load50: [Vec<f64>; 3] = Default::default();
+        let mut load99: [Vec<f64>; 3] = Default::default();
+        let mut bulk: [Vec<String>; 3] = Default::default();
+        for rep in 0..reps {
+            for i in rotate(&[0usize, 1, 2], rep) {
+                let s = &systems[i];
+                let r = echo_load::run(
+                    &s.proxy,
+                    ctx.echo,
+                    ctx.sink,
+                    ctx.source,
+                    ctx.pattern.clone(),
+                    echo_pace,
+                )
+                .await
+                .map_err(|e| format!("{} echo under load: {e}", s.label))?;
+                let (idle, load) = (sorted(r.idle_us), sorted(r.load_us));
+                log(format!(
+                    "echo x{} every {:?} (bulk: {:?}) {} rep {rep}: idle p50 {:.0} us, p99 {:.0} us; \
+                     under load p50 {:.0} us, p90 {:.0} us, p99 {:.0} us, max {:.0} us; \
+                     bulk meanwhile {:.1} MB/s up, {:.1} MB/s down",
+                    echo_pace.rounds,
+                    echo_pace.every,
+                    echo_pace.bulk_on,
+                    s.label,
+                    percentile(&idle, 50.0),
+                    percentile(&idle, 99.0),
+                    percentile(&load, 50.0),
+                    percentile(&load, 90.0),
+                    percentile(&load, 99.0),
+                    load.last().copied().unwrap_or(f64::NAN),
+                    r.upload_mbps,
+                    r.download_mbps,
+                ));
+                idle50[i].push(percentile(&idle, 50.0));
+                load50[i].push(percentile(&load, 50.0));
+                load99[i].push(percentile(&load, 99.0));
+                bulk[i].push(format!("{:.0}/{:.0}", r.upload_mbps, r.download_mbps));
+                // Let the proxy tear the two bulk streams down.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+        for (suffix, i) in [("", 0usize), (".http_connect", 1)] {
+            let goal = if suffix.is_empty() { "ratio<=1.0" } else { "-" };
+            let raw = |v: &[Vec<f64>; 3]| {
+                format!(
+                    "{} {} / ssh {}",
+                    systems[i].label,
+                    fmt_raw(&v[i]),
+                    fmt_raw(&v[2])
+                )
+            };
+            ctx.row(
+                &format!("echo_idle_p50_us{suffix}"),
+                "us",
+                median(&idle50[i]),
+                median(&idle50[2]),
+                "-",
+                &raw(&idle50),
+            );
+            ctx.row(
+                &format!("echo_load_p50_us{suffix}"),
+                "us",
+                median(&load50[i]),
+                median(&load50[2]),
+                goal,
+                &format!(
+                    "{}; bulk MB/s up/down meanwhile: {} {} / ssh {}",
+                    raw(&load50),
+                    systems[i].label,
+                    bulk[i].join(","),
+                    bulk[2].join(",")
+                ),
+            );
+            ctx.row(
+                &format!("echo_load_p99_us{suffix}"),
+                "us",
+                median(&load99[i]),
+                median(&load99[2]),
+                goal,
+                &raw(&load99),
+            );
+        }
+    }
+
+    if want("fairness") {
+        // Metric 8: `fair_streams` bulk streams at once on one session.
+        let systems = [ctx.nt.clone(), ctx.ssh.clone()];
+        let window = Duration::from_secs_f64(fair_secs);
+        for upload in [false, true] {
+            let dir = if upload { "upload" } else { "download" };
+            let dst = if upload { ctx.sink } else { ctx.source };
+            let mut jains: [Vec<f64>; 2] = Default::default();
+            let mut totals: [Vec<f64>; 2] = Default::default();
+            let mut shares: [Vec<String>; 2] = Default::default();
+            for rep in 0..reps {
+                for i in rotate(&[0usize, 1], rep) {
+                    let s = &systems[i];
+                    let per = fairness::run(
+                        &s.proxy,
+                        dst,
+                        upload,
+                        fair_streams,
+                        Duration::from_secs(1),
+                        window,
+                        ctx.pattern.clone(),
+                    )
+                    .await
+                    .map_err(|e| format!("{} fairness {dir}: {e}", s.label))?;
+                    let total: f64 = per.iter().sum();
+                    let mean = total / per.len() as f64;
+                    let min = per.iter().copied().fold(f64::INFINITY, f64::min) / mean;
+                    let max = per.iter().copied().fold(0.0, f64::max) / mean;
+                    let j = jain(&per);
+                    log(format!(
+                        "fairness {dir} x{fair_streams} {} rep {rep}: Jain {j:.3}, {total:.1} MB/s in all, \
+                         min {min:.2} / max {max:.2} of an equal share; per stream MB/s {}",
+                        s.label,
+                        fmt_raw(&per)
+                    ));
+                    jains[i].push(j);
+                    totals[i].push(total);
+                    shares[i].push(format!("{min:.2}-{max:.2}"));
+                    // Let the proxy tear the streams down.
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+            ctx.row(
+                &format!("fairness{fair_streams}_{dir}_jain"),
+                "index",
+                median(&jains[0]),
+                median(&jains[1]),
+                "nt>=0.95",
+                &format!(
+                    "nt {} / ssh {}; min-max of an equal share: nt {} / ssh {}",
+                    fmt_raw3(&jains[0]),
+                    fmt_raw3(&jains[1]),
+                    shares[0].join(","),
+                    shares[1].join(",")
+                ),
+            );
+            ctx.row(
+                &format!("fairness{fair_streams}_{dir}_MBps"),
+                "MB/s",
+                median(&totals[0]),
+                median(&totals[1]),
+                "-",
+                &format!(
+                    "all {fair_streams} streams over {fair_secs} s after 1 s of warm-up; nt {} / ssh {}",
+                    fmt_raw(&totals[0]),
+                    fmt_raw(&totals[1])
+                ),
+            );
+        }
+    }
     Ok(())
+}
+
+fn fmt_raw3(v: &[f64]) -> String {
+    v.iter()
+        .map(|x| format!("{x:.3}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn fmt_raw2(v: &[f64]) -> String {

@@ -8,13 +8,15 @@
 //! - `wait`: retry one echo round trip through a proxy until it works (a
 //!   readiness probe for `nodetunnel serve` and `ssh -D`).
 //! - `transfer`: one upload or download through a proxy, by hand.
-//! - `compare`: metrics 1-4 and 6 through nodetunnel (SOCKS5 and HTTP
+//! - `compare`: metrics 1-4 and 6-8 through nodetunnel (SOCKS5 and HTTP
 //!   CONNECT) and through `ssh -D` (SOCKS5); prints one
 //!   `metric=... nodetunnel=... openssh=... ratio=...` line per metric and
 //!   writes a markdown table.
 //! - `report`: the metric lines and the markdown table from a results file.
 //! - `scale-config`, `scale-nt`, `scale-ssh`: metric 5, idle sessions at
 //!   scale against the farm (see `scale.rs`).
+//! - `small`: metric 9, many small streams held open across many nodes
+//!   (see `small.rs`).
 //! - `farm` (feature `farm`): an SSH server accepting sessions on every
 //!   address of 127.0.0.0/8 at one port, for the scale benchmark.
 //!
@@ -24,18 +26,21 @@
 mod args;
 mod client;
 mod compare;
+mod echo_load;
+mod fairness;
 #[cfg(feature = "farm")]
 mod farm;
 mod procstat;
 mod report;
 mod scale;
 mod serve;
+mod small;
 mod stats;
 
 use std::process::ExitCode;
 
 fn usage() -> &'static str {
-    "usage: nodetunnel-bench serve|wait|transfer|compare|report|scale-config|scale-nt|scale-ssh|farm [--key value ...]\n\
+    "usage: nodetunnel-bench serve|wait|transfer|compare|report|scale-config|scale-nt|scale-ssh|small|farm [--key value ...]\n\
      see bench/README.md"
 }
 
@@ -87,6 +92,7 @@ fn main() -> ExitCode {
             "scale-config" => scale::config(&args).await,
             "scale-nt" => scale::nt(&args).await,
             "scale-ssh" => scale::ssh(&args).await,
+            "small" => small::run(&args).await,
             "report" => report::run(&args),
             #[cfg(feature = "farm")]
             "farm" => farm::run(&args).await,

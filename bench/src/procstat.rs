@@ -43,6 +43,17 @@ pub fn rss_kib(pid: u32) -> Result<u64, String> {
     status_kib(pid, "VmRSS")
 }
 
+/// Proportional set size (shared pages divided among the processes that
+/// map them), from /proc/PID/smaps_rollup, in KiB.
+pub fn pss_kib(pid: u32) -> Result<u64, String> {
+    let path = format!("/proc/{pid}/smaps_rollup");
+    let s = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| format!("{path}: no Pss line"))
+}
+
 /// Context switches (voluntary + involuntary) of every thread of a process
 /// so far: how often it slept or was preempted, a proxy for hand-offs
 /// between threads.

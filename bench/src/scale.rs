@@ -24,7 +24,7 @@ use tokio::process::Command;
 use tokio::sync::Semaphore;
 
 use crate::args::Args;
-use crate::procstat::{cpu_seconds, rss_kib};
+use crate::procstat::{cpu_seconds, pss_kib, rss_kib};
 
 /// The address of farm node `i` (0-based): 127.100.(i/200).(i%200+1).
 pub fn node_addr(i: usize) -> String {
@@ -199,13 +199,6 @@ fn alive(pid: u32) -> bool {
             .unwrap_or(false),
         Err(_) => false,
     }
-}
-
-fn pss_kib(pid: u32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
-    s.lines()
-        .find_map(|l| l.strip_prefix("Pss:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 pub async fn ssh(args: &Args) -> Result<(), String> {

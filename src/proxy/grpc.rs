@@ -101,12 +101,14 @@ use tokio::task::JoinSet;
 use tracing::field::Empty as EmptyField;
 use tracing::{Instrument, Span};
 
+use super::audit_trail::{cut_end, Asker, OpenTunnel};
 use super::grpc_proto::{
     CloseDial, CloseRequest, Data, DialRequest, MessageDecoder, Packet, Payload, PROXY_METHOD_PATH,
 };
 use super::relay::ClientIo;
 use super::{conn_span, parse_connect_target, Context, ListenerKind};
-use crate::dial::{DialError, Dialer};
+use crate::audit::End;
+use crate::dial::{Destination, DialError, Dialer};
 
 /// Most bytes in one `DATA` packet towards the client.
 pub const MAX_DATA_BYTES: usize = 32 * 1024;
@@ -245,8 +247,13 @@ struct NewStream {
 /// Serve one Unix socket connection: HTTP/2, `Proxy` streams.
 /// `admitted` false means over `max_connections`: every request gets
 /// `RESOURCE_EXHAUSTED`. `dials` bounds the open tunnels.
-pub(crate) async fn serve<I, D>(io: I, ctx: &Arc<Context<D>>, admitted: bool, dials: Arc<Semaphore>)
-where
+pub(crate) async fn serve<I, D>(
+    io: I,
+    ctx: &Arc<Context<D>>,
+    admitted: bool,
+    dials: Arc<Semaphore>,
+    asker: Asker,
+) where
     I: ClientIo,
     D: Dialer,
 {
@@ -282,7 +289,7 @@ where
                 break;
             }
             Some(new) = streams_rx.recv() => {
-                let stream = run_stream(new, ctx.clone(), dials.clone());
+                let stream = run_stream(new, ctx.clone(), dials.clone(), asker.clone());
                 streams.spawn(stream.instrument(Span::current()));
             }
             Some(_) = streams.join_next(), if !streams.is_empty() => {
@@ -358,6 +365,8 @@ fn route(
 /// A dial that finished, for its stream's task.
 struct DialDone<S> {
     random: i64,
+    dest: Destination,
+    started: std::time::Instant,
     result: Result<S, DialError>,
     permit: OwnedSemaphorePermit,
     span: Span,
@@ -375,6 +384,8 @@ struct ProxyStream<D: Dialer> {
     tunnels: JoinSet<i64>,
     dialed_tx: mpsc::Sender<DialDone<D::Stream>>,
     draining: bool,
+    /// The connection's client, for audit records.
+    asker: Asker,
 }
 
 /// Why a stream ends.
@@ -389,7 +400,12 @@ enum StreamEnd {
     Drained,
 }
 
-async fn run_stream<D: Dialer>(new: NewStream, ctx: Arc<Context<D>>, dials: Arc<Semaphore>) {
+async fn run_stream<D: Dialer>(
+    new: NewStream,
+    ctx: Arc<Context<D>>,
+    dials: Arc<Semaphore>,
+    asker: Asker,
+) {
     let NewStream { mut body, out } = new;
     let (dialed_tx, mut dialed_rx) = mpsc::channel(MAX_STREAMS as usize);
     let mut stream = ProxyStream {
@@ -401,6 +417,7 @@ async fn run_stream<D: Dialer>(new: NewStream, ctx: Arc<Context<D>>, dials: Arc<
         tunnels: JoinSet::new(),
         dialed_tx,
         draining: ctx.shutdown.is_triggered(),
+        asker,
     };
     let mut decoder = MessageDecoder::default();
     let end = loop {
@@ -532,8 +549,17 @@ impl<D: Dialer> ProxyStream<D> {
         }
     }
 
-    async fn refuse_dial(&self, random: i64, code: &str, error: String) -> Result<(), Gone> {
+    async fn refuse_dial(
+        &self,
+        random: i64,
+        code: &str,
+        refusal: (&'static str, Option<&Destination>),
+        error: String,
+    ) -> Result<(), Gone> {
         self.count(code);
+        let (result, dest) = refusal;
+        self.asker
+            .refusal(&self.ctx.audit, dest, result, std::time::Instant::now());
         self.out.send(Packet::dial_response(random, 0, error)).await
     }
 
@@ -543,6 +569,7 @@ impl<D: Dialer> ProxyStream<D> {
             address,
             random,
         } = req;
+        let started = std::time::Instant::now();
         let span = tracing::error_span!(
             "tunnel",
             random,
@@ -554,7 +581,12 @@ impl<D: Dialer> ProxyStream<D> {
         if self.draining {
             span.in_scope(|| tracing::info!("dial refused: shutting down"));
             return self
-                .refuse_dial(random, "draining", DialError::ShuttingDown.to_string())
+                .refuse_dial(
+                    random,
+                    "draining",
+                    (DialError::ShuttingDown.reason(), None),
+                    DialError::ShuttingDown.to_string(),
+                )
                 .await;
         }
         if protocol != "tcp" {
@@ -563,6 +595,7 @@ impl<D: Dialer> ProxyStream<D> {
                 .refuse_dial(
                     random,
                     "bad_request",
+                    ("bad_request", None),
                     format!("unsupported protocol {protocol:?}: only \"tcp\" is served"),
                 )
                 .await;
@@ -575,6 +608,7 @@ impl<D: Dialer> ProxyStream<D> {
                     .refuse_dial(
                         random,
                         "bad_request",
+                        ("bad_request", None),
                         format!("invalid address {address:?}: {error}"),
                     )
                     .await;
@@ -585,6 +619,7 @@ impl<D: Dialer> ProxyStream<D> {
                 .refuse_dial(
                     random,
                     "bad_request",
+                    ("bad_request", Some(&dest)),
                     format!("a dial with random {random} is already pending on this stream"),
                 )
                 .await;
@@ -597,6 +632,7 @@ impl<D: Dialer> ProxyStream<D> {
                 .refuse_dial(
                     random,
                     "overflow",
+                    ("max_connections", Some(&dest)),
                     "too many connections (proxy.max_connections)".to_string(),
                 )
                 .await;
@@ -614,6 +650,8 @@ impl<D: Dialer> ProxyStream<D> {
                 let result = ctx.dial(&dest).await;
                 let done = DialDone {
                     random,
+                    dest,
+                    started,
                     result,
                     permit,
                     span: task_span,
@@ -632,6 +670,8 @@ impl<D: Dialer> ProxyStream<D> {
     async fn on_dialed(&mut self, done: DialDone<D::Stream>) -> Result<(), Gone> {
         let DialDone {
             random,
+            dest,
+            started,
             result,
             permit,
             span,
@@ -648,6 +688,10 @@ impl<D: Dialer> ProxyStream<D> {
                 let connect_id = next_connect_id();
                 span.record("connect_id", connect_id);
                 span.in_scope(|| conn_span::record_tunnel(&tunnel));
+                let audit = self
+                    .asker
+                    .open_tunnel(&self.ctx.audit, &dest, &tunnel)
+                    .aborted_unless_draining(self.ctx.shutdown.clone());
                 self.count("dial_ok");
                 self.out
                     .send(Packet::dial_response(random, connect_id, String::new()))
@@ -658,7 +702,7 @@ impl<D: Dialer> ProxyStream<D> {
                 let out = self.out.clone();
                 self.tunnels.spawn(
                     async move {
-                        run_tunnel(connect_id, tunnel, uploads, out).await;
+                        run_tunnel(connect_id, tunnel, uploads, out, audit).await;
                         drop(permit);
                         connect_id
                     }
@@ -668,6 +712,8 @@ impl<D: Dialer> ProxyStream<D> {
             }
             Err(error) => {
                 self.count("dial_error");
+                self.asker
+                    .dial_refusal(&self.ctx.audit, &dest, &error, started);
                 span.in_scope(|| {
                     conn_span::record_refusal(&error);
                     self.ctx.log_refusal(error.reason(), || {
@@ -701,7 +747,9 @@ async fn run_tunnel<S: crate::dial::TunnelIo>(
     tunnel: S,
     mut uploads: mpsc::Receiver<Bytes>,
     out: PacketSender,
+    mut audit: OpenTunnel,
 ) {
+    let moved = audit.moved();
     let cut = tunnel.cut();
     let (mut reader, mut writer) = tokio::io::split(tunnel);
     let down = async {
@@ -709,7 +757,8 @@ async fn run_tunnel<S: crate::dial::TunnelIo>(
             let mut buf = BytesMut::with_capacity(MAX_DATA_BYTES);
             match reader.read_buf(&mut buf).await {
                 Ok(0) => return TunnelEnd::NodeClosed,
-                Ok(_) => {
+                Ok(n) => {
+                    moved.add_from_node(n);
                     if out
                         .send(Packet::data(connect_id, buf.freeze()))
                         .await
@@ -727,6 +776,7 @@ async fn run_tunnel<S: crate::dial::TunnelIo>(
             if let Err(error) = writer.write_all(&data).await {
                 return Err(TunnelEnd::Failed(error.to_string()));
             }
+            moved.add_to_node(data.len());
         }
         Ok(())
     };
@@ -742,7 +792,19 @@ async fn run_tunnel<S: crate::dial::TunnelIo>(
         // As OpenSSH closes: EOF first, then the channel's CLOSE.
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, writer.shutdown()).await;
     }
-    drop((reader, writer));
+    let tunnel = reader.unsplit(writer);
+    let reset = tunnel.reset_label();
+    drop(tunnel);
+    audit.ended(
+        match &end {
+            TunnelEnd::NodeClosed => End::NodeClose,
+            TunnelEnd::ClientClosed => End::ClientClose,
+            TunnelEnd::Failed(_) => cut_end(reset),
+            TunnelEnd::ClientGone => End::ClientError,
+        },
+        reset,
+    );
+    drop(audit);
     let error = match end {
         TunnelEnd::NodeClosed => {
             tracing::debug!("tunnel closed by the node");

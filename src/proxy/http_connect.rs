@@ -30,6 +30,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::audit_trail::{Asker, OpenTunnel};
 use super::relay::{relay, ClientIo};
 use super::{conn_span, Context, HostError, ListenerKind};
 use crate::dial::{Destination, Dialer, Host};
@@ -121,6 +122,7 @@ fn connect_destination(uri: &Uri) -> Result<Destination, TargetError> {
 struct Established<S> {
     on_upgrade: OnUpgrade,
     tunnel: S,
+    audit: OpenTunnel,
 }
 
 type Slot<S> = Arc<Mutex<Option<Established<S>>>>;
@@ -149,13 +151,14 @@ pub(crate) async fn serve<I, D>(
     ctx: &Arc<Context<D>>,
     listener: ListenerKind,
     admitted: bool,
+    asker: Asker,
 ) where
     I: ClientIo,
     D: Dialer,
 {
     let builder = builder(ctx.header_read_timeout);
     if !admitted {
-        return serve_overflow(&builder, io, ctx, listener).await;
+        return serve_overflow(&builder, io, ctx, listener, asker).await;
     }
     let slot: Slot<D::Stream> = Arc::new(Mutex::new(None));
     let service = {
@@ -164,7 +167,8 @@ pub(crate) async fn serve<I, D>(
         service_fn(move |req| {
             let ctx = ctx.clone();
             let slot = slot.clone();
-            async move { Ok::<_, Infallible>(answer(req, &ctx, listener, &slot).await) }
+            let asker = asker.clone();
+            async move { Ok::<_, Infallible>(answer(req, &ctx, &asker, &slot).await) }
         })
     };
     let conn = builder
@@ -183,7 +187,12 @@ pub(crate) async fn serve<I, D>(
         log_connection_error(ctx, listener, &error);
     }
     let established = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
-    let Some(Established { on_upgrade, tunnel }) = established else {
+    let Some(Established {
+        on_upgrade,
+        tunnel,
+        mut audit,
+    }) = established
+    else {
         return;
     };
     // The connection future resolved, so the upgrade is ready or failed:
@@ -192,10 +201,12 @@ pub(crate) async fn serve<I, D>(
         Ok(Ok(upgraded)) => upgraded,
         Ok(Err(error)) => {
             tracing::debug!(error = %error, "connection not upgraded after 200");
+            audit.ended(crate::audit::End::ClientError, None);
             return;
         }
         Err(_) => {
             tracing::debug!("upgrade did not complete");
+            audit.ended(crate::audit::End::ClientError, None);
             return;
         }
     };
@@ -205,14 +216,14 @@ pub(crate) async fn serve<I, D>(
         Ok(parts) => {
             let early = parts.read_buf;
             let io = parts.io.into_inner();
-            relay(io, tunnel, &early, ctx.header_read_timeout).await;
+            relay(io, tunnel, &early, ctx.header_read_timeout, audit).await;
         }
         Err(upgraded) => {
             tracing::warn!(
                 "upgraded connection is not the socket it was served on: a cut tunnel will not reset it"
             );
             let io = TokioIo::new(upgraded);
-            relay(io, tunnel, &[], ctx.header_read_timeout).await;
+            relay(io, tunnel, &[], ctx.header_read_timeout, audit).await;
         }
     }
 }
@@ -235,11 +246,14 @@ fn log_connection_error<D: Dialer>(ctx: &Context<D>, listener: ListenerKind, err
 async fn answer<D: Dialer>(
     mut req: Request<Incoming>,
     ctx: &Context<D>,
-    listener: ListenerKind,
+    asker: &Asker,
     slot: &Slot<D::Stream>,
 ) -> Response<Full<Bytes>> {
+    let started = std::time::Instant::now();
+    let listener = asker.listener;
     let label = listener.as_str();
     if req.method() != Method::CONNECT {
+        asker.refusal(&ctx.audit, None, "method_not_allowed", started);
         ctx.metrics.proxy_request(label, "405");
         ctx.log_refusal("405", || {
             tracing::info!(method = %req.method(), "not CONNECT: 405");
@@ -257,6 +271,7 @@ async fn answer<D: Dialer>(
         .into_iter()
         .find(|name| req.headers().contains_key(name))
     {
+        asker.refusal(&ctx.audit, None, "bad_request", started);
         ctx.metrics.proxy_request(label, "400");
         ctx.log_refusal("400", || {
             tracing::info!(header = %name, "CONNECT with a request body: 400");
@@ -269,6 +284,7 @@ async fn answer<D: Dialer>(
     let dest = match connect_destination(req.uri()) {
         Ok(dest) => dest,
         Err(error) => {
+            asker.refusal(&ctx.audit, None, "bad_request", started);
             ctx.metrics.proxy_request(label, "400");
             ctx.log_refusal("400", || {
                 tracing::info!(dest = ?req.uri().to_string(),
@@ -281,9 +297,13 @@ async fn answer<D: Dialer>(
     match ctx.dial(&dest).await {
         Ok(tunnel) => {
             conn_span::record_tunnel(&tunnel);
+            let audit = asker.open_tunnel(&ctx.audit, &dest, &tunnel);
             let on_upgrade = hyper::upgrade::on(&mut req);
-            *slot.lock().unwrap_or_else(PoisonError::into_inner) =
-                Some(Established { on_upgrade, tunnel });
+            *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(Established {
+                on_upgrade,
+                tunnel,
+                audit,
+            });
             ctx.metrics.proxy_request(label, "200");
             tracing::debug!("tunnel open");
             let mut response = Response::new(Full::new(Bytes::new()));
@@ -293,6 +313,7 @@ async fn answer<D: Dialer>(
             response
         }
         Err(error) => {
+            asker.dial_refusal(&ctx.audit, &dest, &error, started);
             let status =
                 StatusCode::from_u16(error.http_status()).unwrap_or(StatusCode::BAD_GATEWAY);
             ctx.count_refusal(listener, status.as_str());
@@ -336,12 +357,16 @@ async fn serve_overflow<I, D>(
     io: I,
     ctx: &Context<D>,
     listener: ListenerKind,
+    asker: Asker,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     D: Dialer,
 {
     let metrics = ctx.metrics.clone();
+    let audit = ctx.audit.clone();
     let service = service_fn(move |_req: Request<Incoming>| {
+        let started = std::time::Instant::now();
+        asker.refusal(&audit, None, "max_connections", started);
         metrics.proxy_request(listener.as_str(), "503");
         tracing::warn!("max_connections reached: 503");
         async {

@@ -14,6 +14,9 @@
 //!   messages and gRPC framing in [`grpc_proto`].
 //! - `tls`: the mTLS material of the TCP listener.
 //! - `uds`: the Unix socket file (permissions, stale files, removal).
+//! - `audit_trail`: each connection's audit records (who asked, the
+//!   tunnel's bytes and end), sent to [`crate::audit`]; `client_subject`:
+//!   the mTLS client certificate's subject they name.
 //! - `relay`: an established tunnel, spliced with its client; a tunnel
 //!   that does not end cleanly (cut by a lost session or a reset, aborted
 //!   at the drain deadline) closes its client connection abortively: RST
@@ -30,6 +33,8 @@
 //! many connections`, SOCKS5 with reply `0x01` (general failure) after a
 //! normal negotiation. Beyond that they are closed right after accept.
 
+mod audit_trail;
+mod client_subject;
 mod conn_span;
 mod grpc;
 pub mod grpc_proto;
@@ -58,10 +63,12 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
+use crate::audit::AuditSink;
 use crate::descriptors::{AcceptFailures, ACCEPT_ERROR_BACKOFF};
 use crate::dial::{Destination, DialError, Dialer};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
+use audit_trail::Asker;
 use relay::ClientIo;
 
 pub use http_connect::{parse_connect_target, TargetError};
@@ -332,6 +339,8 @@ pub(crate) struct Context<D> {
     pub(crate) shutdown: Shutdown,
     /// The per-reason budget of refusal log lines.
     pub(crate) refusals: refusal_log::RefusalLog,
+    /// Where audit records go (off unless `[audit]` is on).
+    pub(crate) audit: AuditSink,
 }
 
 impl<D: Dialer> Context<D> {
@@ -385,22 +394,35 @@ pub(crate) fn error_node(err: &DialError) -> Option<&str> {
 
 pub use crate::destination::HostError;
 
+/// A connection's client as its listener saw it.
+struct Peer {
+    /// For the `peer` field of the connection's log span.
+    display: String,
+    /// For its audit records.
+    client: crate::audit::Client,
+}
+
 /// A client connection of any listener.
 trait Accept: Send + 'static {
     type Io: ClientIo;
-    /// The next connection and a description of its client for logs.
-    fn next_conn(&self) -> impl Future<Output = io::Result<(Self::Io, String)>> + Send;
+    /// The next connection and its client.
+    fn next_conn(&self) -> impl Future<Output = io::Result<(Self::Io, Peer)>> + Send;
 }
 
 impl Accept for TcpListener {
     type Io = tokio::net::TcpStream;
-    async fn next_conn(&self) -> io::Result<(Self::Io, String)> {
+    async fn next_conn(&self) -> io::Result<(Self::Io, Peer)> {
         let (stream, peer) = self.accept().await?;
         // Latency matters more than packet count for proxied requests.
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(client = %peer, error = %error, "cannot set TCP_NODELAY");
         }
-        Ok((stream, peer.to_string()))
+        let display = peer.to_string();
+        let client = crate::audit::Client {
+            address: Some(display.clone()),
+            ..crate::audit::Client::default()
+        };
+        Ok((stream, Peer { display, client }))
     }
 }
 
@@ -448,6 +470,7 @@ pub struct FrontDoor {
     dial_timeout: Duration,
     header_read_timeout: Duration,
     max_connections: usize,
+    audit: AuditSink,
 }
 
 impl std::fmt::Debug for FrontDoor {
@@ -514,7 +537,15 @@ impl FrontDoor {
             dial_timeout: config.dial_timeout,
             header_read_timeout: config.header_read_timeout,
             max_connections: config.max_connections,
+            audit: AuditSink::off(),
         })
+    }
+
+    /// Send an audit record of every tunnelled connection and refusal to
+    /// `audit` (see [`crate::audit`]).
+    pub fn with_audit(mut self, audit: AuditSink) -> Self {
+        self.audit = audit;
+        self
     }
 
     /// The bound address of the HTTP CONNECT TCP listener.
@@ -548,6 +579,7 @@ impl FrontDoor {
             header_read_timeout: self.header_read_timeout,
             shutdown,
             refusals: refusal_log::RefusalLog::default(),
+            audit: self.audit,
         });
         let limits = Limits {
             admitted: Arc::new(Semaphore::new(self.max_connections)),
@@ -657,9 +689,9 @@ async fn run_listener<L: Accept, D: Dialer>(
             () = ctx.shutdown.wait() => break,
             Some(joined) = tasks.join_next(), if !tasks.is_empty() => log_join(kind, joined),
             accepted = listener.next_conn() => match accepted {
-                Ok((io, client)) => {
+                Ok((io, peer)) => {
                     failures.succeeded();
-                    let span = conn_span::new(kind, &client);
+                    let span = conn_span::new(kind, &peer.display);
                     let Some(admission) = limits.admit() else {
                         ctx.log_refusal("overflow_exhausted", || {
                             span.in_scope(|| tracing::warn!(
@@ -668,7 +700,8 @@ async fn run_listener<L: Accept, D: Dialer>(
                         });
                         continue;
                     };
-                    let task = handle(io, kind, protocol.clone(), ctx.clone(), admission);
+                    let asker = Asker { listener: kind, client: peer.client };
+                    let task = handle(io, kind, protocol.clone(), ctx.clone(), admission, asker);
                     tasks.spawn(task.instrument(span));
                 }
                 Err(error) => {
@@ -727,6 +760,7 @@ async fn handle<I, D>(
     protocol: Protocol,
     ctx: Arc<Context<D>>,
     admission: Admission,
+    mut asker: Asker,
 ) where
     I: ClientIo,
     D: Dialer,
@@ -735,17 +769,25 @@ async fn handle<I, D>(
     // `admission` (and its permit) lives until this function returns.
     let admitted = admission.admitted;
     match protocol {
-        Protocol::Http => http_connect::serve(io, &ctx, listener, admitted).await,
+        Protocol::Http => http_connect::serve(io, &ctx, listener, admitted, asker).await,
         Protocol::Https(acceptor) => {
             let handshake = acceptor.accept(io);
             match tokio::time::timeout(ctx.header_read_timeout, handshake).await {
-                Ok(Ok(tls)) => http_connect::serve(tls, &ctx, listener, admitted).await,
+                Ok(Ok(tls)) => {
+                    asker.client.certificate_subject = tls
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|chain| chain.first())
+                        .and_then(|leaf| client_subject::subject(leaf.as_ref()));
+                    http_connect::serve(tls, &ctx, listener, admitted, asker).await
+                }
                 Ok(Err(error)) => tracing::info!(error = %error, "TLS handshake failed"),
                 Err(_) => tracing::info!("TLS handshake timed out"),
             }
         }
-        Protocol::Socks5 => socks5::serve(io, &ctx, admitted).await,
-        Protocol::Grpc(tunnels) => grpc::serve(io, &ctx, admitted, tunnels).await,
+        Protocol::Socks5 => socks5::serve(io, &ctx, admitted, asker).await,
+        Protocol::Grpc(tunnels) => grpc::serve(io, &ctx, admitted, tunnels, asker).await,
     }
 }
 
@@ -764,7 +806,7 @@ mod accept_tests {
 
     impl Accept for Failing {
         type Io = tokio::net::UnixStream;
-        async fn next_conn(&self) -> io::Result<(Self::Io, String)> {
+        async fn next_conn(&self) -> io::Result<(Self::Io, Peer)> {
             self.calls.fetch_add(1, Ordering::Relaxed);
             Err(io::Error::from_raw_os_error(self.errno.raw_os_error()))
         }
@@ -791,6 +833,7 @@ mod accept_tests {
             header_read_timeout: Duration::from_secs(1),
             shutdown: shutdown.clone(),
             refusals: refusal_log::RefusalLog::default(),
+            audit: AuditSink::off(),
         });
         let limits = Limits {
             admitted: Arc::new(Semaphore::new(1)),

@@ -43,6 +43,8 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
+use super::audit_trail::{cut_end, Moved, OpenTunnel};
+use crate::audit::End;
 use crate::dial::TunnelIo;
 use crate::splice::splice_until;
 
@@ -159,11 +161,80 @@ impl<I: ClientIo> Drop for ClientEnd<I> {
     }
 }
 
+/// The client side of the splice, counting the bytes it moves and noting
+/// its end of stream (for the audit record).
+struct CountedClient<'a, I> {
+    io: &'a mut I,
+    moved: &'a Moved,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for CountedClient<'_, I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut *this.io).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = &poll {
+            let n = buf.filled().len() - before;
+            if n == 0 && buf.remaining() > 0 {
+                this.moved.client_eof();
+            }
+            this.moved.add_to_node(n);
+        }
+        poll
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for CountedClient<'_, I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut *this.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &poll {
+            this.moved.add_from_node(*n);
+        }
+        poll
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut *this.io).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = &poll {
+            this.moved.add_from_node(*n);
+        }
+        poll
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
 /// The tunnel side of the splice, remembering whether its I/O failed (so
-/// that an error can be told from one of the client's).
+/// that an error can be told from one of the client's) and noting its end
+/// of stream.
 struct TunnelSide<T> {
     inner: T,
     failed: bool,
+    moved: std::sync::Arc<Moved>,
 }
 
 impl<T> TunnelSide<T> {
@@ -237,6 +308,9 @@ impl<T: TunnelIo> TunnelIo for TunnelSide<T> {
         max: usize,
     ) -> Poll<io::Result<usize>> {
         let poll = self.inner.poll_read_chunks(cx, out, max);
+        if let Poll::Ready(Ok(0)) = &poll {
+            self.moved.node_eof();
+        }
         self.note(poll)
     }
 }
@@ -245,11 +319,19 @@ impl<T: TunnelIo> TunnelIo for TunnelSide<T> {
 /// sent with its request, bounded by `early_timeout`), then splice `io`
 /// with `tunnel` until both directions ended or the tunnel is cut. Closes
 /// `io` with a FIN after a clean end, abortively otherwise (module docs).
-pub(crate) async fn relay<I, T>(io: I, tunnel: T, early: &[u8], early_timeout: Duration)
-where
+/// `audit` is the tunnel's record: told how the tunnel ended, and written
+/// when it is dropped (also when this future is, at the drain deadline).
+pub(crate) async fn relay<I, T>(
+    io: I,
+    tunnel: T,
+    early: &[u8],
+    early_timeout: Duration,
+    mut audit: OpenTunnel,
+) where
     I: ClientIo,
     T: TunnelIo,
 {
+    let moved = audit.moved();
     let mut client_end = ClientEnd {
         io,
         clean: false,
@@ -265,6 +347,7 @@ where
     let mut tunnel = TunnelSide {
         inner: tunnel,
         failed: false,
+        moved: moved.clone(),
     };
     if !early.is_empty() {
         let forward = tokio::time::timeout(early_timeout, tunnel.inner.write_all(early));
@@ -283,22 +366,35 @@ where
         };
         if let Some(reason) = failed {
             client_end.ending = Some(Ending::Tunnel(reason));
+            audit.ended(
+                cut_end(tunnel.inner.reset_label()),
+                tunnel.inner.reset_label(),
+            );
             return;
         }
+        moved.add_to_node(early.len());
     }
-    match splice_until(&mut client_end.io, &mut tunnel, &mut cut).await {
-        Ok(moved) => {
+    let mut client = CountedClient {
+        io: &mut client_end.io,
+        moved: &moved,
+    };
+    match splice_until(&mut client, &mut tunnel, &mut cut).await {
+        Ok(spliced) => {
             client_end.finished_cleanly();
+            audit.ended(moved.clean_end(), None);
             tracing::debug!(
-                client_to_tunnel = moved.client_to_tunnel + early.len() as u64,
-                tunnel_to_client = moved.tunnel_to_client,
+                client_to_tunnel = spliced.client_to_tunnel + early.len() as u64,
+                tunnel_to_client = spliced.tunnel_to_client,
                 "tunnel closed"
             );
         }
         Err(error) => {
+            let reset = tunnel.inner.reset_label();
             client_end.ending = Some(if cut_fired.load(Ordering::Acquire) || tunnel.failed {
+                audit.ended(cut_end(reset), reset);
                 Ending::Tunnel(error.to_string())
             } else {
+                audit.ended(End::ClientError, None);
                 Ending::Client(error.to_string())
             });
         }

@@ -24,6 +24,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use super::audit_trail::Asker;
 use super::relay::{relay, ClientIo};
 use super::{conn_span, Context, ListenerKind};
 use crate::dial::{Destination, Dialer, Host};
@@ -332,11 +333,12 @@ where
 
 /// Serve one SOCKS5 connection. `admitted` false means over the connection
 /// limit: negotiate, then reply 0x01.
-pub(crate) async fn serve<I, D>(mut io: I, ctx: &Context<D>, admitted: bool)
+pub(crate) async fn serve<I, D>(mut io: I, ctx: &Context<D>, admitted: bool, asker: Asker)
 where
     I: ClientIo,
     D: Dialer,
 {
+    let started = std::time::Instant::now();
     let listener = ListenerKind::Socks5;
     let label = listener.as_str();
     let negotiated = tokio::time::timeout(ctx.header_read_timeout, negotiate(&mut io)).await;
@@ -369,6 +371,7 @@ where
             return;
         }
         Ok(Err(NegotiationError::Protocol(error))) => {
+            asker.refusal(&ctx.audit, None, "bad_request", started);
             if let Some(rep) = error.reply_code() {
                 send_reply(&mut io, ctx, rep).await;
                 ctx.metrics.proxy_request(label, &code_label(rep));
@@ -381,6 +384,7 @@ where
     };
     conn_span::record_dest(&dest);
     if !admitted {
+        asker.refusal(&ctx.audit, Some(&dest), "max_connections", started);
         send_reply(&mut io, ctx, reply::GENERAL_FAILURE).await;
         ctx.metrics
             .proxy_request(label, &code_label(reply::GENERAL_FAILURE));
@@ -395,6 +399,7 @@ where
             tunnel
         }
         Err(error) => {
+            asker.dial_refusal(&ctx.audit, &dest, &error, started);
             conn_span::record_refusal(&error);
             let rep = error.socks5_reply();
             send_reply(&mut io, ctx, rep).await;
@@ -405,14 +410,16 @@ where
             return;
         }
     };
+    let mut audit = asker.open_tunnel(&ctx.audit, &dest, &tunnel);
     if !send_reply(&mut io, ctx, reply::SUCCEEDED).await {
         tracing::debug!("cannot send the SOCKS5 reply");
+        audit.ended(crate::audit::End::ClientError, None);
         return;
     }
     ctx.metrics
         .proxy_request(label, &code_label(reply::SUCCEEDED));
     tracing::debug!("tunnel open");
-    relay(io, tunnel, &early, ctx.header_read_timeout).await;
+    relay(io, tunnel, &early, ctx.header_read_timeout, audit).await;
 }
 
 #[cfg(test)]

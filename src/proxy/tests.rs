@@ -129,6 +129,11 @@ struct FakeStream {
 }
 
 impl crate::dial::TunnelIo for FakeStream {
+    fn reset_label(&self) -> Option<&'static str> {
+        // The tests cut streams as a lost session does.
+        self.cut.borrow().as_ref().map(|_| "session_lost")
+    }
+
     fn cut(&self) -> std::pin::Pin<Box<dyn Future<Output = String> + Send + 'static>> {
         let mut cut = self.cut.clone();
         Box::pin(async move {
@@ -241,6 +246,11 @@ struct Harness {
 
 /// A front door with a Unix socket and SOCKS5 on loopback, after `adjust`.
 async fn start(adjust: impl FnOnce(&mut ProxyConfig)) -> Harness {
+    start_with_audit(adjust, AuditSink::off()).await
+}
+
+/// [`start`], sending audit records to `audit`.
+async fn start_with_audit(adjust: impl FnOnce(&mut ProxyConfig), audit: AuditSink) -> Harness {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = ProxyConfig {
         uds: Some(dir.path().join("proxy.sock")),
@@ -251,7 +261,8 @@ async fn start(adjust: impl FnOnce(&mut ProxyConfig)) -> Harness {
     let metrics = Arc::new(Metrics::new());
     let door = FrontDoor::bind(&config, metrics.clone())
         .await
-        .expect("bind");
+        .expect("bind")
+        .with_audit(audit);
     let uds = door.uds_path().map(PathBuf::from).unwrap_or_default();
     let (tcp, socks5) = (door.tcp_addr(), door.socks5_addr());
     let shutdown = Shutdown::new();
@@ -1467,4 +1478,198 @@ async fn a_refused_connect_is_logged_with_its_connection_span_in_json() {
     assert_eq!(span["listener"], "socks5", "{span}");
     assert_eq!(span["peer"], peer.as_str(), "{span}");
     assert_eq!(span["dest"], "denied.test:443", "{span}");
+}
+
+// ---- Audit records ----
+
+/// A front door with every TCP listener whose audit records queue for the
+/// test, `queue` at most (nothing writes them: the test reads the queue).
+async fn start_audited(queue: usize) -> (Harness, crate::audit::AuditQueue) {
+    let metrics = Arc::new(Metrics::new());
+    let (sink, records) = crate::audit::channel(queue, metrics);
+    let h = start_with_audit(|c| c.tcp = Some("127.0.0.1:0".parse().expect("addr")), sink).await;
+    (h, records)
+}
+
+async fn next_record(records: &mut crate::audit::AuditQueue) -> serde_json::Value {
+    let record = guard("an audit record", records.recv())
+        .await
+        .expect("a record");
+    serde_json::from_str(&record.to_line()).expect("JSON line")
+}
+
+#[tokio::test]
+async fn audit_records_a_tunnel_with_exact_bytes_on_every_listener() {
+    let (h, mut records) = start_audited(16).await;
+    let payload: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    async fn echo_whole<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, payload: &[u8]) {
+        let (mut rd, mut wr) = tokio::io::split(s);
+        let send = async {
+            wr.write_all(payload).await.expect("write");
+            wr.shutdown().await.expect("half-close");
+        };
+        let ((), (echoed, end)) = tokio::join!(send, read_until_end(&mut rd));
+        assert_eq!(echoed.len(), payload.len());
+        assert!(end.is_ok(), "{end:?}");
+    }
+
+    // The Unix socket, with bytes sent right after the request (early
+    // data) counted too.
+    let mut uds = h.uds().await;
+    let mut request = connect_request("a.test:80").into_bytes();
+    request.extend_from_slice(b"early");
+    uds.write_all(&request).await.expect("write");
+    let head = read_head(&mut uds).await;
+    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+    let mut early = [0u8; 5];
+    uds.read_exact(&mut early).await.expect("early echoed");
+    echo_whole(&mut uds, &payload).await;
+    let record = next_record(&mut records).await;
+    assert_eq!(record["event"], "connection");
+    assert_eq!(record["listener"], "uds");
+    assert_eq!(record["destination"], "a.test:80");
+    assert_eq!(record["result"], "ok");
+    assert_eq!(record["end"], "client_close");
+    let bytes = payload.len() as u64 + 5;
+    assert_eq!(record["bytes_to_node"], bytes);
+    assert_eq!(record["bytes_from_node"], bytes);
+    assert_eq!(record["client"]["uid"], nix::unistd::getuid().as_raw());
+    assert_eq!(record["client"]["gid"], nix::unistd::getgid().as_raw());
+    assert_eq!(record["client"]["pid"], std::process::id());
+    assert!(
+        record["time"].as_str().is_some_and(|t| t.ends_with('Z')),
+        "{record}"
+    );
+
+    // HTTP CONNECT over TCP and SOCKS5: the peer address.
+    let (mut tcp, mut socks, uds) = tunnels_on_every_listener(&h, "b.test").await;
+    drop(uds); // closed unused: a record with no bytes
+    echo_whole(&mut tcp, &payload).await;
+    echo_whole(&mut socks, &payload).await;
+    let mut by_listener = std::collections::BTreeMap::new();
+    for _ in 0..3 {
+        let record = next_record(&mut records).await;
+        let listener = record["listener"].as_str().expect("listener").to_string();
+        by_listener.insert(listener, record);
+    }
+    assert_eq!(by_listener["uds"]["bytes_to_node"], 0);
+    assert_eq!(by_listener["uds"]["end"], "client_close");
+    for (listener, stream) in [("tcp", &tcp), ("socks5", &socks)] {
+        let record = &by_listener[listener];
+        assert_eq!(record["destination"], "b.test:80");
+        assert_eq!(record["bytes_to_node"], payload.len() as u64);
+        assert_eq!(record["bytes_from_node"], payload.len() as u64);
+        let local = stream.local_addr().expect("local address").to_string();
+        assert_eq!(record["client"]["address"], local.as_str());
+    }
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn audit_records_a_policy_refusal_with_its_reason() {
+    let (h, mut records) = start_audited(16).await;
+    let mut client = h.uds().await;
+    let (head, _) = exchange(&mut client, &connect_request("denied.test:443")).await;
+    assert!(head.starts_with("HTTP/1.1 403 "), "{head}");
+    let record = next_record(&mut records).await;
+    assert_eq!(record["event"], "refusal");
+    assert_eq!(record["listener"], "uds");
+    assert_eq!(record["destination"], "denied.test:443");
+    assert_eq!(record["result"], "denied");
+    assert_eq!(record["deny_reason"], "deny_cidr");
+    assert!(record.get("end").is_none(), "{record}");
+
+    let mut socks = h.socks().await;
+    let reply = socks_exchange(&mut socks, &socks_domain_request("down.test", 80)).await;
+    assert_eq!(reply[1], 0x03);
+    let record = next_record(&mut records).await;
+    assert_eq!(record["listener"], "socks5");
+    assert_eq!(record["result"], "node_down");
+    assert_eq!(record["node"], "node-a");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn audit_records_a_cut_tunnel_as_session_lost_with_the_bytes_that_moved() {
+    let (h, mut records) = start_audited(16).await;
+    let mut uds = h.uds().await;
+    http_tunnel(&mut uds, "held.test:80").await;
+    read_held_prefix(&mut uds).await;
+    h.dialer
+        .cut_all("stream reset: the SSH session to node node-a was lost");
+    let (_, _) = read_until_end(&mut uds).await;
+    let record = next_record(&mut records).await;
+    assert_eq!(record["end"], "session_lost");
+    assert_eq!(record["reset_reason"], "session_lost");
+    assert_eq!(record["bytes_from_node"], HELD_PREFIX.len() as u64);
+    assert_eq!(record["bytes_to_node"], 0);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn audit_records_tunnels_aborted_at_the_drain_deadline() {
+    let (h, mut records) = start_audited(16).await;
+    let (mut tcp, mut socks, mut uds) = tunnels_on_every_listener(&h, "held.test").await;
+    read_held_prefix(&mut tcp).await;
+    read_held_prefix(&mut socks).await;
+    read_held_prefix(&mut uds).await;
+    h.stop().await;
+    let mut listeners = Vec::new();
+    for _ in 0..3 {
+        let record = next_record(&mut records).await;
+        assert_eq!(record["end"], "drain_deadline", "{record}");
+        assert_eq!(record["bytes_from_node"], HELD_PREFIX.len() as u64);
+        listeners.push(record["listener"].as_str().expect("listener").to_string());
+    }
+    listeners.sort();
+    assert_eq!(listeners, ["socks5", "tcp", "uds"]);
+}
+
+#[tokio::test]
+async fn a_full_audit_queue_drops_and_counts_instead_of_slowing_streams() {
+    let metrics = Arc::new(Metrics::new());
+    // One record of room, and no writer: the queue stays full.
+    let (sink, mut records) = crate::audit::channel(1, metrics.clone());
+    let h = start_with_audit(|_| {}, sink).await;
+    for _ in 0..3 {
+        let mut uds = h.uds().await;
+        http_tunnel(&mut uds, "a.test:80").await;
+        // Every tunnel still works and ends while the queue is full.
+        assert_echo(&mut uds).await;
+    }
+    h.stop().await;
+    assert_eq!(metrics.audit_records_dropped.get(), 2);
+    assert!(records.try_recv().is_some(), "the first record was queued");
+    assert!(records.try_recv().is_none());
+}
+
+#[tokio::test]
+async fn audit_names_the_mtls_client_certificate_subject() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (tls, pki) = write_pki(dir.path());
+    let metrics = Arc::new(Metrics::new());
+    let (sink, mut records) = crate::audit::channel(4, metrics);
+    let h = start_with_audit(
+        |c| {
+            c.tcp = Some("127.0.0.1:0".parse().expect("addr"));
+            c.tls = Some(tls);
+        },
+        sink,
+    )
+    .await;
+    let addr = h.tcp.expect("tcp listener");
+    let mut client = guard("handshake", tls_connect(addr, &pki, Some(&pki.client)))
+        .await
+        .expect("handshake");
+    let (head, _) = exchange(&mut client, &connect_request("denied.test:443")).await;
+    assert!(head.starts_with("HTTP/1.1 403 "), "{head}");
+    let record = next_record(&mut records).await;
+    assert_eq!(record["listener"], "tcp");
+    // rcgen's default subject.
+    assert_eq!(
+        record["client"]["certificate_subject"],
+        "CN=rcgen self signed cert"
+    );
+    assert!(record["client"]["address"].is_string());
+    h.stop().await;
 }

@@ -7,7 +7,8 @@ use std::path::Path;
 
 use tokio::net::UnixStream;
 
-use super::{Accept, FrontDoorError, ListenerKind};
+use super::{Accept, FrontDoorError, ListenerKind, Peer};
+use crate::audit::Client;
 use crate::socket_file::{SocketFile, SocketFileError};
 
 /// The proxy's Unix socket (see [`crate::socket_file`]).
@@ -41,15 +42,26 @@ impl UdsListener {
 
 impl Accept for UdsListener {
     type Io = UnixStream;
-    async fn next_conn(&self) -> io::Result<(Self::Io, String)> {
+    async fn next_conn(&self) -> io::Result<(Self::Io, Peer)> {
         let stream = self.file.accept().await?;
-        let client = match stream.peer_cred() {
-            Ok(cred) => match cred.pid() {
-                Some(pid) => format!("pid={pid} uid={}", cred.uid()),
-                None => format!("uid={}", cred.uid()),
+        let peer = match stream.peer_cred() {
+            Ok(cred) => Peer {
+                display: match cred.pid() {
+                    Some(pid) => format!("pid={pid} uid={}", cred.uid()),
+                    None => format!("uid={}", cred.uid()),
+                },
+                client: Client {
+                    uid: Some(cred.uid()),
+                    gid: Some(cred.gid()),
+                    pid: cred.pid(),
+                    ..Client::default()
+                },
             },
-            Err(_) => "unix".to_string(),
+            Err(_) => Peer {
+                display: "unix".to_string(),
+                client: Client::default(),
+            },
         };
-        Ok((stream, client))
+        Ok((stream, peer))
     }
 }
