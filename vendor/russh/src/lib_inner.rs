@@ -43,8 +43,6 @@ pub use sshbuffer::SshId;
 mod helpers;
 
 mod packet_pool;
-// (nodetunnel patch) The client session's round-robin outbound scheduler.
-mod outbound;
 
 pub(crate) use helpers::map_err;
 
@@ -639,13 +637,6 @@ pub(crate) struct ChannelParams {
     /// (nodetunnel patch) Bytes the local consumer has taken since the last
     /// CHANNEL_WINDOW_ADJUST, when windows are re-opened on consumption.
     consumed: u32,
-    /// (nodetunnel patch) The channel's writer is given send credit by the
-    /// session instead of the peer's window (see [`crate::outbound`]):
-    /// bytes granted to it and not yet received by the session.
-    pub(crate) send_credit: Option<u32>,
-    /// (nodetunnel patch) The channel is listed in the session's round of
-    /// channels with data to send (see [`crate::outbound`]).
-    pub(crate) scheduled: bool,
 }
 
 impl ChannelParams {
@@ -654,14 +645,6 @@ impl ChannelParams {
         self.recipient_window_size = c.initial_window_size;
         self.recipient_maximum_packet_size = c.maximum_packet_size;
         self.confirmed = true;
-    }
-
-    /// (nodetunnel patch) Bytes queued in `pending_data`, not yet sent.
-    pub(crate) fn queued_len(&self) -> usize {
-        self.pending_data
-            .iter()
-            .map(|(buf, _, from)| buf.len().saturating_sub(*from))
-            .sum()
     }
 
     pub(crate) fn take_pending_controls(&mut self) -> (bool, bool) {

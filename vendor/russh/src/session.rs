@@ -499,57 +499,6 @@ impl Encrypted {
         Ok(())
     }
 
-    /// (nodetunnel patch) Send at most one packet of the channel's queued
-    /// data (see [`crate::outbound`]), then, if its queue is empty, the EOF
-    /// or CLOSE that waited behind it.
-    pub(crate) fn send_queued_packet(
-        &mut self,
-        writer: &mut PacketWriter,
-        id: ChannelId,
-        is_rekeying: bool,
-    ) -> Result<crate::outbound::Served, crate::Error> {
-        use crate::outbound::Served;
-        let staged = !self.write.is_empty() || is_rekeying;
-        let Some(channel) = self.channels.get_mut(&id) else {
-            return Ok(Served::Gone);
-        };
-        if channel.recipient_maximum_packet_size == 0 {
-            // As `data_noqueue`: a peer that accepts no data packets.
-            return Err(crate::Error::Inconsistent);
-        }
-        let mut bytes = 0;
-        if let Some((buf, ext, from)) = channel.pending_data.pop_front() {
-            let n = buf
-                .len()
-                .saturating_sub(from)
-                .min(channel.recipient_window_size as usize)
-                .min(channel.recipient_maximum_packet_size as usize);
-            if n > 0 {
-                let packet = buf.slice(from..from + n);
-                bytes = if staged {
-                    Self::data_noqueue(&mut self.write, channel, &packet, ext, 0)?
-                } else {
-                    Self::data_noqueue_direct(writer, channel, &packet, ext, 0)?
-                };
-            }
-            if from + bytes < buf.len() {
-                channel.pending_data.push_front((buf, ext, from + bytes));
-            }
-        }
-        if channel.pending_data.is_empty() {
-            let done = ChannelFlushResult::complete(bytes, channel);
-            self.handle_flushed_channel(id, done)?;
-            return Ok(Served::Sent {
-                bytes,
-                again: false,
-            });
-        }
-        Ok(Served::Sent {
-            bytes,
-            again: channel.recipient_window_size > 0,
-        })
-    }
-
     fn has_pending_data_mut(&mut self, channel: ChannelId) -> Option<&mut ChannelParams> {
         self.channels
             .get_mut(&channel)
@@ -886,8 +835,6 @@ impl Encrypted {
                     pending_eof: false,
                     pending_close: false,
                     consumed: 0,
-                    send_credit: None,
-                    scheduled: false,
                 });
                 return ChannelId(self.last_channel_id.0);
             }
@@ -963,7 +910,7 @@ pub(crate) enum GlobalRequestResponse {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use std::collections::{HashMap, VecDeque};
     use std::num::Wrapping;
 
@@ -976,7 +923,7 @@ pub(crate) mod tests {
     use crate::sshbuffer::PacketWriter;
     use crate::{ChannelId, ChannelParams, CryptoVec, Limits, mac, msg};
 
-    pub(crate) fn test_encrypted() -> Encrypted {
+    fn test_encrypted() -> Encrypted {
         Encrypted {
             state: EncryptedState::Authenticated,
             exchange: Some(Exchange::default()),
@@ -1018,8 +965,6 @@ pub(crate) mod tests {
             pending_eof,
             pending_close,
             consumed: 0,
-            send_credit: None,
-            scheduled: false,
         }
     }
 
@@ -1049,24 +994,7 @@ pub(crate) mod tests {
         packet_types
     }
 
-    /// (nodetunnel patch) The payloads of the packets a clear
-    /// `PacketWriter` wrote.
-    pub(crate) fn clear_packets(buf: &[u8]) -> Vec<Vec<u8>> {
-        let mut packets = Vec::new();
-        let mut cursor = 0;
-        while cursor < buf.len() {
-            let packet_len = BigEndian::read_u32(&buf[cursor..cursor + 4]) as usize;
-            let padding = buf[cursor + 4] as usize;
-            packets.push(buf[cursor + 5..cursor + 4 + packet_len - padding].to_vec());
-            cursor += 4 + packet_len;
-        }
-        packets
-    }
-
-    pub(crate) fn test_ready_channel(
-        sender_channel: ChannelId,
-        recipient_channel: u32,
-    ) -> ChannelParams {
+    fn test_ready_channel(sender_channel: ChannelId, recipient_channel: u32) -> ChannelParams {
         let mut channel = test_channel(sender_channel, recipient_channel, false, false);
         channel.pending_data.clear();
         channel
@@ -1092,8 +1020,6 @@ pub(crate) mod tests {
             pending_eof,
             pending_close,
             consumed: 0,
-            send_credit: None,
-            scheduled: false,
         }
     }
 

@@ -69,11 +69,6 @@ impl ChannelRef {
         }
     }
 
-    /// (nodetunnel patch) Messages after the open confirmation go to a sink.
-    pub(crate) fn has_sink(&self) -> bool {
-        self.sink.is_some()
-    }
-
     pub(crate) fn window_size(&self) -> &WindowSizeRef {
         &self.window_size
     }

@@ -572,21 +572,9 @@ impl Session {
                 map_err!(ensure_end(&reader))?;
                 let local_id = ChannelId(msg.recipient_channel);
 
-                // (nodetunnel patch) A channel opened with a sink gets send
-                // credit (see `crate::outbound`): its writer starts with
-                // that, not with the peer's whole window.
-                let mut writer_window = msg.initial_window_size;
-                let with_sink = self
-                    .channels
-                    .get(&local_id)
-                    .is_some_and(|channel| channel.has_sink());
                 if let Some(ref mut enc) = self.common.encrypted {
                     if let Some(parameters) = enc.channels.get_mut(&local_id) {
                         parameters.confirm(&msg);
-                        if with_sink {
-                            parameters.send_credit = Some(0);
-                            writer_window = crate::outbound::grant(parameters);
-                        }
                     } else {
                         // We've not requested this channel, close connection.
                         return Err(crate::Error::Inconsistent.into());
@@ -600,7 +588,7 @@ impl Session {
                         .send(ChannelMsg::Open {
                             id: local_id,
                             max_packet_size: msg.maximum_packet_size,
-                            window_size: writer_window,
+                            window_size: msg.initial_window_size,
                         })
                         .await
                         .unwrap_or(());
@@ -840,29 +828,27 @@ impl Session {
                     return Ok(());
                 }
                 let mut new_size = 0;
-                // (nodetunnel patch) The channel's queued data is sent in
-                // turn with the other channels' (`crate::outbound`), not all
-                // at once here; a writer with send credit gets credit, not
-                // the peer's adjustment.
-                let mut writer_grant = amount;
                 debug!("channel_window_adjust amount: {amount:?}");
                 if let Some(ref mut enc) = self.common.encrypted {
                     if let Some(ref mut channel) = enc.channels.get_mut(&channel_num) {
                         new_size = channel.recipient_window_size.saturating_add(amount);
                         channel.recipient_window_size = new_size;
-                        let credit = self.outbound.window_adjusted(channel, channel_num);
-                        if channel.send_credit.is_some() {
-                            writer_grant = credit;
-                        }
                     } else {
                         return Ok(());
                     }
                 }
 
+                let is_rekeying = self.kex.active();
+                let common = &mut self.common;
+                if let Some(enc) = common.encrypted.as_mut() {
+                    new_size -= enc.flush_pending_with_writer(
+                        &mut common.packet_writer,
+                        channel_num,
+                        is_rekeying,
+                    )? as u32;
+                }
                 if let Some(chan) = self.channels.get(&channel_num) {
-                    if writer_grant > 0 {
-                        chan.window_size().grow(writer_grant).await;
-                    }
+                    chan.window_size().grow(amount).await;
                     // Use try_send to avoid blocking the session loop when channel buffer is full.
                     // WindowAdjusted is informational - the critical side effect (updating
                     // WindowSizeRef and notifying ChannelTx) already happens in grow().
@@ -951,8 +937,6 @@ impl Session {
                     pending_eof: false,
                     pending_close: false,
                     consumed: 0,
-                    send_credit: None,
-                    scheduled: false,
                 };
 
                 let (channel, channel_ref) = Channel::new(

@@ -115,8 +115,6 @@ async fn run(packets: &[&[u8]]) -> DispatchReport {
                 pending_eof: false,
                 pending_close: false,
                 consumed: 0,
-                send_credit: None,
-                scheduled: false,
             },
         );
         let (queue, rx) = channel(16);

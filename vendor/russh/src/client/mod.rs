@@ -115,9 +115,6 @@ pub struct Session {
     /// (nodetunnel patch) What the peer asked of us unsolicited in the
     /// current second ([`Config::peer_limits`]).
     peer_budget: crate::PeerBudget,
-    /// (nodetunnel patch) Channel data waiting in the channels' own queues,
-    /// sent one packet per channel in turn (see [`crate::outbound`]).
-    outbound: crate::outbound::Outbound,
 }
 
 impl Drop for Session {
@@ -1449,7 +1446,6 @@ impl Session {
             ext_info_count: 0,
             received_packets: Arc::default(),
             peer_budget: crate::PeerBudget::default(),
-            outbound: crate::outbound::Outbound::default(),
         }
     }
 
@@ -1549,15 +1545,13 @@ impl Session {
             // (nodetunnel patch) The socket took some of our output during
             // this iteration.
             let mut wrote = false;
-            // (nodetunnel patch) Application output is taken from the
-            // handles whenever no key exchange runs: channel data goes into
-            // the channels' own queues (bounded by each writer's send credit
-            // or window, see `crate::outbound`), from which `serve_outbound`
-            // sends it in turn while the output not yet taken by the socket
-            // is below OUTBOUND_BACKLOG_LIMIT. Upstream left it in the shared
-            // queue while a channel was window-blocked, where one channel's
-            // data made every other channel's wait.
-            let can_receive_outbound = !self.kex.active();
+            // Keep reading the network for window adjustments, but leave
+            // application output in its bounded receivers while a channel is
+            // window-blocked, or (nodetunnel patch) while the output not yet
+            // taken by the socket exceeds OUTBOUND_BACKLOG_LIMIT.
+            let can_receive_outbound = !self.kex.active()
+                && !self.common.has_any_pending_data()
+                && self.outbound_backlog(&out) < OUTBOUND_BACKLOG_LIMIT;
             // (nodetunnel patch) Reading pauses only if what reading itself
             // produced (replies) piles up beyond READ_PAUSE_BACKLOG: a peer
             // that sends but never reads cannot grow it without bound.
@@ -1655,7 +1649,10 @@ impl Session {
                     };
 
                     // eagerly take all outgoing messages so writes are batched
-                    while !self.kex.active() {
+                    while !self.kex.active()
+                        && !self.common.has_any_pending_data()
+                        && self.outbound_backlog(&out) < OUTBOUND_BACKLOG_LIMIT
+                    {
                         self.drain_priority_msgs()?;
                         match self.receiver.try_recv() {
                             Ok(next) => self.handle_msg(next)?,
@@ -1680,7 +1677,10 @@ impl Session {
                     }
 
                     // eagerly take all outgoing messages so writes are batched
-                    while !self.kex.active() {
+                    while !self.kex.active()
+                        && !self.common.has_any_pending_data()
+                        && self.outbound_backlog(&out) < OUTBOUND_BACKLOG_LIMIT
+                    {
                         self.drain_priority_msgs()?;
                         match self.inbound_channel_receiver.try_recv() {
                             Ok(next) => self.handle_msg(next)?,
@@ -1690,10 +1690,6 @@ impl Session {
                 }
             };
 
-            // (nodetunnel patch) Channel data, in turn, up to the backlog
-            // limit; then the send credit this freed goes to the writers.
-            self.serve_outbound(&out)?;
-            self.grant_send_credit().await;
             self.flush()?;
             // (nodetunnel patch) Start writing what this event produced,
             // without waiting for the socket: if it does not take everything,
@@ -1777,35 +1773,6 @@ impl Session {
         }
 
         result
-    }
-
-    /// (nodetunnel patch) Send queued channel data, one packet per channel
-    /// in turn, while the output not yet taken by the socket is below
-    /// [`OUTBOUND_BACKLOG_LIMIT`].
-    fn serve_outbound(&mut self, out: &crate::sshbuffer::OutputInFlight) -> Result<(), Error> {
-        let budget = OUTBOUND_BACKLOG_LIMIT.saturating_sub(self.outbound_backlog(out));
-        if budget == 0 {
-            return Ok(());
-        }
-        let is_rekeying = self.kex.active();
-        let common = &mut self.common;
-        if let Some(enc) = common.encrypted.as_mut() {
-            self.outbound
-                .serve(enc, &mut common.packet_writer, is_rekeying, budget)?;
-        }
-        Ok(())
-    }
-
-    /// (nodetunnel patch) Add the send credit granted while serving to the
-    /// writers' windows.
-    async fn grant_send_credit(&mut self) {
-        let mut owed = self.outbound.take_owed();
-        for (id, credit) in owed.drain(..) {
-            if let Some(channel) = self.channels.get(&id) {
-                channel.window_size().grow(credit).await;
-            }
-        }
-        self.outbound.return_owed(owed);
     }
 
     /// (nodetunnel patch) Output produced and not yet taken by the socket:
@@ -1937,13 +1904,7 @@ impl Session {
                 description,
                 language_tag,
             } => self.disconnect(reason, &description, &language_tag)?,
-            // (nodetunnel patch) Into the channel's queue, sent in turn with
-            // the other channels' data by `serve_outbound`.
-            Msg::Channel(id, ChannelMsg::Data { data }) => {
-                if let Some(enc) = self.common.encrypted.as_mut() {
-                    self.outbound.queue(enc, id, data, None);
-                }
-            }
+            Msg::Channel(id, ChannelMsg::Data { data }) => self.data(id, data)?,
             Msg::Channel(id, ChannelMsg::Consumed { amount }) => {
                 if self.common.config.adjust_window_on_consume {
                     let target = self.common.config.window_size;
@@ -1956,9 +1917,7 @@ impl Session {
                 self.eof(id)?;
             }
             Msg::Channel(id, ChannelMsg::ExtendedData { data, ext }) => {
-                if let Some(enc) = self.common.encrypted.as_mut() {
-                    self.outbound.queue(enc, id, data, Some(ext));
-                }
+                self.extended_data(id, ext, data)?;
             }
             Msg::Channel(
                 id,

@@ -2052,8 +2052,6 @@ impl Session {
             pending_eof: false,
             pending_close: false,
             consumed: 0,
-            send_credit: None,
-            scheduled: false,
         };
 
         let (channel, channel_ref) = Channel::new(
