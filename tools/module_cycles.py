@@ -149,7 +149,8 @@ def parse_tree(code, i, prefix, out):
 
 def references(path, module):
     """[(target path as segments from the crate root, line)] in one file."""
-    text = open(path, encoding="utf-8").read()
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
     code = strip(text)
     # inline modules: (start, end, name)
     inline = []
