@@ -19,6 +19,8 @@
 # where metric 7's bulk streams run in the load generator; or shared),
 # BENCH_SMALL_STREAMS (10000) and BENCH_SMALL_NODES (100): metric 9's open
 # streams and node addresses,
+# BENCH_NT_SSH (extra lines for the [ssh] table of the nodetunnel
+# instances of metrics 1-8, e.g. "window_size = 524288": to measure a knob),
 # BENCH_PERF=FILE (record a perf profile of the single-session nodetunnel
 # while metrics 1-4 run, into FILE; needs perf; BENCH_PERF_ARGS adds
 # arguments to `perf record`, e.g. "-e page-faults").
@@ -79,7 +81,7 @@ else
 fi
 # The command as run, with the knobs that change what is measured.
 COMMAND="bash bench/run.sh $*"
-for v in BENCH_REPS BENCH_SESSIONS BENCH_SCALE BENCH_SCALE_SSH_MAX BENCH_ONLY BENCH_ECHO_BULK BENCH_SMALL_STREAMS BENCH_SMALL_NODES NODETUNNEL_WORKER_THREADS; do
+for v in BENCH_REPS BENCH_SESSIONS BENCH_SCALE BENCH_SCALE_SSH_MAX BENCH_ONLY BENCH_ECHO_BULK BENCH_SMALL_STREAMS BENCH_SMALL_NODES BENCH_NT_SSH NODETUNNEL_WORKER_THREADS; do
     [ -z "${!v:-}" ] || COMMAND="$v=${!v} $COMMAND"
 done
 
@@ -217,6 +219,7 @@ identity = "$WORK/id_ed25519"
 known_hosts = "$NT_KNOWN_HOSTS"
 host_key_policy = "strict"
 sessions_per_node = $2
+${BENCH_NT_SSH:-}
 
 [admin]
 listen = ""
