@@ -133,6 +133,11 @@ pub struct Sidecar {
     pub echo: Echo,
     /// A loopback port where nothing listens.
     pub closed_port: u16,
+    /// Holds `closed_port` (bound, never listening: a connect gets a
+    /// reset) so that no other test's listener can take it meanwhile (a
+    /// port bound and released again was taken by a parallel test's
+    /// listener once, under load).
+    _closed_port_holder: tokio::net::TcpSocket,
     pub tcp: SocketAddr,
     pub socks5: SocketAddr,
     pub uds: PathBuf,
@@ -156,10 +161,11 @@ impl Sidecar {
         let identity = nodetunnel::keys::load_identity(&key.private_path, None).expect("identity");
         let node = SshNode::start(identity.public_key().clone()).await;
         let echo = Echo::start().await;
-        let closed_port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-            l.local_addr().expect("addr").port()
-        };
+        let closed_port_holder = tokio::net::TcpSocket::new_v4().expect("socket");
+        closed_port_holder
+            .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .expect("bind");
+        let closed_port = closed_port_holder.local_addr().expect("addr").port();
         std::fs::write(
             dir.path().join("known_hosts"),
             format!("{}\n", node.known_hosts_line()),
@@ -223,6 +229,7 @@ ssh_port = {port}
             node,
             echo,
             closed_port,
+            _closed_port_holder: closed_port_holder,
             tcp: SocketAddr::from(([0, 0, 0, 0], 0)),
             socks5: SocketAddr::from(([0, 0, 0, 0], 0)),
             uds,
