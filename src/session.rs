@@ -313,6 +313,10 @@ pub struct Session {
     pub ended: Arc<SessionEnd>,
     /// Cuts the transport: ends the session and all its channels at once.
     pub cut: Arc<Severance>,
+    /// How long its TCP connect took: one round trip to the node (plus the
+    /// address lookup, for a name). `None` for a session over another
+    /// transport.
+    pub connect_rtt: Option<Duration>,
 }
 
 /// How a session ended, filled in by the handler.
@@ -717,6 +721,7 @@ pub async fn connect(
     target: Target,
 ) -> Result<Session, ConnectError> {
     let addr = format!("{}:{}", bracket(&target.host), target.port);
+    let started = tokio::time::Instant::now();
     let tcp = tokio::time::timeout(
         settings.connect_timeout,
         tcp_connect(&target.host, target.port),
@@ -727,6 +732,7 @@ pub async fn connect(
         after: settings.connect_timeout,
     })?
     .map_err(|e| ConnectError::tcp_connect_failed(&addr, &e))?;
+    let connect_rtt = started.elapsed();
     let _ = tcp.set_nodelay(true);
     // Best effort: without it a new stream's open may queue behind
     // megabytes of other streams' data in the kernel (see UNSENT_LOWAT).
@@ -740,7 +746,10 @@ pub async fn connect(
         // Whatever russh started for this transport ends now.
         cut.sever();
     }
-    result
+    result.map(|session| Session {
+        connect_rtt: Some(connect_rtt),
+        ..session
+    })
 }
 
 async fn establish(
@@ -825,7 +834,12 @@ async fn establish(
         Ok(Err(e)) => Err(ConnectError::Protocol(format!(
             "during authentication: {e}"
         ))),
-        Ok(Ok(AuthResult::Success)) => Ok(Session { handle, ended, cut }),
+        Ok(Ok(AuthResult::Success)) => Ok(Session {
+            handle,
+            ended,
+            cut,
+            connect_rtt: None,
+        }),
         Ok(Ok(AuthResult::Failure {
             remaining_methods, ..
         })) => {

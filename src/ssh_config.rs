@@ -35,6 +35,98 @@ impl fmt::Display for HostKeyPolicy {
     }
 }
 
+/// `ssh.upload_window`: how much of one stream's upload a node may hold
+/// that its sshd has not consumed yet (the send side of the channel's
+/// window, which the node offers and re-grants as it consumes).
+///
+/// Whatever the node has not consumed waits in front of every other
+/// stream's bytes on the same session: in its socket and, when its sshd is
+/// the bottleneck (one process decrypts a session), in its decryption. A
+/// keystroke of `kubectl exec` then waits behind up to the node's whole
+/// window (2 MiB with OpenSSH) of a `kubectl cp` upload. Holding a stream
+/// below that keeps the wait short; the cost is per-stream upload
+/// throughput, at most `upload_window / RTT`.
+///
+/// Applied to OpenSSH nodes only, and never below four of the node's
+/// packets (128 KiB with OpenSSH): OpenSSH re-grants window after three
+/// packets consumed; other servers may re-grant only when half of the
+/// window they offered is consumed, which a smaller bound never reaches, so
+/// they keep their whole window.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum UploadWindow {
+    /// `"auto"` (the default): what [`UploadWindow::AUTO_RATE`] needs at
+    /// the session's round-trip time (its TCP connect), at least
+    /// [`UploadWindow::AUTO_FLOOR`]. On a LAN that is 256 KiB; from about
+    /// 8 ms of RTT on it is the node's whole window, as OpenSSH's `ssh`.
+    #[default]
+    Auto,
+    /// At most this many bytes (at most the node's window).
+    Bytes(u32),
+}
+
+impl UploadWindow {
+    /// The least `"auto"` gives a stream: on a LAN, enough for more than
+    /// one sshd process decrypts (about 0.5 GB/s per session measured on
+    /// the benchmark machine, docs/benchmarks.md).
+    pub const AUTO_FLOOR: u32 = 256 * 1024;
+    /// Bytes per second of upload per stream that `"auto"` leaves room
+    /// for at the session's round-trip time.
+    pub const AUTO_RATE: f64 = 256.0 * 1024.0 * 1024.0;
+    /// Smallest number accepted.
+    pub const MIN_BYTES: u32 = 32 * 1024;
+
+    /// The bound for a stream on a session whose round trip (TCP connect)
+    /// took `rtt` (`None`: not measured, the floor).
+    pub fn limit(self, rtt: Option<Duration>) -> u32 {
+        match self {
+            UploadWindow::Bytes(n) => n,
+            UploadWindow::Auto => {
+                let needed = rtt.map_or(0.0, |rtt| rtt.as_secs_f64() * Self::AUTO_RATE);
+                // A float to integer `as` saturates; NaN is 0.
+                (needed as u32).max(Self::AUTO_FLOOR)
+            }
+        }
+    }
+}
+
+impl fmt::Display for UploadWindow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UploadWindow::Auto => f.write_str("auto"),
+            UploadWindow::Bytes(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for UploadWindow {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl serde::de::Visitor<'_> for Visit {
+            type Value = UploadWindow;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("\"auto\" or a number of bytes")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<UploadWindow, E> {
+                match v {
+                    "auto" => Ok(UploadWindow::Auto),
+                    _ => Err(E::invalid_value(serde::de::Unexpected::Str(v), &self)),
+                }
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<UploadWindow, E> {
+                u32::try_from(v)
+                    .map(UploadWindow::Bytes)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(v), &self))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<UploadWindow, E> {
+                u32::try_from(v)
+                    .map(UploadWindow::Bytes)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(v), &self))
+            }
+        }
+        d.deserialize_any(Visit)
+    }
+}
+
 /// `[ssh.issuer]`: the user CA nodetunnel signs its own certificates with
 /// and what they say. Checked by [`crate::issuer::validate`]; used by
 /// [`crate::issuer`].
@@ -140,6 +232,10 @@ pub struct SshConfig {
     /// nodes, all streams together within `max_buffered_bytes` + 32 KiB per
     /// stream; per-stream throughput at most `window_size / RTT`.
     pub window_size: u32,
+    /// The most of one stream's upload a node may hold unconsumed: `"auto"`
+    /// or bytes ([`UploadWindow`]). Memory: none here (it bounds what the
+    /// node holds); per-stream upload throughput at most this / RTT.
+    pub upload_window: UploadWindow,
     /// The buffer budget: bytes from nodes not yet read by clients, over all
     /// streams. Window beyond one packet (32 KiB) per stream is granted, at
     /// the open and as clients read, only while what nodes may send (bytes
@@ -207,6 +303,7 @@ impl Default for SshConfig {
             backoff_max: Duration::from_secs(60),
             backoff_reset_after: Duration::from_secs(30),
             window_size: 2 * 1024 * 1024,
+            upload_window: UploadWindow::Auto,
             max_buffered_bytes: 1024 * 1024 * 1024,
             drain_timeout: Duration::from_secs(30),
             rekey_limit: MAX_REKEY_LIMIT,
@@ -214,5 +311,29 @@ impl Default for SshConfig {
             reconnect_probe_interval: Duration::from_secs(2),
             max_probes_per_second: 500,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_gives_the_floor_on_a_lan_and_what_the_rate_needs_on_a_long_link() {
+        let auto = UploadWindow::Auto;
+        assert_eq!(auto.limit(None), UploadWindow::AUTO_FLOOR);
+        assert_eq!(auto.limit(Some(Duration::from_micros(150))), 256 * 1024);
+        // 256 MiB/s for 4 ms: just over 1 MiB.
+        assert_eq!(auto.limit(Some(Duration::from_millis(4))), 1_073_741);
+        // Past about 8 ms it exceeds OpenSSH's 2 MiB window: no bound left.
+        assert!(auto.limit(Some(Duration::from_millis(9))) > 2 << 20);
+        assert_eq!(auto.limit(Some(Duration::from_secs(1 << 20))), u32::MAX);
+    }
+
+    #[test]
+    fn a_byte_count_is_the_limit_whatever_the_round_trip() {
+        let fixed = UploadWindow::Bytes(196_608);
+        assert_eq!(fixed.limit(None), 196_608);
+        assert_eq!(fixed.limit(Some(Duration::from_millis(50))), 196_608);
     }
 }

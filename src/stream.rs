@@ -385,6 +385,9 @@ pub struct StreamInbound {
     limits: Arc<StreamLimits>,
     /// The window offered in the channel open.
     initial_window: u32,
+    /// The most of the stream's upload the node may hold unconsumed
+    /// (`ssh.upload_window` for its session), if bounded.
+    send_window_limit: Option<u32>,
     counters: Arc<StreamCounters>,
     metrics: Arc<Metrics>,
     /// Fired (all waiters, and a flag for late ones) when the stream is reset.
@@ -432,6 +435,10 @@ impl russh::ChannelSink for StreamInbound {
 
     fn initial_window(&self) -> Option<u32> {
         Some(self.initial_window)
+    }
+
+    fn send_window_limit(&self) -> Option<u32> {
+        self.send_window_limit
     }
 }
 
@@ -712,13 +719,21 @@ impl StreamSlot {
     ///
     /// The stream's first window is a whole window if the buffer budget has
     /// room for it, else what it has room for, and at least [`MIN_WINDOW`].
-    pub fn inbound(&self, node: Arc<str>, limits: Arc<StreamLimits>) -> Arc<StreamInbound> {
+    /// `send_window_limit` bounds what of the stream's upload the node may
+    /// hold unconsumed (see [`crate::ssh_config::UploadWindow`]).
+    pub fn inbound(
+        &self,
+        node: Arc<str>,
+        limits: Arc<StreamLimits>,
+        send_window_limit: Option<u32>,
+    ) -> Arc<StreamInbound> {
         let paid = limits.try_reserve(limits.window - limits.floor, 0);
         let first_window = limits.floor + paid;
         Arc::new(StreamInbound {
             id: NEXT_STREAM_ID.fetch_add(1, Ordering::Relaxed),
             node,
             initial_window: u32::try_from(first_window).unwrap_or(u32::MAX),
+            send_window_limit,
             inbound: Mutex::new(Inbound {
                 queue: VecDeque::new(),
                 tail: BytesMut::new(),
@@ -1011,7 +1026,7 @@ mod tests {
             Arc::new(Metrics::new()),
         )
         .expect("a slot");
-        let s = slot.inbound("node-a".into(), limits.clone());
+        let s = slot.inbound("node-a".into(), limits.clone(), None);
         s.confirm(); // the opener saw the channel open
         (s, limits, counters)
     }
@@ -1028,7 +1043,11 @@ mod tests {
             metrics.clone(),
         )
         .expect("a slot");
-        (slot.inbound("node-a".into(), limits), counters, metrics)
+        (
+            slot.inbound("node-a".into(), limits, None),
+            counters,
+            metrics,
+        )
     }
 
     fn budgeted(limits: &Arc<StreamLimits>) -> Arc<StreamInbound> {
@@ -1039,7 +1058,7 @@ mod tests {
             Arc::new(Metrics::new()),
         )
         .expect("a slot");
-        slot.inbound("node-a".into(), limits.clone())
+        slot.inbound("node-a".into(), limits.clone(), None)
     }
 
     /// The node sends `len` bytes and the reader takes them all: the window

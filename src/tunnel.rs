@@ -34,6 +34,7 @@ use crate::node::NodeConfig;
 use crate::reconnect::{jittered, Demand, ProbeResult, Prober, Retry, DEMAND_INTERVAL};
 use crate::session::{self, ConnectError, SessionSettings, Target};
 use crate::shutdown::Shutdown;
+use crate::ssh_config::UploadWindow;
 use crate::stream::{StreamCounters, StreamLimits, StreamSlot, TunnelStream};
 
 pub use crate::tunnel_status::{TunnelState, TunnelStatus};
@@ -56,6 +57,9 @@ pub struct TunnelContext {
     pub sessions_per_node: usize,
     /// Streams per node.
     pub max_streams_per_node: usize,
+    /// How much of a stream's upload a node may hold unconsumed
+    /// (`ssh.upload_window`), resolved per session from its round trip.
+    pub upload_window: UploadWindow,
     /// Keepalive interval.
     pub keepalive_interval: Duration,
     /// Unanswered keepalives that end a session.
@@ -121,6 +125,40 @@ struct LiveSession {
     streams: Arc<AtomicUsize>,
     /// Its slot index (0..`ssh.sessions_per_node`).
     index: usize,
+    /// The shortest round trip seen, in microseconds: its TCP connect, then
+    /// any shorter keepalive reply (a connect made while the process was
+    /// busy took longer than the path does). `u64::MAX`: none measured.
+    rtt_floor_us: AtomicU64,
+}
+
+impl LiveSession {
+    fn new(session: session::Session, index: usize) -> LiveSession {
+        let connect_us = session.connect_rtt.map_or(u64::MAX, duration_us);
+        LiveSession {
+            session,
+            streams: Arc::new(AtomicUsize::new(0)),
+            index,
+            rtt_floor_us: AtomicU64::new(connect_us),
+        }
+    }
+
+    /// A round trip measured on this session (a keepalive reply).
+    fn observe_rtt(&self, rtt: Duration) {
+        self.rtt_floor_us
+            .fetch_min(duration_us(rtt), Ordering::Relaxed);
+    }
+
+    /// The shortest round trip seen, if any.
+    fn rtt_floor(&self) -> Option<Duration> {
+        match self.rtt_floor_us.load(Ordering::Relaxed) {
+            u64::MAX => None,
+            us => Some(Duration::from_micros(us)),
+        }
+    }
+}
+
+fn duration_us(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX - 1)
 }
 
 struct Status {
@@ -428,7 +466,11 @@ impl Tunnel {
             },
         })?;
         let started = Instant::now();
-        let inbound = slot.inbound(self.name.clone(), self.ctx.limits.clone());
+        let inbound = slot.inbound(
+            self.name.clone(),
+            self.ctx.limits.clone(),
+            Some(self.ctx.upload_window.limit(live.rtt_floor())),
+        );
         let open = live.session.handle.channel_open_direct_tcpip_with_sink(
             host,
             u32::from(port),
@@ -636,11 +678,7 @@ impl Tunnel {
                             .reconnect_probe_to_ready
                             .observe(at.elapsed().as_secs_f64());
                     }
-                    let live = Arc::new(LiveSession {
-                        session,
-                        streams: Arc::new(AtomicUsize::new(0)),
-                        index: slot,
-                    });
+                    let live = Arc::new(LiveSession::new(session, slot));
                     self.update(|s| {
                         s.handshakes += 1;
                         s.consecutive_failures = 0;
@@ -648,7 +686,11 @@ impl Tunnel {
                             *entry = Slot::Ready(live.clone());
                         }
                     });
-                    tracing::info!("tunnel ready");
+                    tracing::info!(
+                        connect_rtt_us = live.session.connect_rtt.map(duration_us),
+                        upload_window = self.ctx.upload_window.limit(live.rtt_floor()),
+                        "tunnel ready"
+                    );
                     let ready_at = Instant::now();
                     let end = self.watch(&live).await;
                     let lived = ready_at.elapsed();
@@ -779,10 +821,22 @@ impl Tunnel {
             self.ctx.keepalive_interval,
             self.ctx.keepalive_max,
             |rtt| {
+                live.observe_rtt(rtt);
                 self.ctx.metrics.keepalive_rtt.observe(rtt.as_secs_f64());
                 self.update(|s| s.rtt = Some(rtt));
             },
         );
+        // One round trip measured at once, besides the keepalives (every
+        // interval): `ssh.upload_window = "auto"` sizes streams by the
+        // shortest round trip seen, and a TCP connect made while the
+        // process was busy (at start) took longer than the path does.
+        let first_rtt = async {
+            let sent = tokio::time::Instant::now();
+            if keepalive::Probe::probe(&probe).await.is_ok() {
+                live.observe_rtt(sent.elapsed());
+            }
+        };
+        let keepalive = async { tokio::join!(first_rtt, keepalive).1 };
         tokio::select! {
             _ = self.stop.wait() => SessionEnd::Stopped,
             _ = self.reconnect.notified() => SessionEnd::Reconnect,

@@ -1043,3 +1043,117 @@ async fn session_lines_carry_the_session_span_in_json() {
     assert_eq!(span["session"], 0, "{span}");
     assert!(ready[0].get("node").is_none(), "{}", ready[0]);
 }
+
+/// A destination that counts the bytes it reads and never writes.
+async fn counting_sink() -> (u16, Arc<std::sync::atomic::AtomicU64>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let arrived = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = arrived.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n) = socket.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                    counted.fetch_add(n as u64, std::sync::atomic::Ordering::AcqRel);
+                }
+            });
+        }
+    });
+    (port, arrived)
+}
+
+/// Upload 1 MiB on one stream to a counting sink behind a node that
+/// identifies itself as `ident`; once `expect` bytes have arrived, one round
+/// trip on a second stream of the same session (everything sent before it
+/// has reached the node), then: (bytes arrived, whether the upload is done).
+async fn upload_behind(ident: &str, ssh_extra: &str, expect: u64) -> (u64, bool) {
+    let fx = Fixture::new();
+    let node = SshNode::start_as(&fx.client, ident).await;
+    fx.known_hosts(&[node.known_hosts_line()]);
+    let config = fx.config(&[("node-a", node.addr().port())], ssh_extra);
+    let manager = fx.manager(&config);
+    wait_state(&manager, "node-a", TunnelState::Ready).await;
+    let (sink, arrived) = counting_sink().await;
+    let mut upload = manager
+        .dial_node("node-a", "127.0.0.1", sink)
+        .await
+        .unwrap();
+    let writer = tokio::spawn(async move {
+        upload.write_all(&vec![0x5a; 1 << 20]).await.unwrap();
+        upload
+    });
+    let seen = arrived.clone();
+    support::poll::until(
+        "the upload's first bytes at the sink",
+        support::inproc::DEADLINE,
+        || {
+            format!(
+                "{} bytes arrived",
+                seen.load(std::sync::atomic::Ordering::Acquire)
+            )
+        },
+        || {
+            let n = seen.load(std::sync::atomic::Ordering::Acquire);
+            std::future::ready((n >= expect).then_some(()))
+        },
+    )
+    .await;
+    let echo = echo_server().await;
+    let mut probe = manager
+        .dial_node("node-a", "127.0.0.1", echo)
+        .await
+        .unwrap();
+    support::inproc::ping(&mut probe, b"after the upload").await;
+    let result = (
+        arrived.load(std::sync::atomic::Ordering::Acquire),
+        writer.is_finished(),
+    );
+    writer.abort();
+    manager.shutdown(Duration::from_secs(1)).await;
+    result
+}
+
+#[tokio::test]
+async fn an_openssh_node_holds_at_most_the_upload_window_of_a_stream_unconsumed() {
+    // The node (russh) re-grants window only once half of what it offered
+    // (2 MiB) is consumed, so with the stream held to `ssh.upload_window`
+    // ("auto": 256 KiB on loopback) it never does: exactly 256 KiB arrive
+    // and the rest of the 1 MiB waits. (Real OpenSSH re-grants after three
+    // packets; nodetunnel bounds only nodes that say they are OpenSSH, as
+    // this one does.) With the node's whole window the 1 MiB would have
+    // been sent before the round trip that ends the wait.
+    let (arrived, done) = upload_behind("SSH-2.0-OpenSSH_9.2p1", "", 256 * 1024).await;
+    assert_eq!(
+        arrived,
+        256 * 1024,
+        "bytes past the upload window reached the node"
+    );
+    assert!(!done, "the upload finished without a window grant");
+}
+
+#[tokio::test]
+async fn an_explicit_upload_window_is_what_the_node_may_hold() {
+    let (arrived, done) = upload_behind(
+        "SSH-2.0-OpenSSH_9.2p1",
+        "upload_window = 163840",
+        160 * 1024,
+    )
+    .await;
+    assert_eq!(arrived, 160 * 1024);
+    assert!(!done);
+}
+
+#[tokio::test]
+async fn a_node_not_known_to_regrant_early_keeps_its_whole_window() {
+    // Not OpenSSH (russh's own identification): a bound below half its
+    // window would never be re-granted, so the stream gets the node's whole
+    // 2 MiB window and the 1 MiB upload arrives in full.
+    let (arrived, done) = upload_behind("SSH-2.0-russh_0.65.1", "", 1 << 20).await;
+    assert_eq!(arrived, 1 << 20);
+    assert!(done, "the upload is not done though all of it arrived");
+}

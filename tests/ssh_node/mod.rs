@@ -76,6 +76,8 @@ pub struct SshNode {
     /// One switch per accepted connection: russh runs server sessions in
     /// tasks of its own, so killing means cutting their sockets.
     cuts: Arc<Mutex<Vec<Arc<Severance>>>>,
+    /// The identification string it sends (`None`: russh's own).
+    ident: Option<String>,
     /// Connections in their handshake: from the client's first byte (a TCP
     /// probe that only reads the banner never sends one) to a successful
     /// authentication or the end of the connection. Shared between nodes
@@ -87,6 +89,16 @@ impl SshNode {
     /// Start on an ephemeral loopback port with a fresh ed25519 host key,
     /// authorizing `client`.
     pub async fn start(client: &PublicKey) -> SshNode {
+        SshNode::start_identified(client, None).await
+    }
+
+    /// As [`SshNode::start`], identifying itself as `ident` (e.g.
+    /// `SSH-2.0-OpenSSH_9.2p1`) instead of as russh.
+    pub async fn start_as(client: &PublicKey, ident: &str) -> SshNode {
+        SshNode::start_identified(client, Some(ident.to_string())).await
+    }
+
+    async fn start_identified(client: &PublicKey, ident: Option<String>) -> SshNode {
         let host_key = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519).expect("host key");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
@@ -99,6 +111,7 @@ impl SshNode {
             tasks: None,
             accept: None,
             cuts: Arc::new(Mutex::new(Vec::new())),
+            ident,
             handshakes: Arc::new(Counter::default()),
         };
         node.serve(listener);
@@ -189,6 +202,10 @@ impl SshNode {
             nodelay: true,
             // No inactivity timeout: the hostile suite idles for a while.
             inactivity_timeout: None,
+            server_id: match &self.ident {
+                Some(ident) => russh::SshId::Standard(ident.clone().into()),
+                None => server::Config::default().server_id,
+            },
             ..Default::default()
         });
         let tasks = Arc::new(Mutex::new(JoinSet::new()));

@@ -11,6 +11,7 @@ pub mod io;
 
 mod channel_ref;
 pub use channel_ref::{ChannelRef, ChannelSink};
+pub(crate) use channel_ref::peer_regrants_early;
 
 mod channel_stream;
 pub use channel_stream::ChannelStream;

@@ -584,11 +584,18 @@ impl Session {
                 };
 
                 if let Some(channel) = self.channels.get(&local_id) {
+                    // (nodetunnel patch) The writers' window: the peer's, or
+                    // less if the sink bounds what it keeps unconsumed.
+                    let window_size = channel.send_window(
+                        msg.initial_window_size,
+                        msg.maximum_packet_size,
+                        crate::channels::peer_regrants_early(&self.common.remote_sshid),
+                    );
                     channel
                         .send(ChannelMsg::Open {
                             id: local_id,
                             max_packet_size: msg.maximum_packet_size,
-                            window_size: msg.initial_window_size,
+                            window_size,
                         })
                         .await
                         .unwrap_or(());
