@@ -1161,15 +1161,30 @@ fn ip_in_node(bed: &Testbed, i: usize, args: &[&str]) {
 /// (once per front door).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_refusals_are_dial_rsp_errors_saying_what_the_http_status_would() {
-    /// In node 1's pod CIDR; node 1 routes it into a dummy device, where
-    /// the SYN vanishes without an error: the channel open never completes.
+    /// In node 1's pod CIDR. Node 1 sends it on its link to a MAC address
+    /// that nothing on the bridge has (a permanent neighbour entry, so no
+    /// ARP failure either): the SYN vanishes without an error and the
+    /// channel open never completes.
     const BLACK_HOLE: &str = "10.244.1.99";
     let cluster = blocking(Cluster::up);
     blocking(|| {
-        ip_in_node(&cluster.bed, 1, &["link", "add", "nt-hole", "type", "dummy"]);
-        ip_in_node(&cluster.bed, 1, &["link", "set", "nt-hole", "up"]);
-        let route = format!("{BLACK_HOLE}/32");
-        ip_in_node(&cluster.bed, 1, &["route", "add", &route, "dev", "nt-hole"]);
+        let host = format!("{BLACK_HOLE}/32");
+        ip_in_node(&cluster.bed, 1, &["route", "add", &host, "dev", "eth0"]);
+        ip_in_node(
+            &cluster.bed,
+            1,
+            &[
+                "neigh",
+                "add",
+                BLACK_HOLE,
+                "lladdr",
+                "02:00:00:00:01:99",
+                "dev",
+                "eth0",
+                "nud",
+                "permanent",
+            ],
+        );
     });
     let socket = cluster.path("grpcrefuse.sock");
     let uds = cluster.path("connectrefuse.sock");
