@@ -1249,7 +1249,10 @@ async fn grpc_refusals_are_dial_rsp_errors_saying_what_the_http_status_would() {
             "nodetunnel_proxy_requests_total{listener=\"grpc\",code=\"dial_ok\"}",
             0.0,
         ),
-        ("nodetunnel_policy_denials_total{reason=\"link_local\"}", 2.0),
+        (
+            "nodetunnel_policy_denials_total{reason=\"link_local\"}",
+            2.0,
+        ),
         ("nodetunnel_policy_denials_total{reason=\"no_route\"}", 2.0),
         ("nodetunnel_stream_opens_total{result=\"timeout\"}", 2.0),
         ("nodetunnel_stream_opens_total{result=\"node_down\"}", 2.0),
@@ -1379,13 +1382,16 @@ async fn a_grpc_client_that_stops_reading_holds_one_window_and_a_second_tunnel_m
     let value = |series: &str| {
         metric_value(&metrics, series).unwrap_or_else(|| panic!("no {series} in:\n{metrics}"))
     };
-    let from_stalled =
-        value("nodetunnel_bytes_total{direction=\"from_node\"}") - SECOND_LEN as f64;
+    let from_stalled = value("nodetunnel_bytes_total{direction=\"from_node\"}") - SECOND_LEN as f64;
     assert!(
         from_stalled < 8.0 * 1024.0 * 1024.0,
         "{from_stalled} bytes taken from the stalled channel: nodetunnel read on without bound"
     );
     let buffered = value("nodetunnel_stream_buffered_bytes");
+    eprintln!(
+        "while stalled: {from_stalled} bytes taken from the stalled channel, {buffered} bytes \
+         held from nodes"
+    );
     assert!(
         buffered <= WINDOW + 32.0 * 1024.0,
         "{buffered} bytes held from nodes: more than the stalled channel's window"

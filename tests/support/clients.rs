@@ -224,6 +224,11 @@ pub async fn admin_metrics(socket: &Path) -> Result<String> {
 /// `nodetunnel_proxy_requests_total{listener="grpc",code="dial_ok"}`) in a
 /// `/metrics` text; `None` if it is not there.
 pub fn metric_value(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
