@@ -443,7 +443,10 @@ impl Tunnel {
             Some(live) => live,
             None => self.wait_for_session(deadline).await?,
         };
-        let timeout = deadline.saturating_duration_since(tokio::time::Instant::now());
+        // What is left of `timeout` after waiting for a session; a timeout
+        // is reported as `timeout` (the configured dial timeout), which is
+        // how long the dial waited in all.
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         if self.ctx.limits.over_budget() {
             return Err(DialError::Limit {
                 node: self.name.clone(),
@@ -478,7 +481,7 @@ impl Tunnel {
             0,
             inbound.clone(),
         );
-        let result = match tokio::time::timeout(timeout, open).await {
+        let result = match tokio::time::timeout(left, open).await {
             Err(_) => Err(DialError::Timeout {
                 node: self.name.to_string(),
                 after: timeout,

@@ -1013,25 +1013,20 @@ async fn dial_cls_racing_the_open_leaves_no_channel_behind() {
         IO_TIMEOUT,
         || nt.log.dump(),
         || async {
-            let mut s = UnixStream::connect(&admin).await.ok()?;
-            let r = http_get(&mut s, "localhost", "/metrics").await.ok()?;
-            r.text()
-                .lines()
-                .any(|l| l == "nodetunnel_streams_open 0")
-                .then_some(())
+            let text = admin_metrics(&admin).await.ok()?;
+            (metric_value(&text, "nodetunnel_streams_open") == Some(0.0)).then_some(())
         },
     )
     .await;
     // Every cancelled dial was counted, and none was answered.
-    let mut s = UnixStream::connect(&admin).await.expect("admin socket");
-    let metrics = http_get(&mut s, "localhost", "/metrics")
-        .await
-        .expect("metrics");
-    assert!(
-        metrics.text().lines().any(|l| l
-            == "nodetunnel_proxy_requests_total{listener=\"grpc\",code=\"dial_cancelled\"} 20"),
-        "{}",
-        metrics.text()
+    let metrics = admin_metrics(&admin).await.expect("metrics");
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "nodetunnel_proxy_requests_total{listener=\"grpc\",code=\"dial_cancelled\"}"
+        ),
+        Some(20.0),
+        "{metrics}"
     );
     drop(streams);
     blocking(|| nt.stop());
@@ -1126,6 +1121,299 @@ async fn grpc_moves_100_mb_byte_exact_both_ways() {
     eprintln!(
         "100 MB through the same process (debug build unless --release): gRPC down {grpc_down:.0} MB/s, \
          gRPC echo (both ways at once) {grpc_echo:.0} MB/s, HTTP CONNECT down {connect_down:.0} MB/s"
+    );
+    blocking(|| nt.stop());
+}
+
+/// A refused gRPC dial on the testbed: the DIAL_RSP's error text.
+async fn grpc_refusal(socket: &Path, target: &str) -> String {
+    support::konnectivity::Tunnel::dial(socket, target)
+        .await
+        .unwrap_or_else(|e| panic!("DIAL {target}: the gRPC stream failed: {e:#}"))
+        .err()
+        .unwrap_or_else(|| panic!("DIAL {target}: accepted, expected a DIAL_RSP error"))
+}
+
+/// Run `ip ARGS` inside node `i`'s namespace; it must succeed.
+fn ip_in_node(bed: &Testbed, i: usize, args: &[&str]) {
+    let out = bed
+        .command_in_node(i, "ip")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("running ip {args:?} in node-{i}: {e}"));
+    assert!(
+        out.status.success(),
+        "ip {args:?} in node-{i}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Refusals over the real testbed arrive as DIAL_RSP errors that say what
+/// the HTTP status would have said: each is the body of the same refusal
+/// to an HTTP CONNECT on the same process (its `uds` listener), whose
+/// status is checked: denied by policy (cloud metadata, 403), no route
+/// (an address in no node's range, 403), a dial timeout (a destination
+/// node 1 black-holes, with `dial_timeout = "1s"`, 504), a node that is
+/// down (its sshd stopped, 503). Each gRPC refusal is counted as
+/// `dial_error` under `listener="grpc"`, and under its reason in
+/// `nodetunnel_policy_denials_total` / `nodetunnel_stream_opens_total`
+/// (once per front door).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_refusals_are_dial_rsp_errors_saying_what_the_http_status_would() {
+    /// In node 1's pod CIDR. Node 1 sends it on its link to a MAC address
+    /// that nothing on the bridge has (a permanent neighbour entry, so no
+    /// ARP failure either): the SYN vanishes without an error and the
+    /// channel open never completes.
+    const BLACK_HOLE: &str = "10.244.1.99";
+    let cluster = blocking(Cluster::up);
+    blocking(|| {
+        let host = format!("{BLACK_HOLE}/32");
+        ip_in_node(&cluster.bed, 1, &["route", "add", &host, "dev", "eth0"]);
+        ip_in_node(
+            &cluster.bed,
+            1,
+            &[
+                "neigh",
+                "add",
+                BLACK_HOLE,
+                "lladdr",
+                "02:00:00:00:01:99",
+                "dev",
+                "eth0",
+                "nud",
+                "permanent",
+            ],
+        );
+    });
+    let socket = cluster.path("grpcrefuse.sock");
+    let uds = cluster.path("connectrefuse.sock");
+    let proxy = format!("[proxy]\ngrpc_uds = {socket:?}\nuds = {uds:?}\ndial_timeout = \"1s\"\n");
+    let nt = blocking(|| NodeTunnel::start(&cluster, "grpcrefuse", &proxy));
+    let admin = cluster.path("grpcrefuse-admin.sock");
+
+    // (destination, HTTP status, the whole refusal text)
+    let exact = [
+        (
+            "169.254.169.254:80".to_owned(),
+            403,
+            "denied by policy: destination 169.254.169.254 is link-local (cloud metadata); \
+             add it to routing.allow_cidrs to allow"
+                .to_owned(),
+        ),
+        (
+            "10.250.0.5:80".to_owned(),
+            403,
+            "no route: no route to 10.250.0.5: it is no node address or name and in no pod or \
+             service CIDR, and routing.default is \"deny\""
+                .to_owned(),
+        ),
+        (
+            format!("{BLACK_HOLE}:80"),
+            504,
+            "channel open to node-1 timed out after 1s".to_owned(),
+        ),
+    ];
+    for (target, status, text) in &exact {
+        let error = grpc_refusal(&socket, target).await;
+        assert_eq!(&error, text, "DIAL {target}");
+        let r = refused(&uds, target)
+            .await
+            .unwrap_or_else(|e| panic!("CONNECT {target}: {e:#}"));
+        assert_eq!(r.status, *status, "CONNECT {target}: {r:?}");
+        assert_eq!(r.body, format!("{error}\n"), "CONNECT {target}: {r:?}");
+    }
+
+    // A node that is down, once its session loss is noticed. The text
+    // goes on with the tunnel's state and for how long: only its start is
+    // stable from one refusal to the next.
+    let mark = nt.log.len();
+    blocking(|| cluster.bed.stop_node(3)).expect("stopping node-3's sshd");
+    blocking(|| nt.expect_log(mark, IO_TIMEOUT, "session lost", Some("node-3")));
+    let target3 = format!("{}:{KUBELET_PORT}", cluster.bed.node(3).ip);
+    let down = "node unavailable: node node-3 has no ready SSH session (";
+    let error = grpc_refusal(&socket, &target3).await;
+    assert!(error.starts_with(down), "DIAL {target3}: {error}");
+    let r = refused(&uds, &target3).await.unwrap();
+    assert_eq!(r.status, 503, "{r:?}");
+    assert!(r.body.starts_with(down), "{r:?}");
+    assert_one_line(&r, "node-3 down");
+
+    let metrics = admin_metrics(&admin).await.expect("metrics");
+    for (series, want) in [
+        (
+            "nodetunnel_proxy_requests_total{listener=\"grpc\",code=\"dial_error\"}",
+            4.0,
+        ),
+        (
+            "nodetunnel_proxy_requests_total{listener=\"grpc\",code=\"dial_ok\"}",
+            0.0,
+        ),
+        (
+            "nodetunnel_policy_denials_total{reason=\"link_local\"}",
+            2.0,
+        ),
+        ("nodetunnel_policy_denials_total{reason=\"no_route\"}", 2.0),
+        ("nodetunnel_stream_opens_total{result=\"timeout\"}", 2.0),
+        ("nodetunnel_stream_opens_total{result=\"node_down\"}", 2.0),
+    ] {
+        assert_eq!(
+            metric_value(&metrics, series),
+            Some(want),
+            "{series}:\n{metrics}"
+        );
+    }
+    blocking(|| nt.stop());
+}
+
+/// The service IP through gRPC tunnels (`routing.service_cidrs`, as for
+/// HTTP CONNECT): every dial reaches one node's backend of the service,
+/// each exactly once, and a GET through it is answered by that backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_dials_a_service_ip_and_reaches_its_backend() {
+    use support::konnectivity::Tunnel;
+    let cluster = blocking(Cluster::up);
+    let socket = cluster.path("grpcsvc.sock");
+    let proxy = format!("[proxy]\ngrpc_uds = {socket:?}\ndial_timeout = \"3s\"\n");
+    let nt = blocking(|| NodeTunnel::start(&cluster, "grpcsvc", &proxy));
+    let target = format!("{}:80", cluster.bed.service_ip());
+    let names: BTreeSet<String> = cluster.bed.node_names().into_iter().collect();
+    let mut ids = BTreeSet::new();
+    for _ in 0..6 {
+        let tunnel = Tunnel::dial(&socket, &target)
+            .await
+            .expect("gRPC stream")
+            .unwrap_or_else(|e| panic!("DIAL {target} refused: {e}"));
+        assert!(ids.insert(tunnel.connect_id), "connectID reused");
+        let mut io = tunnel.into_io();
+        let r = tokio::time::timeout(
+            IO_TIMEOUT,
+            http_get(&mut io, &cluster.bed.service_ip().to_string(), "/"),
+        )
+        .await
+        .expect("GET in time")
+        .expect("GET / on the service");
+        let by = served_by(&r);
+        assert!(names.contains(&by), "service answered by {by:?}");
+    }
+    let total: u64 = cluster.services.iter().map(|s| s.accepted()).sum();
+    assert_eq!(total, 6, "every service dial reached exactly one backend");
+    blocking(|| nt.stop());
+}
+
+/// A client that stops reading one gRPC tunnel (single-use, as the
+/// apiserver's) with a 64 MB download pending holds only that tunnel: a
+/// second tunnel to the same node moves 32 MB to completion meanwhile,
+/// what nodetunnel took from the stalled channel stays within its windows
+/// (the node is not let push on), and once the client reads again the
+/// stalled download completes byte-exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_client_that_stops_reading_holds_one_window_and_a_second_tunnel_moves_32_mb() {
+    use support::konnectivity::{Read, Tunnel};
+    const STALLED_LEN: usize = 64 * 1000 * 1000;
+    const SECOND_LEN: usize = 32 * 1000 * 1000;
+    const STALLED_PORT: u16 = 9003;
+    const SECOND_PORT: u16 = 9004;
+    /// ssh.window_size's default, one channel's receive window.
+    const WINDOW: f64 = 2.0 * 1024.0 * 1024.0;
+    let cluster = blocking(Cluster::up);
+    let n2 = cluster.bed.node(2).clone();
+    let _stalled_source = server_in_ns(
+        &cluster.bed,
+        &n2.ns,
+        ServerKind::source(
+            SocketAddr::from((n2.pod_ip, STALLED_PORT)),
+            STALLED_LEN as u64,
+            3,
+        ),
+    );
+    let _second_source = server_in_ns(
+        &cluster.bed,
+        &n2.ns,
+        ServerKind::source(
+            SocketAddr::from((n2.pod_ip, SECOND_PORT)),
+            SECOND_LEN as u64,
+            4,
+        ),
+    );
+    let socket = cluster.path("grpcstall.sock");
+    let proxy = format!("[proxy]\ngrpc_uds = {socket:?}\ndial_timeout = \"3s\"\n");
+    let nt = blocking(|| NodeTunnel::start(&cluster, "grpcstall", &proxy));
+    let admin = cluster.path("grpcstall-admin.sock");
+
+    // The first tunnel flows (one DATA packet read), then is not read.
+    let mut stalled = Tunnel::dial(&socket, &format!("{}:{STALLED_PORT}", n2.pod_ip))
+        .await
+        .expect("gRPC stream")
+        .expect("dial the first source");
+    let mut first = match stalled.read().await.expect("first packet") {
+        Read::Data(d) => d.to_vec(),
+        Read::Closed(e) => panic!("the first tunnel closed at once: {e:?}"),
+    };
+
+    // The second tunnel, to the same node, runs to its CLOSE_RSP.
+    let mut second = Tunnel::dial(&socket, &format!("{}:{SECOND_PORT}", n2.pod_ip))
+        .await
+        .expect("gRPC stream")
+        .expect("dial the second source");
+    let mut got = Vec::with_capacity(SECOND_LEN);
+    let closed = tokio::time::timeout(Duration::from_secs(300), async {
+        loop {
+            match second.read().await.expect("packet") {
+                Read::Data(d) => got.extend_from_slice(&d),
+                Read::Closed(error) => break error,
+            }
+        }
+    })
+    .await
+    .expect("32 MB through the second tunnel within 300 s");
+    assert_eq!(closed, "", "the second source's close is a clean CLOSE_RSP");
+    assert_eq!(got.len(), SECOND_LEN);
+    assert!(
+        sha256_hex(&got) == pattern_sha256_hex(4, SECOND_LEN as u64),
+        "32 MB byte-exact"
+    );
+    drop((got, second));
+
+    // The stalled tunnel is still open, and nodetunnel took from its
+    // channel only what its windows and queues hold: the node could not
+    // push the 64 MB.
+    let metrics = admin_metrics(&admin).await.expect("metrics");
+    let value = |series: &str| {
+        metric_value(&metrics, series).unwrap_or_else(|| panic!("no {series} in:\n{metrics}"))
+    };
+    let from_stalled = value("nodetunnel_bytes_total{direction=\"from_node\"}") - SECOND_LEN as f64;
+    assert!(
+        from_stalled < 8.0 * 1024.0 * 1024.0,
+        "{from_stalled} bytes taken from the stalled channel: nodetunnel read on without bound"
+    );
+    let buffered = value("nodetunnel_stream_buffered_bytes");
+    eprintln!(
+        "while stalled: {from_stalled} bytes taken from the stalled channel, {buffered} bytes \
+         held from nodes"
+    );
+    assert!(
+        buffered <= WINDOW + 32.0 * 1024.0,
+        "{buffered} bytes held from nodes: more than the stalled channel's window"
+    );
+
+    // Reading again: the rest of the 64 MB, byte-exact, then CLOSE_RSP.
+    first.reserve(STALLED_LEN);
+    let closed = tokio::time::timeout(Duration::from_secs(300), async {
+        loop {
+            match stalled.read().await.expect("packet") {
+                Read::Data(d) => first.extend_from_slice(&d),
+                Read::Closed(error) => break error,
+            }
+        }
+    })
+    .await
+    .expect("the stalled download completes within 300 s");
+    assert_eq!(closed, "", "the first source's close is a clean CLOSE_RSP");
+    assert_eq!(first.len(), STALLED_LEN);
+    assert!(
+        sha256_hex(&first) == pattern_sha256_hex(3, STALLED_LEN as u64),
+        "64 MB byte-exact after the stall"
     );
     blocking(|| nt.stop());
 }

@@ -1,9 +1,12 @@
 //! Small clients for tests: a minimal HTTP/1.1 GET over any stream (plain,
-//! TLS, or a tunnel), with chunked decoding, and a TLS connector that trusts
-//! one certificate.
+//! TLS, or a tunnel), with chunked decoding, a TLS connector that trusts
+//! one certificate, and `/metrics` read from a `serve` process's admin
+//! Unix socket.
 
 use std::net::IpAddr;
+use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -193,4 +196,39 @@ where
         .connect(ServerName::IpAddress(ip.into()), stream)
         .await
         .with_context(|| format!("TLS handshake with {ip}"))
+}
+
+/// Bound on one `/metrics` read from an admin socket.
+pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `GET /metrics` on a `serve` process's admin Unix socket (`[admin] uds`):
+/// the exposition text; an error if it is not a 200 within
+/// [`ADMIN_TIMEOUT`].
+pub async fn admin_metrics(socket: &Path) -> Result<String> {
+    let get = async {
+        let mut s = tokio::net::UnixStream::connect(socket)
+            .await
+            .with_context(|| format!("connecting to {}", socket.display()))?;
+        http_get(&mut s, "localhost", "/metrics").await
+    };
+    let r = tokio::time::timeout(ADMIN_TIMEOUT, get)
+        .await
+        .with_context(|| format!("GET /metrics on {}: no answer", socket.display()))??;
+    if r.status != 200 {
+        bail!("GET /metrics on {}: status {}", socket.display(), r.status);
+    }
+    Ok(r.text())
+}
+
+/// The value of `series` (its name and labels exactly as exported, e.g.
+/// `nodetunnel_proxy_requests_total{listener="grpc",code="dial_ok"}`) in a
+/// `/metrics` text; `None` if it is not there.
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }

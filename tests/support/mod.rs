@@ -29,7 +29,9 @@ pub mod servers;
 pub mod sshd;
 pub mod testbed;
 
-pub use clients::{http_get, http_get_with, tls_connector, HttpResponse};
+pub use clients::{
+    admin_metrics, http_get, http_get_with, metric_value, tls_connector, HttpResponse,
+};
 pub use netns::{
     run_in_ns, run_in_ns_blocking, spawn_task_in_ns, tcp_connect_in_ns, tcp_connect_in_ns_std,
     tcp_listener_in_ns, NsTask,
