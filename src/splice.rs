@@ -44,7 +44,10 @@ const MAX_SLICES: usize = 16;
 /// whose both ends are always ready does not hold its worker thread.
 const ROUNDS_PER_POLL: usize = 32;
 
-/// Bytes moved by a finished [`splice`].
+/// Bytes a splice has moved so far. [`splice_counting`] adds to it as it
+/// writes, so the counts hold what got through however the splice ends:
+/// both ways done, an I/O error, a cut, or its future dropped (a
+/// connection task aborted).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Spliced {
     /// Bytes read from the client and written into the tunnel.
@@ -53,20 +56,31 @@ pub struct Spliced {
     pub tunnel_to_client: u64,
 }
 
-/// [`splice`], but give up as soon as `cut` resolves: the tunnel side is
-/// gone, so the client connection is closed at once even if the client
-/// stopped reading (the copy would otherwise wait on it forever).
+/// A side of the splice: which one reached its end of stream first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// The client finished sending.
+    Client,
+    /// The tunnel finished sending.
+    Tunnel,
+}
+
+/// [`splice_counting`], but give up as soon as `cut` resolves: the tunnel
+/// side is gone, so the client connection is closed at once even if the
+/// client stopped reading (the copy would otherwise wait on it forever).
+/// `moved` keeps what got through before the cut.
 pub async fn splice_until<C, T>(
     client: &mut C,
     tunnel: &mut T,
     cut: impl std::future::Future<Output = String>,
-) -> io::Result<Spliced>
+    moved: &mut Spliced,
+) -> io::Result<Side>
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     T: TunnelIo + ?Sized,
 {
     tokio::select! {
-        moved = splice(client, tunnel) => moved,
+        first = splice_counting(client, tunnel, moved) => first,
         reason = cut => Err(io::Error::new(io::ErrorKind::ConnectionAborted, reason)),
     }
 }
@@ -74,8 +88,29 @@ where
 /// Copy `client` <-> `tunnel` with half-close until both directions ended.
 ///
 /// Returns the byte counts, or the first I/O error (both sides are dropped
-/// by the caller, which closes them).
+/// by the caller, which closes them). A caller that needs the counts after
+/// an error uses [`splice_counting`].
 pub async fn splice<C, T>(client: &mut C, tunnel: &mut T) -> io::Result<Spliced>
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    T: TunnelIo + ?Sized,
+{
+    let mut moved = Spliced::default();
+    splice_counting(client, tunnel, &mut moved).await?;
+    Ok(moved)
+}
+
+/// Copy `client` <-> `tunnel` with half-close until both directions ended,
+/// adding the bytes written each way to `moved` as they go (so they are
+/// there after an error too, or if this future is dropped).
+///
+/// Returns the side whose end of stream came first, or the first I/O
+/// error (both sides are dropped by the caller, which closes them).
+pub async fn splice_counting<C, T>(
+    client: &mut C,
+    tunnel: &mut T,
+    moved: &mut Spliced,
+) -> io::Result<Side>
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     T: TunnelIo + ?Sized,
@@ -86,24 +121,29 @@ where
         filled: 0,
     });
     let mut down = Direction::new(Chunks::default());
+    let mut first_eof = None;
     std::future::poll_fn(|cx| {
         if !up.done {
-            if let Poll::Ready(Err(e)) = up.poll_copy(cx, client, tunnel) {
+            let poll = up.poll_copy(cx, client, tunnel, &mut moved.client_to_tunnel);
+            if up.read_done {
+                first_eof.get_or_insert(Side::Client);
+            }
+            if let Poll::Ready(Err(e)) = poll {
                 return Poll::Ready(Err(e));
             }
         }
         if !down.done {
-            if let Poll::Ready(Err(e)) = down.poll_copy(cx, tunnel, client) {
+            let poll = down.poll_copy(cx, tunnel, client, &mut moved.tunnel_to_client);
+            if down.read_done {
+                first_eof.get_or_insert(Side::Tunnel);
+            }
+            if let Poll::Ready(Err(e)) = poll {
                 return Poll::Ready(Err(e));
             }
         }
-        if up.done && down.done {
-            Poll::Ready(Ok(Spliced {
-                client_to_tunnel: up.moved,
-                tunnel_to_client: down.moved,
-            }))
-        } else {
-            Poll::Pending
+        match first_eof {
+            Some(first) if up.done && down.done => Poll::Ready(Ok(first)),
+            _ => Poll::Pending,
         }
     })
     .await
@@ -129,7 +169,6 @@ struct Direction<H> {
     read_done: bool,
     need_flush: bool,
     done: bool,
-    moved: u64,
 }
 
 impl<H> Direction<H> {
@@ -139,7 +178,6 @@ impl<H> Direction<H> {
             read_done: false,
             need_flush: false,
             done: false,
-            moved: 0,
         }
     }
 
@@ -148,6 +186,7 @@ impl<H> Direction<H> {
         cx: &mut Context<'_>,
         reader: &mut R,
         writer: &mut W,
+        moved: &mut u64,
     ) -> Poll<io::Result<()>>
     where
         H: Held<R, W>,
@@ -173,7 +212,7 @@ impl<H> Direction<H> {
                 if n == 0 {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
-                self.moved += n as u64;
+                *moved += n as u64;
                 self.need_flush = true;
             }
             if self.read_done {
@@ -589,14 +628,120 @@ mod tests {
         tunnel.write_all(&[7u8; 4096]).await.unwrap();
         let (cut_tx, cut_rx) = tokio::sync::oneshot::channel::<String>();
         let task = tokio::spawn(async move {
-            splice_until(&mut client_end, &mut tunnel_end, async {
-                cut_rx.await.unwrap_or_default()
-            })
+            let mut moved = Spliced::default();
+            splice_until(
+                &mut client_end,
+                &mut tunnel_end,
+                async { cut_rx.await.unwrap_or_default() },
+                &mut moved,
+            )
             .await
         });
         cut_tx.send("session lost".into()).unwrap();
         let err = task.await.unwrap().unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::ConnectionAborted);
         assert_eq!(err.to_string(), "session lost");
+    }
+
+    /// A tunnel that takes every write, hands out its chunks, then fails.
+    struct FailsAfterChunks {
+        chunks: VecDeque<Bytes>,
+        written: usize,
+    }
+
+    impl AsyncRead for FailsAfterChunks {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            unreachable!("the splice reads chunks")
+        }
+    }
+
+    impl AsyncWrite for FailsAfterChunks {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            b: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.get_mut().written += b.len();
+            Poll::Ready(Ok(b.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl TunnelIo for FailsAfterChunks {
+        fn poll_read_chunks(
+            &mut self,
+            _: &mut Context<'_>,
+            out: &mut VecDeque<Bytes>,
+            _: usize,
+        ) -> Poll<io::Result<usize>> {
+            match self.chunks.pop_front() {
+                Some(chunk) => {
+                    let n = chunk.len();
+                    out.push_back(chunk);
+                    Poll::Ready(Ok(n))
+                }
+                None => Poll::Ready(Err(io::ErrorKind::ConnectionReset.into())),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_splice_ending_in_an_error_reports_the_bytes_moved_before_the_error() {
+        // The client has sent a request and waits; the tunnel answers part
+        // of it, then its read fails.
+        let (mut client, mut client_end) = tokio::io::duplex(1024);
+        client.write_all(b"request").await.unwrap();
+        let mut tunnel = FailsAfterChunks {
+            chunks: VecDeque::from([Bytes::from_static(b"reply, "), Bytes::from_static(b"part")]),
+            written: 0,
+        };
+        let mut moved = Spliced::default();
+        let err = splice_counting(&mut client_end, &mut tunnel, &mut moved)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+        assert_eq!(tunnel.written, 7);
+        assert_eq!(
+            moved,
+            Spliced {
+                client_to_tunnel: 7,
+                tunnel_to_client: 11
+            }
+        );
+        let mut got = [0u8; 11];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"reply, part");
+    }
+
+    #[tokio::test]
+    async fn the_side_whose_end_of_stream_came_first_is_reported() {
+        for first in [Side::Client, Side::Tunnel] {
+            let (mut client, mut client_end) = tokio::io::duplex(1024);
+            let (mut tunnel, mut tunnel_end) = tokio::io::duplex(1024);
+            let task = tokio::spawn(async move {
+                let mut moved = Spliced::default();
+                splice_counting(&mut client_end, &mut tunnel_end, &mut moved).await
+            });
+            // The first side finishes, and the splice forwards its EOF to
+            // the other before that one finishes too.
+            let (first_end, second_end) = match first {
+                Side::Client => (&mut client, &mut tunnel),
+                Side::Tunnel => (&mut tunnel, &mut client),
+            };
+            first_end.shutdown().await.unwrap();
+            let mut rest = Vec::new();
+            second_end.read_to_end(&mut rest).await.unwrap();
+            second_end.shutdown().await.unwrap();
+            assert_eq!(task.await.unwrap().unwrap(), first);
+        }
     }
 }

@@ -4,17 +4,17 @@
 //! writes it, so a connection aborted at the drain deadline still leaves
 //! its record, with `end = "drain_deadline"`).
 //!
-//! Bytes are counted where the front door moves them ([`Moved`]: the
-//! relay's client side, the gRPC tunnel's packets), so a tunnel cut in the
-//! middle still reports what reached each side.
+//! Bytes are counted where the front door moves them, into the record's
+//! own counts ([`OpenTunnel::moved`]: the relay's splice adds to them as it
+//! writes, the gRPC tunnel per packet), so a tunnel cut in the middle, or
+//! its connection aborted, still reports what got through each way.
 
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::Arc;
 use std::time::Instant;
 
 use super::ListenerKind;
 use crate::audit::{AuditRecord, AuditSink, Client, End, Event};
 use crate::dial::{Destination, DialError, TunnelIo};
+use crate::splice::{Side, Spliced};
 
 /// A connection's listener and client, as its audit records name them.
 #[derive(Clone, Debug)]
@@ -84,7 +84,7 @@ impl Asker {
             sink: sink.clone(),
             record,
             opened: Instant::now(),
-            moved: Arc::new(Moved::default()),
+            moved: Spliced::default(),
             end: None,
             shutdown: None,
         }
@@ -97,53 +97,12 @@ impl Asker {
     }
 }
 
-/// Which side of a tunnel reached its end of stream first.
-const NO_EOF: u8 = 0;
-const CLIENT_EOF: u8 = 1;
-const NODE_EOF: u8 = 2;
-
-/// Bytes a tunnel moved each way, and which side finished first.
-#[derive(Debug, Default)]
-pub(crate) struct Moved {
-    to_node: AtomicU64,
-    from_node: AtomicU64,
-    first_eof: AtomicU8,
-}
-
-impl Moved {
-    /// `n` bytes went from the client towards the node.
-    pub(crate) fn add_to_node(&self, n: usize) {
-        self.to_node.fetch_add(n as u64, Ordering::Relaxed);
-    }
-
-    /// `n` bytes went from the node to the client.
-    pub(crate) fn add_from_node(&self, n: usize) {
-        self.from_node.fetch_add(n as u64, Ordering::Relaxed);
-    }
-
-    /// The client finished sending.
-    pub(crate) fn client_eof(&self) {
-        let _ = self.first_eof.compare_exchange(
-            NO_EOF,
-            CLIENT_EOF,
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        );
-    }
-
-    /// The node finished sending.
-    pub(crate) fn node_eof(&self) {
-        let _ =
-            self.first_eof
-                .compare_exchange(NO_EOF, NODE_EOF, Ordering::AcqRel, Ordering::Acquire);
-    }
-
-    /// How a clean end (both ways finished) is named.
-    pub(crate) fn clean_end(&self) -> End {
-        match self.first_eof.load(Ordering::Acquire) {
-            NODE_EOF => End::NodeClose,
-            _ => End::ClientClose,
-        }
+/// How a clean end (both ways finished) is named: by the side whose end
+/// of stream came first.
+pub(crate) fn clean_end(first: Side) -> End {
+    match first {
+        Side::Client => End::ClientClose,
+        Side::Tunnel => End::NodeClose,
     }
 }
 
@@ -156,7 +115,8 @@ pub(crate) struct OpenTunnel {
     /// `None` when audit is off.
     record: Option<AuditRecord>,
     opened: Instant,
-    moved: Arc<Moved>,
+    /// Bytes to the node (`client_to_tunnel`) and from it.
+    moved: Spliced,
     end: Option<(End, Option<&'static str>)>,
     /// With it, a tunnel dropped before it ended is `client_close` unless
     /// `shutdown` fired (a gRPC stream's tunnels end with the stream).
@@ -164,9 +124,11 @@ pub(crate) struct OpenTunnel {
 }
 
 impl OpenTunnel {
-    /// The byte counters of this tunnel.
-    pub(crate) fn moved(&self) -> Arc<Moved> {
-        self.moved.clone()
+    /// The byte counts of this tunnel, for the code that moves its bytes
+    /// to add to as it goes: the record takes them as they are when it is
+    /// written.
+    pub(crate) fn moved(&mut self) -> &mut Spliced {
+        &mut self.moved
     }
 
     /// A tunnel dropped before it ended was closed with its client's
@@ -207,8 +169,8 @@ impl Drop for OpenTunnel {
         record.time = std::time::SystemTime::now();
         record.end = Some(end);
         record.reset_reason = reset;
-        record.bytes_to_node = self.moved.to_node.load(Ordering::Relaxed);
-        record.bytes_from_node = self.moved.from_node.load(Ordering::Relaxed);
+        record.bytes_to_node = self.moved.client_to_tunnel;
+        record.bytes_from_node = self.moved.tunnel_to_client;
         record.set_duration(self.opened.elapsed());
         self.sink.record(record);
     }
@@ -238,14 +200,7 @@ mod tests {
 
     #[test]
     fn a_clean_end_is_named_by_the_side_that_finished_first() {
-        let moved = Moved::default();
-        assert_eq!(moved.clean_end(), End::ClientClose);
-        moved.node_eof();
-        moved.client_eof();
-        assert_eq!(moved.clean_end(), End::NodeClose);
-        let moved = Moved::default();
-        moved.client_eof();
-        moved.node_eof();
-        assert_eq!(moved.clean_end(), End::ClientClose);
+        assert_eq!(clean_end(Side::Tunnel), End::NodeClose);
+        assert_eq!(clean_end(Side::Client), End::ClientClose);
     }
 }

@@ -749,7 +749,13 @@ async fn run_tunnel<S: crate::dial::TunnelIo>(
     out: PacketSender,
     mut audit: OpenTunnel,
 ) {
-    let moved = audit.moved();
+    // Counted into the audit record per packet, each way into its own
+    // count: what got through is there however the tunnel ends, also when
+    // this task is aborted with its stream.
+    let crate::splice::Spliced {
+        client_to_tunnel: to_node,
+        tunnel_to_client: from_node,
+    } = audit.moved();
     let cut = tunnel.cut();
     let (mut reader, mut writer) = tokio::io::split(tunnel);
     let down = async {
@@ -758,7 +764,7 @@ async fn run_tunnel<S: crate::dial::TunnelIo>(
             match reader.read_buf(&mut buf).await {
                 Ok(0) => return TunnelEnd::NodeClosed,
                 Ok(n) => {
-                    moved.add_from_node(n);
+                    *from_node += n as u64;
                     if out
                         .send(Packet::data(connect_id, buf.freeze()))
                         .await
@@ -776,7 +782,7 @@ async fn run_tunnel<S: crate::dial::TunnelIo>(
             if let Err(error) = writer.write_all(&data).await {
                 return Err(TunnelEnd::Failed(error.to_string()));
             }
-            moved.add_to_node(data.len());
+            *to_node += data.len() as u64;
         }
         Ok(())
     };

@@ -43,7 +43,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-use super::audit_trail::{cut_end, Moved, OpenTunnel};
+use super::audit_trail::{clean_end, cut_end, OpenTunnel};
 use crate::audit::End;
 use crate::dial::TunnelIo;
 use crate::splice::splice_until;
@@ -161,80 +161,11 @@ impl<I: ClientIo> Drop for ClientEnd<I> {
     }
 }
 
-/// The client side of the splice, counting the bytes it moves and noting
-/// its end of stream (for the audit record).
-struct CountedClient<'a, I> {
-    io: &'a mut I,
-    moved: &'a Moved,
-}
-
-impl<I: AsyncRead + Unpin> AsyncRead for CountedClient<'_, I> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let poll = Pin::new(&mut *this.io).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = &poll {
-            let n = buf.filled().len() - before;
-            if n == 0 && buf.remaining() > 0 {
-                this.moved.client_eof();
-            }
-            this.moved.add_to_node(n);
-        }
-        poll
-    }
-}
-
-impl<I: AsyncWrite + Unpin> AsyncWrite for CountedClient<'_, I> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let poll = Pin::new(&mut *this.io).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = &poll {
-            this.moved.add_from_node(*n);
-        }
-        poll
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let poll = Pin::new(&mut *this.io).poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(n)) = &poll {
-            this.moved.add_from_node(*n);
-        }
-        poll
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.get_mut().io).poll_shutdown(cx)
-    }
-}
-
 /// The tunnel side of the splice, remembering whether its I/O failed (so
-/// that an error can be told from one of the client's) and noting its end
-/// of stream.
+/// that an error can be told from one of the client's).
 struct TunnelSide<T> {
     inner: T,
     failed: bool,
-    moved: std::sync::Arc<Moved>,
 }
 
 impl<T> TunnelSide<T> {
@@ -308,9 +239,6 @@ impl<T: TunnelIo> TunnelIo for TunnelSide<T> {
         max: usize,
     ) -> Poll<io::Result<usize>> {
         let poll = self.inner.poll_read_chunks(cx, out, max);
-        if let Poll::Ready(Ok(0)) = &poll {
-            self.moved.node_eof();
-        }
         self.note(poll)
     }
 }
@@ -331,7 +259,6 @@ pub(crate) async fn relay<I, T>(
     I: ClientIo,
     T: TunnelIo,
 {
-    let moved = audit.moved();
     let mut client_end = ClientEnd {
         io,
         clean: false,
@@ -347,7 +274,6 @@ pub(crate) async fn relay<I, T>(
     let mut tunnel = TunnelSide {
         inner: tunnel,
         failed: false,
-        moved: moved.clone(),
     };
     if !early.is_empty() {
         let forward = tokio::time::timeout(early_timeout, tunnel.inner.write_all(early));
@@ -372,19 +298,18 @@ pub(crate) async fn relay<I, T>(
             );
             return;
         }
-        moved.add_to_node(early.len());
+        audit.moved().client_to_tunnel += early.len() as u64;
     }
-    let mut client = CountedClient {
-        io: &mut client_end.io,
-        moved: &moved,
-    };
-    match splice_until(&mut client, &mut tunnel, &mut cut).await {
-        Ok(spliced) => {
+    // The splice counts into the audit record as it goes: what got through
+    // is there however the tunnel ends, also when this future is dropped.
+    match splice_until(&mut client_end.io, &mut tunnel, &mut cut, audit.moved()).await {
+        Ok(first_eof) => {
             client_end.finished_cleanly();
-            audit.ended(moved.clean_end(), None);
+            audit.ended(clean_end(first_eof), None);
+            let moved = *audit.moved();
             tracing::debug!(
-                client_to_tunnel = spliced.client_to_tunnel + early.len() as u64,
-                tunnel_to_client = spliced.tunnel_to_client,
+                client_to_tunnel = moved.client_to_tunnel,
+                tunnel_to_client = moved.tunnel_to_client,
                 "tunnel closed"
             );
         }
