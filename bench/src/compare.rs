@@ -488,10 +488,7 @@ pub async fn run(args: &Args) -> Result<(), String> {
             let mut mb: [Vec<f64>; 4] = Default::default();
             let mut cpu: [Vec<f64>; 4] = Default::default();
             for rep in 0..reps {
-                for (i, s) in rotate(&idx, rep)
-                    .into_iter()
-                    .map(|i| (i, &systems[i]))
-                {
+                for (i, s) in rotate(&idx, rep).into_iter().map(|i| (i, &systems[i])) {
                     let (m, c) = if upload {
                         ctx.single_upload(s, single_bytes).await?
                     } else {

@@ -470,6 +470,7 @@ impl GrpcConn {
             .await
             .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", socket.display())))?;
         let (client, connection) = h2::client::Builder::new()
+            .enable_push(false)
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .handshake::<_, Bytes>(io)
@@ -529,9 +530,7 @@ impl GrpcConn {
                         random: r,
                     }) if r == random => {
                         if !error.is_empty() {
-                            return Err(io::Error::other(format!(
-                                "gRPC dial {address}: {error}"
-                            )));
+                            return Err(io::Error::other(format!("gRPC dial {address}: {error}")));
                         }
                         if connect_id == 0 {
                             return Err(io::Error::other(format!(
@@ -703,7 +702,10 @@ mod tests {
     fn data_close_request_and_close_dial_match_the_server_types_bytes() {
         assert_eq!(
             &data(7, b"hi")[..],
-            &[0x00, 0x00, 0x00, 0x00, 0x0a, 0x08, 0x04, 0x22, 0x06, 0x08, 0x07, 0x1a, 0x02, 0x68, 0x69]
+            &[
+                0x00, 0x00, 0x00, 0x00, 0x0a, 0x08, 0x04, 0x22, 0x06, 0x08, 0x07, 0x1a, 0x02, 0x68,
+                0x69
+            ]
         );
         // Multi-byte varints: connectID 300, 200 bytes of data.
         let mut want = vec![
@@ -805,7 +807,9 @@ mod tests {
             }
         }
         assert_eq!(got.len(), 2);
-        assert!(matches!(&got[0], Packet::Data { connect_id: 9, data, .. } if data.len() == 40_000));
+        assert!(
+            matches!(&got[0], Packet::Data { connect_id: 9, data, .. } if data.len() == 40_000)
+        );
         assert!(matches!(&got[1], Packet::Data { data, .. } if &data[..] == b"tail"));
     }
 
