@@ -844,6 +844,290 @@ mod tests {
         );
     }
 
+    // --- a tunnel against an in-process HTTP/2 server ------------------------
+
+    /// A client packet as the test server reads it: type and the payload's
+    /// fields (number, varint or bytes).
+    #[derive(Debug)]
+    struct Seen {
+        packet_type: u64,
+        varints: Vec<(u32, u64)>,
+        bytes: Vec<(u32, Bytes)>,
+    }
+
+    fn parse_client_packet(mut message: Bytes) -> Seen {
+        let mut seen = Seen {
+            packet_type: 0,
+            varints: Vec::new(),
+            bytes: Vec::new(),
+        };
+        let mut payload = Bytes::new();
+        while message.has_remaining() {
+            match next_field(&mut message).unwrap() {
+                (1, Value::Varint(t)) => seen.packet_type = t,
+                (_, Value::Len(b)) => payload = b,
+                _ => {}
+            }
+        }
+        while payload.has_remaining() {
+            match next_field(&mut payload).unwrap() {
+                (f, Value::Varint(v)) => seen.varints.push((f, v)),
+                (f, Value::Len(b)) => seen.bytes.push((f, b)),
+                (_, Value::Skipped) => {}
+            }
+        }
+        seen
+    }
+
+    fn varint(seen: &Seen, field: u32) -> i64 {
+        seen.varints
+            .iter()
+            .find(|(f, _)| *f == field)
+            .map_or(0, |(_, v)| *v as i64)
+    }
+
+    fn server_packet(
+        packet_type: u64,
+        payload_field: u32,
+        ints: &[(u32, i64)],
+        strs: &[(u32, &[u8])],
+    ) -> Bytes {
+        let len: usize = ints
+            .iter()
+            .map(|&(f, v)| int64_field_len(f, v))
+            .sum::<usize>()
+            + strs
+                .iter()
+                .map(|&(f, b)| bytes_field_len(f, b))
+                .sum::<usize>();
+        frame_packet(packet_type, payload_field, len, |buf| {
+            for &(f, b) in strs {
+                put_bytes_field(buf, f, b);
+            }
+            for &(f, v) in ints {
+                put_int64_field(buf, f, v);
+            }
+        })
+    }
+
+    /// The request body as client packets.
+    struct ServerReader {
+        body: RecvStream,
+        inbox: BytesMut,
+    }
+
+    impl ServerReader {
+        async fn next(&mut self) -> Option<Seen> {
+            loop {
+                if self.inbox.len() >= 5 {
+                    let len = u32::from_be_bytes([
+                        self.inbox[1],
+                        self.inbox[2],
+                        self.inbox[3],
+                        self.inbox[4],
+                    ]) as usize;
+                    if self.inbox.len() >= 5 + len {
+                        self.inbox.advance(5);
+                        return Some(parse_client_packet(self.inbox.split_to(len).freeze()));
+                    }
+                }
+                // The end of the body, or of the connection: no more packets.
+                let chunk = self.body.data().await?.ok()?;
+                let _ = self.body.flow_control().release_capacity(chunk.len());
+                self.inbox.extend_from_slice(&chunk);
+            }
+        }
+    }
+
+    /// Every test of a tunnel is bounded: a missed packet fails it.
+    async fn within(test: impl std::future::Future<Output = ()>) {
+        tokio::time::timeout(Duration::from_secs(10), test)
+            .await
+            .expect("the test did not finish within 10 s");
+    }
+
+    fn socket_path(name: &str) -> std::path::PathBuf {
+        let p =
+            std::env::temp_dir().join(format!("ntbench-grpc-{}-{name}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        p
+    }
+
+    /// Serve one connection and one `Proxy` stream: check the request's
+    /// shape, read DIAL_REQ and hand the stream to `script`.
+    async fn serve_one<F, Fut>(listener: tokio::net::UnixListener, script: F)
+    where
+        F: FnOnce(i64, ServerReader, SendStream<Bytes>) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let (io, _) = listener.accept().await.unwrap();
+        let mut conn = h2::server::handshake(io).await.unwrap();
+        let (request, mut respond) = conn.accept().await.unwrap().unwrap();
+        let driver = tokio::spawn(async move { while conn.accept().await.is_some() {} });
+        assert_eq!(request.method(), http::Method::POST);
+        assert_eq!(request.uri().path(), METHOD_PATH);
+        assert_eq!(request.headers()["content-type"], "application/grpc");
+        assert_eq!(request.headers()["te"], "trailers");
+        let response = http::Response::builder()
+            .header("content-type", "application/grpc")
+            .body(())
+            .unwrap();
+        let send = respond.send_response(response, false).unwrap();
+        let mut reader = ServerReader {
+            body: request.into_body(),
+            inbox: BytesMut::new(),
+        };
+        let dial = reader.next().await.unwrap();
+        assert_eq!(dial.packet_type, DIAL_REQ);
+        assert_eq!(dial.bytes[0], (1, Bytes::from_static(b"tcp")));
+        assert_eq!(dial.bytes[1], (2, Bytes::from_static(b"10.0.0.1:9003")));
+        script(varint(&dial, 3), reader, send).await;
+        driver.abort();
+    }
+
+    #[tokio::test]
+    async fn a_tunnel_sends_packets_of_at_most_32_kib_and_closes_with_close_req() {
+        within(async {
+            let path = socket_path("tunnel");
+            let listener = tokio::net::UnixListener::bind(&path).unwrap();
+            let server = tokio::spawn(serve_one(
+                listener,
+                |random, mut reader, mut send| async move {
+                    send.send_data(
+                        server_packet(DIAL_RSP, FIELD_DIAL_RESPONSE, &[(2, 42), (3, random)], &[]),
+                        false,
+                    )
+                    .unwrap();
+                    // 100,000 bytes written at once arrive as DATA packets of at most 32 KiB.
+                    let mut got = Vec::new();
+                    let mut packets = 0;
+                    while got.len() < 100_000 {
+                        let p = reader.next().await.unwrap();
+                        assert_eq!(p.packet_type, DATA);
+                        assert_eq!(varint(&p, 1), 42);
+                        let data = &p.bytes.iter().find(|(f, _)| *f == 3).unwrap().1;
+                        assert!(
+                            data.len() <= MAX_WRITE_BYTES,
+                            "a DATA packet of {} bytes",
+                            data.len()
+                        );
+                        got.extend_from_slice(data);
+                        packets += 1;
+                    }
+                    assert_eq!(packets, 4);
+                    assert!(got.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8));
+                    send.send_data(
+                        server_packet(DATA, FIELD_DATA, &[(1, 42)], &[(3, b"pong")]),
+                        false,
+                    )
+                    .unwrap();
+                    let close = reader.next().await.unwrap();
+                    assert_eq!(close.packet_type, CLOSE_REQ);
+                    assert_eq!(varint(&close, 1), 42);
+                    send.send_data(
+                        server_packet(CLOSE_RSP, FIELD_CLOSE_RESPONSE, &[(2, 42)], &[]),
+                        false,
+                    )
+                    .unwrap();
+                    // Hold the stream until the client is done with it.
+                    let _ = reader.next().await;
+                },
+            ));
+            let mut conn = GrpcConn::open(&path, "10.0.0.1:9003").await.unwrap();
+            let payload: Vec<u8> = (0..100_000).map(|i| (i % 251) as u8).collect();
+            tokio::io::AsyncWriteExt::write_all(&mut conn, &payload)
+                .await
+                .unwrap();
+            tokio::io::AsyncWriteExt::flush(&mut conn).await.unwrap();
+            let mut pong = [0u8; 4];
+            tokio::io::AsyncReadExt::read_exact(&mut conn, &mut pong)
+                .await
+                .unwrap();
+            assert_eq!(&pong, b"pong");
+            tokio::io::AsyncWriteExt::shutdown(&mut conn).await.unwrap();
+            let mut rest = Vec::new();
+            let n = tokio::io::AsyncReadExt::read_to_end(&mut conn, &mut rest)
+                .await
+                .unwrap();
+            assert_eq!(n, 0, "CLOSE_RSP reads as EOF");
+            drop(conn);
+            server.await.unwrap();
+            let _ = std::fs::remove_file(&path);
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_refused_dial_gives_the_dial_rsp_error_text() {
+        within(async {
+            let path = socket_path("refused");
+            let listener = tokio::net::UnixListener::bind(&path).unwrap();
+            let server = tokio::spawn(serve_one(
+                listener,
+                |random, mut reader, mut send| async move {
+                    send.send_data(
+                        server_packet(
+                            DIAL_RSP,
+                            FIELD_DIAL_RESPONSE,
+                            &[(3, random)],
+                            &[(1, b"denied by policy: x")],
+                        ),
+                        false,
+                    )
+                    .unwrap();
+                    let _ = reader.next().await;
+                },
+            ));
+            let error = match GrpcConn::open(&path, "10.0.0.1:9003").await {
+                Ok(_) => panic!("the dial was refused"),
+                Err(e) => e.to_string(),
+            };
+            assert!(error.contains("denied by policy: x"), "{error}");
+            server.await.unwrap();
+            let _ = std::fs::remove_file(&path);
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_close_rsp_with_an_error_is_a_read_error() {
+        within(async {
+            let path = socket_path("cut");
+            let listener = tokio::net::UnixListener::bind(&path).unwrap();
+            let server = tokio::spawn(serve_one(
+                listener,
+                |random, mut reader, mut send| async move {
+                    send.send_data(
+                        server_packet(DIAL_RSP, FIELD_DIAL_RESPONSE, &[(2, 7), (3, random)], &[]),
+                        false,
+                    )
+                    .unwrap();
+                    send.send_data(
+                        server_packet(
+                            CLOSE_RSP,
+                            FIELD_CLOSE_RESPONSE,
+                            &[(2, 7)],
+                            &[(1, b"session lost")],
+                        ),
+                        false,
+                    )
+                    .unwrap();
+                    let _ = reader.next().await;
+                },
+            ));
+            let mut conn = GrpcConn::open(&path, "10.0.0.1:9003").await.unwrap();
+            let mut buf = [0u8; 16];
+            let error = tokio::io::AsyncReadExt::read(&mut conn, &mut buf)
+                .await
+                .unwrap_err();
+            assert!(error.to_string().contains("session lost"), "{error}");
+            drop(conn);
+            server.await.unwrap();
+            let _ = std::fs::remove_file(&path);
+        })
+        .await;
+    }
+
     #[test]
     fn unknown_fields_and_types_are_ignored() {
         // DRAIN (type 6, empty Drain payload) and an unknown field 15.
