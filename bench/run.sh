@@ -196,8 +196,13 @@ done
 SINK=$NODE_IP:9001
 SOURCE=$NODE_IP:9002
 ECHO=$NODE_IP:9003
+# Uploads through the gRPC front door end here: its protocol has no
+# half-close, so the client cannot send EOF to the plain sink and then read
+# the count.
+COUNTED_SINK=$NODE_IP:9005
 
-spawn "$WORK/serve.log" ip netns exec "$NODE_NS" "$BENCH" serve --sink "$SINK" --source "$SOURCE" --echo "$ECHO" --lifetime-secs 7200
+spawn "$WORK/serve.log" ip netns exec "$NODE_NS" "$BENCH" serve --sink "$SINK" --counted-sink "$COUNTED_SINK" \
+    --source "$SOURCE" --echo "$ECHO" --lifetime-secs 7200
 
 SSH_OPTS=(-F /dev/null -i "$WORK/id_ed25519" -o BatchMode=yes -o StrictHostKeyChecking=yes
     -o "UserKnownHostsFile=$NT_KNOWN_HOSTS" -o GlobalKnownHostsFile=/dev/null
@@ -211,7 +216,7 @@ SSH_CIPHER=$(ip netns exec "$CP" timeout 30 ssh -v "${SSH_OPTS[@]}" "root@$NODE_
 [ -n "$SSH_CIPHER" ] || die "could not connect with ssh to $NODE_IP to check the cipher"
 
 # --- nodetunnel (two instances) and ssh -D, in the control-plane namespace ---
-write_config() { # name sessions_per_node socks5_port
+write_config() { # name sessions_per_node socks5_port [more [proxy] lines]
     cat >"$WORK/$1.toml" <<EOF
 [ssh]
 user = "root"
@@ -227,13 +232,14 @@ listen = ""
 [proxy]
 uds = "$WORK/$1.sock"
 socks5 = "127.0.0.1:$3"
+${4:-}
 
 [[nodes]]
 name = "node-1"
 addresses = ["$NODE_IP"]
 EOF
 }
-write_config nt1 1 1080
+write_config nt1 1 1080 "grpc_uds = \"$WORK/nt1-grpc.sock\""
 write_config ntm "$SESSIONS" 1082
 spawn "$WORK/nt1.log" ip netns exec "$CP" env -u RUST_LOG "$NT" --log-format json \
     --log-level "info,russh::client::kex=debug" serve --config "$WORK/nt1.toml"
@@ -244,7 +250,7 @@ NTM_PID=$LAST_PID
 spawn "$WORK/ssh-D.log" ip netns exec "$CP" ssh -N -D 127.0.0.1:1081 "${SSH_OPTS[@]}" "root@$NODE_IP"
 SSH_PID=$LAST_PID
 
-for proxy in socks5://127.0.0.1:1080 "http+unix://$WORK/nt1.sock" socks5://127.0.0.1:1082 socks5://127.0.0.1:1081; do
+for proxy in socks5://127.0.0.1:1080 "http+unix://$WORK/nt1.sock" "grpc+unix://$WORK/nt1-grpc.sock" socks5://127.0.0.1:1082 socks5://127.0.0.1:1081; do
     ip netns exec "$CP" timeout 60 "$BENCH" wait --proxy "$proxy" --echo "$ECHO" --timeout-secs 40 ||
         die "$proxy never carried an echo; logs in $WORK"
 done
@@ -271,7 +277,8 @@ fi
 [ -z "$COMPARE_ONLY" ] || note "metrics 1-4, 6-8 (reps=$REPS, only $COMPARE_ONLY)"
 [ -z "$COMPARE_ONLY" ] || ip netns exec "$CP" timeout 3600 "$BENCH" compare \
     --nt-socks5 socks5://127.0.0.1:1080 \
-    --nt-http "http+unix://$WORK/nt1.sock" --nt-pid "$NT1_PID" \
+    --nt-http "http+unix://$WORK/nt1.sock" --nt-grpc "grpc+unix://$WORK/nt1-grpc.sock" --nt-pid "$NT1_PID" \
+    --counted-sink "$COUNTED_SINK" \
     --nt-multi-socks5 socks5://127.0.0.1:1082 --nt-multi-pid "$NTM_PID" --nt-multi-sessions "$SESSIONS" \
     --ssh-socks5 socks5://127.0.0.1:1081 --ssh-pid "$SSH_PID" \
     --sink "$SINK" --source "$SOURCE" --echo "$ECHO" \

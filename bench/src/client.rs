@@ -1,8 +1,9 @@
-//! The client side: SOCKS5 (RFC 1928, no authentication, CONNECT, IPv4) and
+//! The client side: SOCKS5 (RFC 1928, no authentication, CONNECT, IPv4),
 //! HTTP CONNECT (the bytes kube-apiserver's `HTTPConnect` egress writes),
-//! over TCP or a Unix socket; and the three operations the benchmarks
-//! repeat: upload to the sink, download from the source, one echo round
-//! trip.
+//! over TCP or a Unix socket, and kube-apiserver's `GRPC` egress over a
+//! Unix socket (konnectivity's single-use tunnel, [`crate::grpc`]); and the
+//! three operations the benchmarks repeat: upload to the sink, download
+//! from the source, one echo round trip.
 
 use std::io;
 use std::net::{SocketAddr, SocketAddrV4};
@@ -16,6 +17,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
 use crate::args::Args;
+use crate::grpc::GrpcConn;
 
 /// Bytes per write and per read on bulk transfers.
 pub const CHUNK: usize = 256 * 1024;
@@ -32,10 +34,14 @@ pub enum Proxy {
     HttpTcp(SocketAddr),
     /// HTTP CONNECT over a Unix socket (the apiserver's `transport.uds`).
     HttpUnix(PathBuf),
+    /// konnectivity's gRPC `ProxyService` over a Unix socket (the
+    /// apiserver's `proxyProtocol: GRPC`), one connection per tunnel.
+    GrpcUnix(PathBuf),
 }
 
 impl Proxy {
-    /// `socks5://127.0.0.1:1080`, `http://127.0.0.1:8001`, `http+unix:///path`.
+    /// `socks5://127.0.0.1:1080`, `http://127.0.0.1:8001`, `http+unix:///path`,
+    /// `grpc+unix:///path`.
     pub fn parse(s: &str) -> Result<Proxy, String> {
         if let Some(rest) = s.strip_prefix("socks5://") {
             return rest
@@ -46,6 +52,9 @@ impl Proxy {
         if let Some(rest) = s.strip_prefix("http+unix://") {
             return Ok(Proxy::HttpUnix(PathBuf::from(rest)));
         }
+        if let Some(rest) = s.strip_prefix("grpc+unix://") {
+            return Ok(Proxy::GrpcUnix(PathBuf::from(rest)));
+        }
         if let Some(rest) = s.strip_prefix("http://") {
             return rest
                 .parse()
@@ -53,15 +62,24 @@ impl Proxy {
                 .map_err(|e| format!("{s:?}: {e}"));
         }
         Err(format!(
-            "{s:?}: expected socks5://IP:PORT, http://IP:PORT or http+unix:///PATH"
+            "{s:?}: expected socks5://IP:PORT, http://IP:PORT, http+unix:///PATH or grpc+unix:///PATH"
         ))
+    }
+
+    /// Whether a tunnel can be shut down for writing and still be read
+    /// (TCP's half-close). The gRPC front door's cannot: its protocol has
+    /// no half-close (`CLOSE_REQ` ends the connection both ways), so an
+    /// upload through it goes to the counted sink ([`upload_counted`]).
+    pub fn half_closes(&self) -> bool {
+        !matches!(self, Proxy::GrpcUnix(_))
     }
 }
 
-/// A client connection, TCP or Unix.
+/// A client connection: TCP, Unix, or a gRPC tunnel.
 pub enum Conn {
     Tcp(TcpStream),
     Unix(UnixStream),
+    Grpc(Box<GrpcConn>),
 }
 
 impl AsyncRead for Conn {
@@ -73,6 +91,7 @@ impl AsyncRead for Conn {
         match self.get_mut() {
             Conn::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             Conn::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Grpc(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -86,18 +105,21 @@ impl AsyncWrite for Conn {
         match self.get_mut() {
             Conn::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             Conn::Unix(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Grpc(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Conn::Tcp(s) => Pin::new(s).poll_flush(cx),
             Conn::Unix(s) => Pin::new(s).poll_flush(cx),
+            Conn::Grpc(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Conn::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             Conn::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Grpc(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }
@@ -129,6 +151,9 @@ pub async fn open(proxy: &Proxy, dst: SocketAddrV4) -> io::Result<Conn> {
             http_connect(&mut c, dst).await?;
             Ok(c)
         }
+        Proxy::GrpcUnix(path) => Ok(Conn::Grpc(Box::new(
+            GrpcConn::open(path, &dst.to_string()).await?,
+        ))),
     }
 }
 
@@ -293,6 +318,32 @@ pub async fn upload(
     Ok(elapsed)
 }
 
+/// Upload `n` bytes to the counted sink (which reads a u64 big-endian N,
+/// then N bytes, and answers the count without waiting for EOF): for a
+/// proxy without half-close ([`Proxy::half_closes`]). The time from the
+/// first byte written (the count) to the sink's count arriving.
+pub async fn upload_counted(
+    proxy: &Proxy,
+    counted_sink: SocketAddrV4,
+    pattern: &[u8],
+    n: u64,
+) -> io::Result<Duration> {
+    let mut c = open(proxy, counted_sink).await?;
+    let t0 = Instant::now();
+    c.write_all(&n.to_be_bytes()).await?;
+    write_n(&mut c, pattern, n).await?;
+    c.flush().await?;
+    let mut count = [0u8; 8];
+    c.read_exact(&mut count).await?;
+    let elapsed = t0.elapsed();
+    let got = u64::from_be_bytes(count);
+    if got != n {
+        return Err(err(format!("counted sink counted {got} bytes, sent {n}")));
+    }
+    close(c).await;
+    Ok(elapsed)
+}
+
 /// Ask the source for `n` bytes and read them; the time from the request
 /// to EOF.
 pub async fn download(proxy: &Proxy, source: SocketAddrV4, n: u64) -> io::Result<Duration> {
@@ -362,6 +413,7 @@ pub async fn wait(args: &Args) -> Result<(), String> {
 
 /// `transfer --proxy URL --direction up|down --to IP:PORT --bytes N`: one
 /// stream to the sink (up) or from the source (down), by hand (profiling).
+/// Up through a `grpc+unix://` proxy, `--to` is a counted sink.
 pub async fn transfer(args: &Args) -> Result<(), String> {
     let proxy = Proxy::parse(args.require("proxy")?)?;
     let to: SocketAddrV4 = args
@@ -377,8 +429,10 @@ pub async fn transfer(args: &Args) -> Result<(), String> {
     };
     let pattern = pattern();
     let f = async {
-        if up {
+        if up && proxy.half_closes() {
             upload(&proxy, to, &pattern, n).await
+        } else if up {
+            upload_counted(&proxy, to, &pattern, n).await
         } else {
             download(&proxy, to, n).await
         }

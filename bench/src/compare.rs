@@ -6,6 +6,11 @@
 //! reported is the median over the repetitions; the raw values go to the
 //! results file too.
 //!
+//! With `--nt-grpc grpc+unix://PATH --counted-sink IP:PORT`, metrics 1 and 3
+//! also run through the gRPC front door of the same nodetunnel process
+//! (rows with `.grpc`, beside the `.http_connect` ones); its uploads go to
+//! the counted sink, the gRPC protocol having no half-close.
+//!
 //! Results are appended to `--results FILE` (tab-separated: metric, unit,
 //! nodetunnel, openssh, goal, raw) for `report` to print.
 
@@ -27,7 +32,7 @@ use crate::stats::{jain, median, percentile, sorted};
 /// One system under test: a proxy and the process that does the work.
 #[derive(Clone)]
 struct System {
-    /// Short label for logs: nt, nt-http, nt-multi, ssh.
+    /// Short label for logs: nt, nt-http, nt-grpc, nt-multi, ssh.
     label: &'static str,
     proxy: Proxy,
     pid: u32,
@@ -36,9 +41,13 @@ struct System {
 struct Ctx {
     nt: System,
     nt_http: System,
+    /// The gRPC front door of the `nt` process (metrics 1 and 3 only).
+    nt_grpc: Option<System>,
     nt_multi: Option<System>,
     ssh: System,
     sink: SocketAddrV4,
+    /// The counted sink, for uploads through a proxy without half-close.
+    counted_sink: Option<SocketAddrV4>,
     source: SocketAddrV4,
     echo: SocketAddrV4,
     reps: usize,
@@ -111,12 +120,17 @@ impl Ctx {
         let c0 = self.cpu(s)?;
         let x0 = context_switches(s.pid)?;
         let what = format!("{} upload {n} B", s.label);
-        let d = bounded(
-            &what,
-            transfer_timeout(n),
-            client::upload(&s.proxy, self.sink, &self.pattern, n),
-        )
-        .await?;
+        let upload = async {
+            if s.proxy.half_closes() {
+                client::upload(&s.proxy, self.sink, &self.pattern, n).await
+            } else {
+                let sink = self.counted_sink.ok_or_else(|| {
+                    std::io::Error::other("no --counted-sink for a proxy without half-close")
+                })?;
+                client::upload_counted(&s.proxy, sink, &self.pattern, n).await
+            }
+        };
+        let d = bounded(&what, transfer_timeout(n), upload).await?;
         let c1 = self.cpu(s)?;
         let x1 = context_switches(s.pid)?;
         log(format!(
@@ -389,6 +403,21 @@ pub async fn run(args: &Args) -> Result<(), String> {
         proxy: Proxy::parse(args.require("nt-http")?)?,
         pid: nt.pid,
     };
+    let nt_grpc = match args.get("nt-grpc") {
+        Some(url) => Some(System {
+            label: "nt-grpc",
+            proxy: Proxy::parse(url)?,
+            pid: nt.pid,
+        }),
+        None => None,
+    };
+    let counted_sink = match args.get("counted-sink") {
+        Some(_) => Some(addr(args, "counted-sink")?),
+        None if nt_grpc.is_some() => {
+            return Err("--nt-grpc needs --counted-sink (gRPC has no half-close)".into())
+        }
+        None => None,
+    };
     let nt_multi = match args.get("nt-multi-socks5") {
         Some(_) => Some(system(args, "nt-multi", "nt-multi-socks5", "nt-multi-pid")?),
         None => None,
@@ -398,9 +427,11 @@ pub async fn run(args: &Args) -> Result<(), String> {
     let ctx = Ctx {
         nt,
         nt_http,
+        nt_grpc,
         nt_multi,
         ssh,
         sink: addr(args, "sink")?,
+        counted_sink,
         source: addr(args, "source")?,
         echo: addr(args, "echo")?,
         reps: args.get_parse("reps", 3usize)?.max(1),
@@ -434,6 +465,7 @@ pub async fn run(args: &Args) -> Result<(), String> {
     // Warm-up: a few opens and a small transfer through each system.
     for s in [&ctx.nt, &ctx.nt_http, &ctx.ssh]
         .into_iter()
+        .chain(ctx.nt_grpc.as_ref())
         .chain(ctx.nt_multi.as_ref())
     {
         ctx.sequential_opens(s, 20).await?;
@@ -442,19 +474,21 @@ pub async fn run(args: &Args) -> Result<(), String> {
 
     if want("single") || want("single_upload") || want("single_download") {
         // Metrics 1 and 6: single stream, each way; CPU of the process.
-        let systems = [ctx.nt.clone(), ctx.nt_http.clone(), ctx.ssh.clone()];
+        // Index 3: the gRPC front door, when given.
+        let systems: Vec<System> = [ctx.nt.clone(), ctx.nt_http.clone(), ctx.ssh.clone()]
+            .into_iter()
+            .chain(ctx.nt_grpc.clone())
+            .collect();
+        let idx: Vec<usize> = (0..systems.len()).collect();
         for upload in [true, false] {
             let dir = if upload { "upload" } else { "download" };
             if !want(&format!("single_{dir}")) && !want("single") {
                 continue;
             }
-            let mut mb: [Vec<f64>; 3] = Default::default();
-            let mut cpu: [Vec<f64>; 3] = Default::default();
+            let mut mb: [Vec<f64>; 4] = Default::default();
+            let mut cpu: [Vec<f64>; 4] = Default::default();
             for rep in 0..reps {
-                for (i, s) in rotate(&[0usize, 1, 2], rep)
-                    .into_iter()
-                    .map(|i| (i, &systems[i]))
-                {
+                for (i, s) in rotate(&idx, rep).into_iter().map(|i| (i, &systems[i])) {
                     let (m, c) = if upload {
                         ctx.single_upload(s, single_bytes).await?
                     } else {
@@ -485,6 +519,16 @@ pub async fn run(args: &Args) -> Result<(), String> {
                 "-",
                 &format!("nt-http {} / ssh {}", fmt_raw(&mb[1]), fmt_raw(&mb[2])),
             );
+            if systems.len() > 3 {
+                ctx.row(
+                    &format!("single_{dir}_MBps.grpc"),
+                    "MB/s",
+                    median(&mb[3]),
+                    median(&mb[2]),
+                    "-",
+                    &format!("nt-grpc {} / ssh {}", fmt_raw(&mb[3]), fmt_raw(&mb[2])),
+                );
+            }
             ctx.row(
                 &format!("cpu_s_per_GB_single_{dir}"),
                 "CPU-s/GB",
@@ -575,12 +619,21 @@ pub async fn run(args: &Args) -> Result<(), String> {
 
     if want("latency") {
         // Metric 3: sequential open latency, then opens/s with many clients.
-        let systems = [ctx.nt.clone(), ctx.nt_http.clone(), ctx.ssh.clone()];
-        let mut p50s: [Vec<f64>; 3] = Default::default();
-        let mut p99s: [Vec<f64>; 3] = Default::default();
-        let mut reply50s: [Vec<f64>; 3] = Default::default();
+        // Index 3: the gRPC front door, when given.
+        let systems: Vec<System> = [ctx.nt.clone(), ctx.nt_http.clone(), ctx.ssh.clone()]
+            .into_iter()
+            .chain(ctx.nt_grpc.clone())
+            .collect();
+        let idx: Vec<usize> = (0..systems.len()).collect();
+        let mut suffixes = vec![("", 0usize), (".http_connect", 1)];
+        if systems.len() > 3 {
+            suffixes.push((".grpc", 3));
+        }
+        let mut p50s: [Vec<f64>; 4] = Default::default();
+        let mut p99s: [Vec<f64>; 4] = Default::default();
+        let mut reply50s: [Vec<f64>; 4] = Default::default();
         for rep in 0..reps {
-            for i in rotate(&[0usize, 1, 2], rep) {
+            for i in rotate(&idx, rep) {
                 let s = &systems[i];
                 let (lat, reply) = ctx.sequential_opens(s, opens).await?;
                 let (lat, reply) = (sorted(lat), sorted(reply));
@@ -601,7 +654,7 @@ pub async fn run(args: &Args) -> Result<(), String> {
                 reply50s[i].push(percentile(&reply, 50.0));
             }
         }
-        for (suffix, i) in [("", 0usize), (".http_connect", 1)] {
+        for &(suffix, i) in &suffixes {
             let goal50 = if suffix.is_empty() { "ratio<=1.0" } else { "-" };
             ctx.row(
                 &format!("open_p50_us{suffix}"),
@@ -643,10 +696,10 @@ pub async fn run(args: &Args) -> Result<(), String> {
             ),
         );
         let dur = Duration::from_secs_f64(opens_secs);
-        let mut rate: [Vec<f64>; 3] = Default::default();
-        let mut failed = [0u64; 3];
+        let mut rate: [Vec<f64>; 4] = Default::default();
+        let mut failed = [0u64; 4];
         for rep in 0..reps {
-            for i in rotate(&[0usize, 1, 2], rep) {
+            for i in rotate(&idx, rep) {
                 let s = &systems[i];
                 let (r, f) = ctx.concurrent_opens(s, clients, dur).await?;
                 log(format!(
@@ -657,7 +710,7 @@ pub async fn run(args: &Args) -> Result<(), String> {
                 failed[i] += f;
             }
         }
-        for (suffix, i) in [("", 0usize), (".http_connect", 1)] {
+        for &(suffix, i) in &suffixes {
             ctx.row(
                 &format!("opens_per_s_c{clients}{suffix}"),
                 "opens/s",

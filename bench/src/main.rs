@@ -3,13 +3,15 @@
 //! Subcommands:
 //!
 //! - `serve`: the node side. Sink (read to EOF, answer the byte count as a
-//!   u64 big-endian, close), source (read a u64 big-endian N, write N bytes,
-//!   close) and echo servers.
+//!   u64 big-endian, close), counted sink (read a u64 big-endian N, then N
+//!   bytes, answer N: for the gRPC front door, which has no half-close),
+//!   source (read a u64 big-endian N, write N bytes, close) and echo servers.
 //! - `wait`: retry one echo round trip through a proxy until it works (a
 //!   readiness probe for `nodetunnel serve` and `ssh -D`).
 //! - `transfer`: one upload or download through a proxy, by hand.
-//! - `compare`: metrics 1-4 and 6-8 through nodetunnel (SOCKS5 and HTTP
-//!   CONNECT) and through `ssh -D` (SOCKS5); prints one
+//! - `compare`: metrics 1-4 and 6-8 through nodetunnel (SOCKS5, HTTP
+//!   CONNECT, and gRPC for metrics 1 and 3) and through `ssh -D` (SOCKS5);
+//!   prints one
 //!   `metric=... nodetunnel=... openssh=... ratio=...` line per metric and
 //!   writes a markdown table.
 //! - `report`: the metric lines and the markdown table from a results file.
@@ -30,6 +32,7 @@ mod echo_load;
 mod fairness;
 #[cfg(feature = "farm")]
 mod farm;
+mod grpc;
 mod procstat;
 mod report;
 mod scale;

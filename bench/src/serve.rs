@@ -2,6 +2,10 @@
 //! namespace, reached through the node's sshd).
 //!
 //! - sink: read to EOF, answer the count as a u64 big-endian, close;
+//! - counted sink: read a u64 big-endian N, then N bytes; answer N (u64
+//!   big-endian), then read to EOF and close. For the gRPC front door,
+//!   whose protocol has no half-close: its client cannot send EOF and then
+//!   read the count;
 //! - source: read a u64 big-endian N, write N bytes, close;
 //! - echo: write back what is read, until EOF.
 //!
@@ -23,6 +27,7 @@ pub async fn run(args: &Args) -> Result<(), String> {
     let mut tasks = Vec::new();
     for (kind, key) in [
         (Kind::Sink, "sink"),
+        (Kind::CountedSink, "counted-sink"),
         (Kind::Source, "source"),
         (Kind::Echo, "echo"),
     ] {
@@ -36,7 +41,7 @@ pub async fn run(args: &Args) -> Result<(), String> {
         tasks.push(tokio::spawn(accept_loop(listener, kind, pattern)));
     }
     if tasks.is_empty() {
-        return Err("nothing to serve: give --sink, --source and/or --echo".into());
+        return Err("nothing to serve: give --sink, --counted-sink, --source and/or --echo".into());
     }
     tokio::time::sleep(lifetime).await;
     eprintln!("nodetunnel-bench serve: lifetime of {lifetime:?} over, exiting");
@@ -46,6 +51,7 @@ pub async fn run(args: &Args) -> Result<(), String> {
 #[derive(Clone, Copy)]
 enum Kind {
     Sink,
+    CountedSink,
     Source,
     Echo,
 }
@@ -65,6 +71,7 @@ async fn accept_loop(listener: TcpListener, kind: Kind, pattern: Arc<Vec<u8>>) {
         tokio::spawn(async move {
             let _ = match kind {
                 Kind::Sink => sink(s).await,
+                Kind::CountedSink => counted_sink(s).await,
                 Kind::Source => source(s, &pattern).await,
                 Kind::Echo => echo(s).await,
             };
@@ -76,6 +83,29 @@ async fn sink(mut s: TcpStream) -> std::io::Result<()> {
     let mut buf = vec![0u8; CHUNK];
     let n = read_to_eof(&mut s, &mut buf).await?;
     s.write_all(&n.to_be_bytes()).await?;
+    s.shutdown().await?;
+    Ok(())
+}
+
+async fn counted_sink(mut s: TcpStream) -> std::io::Result<()> {
+    let mut n = [0u8; 8];
+    s.read_exact(&mut n).await?;
+    let n = u64::from_be_bytes(n);
+    let mut buf = vec![0u8; CHUNK];
+    let mut left = n;
+    while left > 0 {
+        let want = (CHUNK as u64).min(left) as usize;
+        let got = s.read(&mut buf[..want]).await?;
+        if got == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("counted sink: EOF after {} of {n} bytes", n - left),
+            ));
+        }
+        left -= got as u64;
+    }
+    s.write_all(&n.to_be_bytes()).await?;
+    read_to_eof(&mut s, &mut buf).await?;
     s.shutdown().await?;
     Ok(())
 }
