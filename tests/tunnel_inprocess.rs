@@ -1122,15 +1122,15 @@ async fn upload_behind(ident: &str, ssh_extra: &str, expect: u64) -> (u64, bool)
 async fn an_openssh_node_holds_at_most_the_upload_window_of_a_stream_unconsumed() {
     // The node (russh) re-grants window only once half of what it offered
     // (2 MiB) is consumed, so with the stream held to `ssh.upload_window`
-    // ("auto": 256 KiB on loopback) it never does: exactly 256 KiB arrive
+    // ("auto": 512 KiB on loopback) it never does: exactly 512 KiB arrive
     // and the rest of the 1 MiB waits. (Real OpenSSH re-grants after three
     // packets; nodetunnel bounds only nodes that say they are OpenSSH, as
     // this one does.) With the node's whole window the 1 MiB would have
     // been sent before the round trip that ends the wait.
-    let (arrived, done) = upload_behind("SSH-2.0-OpenSSH_9.2p1", "", 256 * 1024).await;
+    let (arrived, done) = upload_behind("SSH-2.0-OpenSSH_9.2p1", "", 512 * 1024).await;
     assert_eq!(
         arrived,
-        256 * 1024,
+        512 * 1024,
         "bytes past the upload window reached the node"
     );
     assert!(!done, "the upload finished without a window grant");
