@@ -44,8 +44,9 @@ impl fmt::Display for HostKeyPolicy {
 /// the bottleneck (one process decrypts a session), in its decryption. A
 /// keystroke of `kubectl exec` then waits behind up to the node's whole
 /// window (2 MiB with OpenSSH) of a `kubectl cp` upload. Holding a stream
-/// below that keeps the wait short; the cost is per-stream upload
-/// throughput, at most `upload_window / RTT`.
+/// below that while the session carries other streams keeps the wait
+/// short; the cost is that stream's upload throughput then, at most about
+/// `upload_window / RTT`. A stream alone on its session is not bounded.
 ///
 /// Applied to OpenSSH nodes only, and never below four of the node's
 /// packets (128 KiB with OpenSSH): OpenSSH re-grants window after three
@@ -55,8 +56,9 @@ impl fmt::Display for HostKeyPolicy {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum UploadWindow {
     /// `"auto"` (the default): what [`UploadWindow::AUTO_RATE`] needs at
-    /// the session's round-trip time (its TCP connect), at least
-    /// [`UploadWindow::AUTO_FLOOR`]. On a LAN that is 512 KiB; from about
+    /// the session's round-trip time (the shortest of its TCP connect and
+    /// its round trips measured since), at least
+    /// [`UploadWindow::AUTO_FLOOR`]. On a LAN that is 256 KiB; from about
     /// 8 ms of RTT on it is the node's whole window, as OpenSSH's `ssh`.
     #[default]
     Auto,
@@ -65,15 +67,10 @@ pub enum UploadWindow {
 }
 
 impl UploadWindow {
-    /// The least `"auto"` gives a stream. A trade measured on the
-    /// benchmark machine (docs/benchmarks.md, "Upload window"): a smaller
-    /// bound lets a keystroke through sooner beside a bulk upload, but a
-    /// lone upload then waits for the node's window grants (sshd's
-    /// re-grant comes back after it consumed three packets, behind what it
-    /// is decrypting): 256 KiB kept the echo at OpenSSH's level and cost a
-    /// single upload a third of its throughput; 512 KiB cost it 6% and
-    /// left the echo 1.2x OpenSSH's (from 5.4x without a bound).
-    pub const AUTO_FLOOR: u32 = 512 * 1024;
+    /// The least `"auto"` gives a stream: on the benchmark machine it kept
+    /// a keystroke beside a bulk upload at OpenSSH's latency; a lone upload
+    /// is not bounded (docs/benchmarks.md, "Upload window").
+    pub const AUTO_FLOOR: u32 = 256 * 1024;
     /// Bytes per second of upload per stream that `"auto"` leaves room
     /// for at the session's round-trip time.
     pub const AUTO_RATE: f64 = 256.0 * 1024.0 * 1024.0;
@@ -327,7 +324,7 @@ mod tests {
     fn auto_gives_the_floor_on_a_lan_and_what_the_rate_needs_on_a_long_link() {
         let auto = UploadWindow::Auto;
         assert_eq!(auto.limit(None), UploadWindow::AUTO_FLOOR);
-        assert_eq!(auto.limit(Some(Duration::from_micros(150))), 512 * 1024);
+        assert_eq!(auto.limit(Some(Duration::from_micros(150))), 256 * 1024);
         // 256 MiB/s for 4 ms: just over 1 MiB.
         assert_eq!(auto.limit(Some(Duration::from_millis(4))), 1_073_741);
         // Past about 8 ms it exceeds OpenSSH's 2 MiB window: no bound left.

@@ -386,8 +386,11 @@ pub struct StreamInbound {
     /// The window offered in the channel open.
     initial_window: u32,
     /// The most of the stream's upload the node may hold unconsumed
-    /// (`ssh.upload_window` for its session), if bounded.
+    /// (`ssh.upload_window` for its session) while the session carries
+    /// other streams, if bounded.
     send_window_limit: Option<u32>,
+    /// Open streams on the stream's session, this one included.
+    session_streams: Arc<AtomicUsize>,
     counters: Arc<StreamCounters>,
     metrics: Arc<Metrics>,
     /// Fired (all waiters, and a flag for late ones) when the stream is reset.
@@ -437,8 +440,15 @@ impl russh::ChannelSink for StreamInbound {
         Some(self.initial_window)
     }
 
+    /// Bounded only while the session carries another stream: a lone
+    /// upload delays nobody's bytes and keeps the node's whole window (a
+    /// bound costs it throughput, docs/benchmarks.md "Upload window").
     fn send_window_limit(&self) -> Option<u32> {
-        self.send_window_limit
+        if self.session_streams.load(Ordering::Relaxed) > 1 {
+            self.send_window_limit
+        } else {
+            None
+        }
     }
 }
 
@@ -720,7 +730,8 @@ impl StreamSlot {
     /// The stream's first window is a whole window if the buffer budget has
     /// room for it, else what it has room for, and at least [`MIN_WINDOW`].
     /// `send_window_limit` bounds what of the stream's upload the node may
-    /// hold unconsumed (see [`crate::ssh_config::UploadWindow`]).
+    /// hold unconsumed while the session carries other streams (see
+    /// [`crate::ssh_config::UploadWindow`]).
     pub fn inbound(
         &self,
         node: Arc<str>,
@@ -734,6 +745,7 @@ impl StreamSlot {
             node,
             initial_window: u32::try_from(first_window).unwrap_or(u32::MAX),
             send_window_limit,
+            session_streams: self.guard.session_streams.clone(),
             inbound: Mutex::new(Inbound {
                 queue: VecDeque::new(),
                 tail: BytesMut::new(),

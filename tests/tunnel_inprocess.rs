@@ -1068,16 +1068,28 @@ async fn counting_sink() -> (u16, Arc<std::sync::atomic::AtomicU64>) {
 }
 
 /// Upload 1 MiB on one stream to a counting sink behind a node that
-/// identifies itself as `ident`; once `expect` bytes have arrived, one round
-/// trip on a second stream of the same session (everything sent before it
-/// has reached the node), then: (bytes arrived, whether the upload is done).
-async fn upload_behind(ident: &str, ssh_extra: &str, expect: u64) -> (u64, bool) {
+/// identifies itself as `ident` (`beside`: with another stream of the
+/// session open, idle); once `expect` bytes have arrived, one round trip on
+/// a further stream of the same session (everything sent before it has
+/// reached the node), then: (bytes arrived, whether the upload is done).
+async fn upload_behind(ident: &str, ssh_extra: &str, beside: bool, expect: u64) -> (u64, bool) {
     let fx = Fixture::new();
     let node = SshNode::start_as(&fx.client, ident).await;
     fx.known_hosts(&[node.known_hosts_line()]);
     let config = fx.config(&[("node-a", node.addr().port())], ssh_extra);
     let manager = fx.manager(&config);
     wait_state(&manager, "node-a", TunnelState::Ready).await;
+    let echo = echo_server().await;
+    let _idle = if beside {
+        Some(
+            manager
+                .dial_node("node-a", "127.0.0.1", echo)
+                .await
+                .unwrap(),
+        )
+    } else {
+        None
+    };
     let (sink, arrived) = counting_sink().await;
     let mut upload = manager
         .dial_node("node-a", "127.0.0.1", sink)
@@ -1103,7 +1115,6 @@ async fn upload_behind(ident: &str, ssh_extra: &str, expect: u64) -> (u64, bool)
         },
     )
     .await;
-    let echo = echo_server().await;
     let mut probe = manager
         .dial_node("node-a", "127.0.0.1", echo)
         .await
@@ -1119,18 +1130,19 @@ async fn upload_behind(ident: &str, ssh_extra: &str, expect: u64) -> (u64, bool)
 }
 
 #[tokio::test]
-async fn an_openssh_node_holds_at_most_the_upload_window_of_a_stream_unconsumed() {
+async fn an_openssh_node_holds_at_most_the_upload_window_of_a_stream_beside_another() {
     // The node (russh) re-grants window only once half of what it offered
     // (2 MiB) is consumed, so with the stream held to `ssh.upload_window`
-    // ("auto": 512 KiB on loopback) it never does: exactly 512 KiB arrive
-    // and the rest of the 1 MiB waits. (Real OpenSSH re-grants after three
-    // packets; nodetunnel bounds only nodes that say they are OpenSSH, as
-    // this one does.) With the node's whole window the 1 MiB would have
-    // been sent before the round trip that ends the wait.
-    let (arrived, done) = upload_behind("SSH-2.0-OpenSSH_9.2p1", "", 512 * 1024).await;
+    // ("auto": 256 KiB on loopback) while another stream of the session is
+    // open, it never does: exactly 256 KiB arrive and the rest of the 1 MiB
+    // waits. (Real OpenSSH re-grants after three packets; nodetunnel bounds
+    // only nodes that say they are OpenSSH, as this one does.) With the
+    // node's whole window the 1 MiB would have been sent before the round
+    // trip that ends the wait.
+    let (arrived, done) = upload_behind("SSH-2.0-OpenSSH_9.2p1", "", true, 256 * 1024).await;
     assert_eq!(
         arrived,
-        512 * 1024,
+        256 * 1024,
         "bytes past the upload window reached the node"
     );
     assert!(!done, "the upload finished without a window grant");
@@ -1141,6 +1153,7 @@ async fn an_explicit_upload_window_is_what_the_node_may_hold() {
     let (arrived, done) = upload_behind(
         "SSH-2.0-OpenSSH_9.2p1",
         "upload_window = 163840",
+        true,
         160 * 1024,
     )
     .await;
@@ -1149,11 +1162,20 @@ async fn an_explicit_upload_window_is_what_the_node_may_hold() {
 }
 
 #[tokio::test]
+async fn a_lone_upload_keeps_the_nodes_whole_window() {
+    // Nothing else on the session to delay: the 1 MiB goes out within the
+    // node's 2 MiB window, no grant needed.
+    let (arrived, done) = upload_behind("SSH-2.0-OpenSSH_9.2p1", "", false, 1 << 20).await;
+    assert_eq!(arrived, 1 << 20);
+    assert!(done, "the upload is not done though all of it arrived");
+}
+
+#[tokio::test]
 async fn a_node_not_known_to_regrant_early_keeps_its_whole_window() {
     // Not OpenSSH (russh's own identification): a bound below half its
     // window would never be re-granted, so the stream gets the node's whole
     // 2 MiB window and the 1 MiB upload arrives in full.
-    let (arrived, done) = upload_behind("SSH-2.0-russh_0.65.1", "", 1 << 20).await;
+    let (arrived, done) = upload_behind("SSH-2.0-russh_0.65.1", "", true, 1 << 20).await;
     assert_eq!(arrived, 1 << 20);
     assert!(done, "the upload is not done though all of it arrived");
 }

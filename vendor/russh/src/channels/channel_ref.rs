@@ -31,16 +31,18 @@ pub trait ChannelSink: Send + Sync + 'static {
     }
     /// (nodetunnel patch) The most of this channel's data that may be sent
     /// and not yet consumed by the peer (re-granted by its WINDOW_ADJUST),
-    /// if less than the window the peer offers in its open confirmation.
-    /// What the peer has not consumed queues in front of every other
-    /// channel's data on the same connection (in its socket and in its
-    /// single-threaded decryption when it is the bottleneck), so a smaller
-    /// bound keeps small writes of other channels from waiting behind a
-    /// bulk upload. It applies only to peers known to re-grant window after
-    /// a few packets consumed ([`peer_regrants_early`]), and is never less
-    /// than four of the peer's packets: a peer that re-grants only when half
-    /// of the window it offered is consumed would never re-grant a bound
-    /// below that half. `None`: the peer's whole window, as upstream.
+    /// if less than the window the peer offers. Asked before every write,
+    /// so it may change over the channel's life (e.g. bound only while
+    /// other channels of the session are open). What the peer has not
+    /// consumed queues in front of every other channel's data on the same
+    /// connection (in its socket and in its single-threaded decryption when
+    /// it is the bottleneck), so a smaller bound keeps small writes of other
+    /// channels from waiting behind a bulk upload. It applies only to peers
+    /// known to re-grant window after a few packets consumed
+    /// ([`peer_regrants_early`]), and is never less than four of the peer's
+    /// packets: a peer that re-grants only when half of the window it
+    /// offered is consumed would never re-grant a bound below that half.
+    /// `None`: the peer's whole window, as upstream.
     fn send_window_limit(&self) -> Option<u32> {
         None
     }
@@ -98,18 +100,17 @@ impl ChannelRef {
         &self.window_size
     }
 
-    /// (nodetunnel patch) The send window the channel's writers get when
-    /// the peer confirms the open offering `offered` bytes with packets of
-    /// at most `max_packet`: the sink's [`ChannelSink::send_window_limit`]
-    /// (at least four packets) if the peer re-grants early, else `offered`.
-    /// The session keeps its own account of the peer's real window; this
-    /// only holds the writers below it, and each WINDOW_ADJUST adds to both.
-    pub(crate) fn send_window(&self, offered: u32, max_packet: u32, peer_regrants_early: bool) -> u32 {
-        match self.sink.as_ref().and_then(|sink| sink.send_window_limit()) {
-            Some(limit) if peer_regrants_early => {
-                offered.min(limit.max(max_packet.saturating_mul(4)))
-            }
-            _ => offered,
+    /// (nodetunnel patch) At the open confirmation (the peer offered
+    /// `offered` bytes of window, packets of at most `max_packet`): if the channel has a sink and the peer re-grants
+    /// early, its writers send within the sink's
+    /// [`ChannelSink::send_window_limit`] from now on, never below four of
+    /// the peer's packets. The session keeps its own account of the peer's
+    /// real window; this only holds the writers below it.
+    pub(crate) fn bound_sends(&self, offered: u32, max_packet: u32, peer_regrants_early: bool) {
+        if let (Some(sink), true) = (&self.sink, peer_regrants_early) {
+            self.window_size
+                .bound
+                .bound_by(sink.clone(), max_packet.saturating_mul(4), offered);
         }
     }
 
@@ -171,47 +172,84 @@ impl std::ops::Deref for ChannelRef {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
     use super::*;
 
-    struct Bounded(Option<u32>);
+    /// A sink whose limit the test sets (0: none).
+    #[derive(Default)]
+    struct Bounded(AtomicU32);
 
     impl ChannelSink for Bounded {
         fn deliver(&self, _: ChannelMsg) {}
         fn detached(&self) {}
         fn send_window_limit(&self) -> Option<u32> {
-            self.0
+            match self.0.load(Ordering::Relaxed) {
+                0 => None,
+                limit => Some(limit),
+            }
         }
-    }
-
-    fn with(limit: Option<u32>) -> ChannelRef {
-        let (sender, _) = tokio::sync::mpsc::channel(1);
-        ChannelRef::with_sink(sender, Arc::new(Bounded(limit)))
     }
 
     const MIB2: u32 = 2 << 20;
     const PACKET: u32 = 32 * 1024;
 
-    #[test]
-    fn an_openssh_peer_gets_the_sinks_limit() {
-        assert_eq!(with(Some(256 * 1024)).send_window(MIB2, PACKET, true), 256 * 1024);
-    }
-
-    #[test]
-    fn the_limit_is_never_below_four_of_the_peers_packets() {
-        assert_eq!(with(Some(1)).send_window(MIB2, PACKET, true), 4 * PACKET);
-    }
-
-    #[test]
-    fn a_peer_offering_less_than_the_limit_keeps_its_window() {
-        assert_eq!(with(Some(256 * 1024)).send_window(64 * 1024, PACKET, true), 64 * 1024);
-    }
-
-    #[test]
-    fn a_peer_not_known_to_regrant_early_gets_its_whole_window() {
-        assert_eq!(with(Some(256 * 1024)).send_window(MIB2, PACKET, false), MIB2);
-        assert_eq!(with(None).send_window(MIB2, PACKET, true), MIB2);
+    /// A confirmed channel whose peer offered 2 MiB: its ref, its sink.
+    async fn confirmed(regrants_early: bool) -> (ChannelRef, Arc<Bounded>) {
         let (sender, _) = tokio::sync::mpsc::channel(1);
-        assert_eq!(ChannelRef::new(sender).send_window(MIB2, PACKET, true), MIB2);
+        let sink = Arc::new(Bounded::default());
+        let channel = ChannelRef::with_sink(sender, sink.clone());
+        channel.window_size().grow(MIB2).await;
+        channel.bound_sends(MIB2, PACKET, regrants_early);
+        (channel, sink)
+    }
+
+    fn room(channel: &ChannelRef, left: u32) -> u32 {
+        channel.window_size().bound.room(left)
+    }
+
+    #[tokio::test]
+    async fn an_openssh_peer_gets_what_is_left_of_the_sinks_limit() {
+        let (channel, sink) = confirmed(true).await;
+        sink.0.store(256 * 1024, Ordering::Relaxed);
+        assert_eq!(room(&channel, MIB2), 256 * 1024, "nothing in flight");
+        // 200 KiB sent, none consumed: 56 KiB of room.
+        assert_eq!(room(&channel, MIB2 - 200 * 1024), 56 * 1024);
+        assert_eq!(room(&channel, MIB2 - 300 * 1024), 0, "beyond the limit");
+        // 300 KiB sent; the peer consumed and re-granted 100 KiB of it: 200
+        // KiB in flight, 1.8 MiB of window left.
+        assert_eq!(room(&channel, MIB2 - 300 * 1024 + 100 * 1024), 56 * 1024);
+    }
+
+    #[tokio::test]
+    async fn the_limit_follows_the_sink_and_none_is_the_whole_window() {
+        let (channel, sink) = confirmed(true).await;
+        assert_eq!(room(&channel, MIB2 - 300 * 1024), MIB2 - 300 * 1024);
+        sink.0.store(256 * 1024, Ordering::Relaxed);
+        assert_eq!(room(&channel, MIB2 - 300 * 1024), 0);
+        sink.0.store(0, Ordering::Relaxed);
+        assert_eq!(room(&channel, MIB2 - 300 * 1024), MIB2 - 300 * 1024);
+    }
+
+    #[tokio::test]
+    async fn the_limit_is_never_below_four_of_the_peers_packets() {
+        let (channel, sink) = confirmed(true).await;
+        sink.0.store(1, Ordering::Relaxed);
+        assert_eq!(room(&channel, MIB2), 4 * PACKET);
+    }
+
+    #[tokio::test]
+    async fn the_room_is_never_more_than_the_window() {
+        let (channel, sink) = confirmed(true).await;
+        sink.0.store(64 << 20, Ordering::Relaxed);
+        assert_eq!(room(&channel, MIB2 - 1024), MIB2 - 1024);
+    }
+
+    #[tokio::test]
+    async fn a_peer_not_known_to_regrant_early_gets_its_whole_window() {
+        let (channel, sink) = confirmed(false).await;
+        sink.0.store(256 * 1024, Ordering::Relaxed);
+        assert_eq!(room(&channel, MIB2 - 300 * 1024), MIB2 - 300 * 1024);
     }
 
     #[test]

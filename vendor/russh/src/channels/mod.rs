@@ -135,6 +135,51 @@ pub enum ChannelMsg {
 pub(crate) struct WindowSizeRef {
     value: Arc<Mutex<u32>>,
     notifier: Arc<Notify>,
+    /// (nodetunnel patch) What the writers may have in flight, if bounded
+    /// below the peer's window (see [`ChannelSink::send_window_limit`]).
+    pub(crate) bound: Arc<SendBound>,
+}
+
+/// (nodetunnel patch) The bound on a channel's data sent and not yet
+/// consumed by the peer. A peer re-grants (WINDOW_ADJUST) what it consumed,
+/// so the window it offered at the open less what is left of it is what it
+/// has not consumed; the writers send only while that is under the sink's
+/// [`ChannelSink::send_window_limit`] (asked before every write, so it may
+/// change), at least four of the peer's packets.
+#[derive(Default)]
+pub(crate) struct SendBound {
+    /// Set at the open confirmation, for peers that re-grant early: the
+    /// sink, the floor, and the window the peer offered.
+    bounded_by: std::sync::OnceLock<(Arc<dyn ChannelSink>, u32, u32)>,
+}
+
+impl std::fmt::Debug for SendBound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SendBound")
+            .field("bounded", &self.bounded_by.get().is_some())
+            .finish()
+    }
+}
+
+impl SendBound {
+    /// Bound the channel, whose peer offered `offered` bytes of window at
+    /// the open, by `sink`'s limit, never below `floor` bytes.
+    pub(crate) fn bound_by(&self, sink: Arc<dyn ChannelSink>, floor: u32, offered: u32) {
+        let _ = self.bounded_by.set((sink, floor, offered));
+    }
+
+    /// Of `window` (what is left of the peer's window), what the writers
+    /// may send now.
+    pub(crate) fn room(&self, window: u32) -> u32 {
+        let Some((sink, floor, offered)) = self.bounded_by.get() else {
+            return window;
+        };
+        let Some(limit) = sink.send_window_limit() else {
+            return window;
+        };
+        let in_flight = offered.saturating_sub(window);
+        window.min(limit.max(*floor).saturating_sub(in_flight))
+    }
 }
 
 impl WindowSizeRef {
@@ -143,6 +188,7 @@ impl WindowSizeRef {
         Self {
             value: Arc::new(Mutex::new(initial)),
             notifier,
+            bound: Arc::default(),
         }
     }
 
@@ -499,6 +545,7 @@ impl<S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static> ChannelWriteHalf<
             self.max_packet_size,
             ext,
         )
+        .bounded(self.window_size.bound.clone())
     }
 }
 
@@ -728,7 +775,8 @@ impl<S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static> Channel<S> {
                 self.write_half.window_size.subscribe(),
                 self.write_half.max_packet_size,
                 None,
-            ),
+            )
+            .bounded(self.write_half.window_size.bound.clone()),
             io::ChannelRx::new(io::ChannelCloseOnDrop(self), None),
         )
     }

@@ -584,9 +584,9 @@ impl Session {
                 };
 
                 if let Some(channel) = self.channels.get(&local_id) {
-                    // (nodetunnel patch) The writers' window: the peer's, or
-                    // less if the sink bounds what it keeps unconsumed.
-                    let window_size = channel.send_window(
+                    // (nodetunnel patch) The writers send within the sink's
+                    // bound on data in flight, if it has one.
+                    channel.bound_sends(
                         msg.initial_window_size,
                         msg.maximum_packet_size,
                         crate::channels::peer_regrants_early(&self.common.remote_sshid),
@@ -595,7 +595,7 @@ impl Session {
                         .send(ChannelMsg::Open {
                             id: local_id,
                             max_packet_size: msg.maximum_packet_size,
-                            window_size,
+                            window_size: msg.initial_window_size,
                         })
                         .await
                         .unwrap_or(());

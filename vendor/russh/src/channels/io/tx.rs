@@ -51,6 +51,8 @@ pub struct ChannelTx<S> {
     window_size_notication: WatchNotification,
     max_packet_size: u32,
     ext: Option<u32>,
+    /// (nodetunnel patch) The bound on data in flight, if any.
+    bound: Option<Arc<crate::channels::SendBound>>,
 }
 
 impl<S> ChannelTx<S>
@@ -75,7 +77,15 @@ where
             window_size_fut: None,
             max_packet_size,
             ext,
+            bound: None,
         }
+    }
+
+    /// (nodetunnel patch) Send only within `bound` (see
+    /// [`crate::ChannelSink::send_window_limit`]).
+    pub(crate) fn bounded(mut self, bound: Arc<crate::channels::SendBound>) -> Self {
+        self.bound = Some(bound);
+        self
     }
 
     fn poll_writable(&mut self, cx: &mut Context<'_>, buf_len: usize) -> Poll<NonZeroUsize> {
@@ -86,7 +96,12 @@ where
         let mut window_size = ready!(window_size_fut.poll_unpin(cx));
         self.window_size_fut.take();
 
-        let writable = (self.max_packet_size).min(*window_size).min(buf_len as u32) as usize;
+        // (nodetunnel patch) Within the bound on data in flight, if any.
+        let window = match &self.bound {
+            Some(bound) => bound.room(*window_size),
+            None => *window_size,
+        };
+        let writable = (self.max_packet_size).min(window).min(buf_len as u32) as usize;
 
         match NonZeroUsize::try_from(writable) {
             Ok(w) => {
