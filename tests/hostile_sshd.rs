@@ -155,6 +155,11 @@ impl HostileNode {
         };
         let accept = tokio::spawn(async move {
             while let Ok((socket, _)) = listener.accept().await {
+                // `Config::nodelay` applies only to `server::run`'s own
+                // listener. Without it a small packet right behind another
+                // waits for the client's delayed ACK (40 ms of real time),
+                // and the paused clock of the cases below runs past it.
+                let _ = socket.set_nodelay(true);
                 let config = config.clone();
                 let handler = handler.clone();
                 tokio::spawn(async move {
