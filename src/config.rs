@@ -335,12 +335,14 @@ impl Config {
         if ssh.max_buffered_bytes < ssh.window_size as usize {
             return err("ssh.max_buffered_bytes", "must be at least ssh.window_size");
         }
-        if let crate::ssh_config::UploadWindow::Bytes(n) = ssh.upload_window {
-            if !(crate::ssh_config::UploadWindow::MIN_BYTES..=64 * 1024 * 1024).contains(&n) {
-                return err(
-                    "ssh.upload_window",
-                    "must be \"auto\" or 32768-67108864 bytes",
-                );
+        for (key, bound) in [
+            ("ssh.upload_window", ssh.upload_window),
+            ("ssh.download_window", ssh.download_window),
+        ] {
+            if let crate::ssh_config::SharedWindow::Bytes(n) = bound {
+                if !(crate::ssh_config::SharedWindow::MIN_BYTES..=64 * 1024 * 1024).contains(&n) {
+                    return err(key, "must be \"auto\" or 32768-67108864 bytes");
+                }
             }
         }
         if ssh.window_size > 64 * 1024 * 1024 {
@@ -493,29 +495,33 @@ pod_cidrs = ["10.244.1.0/24"]
     }
 
     #[test]
-    fn the_upload_window_is_auto_or_a_bounded_byte_count() {
-        use crate::ssh_config::UploadWindow;
-        assert_eq!(parse("").unwrap().ssh.upload_window, UploadWindow::Auto);
-        let set = |v: &str| parse(&format!("[ssh]\nupload_window = {v}\n"));
-        assert_eq!(
-            set("\"auto\"").unwrap().ssh.upload_window,
-            UploadWindow::Auto
-        );
-        assert_eq!(
-            set("524288").unwrap().ssh.upload_window,
-            UploadWindow::Bytes(524_288)
-        );
-        for bad in ["\"fast\"", "-1", "4294967296", "1.5"] {
-            let e = set(bad).expect_err(bad).to_string();
-            assert!(e.contains(": ssh.upload_window: "), "{bad}: {e}");
-            assert!(e.contains("\"auto\" or a number of bytes"), "{bad}: {e}");
-        }
-        for out_of_range in ["32767", "67108865"] {
-            let e = set(out_of_range).expect_err(out_of_range).to_string();
-            assert!(
-                e.contains(": ssh.upload_window: must be \"auto\" or 32768-67108864 bytes"),
-                "{out_of_range}: {e}"
-            );
+    fn the_shared_windows_are_auto_or_a_bounded_byte_count() {
+        use crate::ssh_config::SharedWindow;
+        let defaults = parse("").unwrap().ssh;
+        assert_eq!(defaults.upload_window, SharedWindow::Auto);
+        assert_eq!(defaults.download_window, SharedWindow::Auto);
+        for key in ["upload_window", "download_window"] {
+            let set = |v: &str| parse(&format!("[ssh]\n{key} = {v}\n"));
+            let get = |c: Config| match key {
+                "upload_window" => c.ssh.upload_window,
+                _ => c.ssh.download_window,
+            };
+            assert_eq!(get(set("\"auto\"").unwrap()), SharedWindow::Auto);
+            assert_eq!(get(set("524288").unwrap()), SharedWindow::Bytes(524_288));
+            for bad in ["\"fast\"", "-1", "4294967296", "1.5"] {
+                let e = set(bad).expect_err(bad).to_string();
+                assert!(e.contains(&format!(": ssh.{key}: ")), "{bad}: {e}");
+                assert!(e.contains("\"auto\" or a number of bytes"), "{bad}: {e}");
+            }
+            for out_of_range in ["32767", "67108865"] {
+                let e = set(out_of_range).expect_err(out_of_range).to_string();
+                assert!(
+                    e.contains(&format!(
+                        ": ssh.{key}: must be \"auto\" or 32768-67108864 bytes"
+                    )),
+                    "{out_of_range}: {e}"
+                );
+            }
         }
     }
 

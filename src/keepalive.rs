@@ -8,6 +8,12 @@
 //! is therefore detected within `interval x (max + 1)` of the last thing it
 //! sent, the same budget as OpenSSH's `ServerAliveInterval`/
 //! `ServerAliveCountMax`, which also counts any packet as a sign of life.
+//!
+//! Every answered keepalive is also a round-trip measurement. A few more
+//! are made soon after the session starts ([`EarlyRoundTrips`]), for what
+//! is sized by the round trip (`"auto"` shared windows) before the first
+//! keepalive. They never decide liveness: a peer that leaves one unanswered
+//! is judged by the keepalives alone.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -65,22 +71,78 @@ impl std::fmt::Display for Verdict {
     }
 }
 
+/// Round trips measured once, soon after the session starts, one after
+/// another, besides the keepalives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EarlyRoundTrips {
+    /// When the first is sent, from the start of [`run`].
+    pub after: Duration,
+    /// How many.
+    pub count: u32,
+}
+
+impl EarlyRoundTrips {
+    /// None: round trips come from keepalives only.
+    pub const NONE: EarlyRoundTrips = EarlyRoundTrips {
+        after: Duration::ZERO,
+        count: 0,
+    };
+}
+
+/// What a round trip handed to [`run`]'s `on_rtt` was measured with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RoundTripKind {
+    /// One of the [`EarlyRoundTrips`]; `left` still to measure after it.
+    Early {
+        /// Early round trips still to come (0: this was the last).
+        left: u32,
+    },
+    /// An answered keepalive.
+    Keepalive,
+}
+
 /// Probe every `interval` until the peer is declared dead; `on_rtt` gets the
-/// round trip of every answered keepalive. Runs until it returns a verdict:
-/// the caller races it against its own stop conditions.
+/// round trip of every answered keepalive and of each of the `early` ones.
+/// Runs until it returns a verdict: the caller races it against its own
+/// stop conditions.
 pub async fn run<P: Probe>(
     probe: &P,
     interval: Duration,
     max: u32,
-    mut on_rtt: impl FnMut(Duration),
+    early: EarlyRoundTrips,
+    mut on_rtt: impl FnMut(Duration, RoundTripKind),
 ) -> Verdict {
     let mut ticker = tokio::time::interval_at(Instant::now() + interval, interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut pending: Option<(Instant, ProbeFuture)> = None;
     let mut misses = 0u32;
     let mut seen = probe.activity();
+    let early_at = tokio::time::sleep(early.after);
+    tokio::pin!(early_at);
+    let mut early_left = early.count;
+    let mut early_pending: Option<(Instant, ProbeFuture)> = None;
     loop {
         tokio::select! {
+            () = &mut early_at, if early_left > 0 && early_pending.is_none() => {
+                early_pending = Some((Instant::now(), probe.probe()));
+            }
+            answer = async {
+                match early_pending.as_mut() {
+                    Some((_, p)) => p.await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let sent = early_pending.take().map(|(at, _)| at).unwrap_or_else(Instant::now);
+                match answer {
+                    Ok(()) => {
+                        early_left -= 1;
+                        on_rtt(sent.elapsed(), RoundTripKind::Early { left: early_left });
+                        // The next one right away (the sleep has elapsed).
+                    }
+                    // Gone: the keepalives find out and say why.
+                    Err(_) => early_left = 0,
+                }
+            }
             _ = ticker.tick() => {
                 let now = probe.activity();
                 let heard = now != seen;
@@ -110,7 +172,7 @@ pub async fn run<P: Probe>(
                     return Verdict::Gone(why);
                 }
                 misses = 0;
-                on_rtt(sent.elapsed());
+                on_rtt(sent.elapsed(), RoundTripKind::Keepalive);
             }
         }
     }
@@ -148,7 +210,7 @@ mod tests {
     async fn a_silent_peer_is_declared_dead_within_interval_times_max_plus_one() {
         let interval = Duration::from_secs(15);
         let start = Instant::now();
-        let verdict = run(&Silent, interval, 3, |_| {}).await;
+        let verdict = run(&Silent, interval, 3, EarlyRoundTrips::NONE, |_, _| {}).await;
         assert!(
             matches!(verdict, Verdict::Silent { misses: 3 }),
             "{verdict:?}"
@@ -169,7 +231,13 @@ mod tests {
         let mut rtts = Vec::new();
         let outcome = tokio::time::timeout(
             Duration::from_secs(95),
-            run(&probe, Duration::from_secs(10), 3, |rtt| rtts.push(rtt)),
+            run(
+                &probe,
+                Duration::from_secs(10),
+                3,
+                EarlyRoundTrips::NONE,
+                |rtt, _| rtts.push(rtt),
+            ),
         )
         .await;
         assert!(
@@ -194,7 +262,13 @@ mod tests {
         };
         let outcome = tokio::time::timeout(
             Duration::from_secs(200),
-            run(&probe, Duration::from_secs(10), 2, |_| {}),
+            run(
+                &probe,
+                Duration::from_secs(10),
+                2,
+                EarlyRoundTrips::NONE,
+                |_, _| {},
+            ),
         )
         .await;
         assert!(
@@ -228,7 +302,7 @@ mod tests {
             start,
             busy_for: Duration::from_secs(30),
         };
-        let verdict = run(&probe, interval, 2, |_| {}).await;
+        let verdict = run(&probe, interval, 2, EarlyRoundTrips::NONE, |_, _| {}).await;
         assert!(
             matches!(verdict, Verdict::Silent { misses: 2 }),
             "{verdict:?}"
@@ -248,10 +322,66 @@ mod tests {
                 Box::pin(async { Err(SessionGone::Closed) })
             }
         }
-        let verdict = run(&Gone, Duration::from_secs(1), 3, |_| {}).await;
+        let verdict = run(
+            &Gone,
+            Duration::from_secs(1),
+            3,
+            EarlyRoundTrips::NONE,
+            |_, _| {},
+        )
+        .await;
         assert!(
             matches!(verdict, Verdict::Gone(SessionGone::Closed)),
             "{verdict:?}"
         );
+    }
+
+    const EARLY: EarlyRoundTrips = EarlyRoundTrips {
+        after: Duration::from_secs(1),
+        count: 3,
+    };
+
+    #[tokio::test(start_paused = true)]
+    async fn early_round_trips_are_measured_one_after_another_before_the_first_keepalive() {
+        let sent = Arc::new(AtomicU32::new(0));
+        let probe = Answers {
+            delay: Duration::from_millis(5),
+            sent: sent.clone(),
+        };
+        let start = Instant::now();
+        let mut seen = Vec::new();
+        let outcome = tokio::time::timeout(
+            Duration::from_secs(5),
+            run(&probe, Duration::from_secs(3600), 3, EARLY, |rtt, kind| {
+                seen.push((start.elapsed(), rtt, kind))
+            }),
+        )
+        .await;
+        assert!(outcome.is_err(), "an answering peer stays alive");
+        let ms = Duration::from_millis;
+        assert_eq!(
+            seen,
+            [
+                (ms(1005), ms(5), RoundTripKind::Early { left: 2 }),
+                (ms(1010), ms(5), RoundTripKind::Early { left: 1 }),
+                (ms(1015), ms(5), RoundTripKind::Early { left: 0 }),
+            ]
+        );
+        assert_eq!(sent.load(Ordering::SeqCst), 3, "no keepalive within 5 s");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_silent_from_the_start_is_declared_dead_with_an_early_round_trip_unanswered() {
+        // The early round trip waits forever; the keepalives still decide.
+        let interval = Duration::from_secs(15);
+        let start = Instant::now();
+        let mut rtts = 0;
+        let verdict = run(&Silent, interval, 3, EARLY, |_, _| rtts += 1).await;
+        assert!(
+            matches!(verdict, Verdict::Silent { misses: 3 }),
+            "{verdict:?}"
+        );
+        assert!(start.elapsed() <= interval * 4, "{:?}", start.elapsed());
+        assert_eq!(rtts, 0);
     }
 }

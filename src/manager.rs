@@ -189,6 +189,7 @@ impl TunnelManager {
             sessions_per_node: ssh.sessions_per_node,
             max_streams_per_node: ssh.max_streams_per_node,
             upload_window: ssh.upload_window,
+            download_window: ssh.download_window,
             keepalive_interval: ssh.keepalive_interval,
             keepalive_max: ssh.keepalive_max,
             backoff_base: ssh.backoff_base,

@@ -35,30 +35,37 @@ impl fmt::Display for HostKeyPolicy {
     }
 }
 
-/// `ssh.upload_window`: how much of one stream's upload a node may hold
-/// that its sshd has not consumed yet (the send side of the channel's
-/// window, which the node offers and re-grants as it consumes).
+/// `ssh.upload_window` and `ssh.download_window`: how many of one stream's
+/// bytes may queue in front of its siblings' on a shared session.
 ///
-/// Whatever the node has not consumed waits in front of every other
-/// stream's bytes on the same session: in its socket and, when its sshd is
-/// the bottleneck (one process decrypts a session), in its decryption. A
-/// keystroke of `kubectl exec` then waits behind up to the node's whole
-/// window (2 MiB with OpenSSH) of a `kubectl cp` upload. Holding a stream
-/// below that while the session carries other streams keeps the wait
-/// short; the cost is that stream's upload throughput then, at most about
-/// `upload_window / RTT`. A stream alone on its session is not bounded.
+/// A session carries its streams' bytes in one order, so what one stream
+/// has in flight waits in front of every other stream's bytes: its upload
+/// in the node's socket and, when the node's sshd is the bottleneck (one
+/// process decrypts a session), in its decryption; its download in sshd's
+/// socket and ours. A keystroke of `kubectl exec` then waits behind up to a
+/// whole channel window (2 MiB) of a `kubectl cp` upload on its way to the
+/// node, and behind up to `ssh.window_size` of a `kubectl logs -f` or a
+/// download on its way back. Holding a stream below that while its session
+/// carries other streams keeps the wait short; the cost is that stream's
+/// throughput then, at most about `bound / RTT`. A stream alone on its
+/// session is not bounded.
 ///
-/// Applied to OpenSSH nodes only, and never below four of the node's
-/// packets (128 KiB with OpenSSH): OpenSSH re-grants window after three
-/// packets consumed; other servers may re-grant only when half of the
-/// window they offered is consumed, which a smaller bound never reaches, so
-/// they keep their whole window.
+/// - Upload (`upload_window`): what the node may hold that its sshd has
+///   not consumed (the send side of the channel's window, which the node
+///   offers and re-grants as it consumes). Applied to OpenSSH nodes only,
+///   and never below four of the node's packets (128 KiB with OpenSSH):
+///   OpenSSH re-grants window after three packets consumed; other servers
+///   may re-grant only when half of the window they offered is consumed,
+///   which a smaller bound never reaches, so they keep their whole window.
+/// - Download (`download_window`): the window nodetunnel grants the node
+///   for the stream (at most `ssh.window_size`). Lowering it takes nothing
+///   back: grants pause until the client has read below it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum UploadWindow {
-    /// `"auto"` (the default): what [`UploadWindow::AUTO_RATE`] needs at
+pub enum SharedWindow {
+    /// `"auto"` (the default): what [`SharedWindow::AUTO_RATE`] needs at
     /// the session's round-trip time (the shortest of its TCP connect and
     /// its round trips measured since), at least
-    /// [`UploadWindow::AUTO_FLOOR`]. On a LAN that is 256 KiB; from about
+    /// [`SharedWindow::AUTO_FLOOR`]. On a LAN that is 256 KiB; from about
     /// 8 ms of RTT on it is the node's whole window, as OpenSSH's `ssh`.
     #[default]
     Auto,
@@ -66,13 +73,13 @@ pub enum UploadWindow {
     Bytes(u32),
 }
 
-impl UploadWindow {
+impl SharedWindow {
     /// The least `"auto"` gives a stream: on the benchmark machine it kept
-    /// a keystroke beside a bulk upload at OpenSSH's latency; a lone upload
-    /// is not bounded (docs/benchmarks.md, "Upload window").
+    /// a keystroke beside a bulk transfer near OpenSSH's latency; a lone
+    /// stream is not bounded (docs/benchmarks.md, "Shared windows").
     pub const AUTO_FLOOR: u32 = 256 * 1024;
-    /// Bytes per second of upload per stream that `"auto"` leaves room
-    /// for at the session's round-trip time.
+    /// Bytes per second per stream that `"auto"` leaves room for at the
+    /// session's round-trip time.
     pub const AUTO_RATE: f64 = 256.0 * 1024.0 * 1024.0;
     /// Smallest number accepted.
     pub const MIN_BYTES: u32 = 32 * 1024;
@@ -81,8 +88,8 @@ impl UploadWindow {
     /// took `rtt` (`None`: not measured, the floor).
     pub fn limit(self, rtt: Option<Duration>) -> u32 {
         match self {
-            UploadWindow::Bytes(n) => n,
-            UploadWindow::Auto => {
+            SharedWindow::Bytes(n) => n,
+            SharedWindow::Auto => {
                 let needed = rtt.map_or(0.0, |rtt| rtt.as_secs_f64() * Self::AUTO_RATE);
                 // A float to integer `as` saturates; NaN is 0.
                 (needed as u32).max(Self::AUTO_FLOOR)
@@ -91,37 +98,37 @@ impl UploadWindow {
     }
 }
 
-impl fmt::Display for UploadWindow {
+impl fmt::Display for SharedWindow {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            UploadWindow::Auto => f.write_str("auto"),
-            UploadWindow::Bytes(n) => write!(f, "{n}"),
+            SharedWindow::Auto => f.write_str("auto"),
+            SharedWindow::Bytes(n) => write!(f, "{n}"),
         }
     }
 }
 
-impl<'de> Deserialize<'de> for UploadWindow {
+impl<'de> Deserialize<'de> for SharedWindow {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct Visit;
         impl serde::de::Visitor<'_> for Visit {
-            type Value = UploadWindow;
+            type Value = SharedWindow;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("\"auto\" or a number of bytes")
             }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<UploadWindow, E> {
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<SharedWindow, E> {
                 match v {
-                    "auto" => Ok(UploadWindow::Auto),
+                    "auto" => Ok(SharedWindow::Auto),
                     _ => Err(E::invalid_value(serde::de::Unexpected::Str(v), &self)),
                 }
             }
-            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<UploadWindow, E> {
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<SharedWindow, E> {
                 u32::try_from(v)
-                    .map(UploadWindow::Bytes)
+                    .map(SharedWindow::Bytes)
                     .map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(v), &self))
             }
-            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<UploadWindow, E> {
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<SharedWindow, E> {
                 u32::try_from(v)
-                    .map(UploadWindow::Bytes)
+                    .map(SharedWindow::Bytes)
                     .map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(v), &self))
             }
         }
@@ -235,9 +242,15 @@ pub struct SshConfig {
     /// stream; per-stream throughput at most `window_size / RTT`.
     pub window_size: u32,
     /// The most of one stream's upload a node may hold unconsumed: `"auto"`
-    /// or bytes ([`UploadWindow`]). Memory: none here (it bounds what the
+    /// or bytes ([`SharedWindow`]). Memory: none here (it bounds what the
     /// node holds); per-stream upload throughput at most this / RTT.
-    pub upload_window: UploadWindow,
+    pub upload_window: SharedWindow,
+    /// The most window granted to a node for one stream's download while
+    /// the session carries other streams: `"auto"` or bytes
+    /// ([`SharedWindow`]). Memory: lowers what such a stream holds, from
+    /// `window_size` to this; per-stream download throughput then at most
+    /// this / RTT.
+    pub download_window: SharedWindow,
     /// The buffer budget: bytes from nodes not yet read by clients, over all
     /// streams. Window beyond one packet (32 KiB) per stream is granted, at
     /// the open and as clients read, only while what nodes may send (bytes
@@ -305,7 +318,8 @@ impl Default for SshConfig {
             backoff_max: Duration::from_secs(60),
             backoff_reset_after: Duration::from_secs(30),
             window_size: 2 * 1024 * 1024,
-            upload_window: UploadWindow::Auto,
+            upload_window: SharedWindow::Auto,
+            download_window: SharedWindow::Auto,
             max_buffered_bytes: 1024 * 1024 * 1024,
             drain_timeout: Duration::from_secs(30),
             rekey_limit: MAX_REKEY_LIMIT,
@@ -322,8 +336,8 @@ mod tests {
 
     #[test]
     fn auto_gives_the_floor_on_a_lan_and_what_the_rate_needs_on_a_long_link() {
-        let auto = UploadWindow::Auto;
-        assert_eq!(auto.limit(None), UploadWindow::AUTO_FLOOR);
+        let auto = SharedWindow::Auto;
+        assert_eq!(auto.limit(None), SharedWindow::AUTO_FLOOR);
         assert_eq!(auto.limit(Some(Duration::from_micros(150))), 256 * 1024);
         // 256 MiB/s for 4 ms: just over 1 MiB.
         assert_eq!(auto.limit(Some(Duration::from_millis(4))), 1_073_741);
@@ -334,7 +348,7 @@ mod tests {
 
     #[test]
     fn a_byte_count_is_the_limit_whatever_the_round_trip() {
-        let fixed = UploadWindow::Bytes(196_608);
+        let fixed = SharedWindow::Bytes(196_608);
         assert_eq!(fixed.limit(None), 196_608);
         assert_eq!(fixed.limit(Some(Duration::from_millis(50))), 196_608);
     }

@@ -68,6 +68,21 @@ static NEXT_STREAM_ID: AtomicU64 = AtomicU64::new(1);
 /// one packet (the maximum packet size nodetunnel asks nodes for).
 pub const MIN_WINDOW: usize = 32 * 1024;
 
+/// What one stream is held to while its session carries other streams
+/// (`ssh.upload_window` and `ssh.download_window`, resolved for the
+/// session's round trip): what of its bytes may queue in front of a
+/// sibling's. A stream alone on its session is not bounded.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SharedBounds {
+    /// The most of the stream's upload the node may hold unconsumed
+    /// (`None`: the node's whole window).
+    pub upload: Option<u32>,
+    /// The most window granted to the node for the stream's download:
+    /// bytes it may have sent and we not yet handed to the client
+    /// (`None`: `ssh.window_size`).
+    pub download: Option<usize>,
+}
+
 /// Buffering bounds of streams, and the buffer budget they share (see the
 /// module docs).
 pub struct StreamLimits {
@@ -385,10 +400,8 @@ pub struct StreamInbound {
     limits: Arc<StreamLimits>,
     /// The window offered in the channel open.
     initial_window: u32,
-    /// The most of the stream's upload the node may hold unconsumed
-    /// (`ssh.upload_window` for its session) while the session carries
-    /// other streams, if bounded.
-    send_window_limit: Option<u32>,
+    /// What the stream is held to while its session carries others.
+    shared: SharedBounds,
     /// Open streams on the stream's session, this one included.
     session_streams: Arc<AtomicUsize>,
     counters: Arc<StreamCounters>,
@@ -444,8 +457,8 @@ impl russh::ChannelSink for StreamInbound {
     /// upload delays nobody's bytes and keeps the node's whole window (a
     /// bound costs it throughput, docs/benchmarks.md "Upload window").
     fn send_window_limit(&self) -> Option<u32> {
-        if self.session_streams.load(Ordering::Relaxed) > 1 {
-            self.send_window_limit
+        if self.is_shared() {
+            self.shared.upload
         } else {
             None
         }
@@ -453,6 +466,22 @@ impl russh::ChannelSink for StreamInbound {
 }
 
 impl StreamInbound {
+    /// The stream's session carries other streams now.
+    fn is_shared(&self) -> bool {
+        self.session_streams.load(Ordering::Relaxed) > 1
+    }
+
+    /// The window the node may have for this stream now: the whole
+    /// `ssh.window_size`, or the download bound while the session carries
+    /// other streams. Lowering it takes nothing back (SSH cannot): grants
+    /// stop until the client has read the stream below it.
+    fn window_target(&self) -> usize {
+        match self.shared.download {
+            Some(bound) if self.is_shared() => bound.min(self.limits.window),
+            _ => self.limits.window,
+        }
+    }
+
     /// Queue `data` for the consumer, or reset the stream if the node sent
     /// more than its window. Runs on the session task: never waits.
     fn accept(&self, data: Bytes) {
@@ -631,12 +660,14 @@ impl StreamInbound {
             return 0;
         }
         let limits = &self.limits;
-        let want = limits.window.saturating_sub(inbound.committed);
-        if want < limits.grant_batch {
+        let target = self.window_target();
+        let batch = grant_batch(limits, target);
+        let want = target.saturating_sub(inbound.committed);
+        if want < batch {
             return 0;
         }
         let free = limits.floor.saturating_sub(inbound.committed).min(want);
-        let paid = limits.try_reserve(want - free, limits.grant_batch.saturating_sub(free));
+        let paid = limits.try_reserve(want - free, batch.saturating_sub(free));
         if free + paid < want && !inbound.awaiting_budget {
             inbound.awaiting_budget = true;
             limits.wait_for_budget(Arc::downgrade(self));
@@ -653,13 +684,21 @@ impl StreamInbound {
             return false;
         };
         inbound.awaiting_budget = false;
-        let wants = self.limits.window.saturating_sub(inbound.committed) >= self.limits.grant_batch;
+        let target = self.window_target();
+        let wants = target.saturating_sub(inbound.committed) >= grant_batch(&self.limits, target);
         if !wants || inbound.eof || inbound.reset.is_some() || inbound.consumer_gone {
             return false;
         }
         inbound.wake();
         true
     }
+}
+
+/// The least window worth a grant for a stream whose window is `target`:
+/// the limits' batch, or a quarter of a smaller (bounded) window, so that a
+/// bounded stream is re-granted before it runs dry.
+fn grant_batch(limits: &StreamLimits, target: usize) -> usize {
+    limits.grant_batch.min(target / 4).max(1)
 }
 
 impl Drop for StreamInbound {
@@ -727,24 +766,31 @@ impl StreamSlot {
     /// the channel open as its sink (russh delivers the channel's data to
     /// it from the session task), then to [`TunnelStream::new`].
     ///
-    /// The stream's first window is a whole window if the buffer budget has
-    /// room for it, else what it has room for, and at least [`MIN_WINDOW`].
-    /// `send_window_limit` bounds what of the stream's upload the node may
-    /// hold unconsumed while the session carries other streams (see
-    /// [`crate::ssh_config::UploadWindow`]).
+    /// The stream's first window is a whole window (or, if the session
+    /// already carries another stream, the download bound) if the buffer
+    /// budget has room for it, else what it has room for, and at least
+    /// [`MIN_WINDOW`]. `shared` is what the stream is held to while its
+    /// session carries other streams (see [`crate::ssh_config::SharedWindow`]).
     pub fn inbound(
         &self,
         node: Arc<str>,
         limits: Arc<StreamLimits>,
-        send_window_limit: Option<u32>,
+        shared: SharedBounds,
     ) -> Arc<StreamInbound> {
-        let paid = limits.try_reserve(limits.window - limits.floor, 0);
+        let mut window = limits.window;
+        if let Some(bound) = shared.download {
+            // This slot is counted already: more than one is a sibling.
+            if self.guard.session_streams.load(Ordering::Relaxed) > 1 {
+                window = window.min(bound).max(limits.floor);
+            }
+        }
+        let paid = limits.try_reserve(window - limits.floor, 0);
         let first_window = limits.floor + paid;
         Arc::new(StreamInbound {
             id: NEXT_STREAM_ID.fetch_add(1, Ordering::Relaxed),
             node,
             initial_window: u32::try_from(first_window).unwrap_or(u32::MAX),
-            send_window_limit,
+            shared,
             session_streams: self.guard.session_streams.clone(),
             inbound: Mutex::new(Inbound {
                 queue: VecDeque::new(),
@@ -1038,7 +1084,7 @@ mod tests {
             Arc::new(Metrics::new()),
         )
         .expect("a slot");
-        let s = slot.inbound("node-a".into(), limits.clone(), None);
+        let s = slot.inbound("node-a".into(), limits.clone(), SharedBounds::default());
         s.confirm(); // the opener saw the channel open
         (s, limits, counters)
     }
@@ -1056,7 +1102,7 @@ mod tests {
         )
         .expect("a slot");
         (
-            slot.inbound("node-a".into(), limits, None),
+            slot.inbound("node-a".into(), limits, SharedBounds::default()),
             counters,
             metrics,
         )
@@ -1070,7 +1116,32 @@ mod tests {
             Arc::new(Metrics::new()),
         )
         .expect("a slot");
-        slot.inbound("node-a".into(), limits.clone(), None)
+        slot.inbound("node-a".into(), limits.clone(), SharedBounds::default())
+    }
+
+    /// A stream held to `download` while its session carries others, on a
+    /// session whose stream count the test moves; open while its slot is
+    /// kept (a [`TunnelStream`] keeps it).
+    fn shared(
+        window: usize,
+        download: usize,
+        session_streams: &Arc<AtomicUsize>,
+    ) -> (Arc<StreamInbound>, StreamSlot) {
+        let slot = StreamSlot::try_take(
+            Arc::new(StreamCounters::default()),
+            10,
+            session_streams.clone(),
+            Arc::new(Metrics::new()),
+        )
+        .expect("a slot");
+        let bounds = SharedBounds {
+            upload: None,
+            download: Some(download),
+        };
+        let limits = Arc::new(StreamLimits::new(window, usize::MAX));
+        let s = slot.inbound("node-a".into(), limits, bounds);
+        s.confirm();
+        (s, slot)
     }
 
     /// The node sends `len` bytes and the reader takes them all: the window
@@ -1091,6 +1162,57 @@ mod tests {
         fn wake(self: Arc<Self>) {
             self.0.store(true, Ordering::Release);
         }
+    }
+
+    #[test]
+    fn a_lone_stream_gets_the_whole_window_and_the_download_bound_applies_only_while_shared() {
+        const K: usize = 1024;
+        let session = Arc::new(AtomicUsize::new(0));
+        let (a, _a_slot) = shared(2048 * K, 256 * K, &session);
+        assert_eq!(a.initial_window, 2048 * K as u32, "alone at its open");
+        assert_eq!(send_and_read(&a, 2048 * K), 2048 * K, "alone: all back");
+
+        // A sibling opens: it starts at the bound; a, which has its whole
+        // window out, gets nothing back until it is below the bound.
+        let (b, b_slot) = shared(2048 * K, 256 * K, &session);
+        assert_eq!(b.initial_window, 256 * K as u32, "a sibling's first window");
+        assert_eq!(send_and_read(&a, 1024 * K), 0, "1 MiB still granted");
+        assert_eq!(
+            send_and_read(&a, 1024 * K - 224 * K),
+            0,
+            "224 KiB granted: less than a batch below the bound"
+        );
+        assert_eq!(
+            send_and_read(&a, 64 * K),
+            96 * K,
+            "160 KiB granted: topped up to the bound"
+        );
+        assert_eq!(send_and_read(&a, 64 * K), 64 * K, "a quarter of the bound");
+        assert_eq!(
+            send_and_read(&b, 256 * K),
+            256 * K,
+            "b is held to the bound"
+        );
+
+        // The sibling closes: a is alone again and gets its whole window.
+        drop((b, b_slot));
+        assert_eq!(session.load(Ordering::Relaxed), 1);
+        assert_eq!(send_and_read(&a, 64 * K), 1856 * K, "back to 2 MiB");
+        assert_eq!(a.inbound.lock().unwrap().committed, 2048 * K);
+    }
+
+    #[test]
+    fn a_download_bound_below_the_grant_batch_still_regrants() {
+        // The limits' batch is a 32nd of the window (64 KiB of 2 MiB); a
+        // bound of 32 KiB is re-granted in quarters of it, never starved.
+        const K: usize = 1024;
+        let session = Arc::new(AtomicUsize::new(1));
+        let (s, _slot) = shared(2048 * K, 32 * K, &session);
+        assert_eq!(s.initial_window, 32 * K as u32);
+        for _ in 0..4 {
+            assert_eq!(send_and_read(&s, 8 * K), 8 * K);
+        }
+        assert_eq!(s.inbound.lock().unwrap().committed, 32 * K);
     }
 
     #[test]

@@ -34,8 +34,8 @@ use crate::node::NodeConfig;
 use crate::reconnect::{jittered, Demand, ProbeResult, Prober, Retry, DEMAND_INTERVAL};
 use crate::session::{self, ConnectError, SessionSettings, Target};
 use crate::shutdown::Shutdown;
-use crate::ssh_config::UploadWindow;
-use crate::stream::{StreamCounters, StreamLimits, StreamSlot, TunnelStream};
+use crate::ssh_config::SharedWindow;
+use crate::stream::{SharedBounds, StreamCounters, StreamLimits, StreamSlot, TunnelStream};
 
 pub use crate::tunnel_status::{TunnelState, TunnelStatus};
 
@@ -59,7 +59,10 @@ pub struct TunnelContext {
     pub max_streams_per_node: usize,
     /// How much of a stream's upload a node may hold unconsumed
     /// (`ssh.upload_window`), resolved per session from its round trip.
-    pub upload_window: UploadWindow,
+    pub upload_window: SharedWindow,
+    /// The download bound of a stream on a shared session
+    /// (`ssh.download_window`), resolved per session from its round trip.
+    pub download_window: SharedWindow,
     /// Keepalive interval.
     pub keepalive_interval: Duration,
     /// Unanswered keepalives that end a session.
@@ -155,12 +158,23 @@ impl LiveSession {
             us => Some(Duration::from_micros(us)),
         }
     }
+
+    /// What a stream opened now is held to while the session carries other
+    /// streams (`ssh.upload_window`, `ssh.download_window` at the shortest
+    /// round trip seen).
+    fn shared_bounds(&self, ctx: &TunnelContext) -> SharedBounds {
+        let rtt = self.rtt_floor();
+        SharedBounds {
+            upload: Some(ctx.upload_window.limit(rtt)),
+            download: Some(ctx.download_window.limit(rtt) as usize),
+        }
+    }
 }
 
 /// When a new session's first round trips are measured (see
 /// [`Tunnel::watch`]), and how many.
 const FIRST_RTTS_AFTER: Duration = Duration::from_secs(1);
-const FIRST_RTTS: usize = 3;
+const FIRST_RTTS: u32 = 3;
 
 fn duration_us(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX - 1)
@@ -477,7 +491,7 @@ impl Tunnel {
         let inbound = slot.inbound(
             self.name.clone(),
             self.ctx.limits.clone(),
-            Some(self.ctx.upload_window.limit(live.rtt_floor())),
+            live.shared_bounds(&self.ctx),
         );
         let open = live.session.handle.channel_open_direct_tcpip_with_sink(
             host,
@@ -697,6 +711,7 @@ impl Tunnel {
                     tracing::info!(
                         connect_rtt_us = live.session.connect_rtt.map(duration_us),
                         upload_window = self.ctx.upload_window.limit(live.rtt_floor()),
+                        download_window = self.ctx.download_window.limit(live.rtt_floor()),
                         "tunnel ready"
                     );
                     let ready_at = Instant::now();
@@ -824,38 +839,41 @@ impl Tunnel {
     /// reconnect is requested, or the tunnel stops.
     async fn watch(&self, live: &Arc<LiveSession>) -> SessionEnd {
         let probe = SessionProbe(live.clone());
+        // Besides the keepalives (every interval), a few round trips soon:
+        // `"auto"` shared windows size streams by the shortest round trip
+        // seen, and neither the TCP connect (0.06-2 ms on the benchmark's
+        // veth, slowed by whatever else the process was doing) nor a
+        // request right after authentication (1.5-45 ms: sshd still setting
+        // the session up) measures the path alone.
+        let early = keepalive::EarlyRoundTrips {
+            after: FIRST_RTTS_AFTER,
+            count: FIRST_RTTS,
+        };
         let keepalive = keepalive::run(
             &probe,
             self.ctx.keepalive_interval,
             self.ctx.keepalive_max,
-            |rtt| {
+            early,
+            |rtt, kind| {
                 live.observe_rtt(rtt);
-                self.ctx.metrics.keepalive_rtt.observe(rtt.as_secs_f64());
                 self.update(|s| s.rtt = Some(rtt));
+                match kind {
+                    keepalive::RoundTripKind::Keepalive => {
+                        self.ctx.metrics.keepalive_rtt.observe(rtt.as_secs_f64());
+                    }
+                    keepalive::RoundTripKind::Early { left: 0 } => {
+                        let bounds = live.shared_bounds(&self.ctx);
+                        tracing::debug!(
+                            rtt_floor_us = live.rtt_floor().map(duration_us),
+                            upload_window = bounds.upload,
+                            download_window = bounds.download,
+                            "round trips measured"
+                        );
+                    }
+                    keepalive::RoundTripKind::Early { .. } => {}
+                }
             },
         );
-        // A few round trips measured soon, besides the keepalives (every
-        // interval): `ssh.upload_window = "auto"` sizes streams by the
-        // shortest round trip seen, and neither the TCP connect (0.06-2 ms
-        // on the benchmark's veth, slowed by whatever else the process was
-        // doing) nor a request right after authentication (1.5-45 ms: sshd
-        // still setting the session up) measures the path alone.
-        let first_rtts = async {
-            tokio::time::sleep(FIRST_RTTS_AFTER).await;
-            for _ in 0..FIRST_RTTS {
-                let sent = tokio::time::Instant::now();
-                if keepalive::Probe::probe(&probe).await.is_err() {
-                    return;
-                }
-                live.observe_rtt(sent.elapsed());
-            }
-            tracing::debug!(
-                rtt_floor_us = live.rtt_floor().map(duration_us),
-                upload_window = self.ctx.upload_window.limit(live.rtt_floor()),
-                "round trips measured"
-            );
-        };
-        let keepalive = async { tokio::join!(first_rtts, keepalive).1 };
         tokio::select! {
             _ = self.stop.wait() => SessionEnd::Stopped,
             _ = self.reconnect.notified() => SessionEnd::Reconnect,

@@ -671,8 +671,11 @@ async fn a_rekey_while_many_streams_have_their_windows_in_flight_keeps_the_sessi
     )]);
     let config = fx.config(
         &[("node-a", link.port)],
-        // The held link holds the node's keepalive replies too.
-        &format!("window_size = {WINDOW}\nrekey_limit = 1048576\nkeepalive_max = 10\n"),
+        // The held link holds the node's keepalive replies too. Every
+        // stream gets the whole window though they share the session.
+        &format!(
+            "window_size = {WINDOW}\ndownload_window = {WINDOW}\nrekey_limit = 1048576\nkeepalive_max = 10\n"
+        ),
     );
     let manager = fx.manager(&config);
     wait_state(&manager, "node-a", TunnelState::Ready).await;
@@ -1178,4 +1181,78 @@ async fn a_node_not_known_to_regrant_early_keeps_its_whole_window() {
     let (arrived, done) = upload_behind("SSH-2.0-russh_0.65.1", "", true, 1 << 20).await;
     assert_eq!(arrived, 1 << 20);
     assert!(done, "the upload is not done though all of it arrived");
+}
+
+/// Open a stream to a source of 4 MiB and never read it (`beside`: with
+/// another stream of the session open, idle); once `expect` bytes are held
+/// for it, one round trip on a further stream of the same session (what
+/// the node sent before its reply has arrived): the bytes held then, and
+/// whether the stream was reset.
+async fn download_beside(ssh_extra: &str, beside: bool, expect: usize) -> (usize, bool) {
+    let fx = Fixture::new();
+    let node = SshNode::start(&fx.client).await;
+    fx.known_hosts(&[node.known_hosts_line()]);
+    let config = fx.config(&[("node-a", node.addr().port())], ssh_extra);
+    let manager = fx.manager(&config);
+    wait_state(&manager, "node-a", TunnelState::Ready).await;
+    let echo = echo_server().await;
+    let _idle = if beside {
+        Some(
+            manager
+                .dial_node("node-a", "127.0.0.1", echo)
+                .await
+                .unwrap(),
+        )
+    } else {
+        None
+    };
+    let source = source_server(Some(4 << 20)).await;
+    let _unread = manager
+        .dial_node("node-a", "127.0.0.1", source)
+        .await
+        .unwrap();
+    support::poll::until(
+        "the download's bytes held",
+        support::inproc::DEADLINE,
+        || format!("{} bytes held", manager.buffered_bytes()),
+        || std::future::ready((manager.buffered_bytes() >= expect).then_some(())),
+    )
+    .await;
+    let mut probe = manager
+        .dial_node("node-a", "127.0.0.1", echo)
+        .await
+        .unwrap();
+    support::inproc::ping(&mut probe, b"after the download").await;
+    let held = manager.buffered_bytes();
+    let reset = manager
+        .tunnel("node-a")
+        .map_or(0, |t| t.status().stream_resets)
+        > 0;
+    manager.shutdown(Duration::from_secs(1)).await;
+    (held, reset)
+}
+
+#[tokio::test]
+async fn a_download_beside_another_stream_is_granted_at_most_the_download_window() {
+    // Nobody reads the stream, so what is held for it is what the node was
+    // allowed to send: `ssh.download_window` ("auto": 256 KiB on loopback)
+    // while another stream of the session is open. Without the bound the
+    // node fills the stream's whole 2 MiB window.
+    let (held, reset) = download_beside("", true, 256 * 1024).await;
+    assert_eq!(held, 256 * 1024, "bytes held past the download window");
+    assert!(!reset);
+}
+
+#[tokio::test]
+async fn an_explicit_download_window_is_what_the_node_may_send() {
+    let (held, reset) = download_beside("download_window = 131072", true, 128 * 1024).await;
+    assert_eq!(held, 128 * 1024);
+    assert!(!reset);
+}
+
+#[tokio::test]
+async fn a_lone_download_keeps_the_whole_window() {
+    let (held, reset) = download_beside("", false, 2 << 20).await;
+    assert_eq!(held, 2 << 20);
+    assert!(!reset);
 }
