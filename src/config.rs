@@ -341,7 +341,7 @@ impl Config {
         ] {
             if let crate::ssh_config::SharedWindow::Bytes(n) = bound {
                 if !(crate::ssh_config::SharedWindow::MIN_BYTES..=64 * 1024 * 1024).contains(&n) {
-                    return err(key, "must be \"auto\" or 32768-67108864 bytes");
+                    return err(key, "must be \"auto\", \"off\" or 32768-67108864 bytes");
                 }
             }
         }
@@ -499,7 +499,7 @@ pod_cidrs = ["10.244.1.0/24"]
         use crate::ssh_config::SharedWindow;
         let defaults = parse("").unwrap().ssh;
         assert_eq!(defaults.upload_window, SharedWindow::Auto);
-        assert_eq!(defaults.download_window, SharedWindow::Auto);
+        assert_eq!(defaults.download_window, SharedWindow::Off);
         for key in ["upload_window", "download_window"] {
             let set = |v: &str| parse(&format!("[ssh]\n{key} = {v}\n"));
             let get = |c: Config| match key {
@@ -507,17 +507,21 @@ pod_cidrs = ["10.244.1.0/24"]
                 _ => c.ssh.download_window,
             };
             assert_eq!(get(set("\"auto\"").unwrap()), SharedWindow::Auto);
+            assert_eq!(get(set("\"off\"").unwrap()), SharedWindow::Off);
             assert_eq!(get(set("524288").unwrap()), SharedWindow::Bytes(524_288));
             for bad in ["\"fast\"", "-1", "4294967296", "1.5"] {
                 let e = set(bad).expect_err(bad).to_string();
                 assert!(e.contains(&format!(": ssh.{key}: ")), "{bad}: {e}");
-                assert!(e.contains("\"auto\" or a number of bytes"), "{bad}: {e}");
+                assert!(
+                    e.contains("\"auto\", \"off\" or a number of bytes"),
+                    "{bad}: {e}"
+                );
             }
             for out_of_range in ["32767", "67108865"] {
                 let e = set(out_of_range).expect_err(out_of_range).to_string();
                 assert!(
                     e.contains(&format!(
-                        ": ssh.{key}: must be \"auto\" or 32768-67108864 bytes"
+                        ": ssh.{key}: must be \"auto\", \"off\" or 32768-67108864 bytes"
                     )),
                     "{out_of_range}: {e}"
                 );

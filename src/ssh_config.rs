@@ -62,6 +62,9 @@ impl fmt::Display for HostKeyPolicy {
 ///   back: grants pause until the client has read below it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum SharedWindow {
+    /// `"off"`: no bound; the stream keeps its whole window shared or not
+    /// (the default of `download_window`).
+    Off,
     /// `"auto"` (the default): what [`SharedWindow::AUTO_RATE`] needs at
     /// the session's round-trip time (the shortest of its TCP connect and
     /// its round trips measured since), at least
@@ -84,15 +87,16 @@ impl SharedWindow {
     /// Smallest number accepted.
     pub const MIN_BYTES: u32 = 32 * 1024;
 
-    /// The bound for a stream on a session whose round trip (TCP connect)
-    /// took `rtt` (`None`: not measured, the floor).
-    pub fn limit(self, rtt: Option<Duration>) -> u32 {
+    /// The bound for a stream on a session whose shortest round trip is
+    /// `rtt` (`None`: not measured, the floor); `None`: not bounded.
+    pub fn limit(self, rtt: Option<Duration>) -> Option<u32> {
         match self {
-            SharedWindow::Bytes(n) => n,
+            SharedWindow::Off => None,
+            SharedWindow::Bytes(n) => Some(n),
             SharedWindow::Auto => {
                 let needed = rtt.map_or(0.0, |rtt| rtt.as_secs_f64() * Self::AUTO_RATE);
                 // A float to integer `as` saturates; NaN is 0.
-                (needed as u32).max(Self::AUTO_FLOOR)
+                Some((needed as u32).max(Self::AUTO_FLOOR))
             }
         }
     }
@@ -101,6 +105,7 @@ impl SharedWindow {
 impl fmt::Display for SharedWindow {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            SharedWindow::Off => f.write_str("off"),
             SharedWindow::Auto => f.write_str("auto"),
             SharedWindow::Bytes(n) => write!(f, "{n}"),
         }
@@ -113,11 +118,12 @@ impl<'de> Deserialize<'de> for SharedWindow {
         impl serde::de::Visitor<'_> for Visit {
             type Value = SharedWindow;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("\"auto\" or a number of bytes")
+                f.write_str("\"auto\", \"off\" or a number of bytes")
             }
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<SharedWindow, E> {
                 match v {
                     "auto" => Ok(SharedWindow::Auto),
+                    "off" => Ok(SharedWindow::Off),
                     _ => Err(E::invalid_value(serde::de::Unexpected::Str(v), &self)),
                 }
             }
@@ -319,7 +325,7 @@ impl Default for SshConfig {
             backoff_reset_after: Duration::from_secs(30),
             window_size: 2 * 1024 * 1024,
             upload_window: SharedWindow::Auto,
-            download_window: SharedWindow::Auto,
+            download_window: SharedWindow::Off,
             max_buffered_bytes: 1024 * 1024 * 1024,
             drain_timeout: Duration::from_secs(30),
             rekey_limit: MAX_REKEY_LIMIT,
@@ -337,19 +343,34 @@ mod tests {
     #[test]
     fn auto_gives_the_floor_on_a_lan_and_what_the_rate_needs_on_a_long_link() {
         let auto = SharedWindow::Auto;
-        assert_eq!(auto.limit(None), SharedWindow::AUTO_FLOOR);
-        assert_eq!(auto.limit(Some(Duration::from_micros(150))), 256 * 1024);
+        assert_eq!(auto.limit(None), Some(SharedWindow::AUTO_FLOOR));
+        assert_eq!(
+            auto.limit(Some(Duration::from_micros(150))),
+            Some(256 * 1024)
+        );
         // 256 MiB/s for 4 ms: just over 1 MiB.
-        assert_eq!(auto.limit(Some(Duration::from_millis(4))), 1_073_741);
+        assert_eq!(auto.limit(Some(Duration::from_millis(4))), Some(1_073_741));
         // Past about 8 ms it exceeds OpenSSH's 2 MiB window: no bound left.
-        assert!(auto.limit(Some(Duration::from_millis(9))) > 2 << 20);
-        assert_eq!(auto.limit(Some(Duration::from_secs(1 << 20))), u32::MAX);
+        assert!(auto.limit(Some(Duration::from_millis(9))) > Some(2 << 20));
+        assert_eq!(
+            auto.limit(Some(Duration::from_secs(1 << 20))),
+            Some(u32::MAX)
+        );
     }
 
     #[test]
     fn a_byte_count_is_the_limit_whatever_the_round_trip() {
         let fixed = SharedWindow::Bytes(196_608);
-        assert_eq!(fixed.limit(None), 196_608);
-        assert_eq!(fixed.limit(Some(Duration::from_millis(50))), 196_608);
+        assert_eq!(fixed.limit(None), Some(196_608));
+        assert_eq!(fixed.limit(Some(Duration::from_millis(50))), Some(196_608));
+    }
+
+    #[test]
+    fn off_is_no_bound() {
+        assert_eq!(SharedWindow::Off.limit(None), None);
+        assert_eq!(
+            SharedWindow::Off.limit(Some(Duration::from_micros(50))),
+            None
+        );
     }
 }

@@ -165,8 +165,8 @@ impl LiveSession {
     fn shared_bounds(&self, ctx: &TunnelContext) -> SharedBounds {
         let rtt = self.rtt_floor();
         SharedBounds {
-            upload: Some(ctx.upload_window.limit(rtt)),
-            download: Some(ctx.download_window.limit(rtt) as usize),
+            upload: ctx.upload_window.limit(rtt),
+            download: ctx.download_window.limit(rtt).map(|n| n as usize),
         }
     }
 }

@@ -1236,9 +1236,8 @@ async fn download_beside(ssh_extra: &str, beside: bool, expect: usize) -> (usize
 async fn a_download_beside_another_stream_is_granted_at_most_the_download_window() {
     // Nobody reads the stream, so what is held for it is what the node was
     // allowed to send: `ssh.download_window` ("auto": 256 KiB on loopback)
-    // while another stream of the session is open. Without the bound the
-    // node fills the stream's whole 2 MiB window.
-    let (held, reset) = download_beside("", true, 256 * 1024).await;
+    // while another stream of the session is open.
+    let (held, reset) = download_beside("download_window = \"auto\"", true, 256 * 1024).await;
     assert_eq!(held, 256 * 1024, "bytes held past the download window");
     assert!(!reset);
 }
@@ -1251,8 +1250,15 @@ async fn an_explicit_download_window_is_what_the_node_may_send() {
 }
 
 #[tokio::test]
+async fn by_default_a_download_beside_another_stream_keeps_the_whole_window() {
+    let (held, reset) = download_beside("", true, 2 << 20).await;
+    assert_eq!(held, 2 << 20);
+    assert!(!reset);
+}
+
+#[tokio::test]
 async fn a_lone_download_keeps_the_whole_window() {
-    let (held, reset) = download_beside("", false, 2 << 20).await;
+    let (held, reset) = download_beside("download_window = \"auto\"", false, 2 << 20).await;
     assert_eq!(held, 2 << 20);
     assert!(!reset);
 }
