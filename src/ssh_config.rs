@@ -79,7 +79,8 @@ pub enum SharedWindow {
 impl SharedWindow {
     /// The least `"auto"` gives a stream: on the benchmark machine it kept
     /// a keystroke beside a bulk transfer near OpenSSH's latency; a lone
-    /// stream is not bounded (docs/benchmarks.md, "Shared windows").
+    /// stream is not bounded (docs/benchmarks.md, "Upload window" and
+    /// "Download window").
     pub const AUTO_FLOOR: u32 = 256 * 1024;
     /// Bytes per second per stream that `"auto"` leaves room for at the
     /// session's round-trip time.
