@@ -126,13 +126,7 @@ pub async fn run<P: Probe>(
             () = &mut early_at, if early_left > 0 && early_pending.is_none() => {
                 early_pending = Some((Instant::now(), probe.probe()));
             }
-            answer = async {
-                match early_pending.as_mut() {
-                    Some((_, p)) => p.await,
-                    None => std::future::pending().await,
-                }
-            } => {
-                let sent = early_pending.take().map(|(at, _)| at).unwrap_or_else(Instant::now);
+            (sent, answer) = answered(&mut early_pending) => {
                 match answer {
                     Ok(()) => {
                         early_left -= 1;
@@ -161,13 +155,7 @@ pub async fn run<P: Probe>(
                     pending = Some((Instant::now(), probe.probe()));
                 }
             }
-            answer = async {
-                match pending.as_mut() {
-                    Some((_, p)) => p.await,
-                    None => std::future::pending().await,
-                }
-            } => {
-                let sent = pending.take().map(|(at, _)| at).unwrap_or_else(Instant::now);
+            (sent, answer) = answered(&mut pending) => {
                 if let Err(why) = answer {
                     return Verdict::Gone(why);
                 }
@@ -176,6 +164,18 @@ pub async fn run<P: Probe>(
             }
         }
     }
+}
+
+/// The answer to the probe in `slot` (sent at the instant beside it), and
+/// when it was sent; the slot is empty after. Never resolves while the slot
+/// is empty.
+async fn answered(slot: &mut Option<(Instant, ProbeFuture)>) -> (Instant, Result<(), SessionGone>) {
+    let answer = match slot.as_mut() {
+        Some((_, probe)) => probe.await,
+        None => std::future::pending().await,
+    };
+    let sent = slot.take().map_or_else(Instant::now, |(at, _)| at);
+    (sent, answer)
 }
 
 #[cfg(test)]

@@ -1047,6 +1047,37 @@ async fn session_lines_carry_the_session_span_in_json() {
     assert!(ready[0].get("node").is_none(), "{}", ready[0]);
 }
 
+/// A manager for `node` (as "node-a", `ssh_extra` in `[ssh]`), Ready; an
+/// echo server's port; and, if `beside`, an idle stream to it open on the
+/// node's session.
+async fn ready_beside(
+    fx: &Fixture,
+    node: &SshNode,
+    ssh_extra: &str,
+    beside: bool,
+) -> (
+    Arc<TunnelManager>,
+    u16,
+    Option<nodetunnel::stream::TunnelStream>,
+) {
+    fx.known_hosts(&[node.known_hosts_line()]);
+    let config = fx.config(&[("node-a", node.addr().port())], ssh_extra);
+    let manager = fx.manager(&config);
+    wait_state(&manager, "node-a", TunnelState::Ready).await;
+    let echo = echo_server().await;
+    let idle = if beside {
+        Some(
+            manager
+                .dial_node("node-a", "127.0.0.1", echo)
+                .await
+                .unwrap(),
+        )
+    } else {
+        None
+    };
+    (manager, echo, idle)
+}
+
 /// A destination that counts the bytes it reads and never writes.
 async fn counting_sink() -> (u16, Arc<std::sync::atomic::AtomicU64>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1078,21 +1109,7 @@ async fn counting_sink() -> (u16, Arc<std::sync::atomic::AtomicU64>) {
 async fn upload_behind(ident: &str, ssh_extra: &str, beside: bool, expect: u64) -> (u64, bool) {
     let fx = Fixture::new();
     let node = SshNode::start_as(&fx.client, ident).await;
-    fx.known_hosts(&[node.known_hosts_line()]);
-    let config = fx.config(&[("node-a", node.addr().port())], ssh_extra);
-    let manager = fx.manager(&config);
-    wait_state(&manager, "node-a", TunnelState::Ready).await;
-    let echo = echo_server().await;
-    let _idle = if beside {
-        Some(
-            manager
-                .dial_node("node-a", "127.0.0.1", echo)
-                .await
-                .unwrap(),
-        )
-    } else {
-        None
-    };
+    let (manager, echo, _idle) = ready_beside(&fx, &node, ssh_extra, beside).await;
     let (sink, arrived) = counting_sink().await;
     let mut upload = manager
         .dial_node("node-a", "127.0.0.1", sink)
@@ -1191,21 +1208,7 @@ async fn a_node_not_known_to_regrant_early_keeps_its_whole_window() {
 async fn download_beside(ssh_extra: &str, beside: bool, expect: usize) -> (usize, bool) {
     let fx = Fixture::new();
     let node = SshNode::start(&fx.client).await;
-    fx.known_hosts(&[node.known_hosts_line()]);
-    let config = fx.config(&[("node-a", node.addr().port())], ssh_extra);
-    let manager = fx.manager(&config);
-    wait_state(&manager, "node-a", TunnelState::Ready).await;
-    let echo = echo_server().await;
-    let _idle = if beside {
-        Some(
-            manager
-                .dial_node("node-a", "127.0.0.1", echo)
-                .await
-                .unwrap(),
-        )
-    } else {
-        None
-    };
+    let (manager, echo, _idle) = ready_beside(&fx, &node, ssh_extra, beside).await;
     let source = source_server(Some(4 << 20)).await;
     let _unread = manager
         .dial_node("node-a", "127.0.0.1", source)
