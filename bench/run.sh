@@ -21,6 +21,9 @@
 # streams and node addresses,
 # BENCH_NT_SSH (extra lines for the [ssh] table of the nodetunnel
 # instances of metrics 1-8, e.g. "window_size = 524288": to measure a knob),
+# BENCH_PIN=1 (the proxies, nodetunnel and `ssh`, on CPU 0 and everything
+# else of the run, the node's sshd, its servers and the load generator, on
+# CPU 1: stands for a control plane with a CPU of its own; needs 2 CPUs),
 # BENCH_PERF=FILE (record a perf profile of the single-session nodetunnel
 # while metrics 1-4 run, into FILE; needs perf; BENCH_PERF_ARGS adds
 # arguments to `perf record`, e.g. "-e page-faults").
@@ -81,7 +84,7 @@ else
 fi
 # The command as run, with the knobs that change what is measured.
 COMMAND="bash bench/run.sh $*"
-for v in BENCH_REPS BENCH_SESSIONS BENCH_SCALE BENCH_SCALE_SSH_MAX BENCH_ONLY BENCH_ECHO_BULK BENCH_SMALL_STREAMS BENCH_SMALL_NODES BENCH_NT_SSH NODETUNNEL_WORKER_THREADS; do
+for v in BENCH_REPS BENCH_SESSIONS BENCH_SCALE BENCH_SCALE_SSH_MAX BENCH_ONLY BENCH_ECHO_BULK BENCH_SMALL_STREAMS BENCH_SMALL_NODES BENCH_NT_SSH BENCH_PIN NODETUNNEL_WORKER_THREADS; do
     [ -z "${!v:-}" ] || COMMAND="$v=${!v} $COMMAND"
 done
 
@@ -193,6 +196,31 @@ for ns in "$CP" "$NODE_NS"; do
     ip netns exec "$ns" sysctl -q -w net.ipv4.tcp_tw_reuse=1 "net.ipv4.ip_local_port_range=10000 65535" ||
         die "cannot set the TCP sysctls in $ns"
 done
+# BENCH_PIN=1: every 0.2 s, each process of the two namespaces (all
+# threads; sshd's children as it forks them) goes to its CPU: the load
+# generator (in the control plane's namespace, told apart by its binary) and
+# everything in the node's namespace to CPU 1, the rest of the control
+# plane's (nodetunnel, ssh) to CPU 0.
+if [ "${BENCH_PIN:-0}" = 1 ]; then
+    command -v taskset >/dev/null || die "BENCH_PIN=1 needs taskset (util-linux)"
+    [ "$(nproc)" -ge 2 ] || die "BENCH_PIN=1 needs 2 CPUs, this machine has $(nproc)"
+    pin_loop() {
+        local pid cpu
+        while sleep 0.2; do
+            for pid in $(ip netns pids "$CP" 2>/dev/null); do
+                cpu=0
+                [ "$(readlink "/proc/$pid/exe" 2>/dev/null)" != "$BENCH" ] || cpu=1
+                taskset -a -c -p "$cpu" "$pid" >/dev/null 2>&1 || true
+            done
+            for pid in $(ip netns pids "$NODE_NS" 2>/dev/null); do
+                taskset -a -c -p 1 "$pid" >/dev/null 2>&1 || true
+            done
+        done
+    }
+    pin_loop &
+    PIDS+=($!)
+    note "BENCH_PIN=1: proxies on CPU 0, the node and the load generator on CPU 1"
+fi
 SINK=$NODE_IP:9001
 SOURCE=$NODE_IP:9002
 ECHO=$NODE_IP:9003
