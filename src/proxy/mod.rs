@@ -768,10 +768,13 @@ async fn handle<I, D>(
     let _open = OpenConnection::new(&ctx.metrics);
     // `admission` (and its permit) lives until this function returns.
     let admitted = admission.admitted;
+    // Each protocol's future is boxed: a task is as large as the largest
+    // future it may hold, and the gRPC server's and TLS's are several times
+    // a SOCKS5 connection's, which would otherwise pay for them.
     match protocol {
-        Protocol::Http => http_connect::serve(io, &ctx, listener, admitted, asker).await,
+        Protocol::Http => Box::pin(http_connect::serve(io, &ctx, listener, admitted, asker)).await,
         Protocol::Https(acceptor) => {
-            let handshake = acceptor.accept(io);
+            let handshake = Box::pin(acceptor.accept(io));
             match tokio::time::timeout(ctx.header_read_timeout, handshake).await {
                 Ok(Ok(tls)) => {
                     asker.client.certificate_subject = tls
@@ -780,14 +783,14 @@ async fn handle<I, D>(
                         .peer_certificates()
                         .and_then(|chain| chain.first())
                         .and_then(|leaf| client_subject::subject(leaf.as_ref()));
-                    http_connect::serve(tls, &ctx, listener, admitted, asker).await
+                    Box::pin(http_connect::serve(tls, &ctx, listener, admitted, asker)).await
                 }
                 Ok(Err(error)) => tracing::info!(error = %error, "TLS handshake failed"),
                 Err(_) => tracing::info!("TLS handshake timed out"),
             }
         }
-        Protocol::Socks5 => socks5::serve(io, &ctx, admitted, asker).await,
-        Protocol::Grpc(tunnels) => grpc::serve(io, &ctx, admitted, tunnels, asker).await,
+        Protocol::Socks5 => Box::pin(socks5::serve(io, &ctx, admitted, asker)).await,
+        Protocol::Grpc(tunnels) => Box::pin(grpc::serve(io, &ctx, admitted, tunnels, asker)).await,
     }
 }
 
