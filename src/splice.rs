@@ -31,10 +31,12 @@ use crate::dial::TunnelIo;
 /// memory: 128 KiB per busy spliced connection.
 pub const SPLICE_BUFFER: usize = 64 * 1024;
 
-/// The client-to-tunnel buffer a connection starts with. It grows (x4, up
-/// to [`SPLICE_BUFFER`]) when a read fills it, so a connection that only
-/// ever sends a few bytes (a `kubectl logs -f`, an idle `exec`) holds 4 KiB,
-/// not 64 KiB, and an upload reaches full size after two reads.
+/// The client-to-tunnel buffer a connection reads into first. It grows (x4,
+/// up to [`SPLICE_BUFFER`]) when a read fills it, so an upload reaches full
+/// size after two reads. A connection that has not filled it (a `kubectl
+/// logs -f`, an idle `exec`) holds it only while it reads: it is given back
+/// whenever the client has nothing to send, so a quiet connection holds no
+/// buffer at all.
 pub const SPLICE_BUFFER_INITIAL: usize = 4 * 1024;
 
 /// Chunks in one vectored write to the client, at most.
@@ -116,7 +118,7 @@ where
     T: TunnelIo + ?Sized,
 {
     let mut up = Direction::new(Buffered {
-        buf: vec![0; SPLICE_BUFFER_INITIAL].into_boxed_slice(),
+        buf: Box::default(),
         pos: 0,
         filled: 0,
     });
@@ -231,7 +233,7 @@ impl<H> Direction<H> {
 }
 
 /// Client to tunnel: through a buffer; `buf[pos..filled]` is still to be
-/// written.
+/// written. Empty (no allocation) while a quiet client has nothing to send.
 struct Buffered {
     buf: Box<[u8]>,
     pos: usize,
@@ -248,8 +250,23 @@ where
     }
 
     fn poll_fill(&mut self, cx: &mut Context<'_>, reader: &mut R) -> Poll<io::Result<usize>> {
+        if self.buf.is_empty() {
+            self.buf = vec![0; SPLICE_BUFFER_INITIAL].into_boxed_slice();
+        }
         let mut read = ReadBuf::new(&mut self.buf);
-        ready!(Pin::new(&mut *reader).poll_read(cx, &mut read))?;
+        if Pin::new(&mut *reader)
+            .poll_read(cx, &mut read)?
+            .is_pending()
+        {
+            // Nothing to read, and nothing held (only an empty buffer is
+            // filled): a client that never filled the first buffer gives it
+            // back until it sends again. A grown one is kept: its client
+            // sends in bulk and will soon again.
+            if self.buf.len() == SPLICE_BUFFER_INITIAL {
+                self.buf = Box::default();
+            }
+            return Poll::Pending;
+        }
         let n = read.filled().len();
         if n == self.buf.len() && n < SPLICE_BUFFER {
             // Full: the client sends more than a few bytes. The bytes just
@@ -380,6 +397,53 @@ mod tests {
             held.pos = held.filled;
         }
         assert_eq!(held.buf.len(), SPLICE_BUFFER_INITIAL);
+    }
+
+    /// A reader with nothing to read yet.
+    struct Quiet;
+    impl AsyncRead for Quiet {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    #[test]
+    fn a_quiet_client_holds_no_buffer_and_gets_one_when_it_sends() {
+        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+        let mut held = Buffered {
+            buf: Box::default(),
+            pos: 0,
+            filled: 0,
+        };
+        let waiting = Held::<Quiet, Vec<u8>>::poll_fill(&mut held, &mut cx, &mut Quiet);
+        assert!(waiting.is_pending());
+        assert!(held.buf.is_empty(), "a buffer held while nothing came");
+        let mut reader: &[u8] = b"a line";
+        assert_eq!(fill(&mut held, &mut reader), 6);
+        assert_eq!(&held.buf[..6], b"a line");
+        held.pos = held.filled;
+        let waiting = Held::<Quiet, Vec<u8>>::poll_fill(&mut held, &mut cx, &mut Quiet);
+        assert!(waiting.is_pending());
+        assert!(
+            held.buf.is_empty(),
+            "given back once written and quiet again"
+        );
+    }
+
+    #[test]
+    fn a_grown_buffer_is_kept_while_its_client_pauses() {
+        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+        let mut held = initial_buffer();
+        let full = vec![7u8; SPLICE_BUFFER_INITIAL];
+        assert_eq!(fill(&mut held, &mut &full[..]), SPLICE_BUFFER_INITIAL);
+        held.pos = held.filled;
+        let waiting = Held::<Quiet, Vec<u8>>::poll_fill(&mut held, &mut cx, &mut Quiet);
+        assert!(waiting.is_pending());
+        assert_eq!(held.buf.len(), 4 * SPLICE_BUFFER_INITIAL);
     }
 
     #[test]

@@ -311,8 +311,11 @@ where
     io.write_all(&[VERSION, METHOD_NO_AUTH]).await?;
     io.flush().await?;
     let request = input.next(io, parse_request).await?;
-    input.buf.truncate(input.len);
-    Ok((request.destination, input.buf))
+    // Only the bytes sent after the request are kept (usually none: no
+    // allocation), not the negotiation buffer, which would otherwise live
+    // as long as the connection.
+    let early = input.buf[..input.len].to_vec();
+    Ok((request.destination, early))
 }
 
 /// Send a reply, bounded by `ctx.header_read_timeout`. False if it could
