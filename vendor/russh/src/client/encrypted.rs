@@ -599,6 +599,11 @@ impl Session {
                         })
                         .await
                         .unwrap_or(());
+                    // (nodetunnel patch) A sink channel's queue is not
+                    // needed any more.
+                    if let Some(channel) = self.channels.get_mut(&local_id) {
+                        channel.opener_answered();
+                    }
                 } else {
                     error!("no channel for id {local_id:?}");
                 }
