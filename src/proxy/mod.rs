@@ -852,9 +852,8 @@ mod accept_tests {
     /// What a connection's task holds from its accept to its end (its
     /// future; tokio adds a header of about 100 bytes): a few hundred bytes
     /// (240 here; about 11 KiB with the protocols inline), whatever the
-    /// protocol, because each
-    /// protocol's own future is boxed, so a SOCKS5 connection does not pay
-    /// for the gRPC server's or a TLS handshake's.
+    /// protocol, because each protocol's own future is boxed, so a SOCKS5
+    /// connection does not pay for the gRPC server's or a TLS handshake's.
     #[tokio::test]
     async fn a_connection_task_is_small_whatever_its_protocol() {
         let ctx = Arc::new(Context {
