@@ -476,10 +476,7 @@ impl StreamInbound {
     /// other streams. Lowering it takes nothing back (SSH cannot): grants
     /// stop until the client has read the stream below it.
     fn window_target(&self) -> usize {
-        match self.shared.download {
-            Some(bound) if self.is_shared() => bound.min(self.limits.window),
-            _ => self.limits.window,
-        }
+        window_target(&self.limits, self.shared.download, self.is_shared())
     }
 
     /// Queue `data` for the consumer, or reset the stream if the node sent
@@ -694,6 +691,16 @@ impl StreamInbound {
     }
 }
 
+/// The window of a stream whose session carries other streams (`shared`) or
+/// not: `ssh.window_size`, or the download bound while shared (never below
+/// the one packet every stream may have).
+fn window_target(limits: &StreamLimits, download: Option<usize>, shared: bool) -> usize {
+    match download {
+        Some(bound) if shared => bound.min(limits.window).max(limits.floor),
+        _ => limits.window,
+    }
+}
+
 /// The least window worth a grant for a stream whose window is `target`:
 /// the limits' batch, or a quarter of a smaller (bounded) window, so that a
 /// bounded stream is re-granted before it runs dry.
@@ -777,13 +784,9 @@ impl StreamSlot {
         limits: Arc<StreamLimits>,
         shared: SharedBounds,
     ) -> Arc<StreamInbound> {
-        let mut window = limits.window;
-        if let Some(bound) = shared.download {
-            // This slot is counted already: more than one is a sibling.
-            if self.guard.session_streams.load(Ordering::Relaxed) > 1 {
-                window = window.min(bound).max(limits.floor);
-            }
-        }
+        // This slot is counted already: more than one is a sibling.
+        let siblings = self.guard.session_streams.load(Ordering::Relaxed) > 1;
+        let window = window_target(&limits, shared.download, siblings);
         let paid = limits.try_reserve(window - limits.floor, 0);
         let first_window = limits.floor + paid;
         Arc::new(StreamInbound {

@@ -708,10 +708,11 @@ impl Tunnel {
                             *entry = Slot::Ready(live.clone());
                         }
                     });
+                    let bounds = live.shared_bounds(&self.ctx);
                     tracing::info!(
                         connect_rtt_us = live.session.connect_rtt.map(duration_us),
-                        upload_window = self.ctx.upload_window.limit(live.rtt_floor()),
-                        download_window = self.ctx.download_window.limit(live.rtt_floor()),
+                        upload_window = bounds.upload,
+                        download_window = bounds.download,
                         "tunnel ready"
                     );
                     let ready_at = Instant::now();
