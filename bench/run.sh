@@ -21,6 +21,8 @@
 # streams and node addresses,
 # BENCH_NT_SSH (extra lines for the [ssh] table of the nodetunnel
 # instances of metrics 1-8, e.g. "window_size = 524288": to measure a knob),
+# BENCH_NT1_SESSIONS (1: sessions_per_node of the nodetunnel of every
+# other row; more puts its streams on several SSH connections to the node),
 # BENCH_PIN=1 (the proxies, nodetunnel and `ssh`, on CPU 0 and everything
 # else of the run, the node's sshd, its servers and the load generator, on
 # CPU 1: stands for a control plane with a CPU of its own; needs 2 CPUs),
@@ -267,7 +269,7 @@ name = "node-1"
 addresses = ["$NODE_IP"]
 EOF
 }
-write_config nt1 1 1080 "grpc_uds = \"$WORK/nt1-grpc.sock\""
+write_config nt1 "${BENCH_NT1_SESSIONS:-1}" 1080 "grpc_uds = \"$WORK/nt1-grpc.sock\""
 write_config ntm "$SESSIONS" 1082
 spawn "$WORK/nt1.log" ip netns exec "$CP" env -u RUST_LOG "$NT" --log-format json \
     --log-level "info,russh::client::kex=debug" serve --config "$WORK/nt1.toml"
