@@ -292,6 +292,11 @@ pub struct Metrics {
     pub stream_open_duration: Histogram,
     /// `nodetunnel_bytes_total{direction}`.
     pub bytes: Family<DirectionLabel, Counter>,
+    /// `bytes{direction="to_node"}`, resolved once: a stream counts its
+    /// writes without building a label, hashing it and locking the family.
+    pub bytes_to_node: Counter,
+    /// `bytes{direction="from_node"}`, resolved once, as `bytes_to_node`.
+    pub bytes_from_node: Counter,
     /// `nodetunnel_proxy_requests_total{listener,code}`.
     pub proxy_requests: Family<ProxyLabel, Counter>,
     /// `nodetunnel_proxy_connections_open`.
@@ -415,6 +420,15 @@ impl Metrics {
         );
         let bytes = Family::<DirectionLabel, Counter>::default();
         registry.register("bytes", "Bytes carried through tunnels", bytes.clone());
+        let direction = |d: &str| {
+            bytes
+                .get_or_create(&DirectionLabel {
+                    direction: d.to_string(),
+                })
+                .clone()
+        };
+        let bytes_to_node = direction("to_node");
+        let bytes_from_node = direction("from_node");
         let proxy_requests = Family::<ProxyLabel, Counter>::default();
         registry.register(
             "proxy_requests",
@@ -544,6 +558,8 @@ impl Metrics {
             stream_opens,
             stream_open_duration,
             bytes,
+            bytes_to_node,
+            bytes_from_node,
             proxy_requests,
             proxy_connections_open,
             policy_denials,
@@ -908,6 +924,20 @@ pub fn per_node_registry(tunnels: &[TunnelStatus]) -> Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_resolved_byte_counters_are_the_exported_bytes_series() {
+        let metrics = Metrics::new();
+        metrics.bytes_to_node.inc_by(7);
+        metrics.bytes_from_node.inc_by(11);
+        let text = metrics.encode_as(Format::Classic, None);
+        for line in [
+            "nodetunnel_bytes_total{direction=\"to_node\"} 7",
+            "nodetunnel_bytes_total{direction=\"from_node\"} 11",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} not in:\n{text}");
+        }
+    }
 
     #[test]
     fn a_fresh_registry_exports_every_known_label_value_at_zero() {

@@ -981,13 +981,7 @@ impl TunnelStream {
                 .node_counters
                 .bytes_from_node
                 .fetch_add(taken as u64, Ordering::Relaxed);
-            self._guard
-                .metrics
-                .bytes
-                .get_or_create(&crate::metrics::DirectionLabel {
-                    direction: "from_node".into(),
-                })
-                .inc_by(taken as u64);
+            self._guard.metrics.bytes_from_node.inc_by(taken as u64);
         } else if grant > 0 {
             // Woken by the budget: pass the turn on if budget is left.
             self.shared.limits.wake_waiters();
@@ -1032,13 +1026,7 @@ impl AsyncWrite for TunnelStream {
                 .node_counters
                 .bytes_to_node
                 .fetch_add(*n as u64, Ordering::Relaxed);
-            this._guard
-                .metrics
-                .bytes
-                .get_or_create(&crate::metrics::DirectionLabel {
-                    direction: "to_node".into(),
-                })
-                .inc_by(*n as u64);
+            this._guard.metrics.bytes_to_node.inc_by(*n as u64);
         }
         result
     }
