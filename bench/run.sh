@@ -21,8 +21,9 @@
 # streams and node addresses,
 # BENCH_NT_SSH (extra lines for the [ssh] table of the nodetunnel
 # instances of metrics 1-8, e.g. "window_size = 524288": to measure a knob),
-# BENCH_NT1_SESSIONS (1: sessions_per_node of the nodetunnel of every
-# other row; more puts its streams on several SSH connections to the node),
+# BENCH_NT1_SESSIONS (1: sessions_per_node of the nodetunnel of every row
+# but the multi-session ones; more puts its streams on several SSH
+# connections to the node),
 # BENCH_PIN=1 (the proxies, nodetunnel and `ssh`, on CPU 0 and everything
 # else of the run, the node's sshd, its servers and the load generator, on
 # CPU 1: stands for a control plane with a CPU of its own; needs 2 CPUs),
