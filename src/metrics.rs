@@ -70,11 +70,6 @@ pub struct DirectionLabel {
     pub direction: String,
 }
 
-impl DirectionLabel {
-    /// Every direction.
-    pub const VALUES: [&'static str; 2] = ["to_node", "from_node"];
-}
-
 /// `nodetunnel_stream_resets_total{reason}` of streams cut when the drain
 /// deadline passed (the proxy's, not a [`StreamResetReason`](crate::stream::StreamResetReason)).
 pub const DRAIN_DEADLINE: &str = "drain_deadline";
@@ -605,11 +600,8 @@ impl Metrics {
         for r in crate::reconnect::ProbeResult::ALL {
             let _ = self.reconnect_probes.get_or_create(&result(r.as_str()));
         }
-        for direction in DirectionLabel::VALUES {
-            let _ = self.bytes.get_or_create(&DirectionLabel {
-                direction: direction.to_string(),
-            });
-        }
+        // `bytes{direction}`: both series exist from `new` (`bytes_to_node`,
+        // `bytes_from_node`).
         for trigger in TriggerLabel::VALUES {
             let _ = self.reconnect_demands.get_or_create(&TriggerLabel {
                 trigger: trigger.to_string(),
